@@ -1,0 +1,192 @@
+//! The message envelope, byte-compatible with the reference's JSON (`EnvelopeMessage`): same
+//! field names, same order, `null` for absent optional fields, so a Python client parses what
+//! we emit and we parse what it emits.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::ids::{AgentId, InstanceId};
+use crate::time::UnixMillis;
+
+/// A business payload: always a JSON object.
+pub type Payload = Map<String, Value>;
+
+/// Why a `data_json` string was refused. The display strings are the reference's status details.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Not parseable as JSON.
+    #[error("invalid_json")]
+    InvalidJson,
+    /// Valid JSON, but not an object (the reference accepts objects only).
+    #[error("payload_must_be_object")]
+    NotAnObject,
+}
+
+/// Parses a wire payload. The empty string means `{}`, as in the reference.
+pub fn parse_payload(data_json: &str) -> Result<Payload, PayloadError> {
+    if data_json.is_empty() {
+        return Ok(Payload::new());
+    }
+    match serde_json::from_str::<Value>(data_json) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(PayloadError::NotAnObject),
+        Err(_) => Err(PayloadError::InvalidJson),
+    }
+}
+
+/// Routing metadata; the broker sets every field from what it authenticated, never from what
+/// a client claims.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageMeta {
+    /// Envelope format version; always 1.
+    #[serde(default = "meta_version")]
+    pub version: u32,
+    /// Set on requests and their replies.
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    /// True on requests.
+    #[serde(default)]
+    pub expects_reply: bool,
+    /// True on replies.
+    #[serde(default)]
+    pub is_reply: bool,
+    /// The sending instance, from the RPC's `instance_id`.
+    #[serde(default)]
+    pub sender_instance_id: Option<String>,
+    /// On replies: the instance that asked.
+    #[serde(default)]
+    pub reply_to_instance_id: Option<String>,
+    /// W3C trace context.
+    #[serde(default)]
+    pub traceparent: Option<String>,
+    /// W3C trace state.
+    #[serde(default)]
+    pub tracestate: Option<String>,
+}
+
+fn meta_version() -> u32 {
+    1
+}
+
+impl Default for MessageMeta {
+    fn default() -> Self {
+        MessageMeta {
+            version: 1,
+            correlation_id: None,
+            expects_reply: false,
+            is_reply: false,
+            sender_instance_id: None,
+            reply_to_instance_id: None,
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+}
+
+/// One message as it travels through queues and reaches the target agent.
+///
+/// Ids are kept as plain strings here because envelopes are also parsed from other
+/// implementations; the broker only builds them from validated [`AgentId`]s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Authenticated sender.
+    pub sender_id: String,
+    /// The agent the message is for.
+    pub target_id: String,
+    /// Free-form dispatch key.
+    pub message_type: String,
+    /// The payload (possibly redacted by policy).
+    pub data: Payload,
+    /// Routing metadata.
+    #[serde(default)]
+    pub meta: MessageMeta,
+    /// Wall-clock seconds since the Unix epoch at broker ingress.
+    pub timestamp: f64,
+    /// Unique per message, stable across redeliveries: the key for handler deduplication.
+    pub message_id: String,
+}
+
+impl Envelope {
+    /// Builds the envelope of a plain send, stamped at broker ingress.
+    pub fn new_send(
+        sender: &AgentId,
+        sender_instance: &InstanceId,
+        target: &AgentId,
+        message_type: String,
+        data: Payload,
+        message_id: String,
+        at: UnixMillis,
+    ) -> Self {
+        Envelope {
+            sender_id: sender.to_string(),
+            target_id: target.to_string(),
+            message_type,
+            data,
+            meta: MessageMeta {
+                sender_instance_id: Some(sender_instance.to_string()),
+                ..MessageMeta::default()
+            },
+            timestamp: at.as_secs_f64(),
+            message_id,
+        }
+    }
+
+    /// The JSON wire form.
+    pub fn to_json(&self) -> String {
+        // Serialising a struct of strings, bools, numbers and a JSON map cannot fail, except
+        // for a non-finite float, which `timestamp` never is (it comes from UnixMillis).
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses the JSON wire form.
+    pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_payload_is_an_empty_object() {
+        assert_eq!(parse_payload(""), Ok(Payload::new()));
+    }
+
+    #[test]
+    fn payload_errors_carry_reference_details() {
+        assert_eq!(parse_payload("{nope").map_err(|e| e.to_string()), Err("invalid_json".into()));
+        assert_eq!(
+            parse_payload("[1,2]").map_err(|e| e.to_string()),
+            Err("payload_must_be_object".into())
+        );
+        assert!(parse_payload(r#"{"a":1}"#).is_ok());
+    }
+
+    #[test]
+    fn json_has_reference_field_names_and_order() {
+        let env = Envelope::new_send(
+            &AgentId::new("alice").unwrap(),
+            &InstanceId::new("i1").unwrap(),
+            &AgentId::new("bob").unwrap(),
+            "greet".into(),
+            parse_payload(r#"{"n":1}"#).unwrap(),
+            "m-1".into(),
+            UnixMillis(1_700_000_000_250),
+        );
+        let json = env.to_json();
+        assert_eq!(
+            json,
+            r#"{"sender_id":"alice","target_id":"bob","message_type":"greet","data":{"n":1},"meta":{"version":1,"correlation_id":null,"expects_reply":false,"is_reply":false,"sender_instance_id":"i1","reply_to_instance_id":null,"traceparent":null,"tracestate":null},"timestamp":1700000000.25,"message_id":"m-1"}"#
+        );
+        assert_eq!(Envelope::from_json(&json).unwrap(), env);
+    }
+
+    #[test]
+    fn parses_a_python_envelope_with_missing_meta_fields() {
+        let py = r#"{"sender_id":"a","target_id":"b","message_type":"t","data":{},"meta":{"version":1},"timestamp":1.5,"message_id":"x"}"#;
+        let env = Envelope::from_json(py).unwrap();
+        assert_eq!(env.meta, MessageMeta::default());
+        assert_eq!(env.timestamp, 1.5);
+    }
+}
