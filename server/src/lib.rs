@@ -1,1 +1,26 @@
-//! placeholder
+//! The mas broker.
+//!
+//! Agents connect over mutual TLS; their identity is the SPIFFE URI of their certificate. The
+//! broker authorizes every message (deny by default), queues it in the store, and delivers it
+//! at least once to one instance of the target agent through that instance's `Transport`
+//! stream, with per-delivery ack deadlines, retry backoff and a dead-letter queue.
+//!
+//! Layout: [`config`] (read once), [`broker`] (shared state), [`service`] (gRPC handlers),
+//! [`session`] (one task per agent instance driving `mas_core`'s delivery machine), [`store`]
+//! (the embedded store), [`serve`] (listener setup; the only code that differs under madsim).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod clock;
+pub mod config;
+#[cfg(not(madsim))]
+pub mod demo;
+pub mod serve;
+pub mod service;
+pub mod session;
+pub mod store;
+
+pub use broker::Broker;
+pub use config::{AgentDefinition, BrokerConfig};

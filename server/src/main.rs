@@ -1,1 +1,126 @@
+//! The `mas` command: `serve` runs the broker, `dev-certs` writes a development PKI, `demo`
+//! runs a broker with two agents.
+
+#[cfg(madsim)]
 fn main() {}
+
+#[cfg(not(madsim))]
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
+
+#[cfg(not(madsim))]
+mod cli {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::ExitCode;
+
+    use anyhow::Context;
+    use clap::{Parser, Subcommand};
+    use mas_core::ids::AgentId;
+    use mas_net::tls::TlsFiles;
+    use mas_server::{Broker, BrokerConfig, serve};
+
+    #[derive(Parser)]
+    #[command(name = "mas", version, about = "mas broker: secure, at-least-once messaging for agents")]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Subcommand)]
+    enum Command {
+        /// Run the broker from a JSON configuration file.
+        Serve {
+            /// Configuration file (see README: listen_addr, tls, agents, delivery).
+            #[arg(long)]
+            config: PathBuf,
+        },
+        /// Write a development CA, a server certificate for localhost/127.0.0.1 and one client
+        /// certificate per agent (SPIFFE SAN spiffe://mas/agent/{id}).
+        DevCerts {
+            /// Output directory.
+            #[arg(long, default_value = "dev-certs")]
+            dir: PathBuf,
+            /// Agent ids, comma-separated.
+            #[arg(long, value_delimiter = ',', required = true)]
+            agents: Vec<String>,
+        },
+        /// Run a broker (embedded store, fresh dev certificates) with two demo agents.
+        Demo {
+            /// Where to write the dev certificates.
+            #[arg(long, default_value = "dev-certs")]
+            certs_dir: PathBuf,
+            /// Broker address.
+            #[arg(long, default_value = "127.0.0.1:50051")]
+            listen: SocketAddr,
+            /// Stop after this many greetings were delivered (default: run until Ctrl-C).
+            #[arg(long)]
+            messages: Option<u64>,
+        },
+    }
+
+    pub fn main() -> ExitCode {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,mas_server=info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        let cli = Cli::parse();
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(err) => {
+                eprintln!("error: cannot start the runtime: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match runtime.block_on(run(cli.command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn ctrl_c() {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            eprintln!("cannot listen for Ctrl-C ({err}); stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn run(command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::Serve { config } => serve_from(config).await,
+            Command::DevCerts { dir, agents } => {
+                let agents = agents.iter().map(|a| AgentId::new(a)).collect::<Result<Vec<_>, _>>()?;
+                mas_net::pki::write_dev_pki(&dir, &agents)?;
+                println!("wrote ca.pem, server.pem/.key and {} agent certificate(s) to {}", agents.len(), dir.display());
+                Ok(())
+            }
+            Command::Demo { certs_dir, listen, messages } => {
+                mas_server::demo::run(&certs_dir, listen, messages, ctrl_c()).await
+            }
+        }
+    }
+
+    async fn serve_from(path: PathBuf) -> anyhow::Result<()> {
+        let config = BrokerConfig::from_file(&path)?;
+        let tls = config.tls.as_ref().context("config: `tls` is required to serve (mTLS is mandatory)")?;
+        let files = TlsFiles {
+            ca: tls.client_ca_path.clone(),
+            cert: tls.server_cert_path.clone(),
+            key: tls.server_key_path.clone(),
+        };
+        let pem = files.load()?;
+        let bound = serve::bind(config.listen_addr).await?;
+        let addr = bound.local_addr;
+        let broker = Broker::new(config);
+        println!("{}", serde_json::json!({"event": "mas.broker.ready", "pid": std::process::id(), "listen_addr": addr.to_string()}));
+        serve::serve_tls(broker, bound, &pem, ctrl_c()).await?;
+        eprintln!("broker stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! A development PKI in pure Rust (rcgen, no openssl): one CA, a server certificate for
+//! `localhost`/`127.0.0.1`, and one client certificate per agent carrying its SPIFFE URI SAN
+//! and the clientAuth usage. For development and tests only: the keys are written unencrypted.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use mas_core::ids::AgentId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::identity::spiffe_uri;
+use crate::tls::TlsFiles;
+
+/// Why the dev PKI could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// Writing a file failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct PemPair {
+    /// The certificate.
+    pub cert: String,
+    /// Its private key (PKCS#8).
+    pub key: String,
+}
+
+/// A certificate authority that issues dev certificates.
+pub struct DevCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for DevCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCa").finish_non_exhaustive()
+    }
+}
+
+impl DevCa {
+    /// A fresh self-signed CA named `common_name`.
+    pub fn new(common_name: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        Ok(DevCa { issuer })
+    }
+
+    /// The CA certificate (the trust root for both sides).
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `localhost` and `127.0.0.1`.
+    pub fn server_cert(&self) -> Result<PemPair, PkiError> {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+        params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params.distinguished_name.push(DnType::CommonName, "mas broker (dev)");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params)
+    }
+
+    /// A client certificate for `agent`: SAN `spiffe://mas/agent/{agent}`, clientAuth.
+    pub fn agent_cert(&self, agent: &AgentId) -> Result<PemPair, PkiError> {
+        let uri = spiffe_uri(agent).try_into()?;
+        self.client_cert(agent.as_str(), vec![SanType::URI(uri)])
+    }
+
+    /// A client certificate with exactly the given SANs (none at all if empty); for tests of
+    /// identity rules.
+    pub fn client_cert(&self, common_name: &str, sans: Vec<SanType>) -> Result<PemPair, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params)
+    }
+
+    fn issue(&self, params: CertificateParams) -> Result<PemPair, PkiError> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(PemPair { cert: cert.pem(), key: key.serialize_pem() })
+    }
+}
+
+/// Where [`write_dev_pki`] put things.
+#[derive(Debug, Clone)]
+pub struct DevPkiFiles {
+    /// The broker's files (CA, server certificate, server key).
+    pub server: TlsFiles,
+    /// The directory; agent `x` has `x.pem` and `x.key` in it.
+    pub dir: PathBuf,
+}
+
+impl DevPkiFiles {
+    /// An agent's files (CA, its certificate, its key).
+    pub fn agent(&self, agent: &AgentId) -> TlsFiles {
+        TlsFiles {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join(format!("{agent}.pem")),
+            key: self.dir.join(format!("{agent}.key")),
+        }
+    }
+}
+
+/// Writes a fresh dev PKI into `dir`: `ca.pem`, `server.pem`/`server.key`, and
+/// `{agent}.pem`/`{agent}.key` per agent. The CA key is not written: nothing else is signed.
+pub fn write_dev_pki(dir: &Path, agents: &[AgentId]) -> Result<DevPkiFiles, PkiError> {
+    fs::create_dir_all(dir).map_err(|source| PkiError::Write { path: dir.to_path_buf(), source })?;
+    let ca = DevCa::new("mas dev CA")?;
+    write(&dir.join("ca.pem"), &ca.cert_pem())?;
+    let server = ca.server_cert()?;
+    write(&dir.join("server.pem"), &server.cert)?;
+    write(&dir.join("server.key"), &server.key)?;
+    for agent in agents {
+        let pair = ca.agent_cert(agent)?;
+        write(&dir.join(format!("{agent}.pem")), &pair.cert)?;
+        write(&dir.join(format!("{agent}.key")), &pair.key)?;
+    }
+    let server = TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") };
+    Ok(DevPkiFiles { server, dir: dir.to_path_buf() })
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), PkiError> {
+    fs::write(path, contents).map_err(|source| PkiError::Write { path: path.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::agent_from_certificate;
+
+    fn der(pem: &str) -> Vec<u8> {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64_decode(&body)
+    }
+
+    // Minimal base64 decoder for the test (avoids a dependency just for this).
+    fn base64_decode(s: &str) -> Vec<u8> {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = Vec::new();
+        let (mut acc, mut bits) = (0u32, 0);
+        for c in s.bytes().filter(|c| *c != b'=') {
+            let v = ALPHABET.iter().position(|a| *a == c).expect("base64") as u32;
+            acc = (acc << 6) | v;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn agent_cert_carries_its_spiffe_id() {
+        let ca = DevCa::new("test").unwrap();
+        let alice = AgentId::new("alice").unwrap();
+        let pair = ca.agent_cert(&alice).unwrap();
+        assert_eq!(agent_from_certificate(&der(&pair.cert)), Ok(alice));
+    }
+
+    #[test]
+    fn cert_without_san_is_missing_spiffe_san() {
+        let ca = DevCa::new("test").unwrap();
+        let pair = ca.client_cert("nobody", vec![]).unwrap();
+        assert_eq!(
+            agent_from_certificate(&der(&pair.cert)),
+            Err(crate::identity::IdentityError::MissingSan)
+        );
+    }
+}

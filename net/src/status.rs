@@ -1,0 +1,76 @@
+//! The single mapping to gRPC status codes. Codes and detail strings follow the reference's
+//! catalogue exactly, because clients match on them.
+
+use mas_core::envelope::PayloadError;
+use mas_core::store::StoreError;
+use tonic::{Code, Status};
+
+use crate::identity::IdentityError;
+
+/// Status details of the reference catalogue used by this broker.
+pub mod detail {
+    /// The agent id is not in the broker's allowlist.
+    pub const AGENT_NOT_ALLOWLISTED: &str = "agent_not_allowlisted";
+    /// The stream ended before a Hello.
+    pub const MISSING_HELLO: &str = "missing_hello";
+    /// Another event came before the Hello.
+    pub const EXPECTED_HELLO: &str = "expected_hello";
+    /// After the Hello only Ack and Nack are accepted.
+    pub const EXPECTED_ACK_OR_NACK: &str = "expected_ack_or_nack";
+    /// The instance id breaks the id rules.
+    pub const INVALID_INSTANCE_ID: &str = "invalid_instance_id";
+    /// The (agent, instance) already has a session.
+    pub const INSTANCE_ALREADY_CONNECTED: &str = "instance_already_connected";
+    /// The RPC names an instance that has no live session.
+    pub const SESSION_NOT_CONNECTED: &str = "session_not_connected";
+    /// Authorization denied the message.
+    pub const NOT_AUTHORIZED: &str = "not_authorized";
+    /// The store could not be reached.
+    pub const STORAGE_UNAVAILABLE: &str = "storage_unavailable";
+    /// The target's queue is at its bound (ours; the reference has no bound).
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// The broker is shutting down and takes no new sessions or messages (ours).
+    pub const BROKER_SHUTTING_DOWN: &str = "broker_shutting_down";
+}
+
+/// `UNAUTHENTICATED` with the identity failure's detail.
+pub fn identity_denied(err: IdentityError) -> Status {
+    Status::unauthenticated(err.to_string())
+}
+
+/// `INVALID_ARGUMENT invalid_json` / `payload_must_be_object`.
+pub fn payload_invalid(err: PayloadError) -> Status {
+    Status::invalid_argument(err.to_string())
+}
+
+/// Store failures: a full queue is `RESOURCE_EXHAUSTED queue_full`; anything else is
+/// `UNAVAILABLE storage_unavailable` (backend text is logged, never sent to the peer).
+pub fn store_failed(err: &StoreError) -> Status {
+    match err {
+        StoreError::QueueFull => Status::resource_exhausted(detail::QUEUE_FULL),
+        StoreError::NotOwner | StoreError::Unavailable(_) => {
+            tracing::warn!(error = %err, "store step failed");
+            Status::unavailable(detail::STORAGE_UNAVAILABLE)
+        }
+    }
+}
+
+/// Whether `status` carries `code` with exactly `detail`; for clients and tests.
+pub fn is(status: &Status, code: Code, detail: &str) -> bool {
+    status.code() == code && status.message() == detail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_to_reference_codes() {
+        let s = identity_denied(IdentityError::MissingSan);
+        assert!(is(&s, Code::Unauthenticated, "missing_spiffe_san"));
+        let s = payload_invalid(PayloadError::NotAnObject);
+        assert!(is(&s, Code::InvalidArgument, "payload_must_be_object"));
+        let s = store_failed(&StoreError::Unavailable("connection reset".into()));
+        assert!(is(&s, Code::Unavailable, "storage_unavailable"), "backend text must not leak");
+    }
+}

@@ -1,0 +1,240 @@
+//! Broker configuration: read once at start-up (JSON file or built in code) and handed down.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mas_core::delivery::DeliveryConfig;
+use mas_core::ids::AgentId;
+use mas_core::store::MemoryStoreConfig;
+use serde::Deserialize;
+
+/// One allowlisted agent: who it is, what it offers, and whom it may message.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDefinition {
+    /// Capabilities shown by discovery.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Free-form JSON object shown by discovery.
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Targets this agent may send to: agent ids, or `*` for every allowlisted agent.
+    /// Empty means none (deny by default).
+    #[serde(default)]
+    pub allowed_targets: Vec<String>,
+}
+
+impl AgentDefinition {
+    /// Whether this agent's grants name `target` (or `*`).
+    pub fn may_send_to(&self, target: &AgentId) -> bool {
+        self.allowed_targets.iter().any(|t| t == "*" || t == target.as_str())
+    }
+}
+
+/// Delivery settings in configuration units (milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Deliveries awaiting ack per session (default 200).
+    pub max_in_flight: usize,
+    /// Ack deadline per delivery (default 30 000 ms).
+    pub ack_timeout_ms: u64,
+    /// Attempts before dead-lettering (default 5).
+    pub max_delivery_attempts: u32,
+    /// First retry backoff (default 500 ms), doubling per attempt.
+    pub retry_backoff_initial_ms: u64,
+    /// Retry backoff cap (default 30 000 ms).
+    pub retry_backoff_max_ms: u64,
+    /// How long a draining session waits for in-flight acks (default 5 000 ms).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        let d = DeliveryConfig::default();
+        DeliverySettings {
+            max_in_flight: d.max_in_flight,
+            ack_timeout_ms: millis(d.ack_timeout),
+            max_delivery_attempts: d.max_delivery_attempts,
+            retry_backoff_initial_ms: millis(d.retry_backoff_initial),
+            retry_backoff_max_ms: millis(d.retry_backoff_max),
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl DeliverySettings {
+    /// The core machine's configuration.
+    pub fn machine_config(&self) -> DeliveryConfig {
+        DeliveryConfig {
+            max_in_flight: self.max_in_flight,
+            ack_timeout: Duration::from_millis(self.ack_timeout_ms),
+            max_delivery_attempts: self.max_delivery_attempts,
+            retry_backoff_initial: Duration::from_millis(self.retry_backoff_initial_ms),
+            retry_backoff_max: Duration::from_millis(self.retry_backoff_max_ms),
+        }
+    }
+
+    /// The drain deadline as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// Paths of the broker's TLS material.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Server certificate (PEM).
+    pub server_cert_path: PathBuf,
+    /// Server private key (PEM).
+    pub server_key_path: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    pub client_ca_path: PathBuf,
+}
+
+/// Everything the broker needs, validated by [`BrokerConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where to listen, e.g. `127.0.0.1:50051` (port 0 picks a free port).
+    pub listen_addr: SocketAddr,
+    /// TLS material; required by the production listener.
+    pub tls: Option<TlsSettings>,
+    /// The allowlist: only these agents may connect.
+    pub agents: BTreeMap<AgentId, AgentDefinition>,
+    /// Delivery settings.
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+    /// Seed for message ids, delivery ids and jitter; random when absent. Set it to make a run
+    /// reproducible.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Bound of each agent's queue in the embedded store (default 100 000 entries).
+    #[serde(default = "default_max_queue_len")]
+    pub max_queue_len: usize,
+}
+
+fn default_max_queue_len() -> usize {
+    MemoryStoreConfig::default().max_queue_len
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration JSON.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause, with line and column.
+        source: serde_json::Error,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl BrokerConfig {
+    /// A configuration with defaults for everything but the address and the allowlist.
+    pub fn new(listen_addr: SocketAddr, agents: BTreeMap<AgentId, AgentDefinition>) -> Self {
+        BrokerConfig {
+            listen_addr,
+            tls: None,
+            agents,
+            delivery: DeliverySettings::default(),
+            seed: None,
+            max_queue_len: default_max_queue_len(),
+        }
+    }
+
+    /// Reads and validates a JSON configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: BrokerConfig =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and cross-references; a bad value is named in the error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.delivery;
+        let positive = [
+            ("delivery.max_in_flight", d.max_in_flight as u64),
+            ("delivery.ack_timeout_ms", d.ack_timeout_ms),
+            ("delivery.max_delivery_attempts", u64::from(d.max_delivery_attempts)),
+            ("max_queue_len", self.max_queue_len as u64),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
+        }
+        if d.retry_backoff_initial_ms > d.retry_backoff_max_ms {
+            return Err(ConfigError::Invalid(
+                "delivery.retry_backoff_initial_ms must not exceed delivery.retry_backoff_max_ms".into(),
+            ));
+        }
+        if self.agents.is_empty() {
+            return Err(ConfigError::Invalid("agents: the allowlist is empty, nobody could connect".into()));
+        }
+        for (agent, def) in &self.agents {
+            for target in &def.allowed_targets {
+                let known = target == "*" || AgentId::new(target).is_ok_and(|t| self.agents.contains_key(&t));
+                if !known {
+                    return Err(ConfigError::Invalid(format!(
+                        "agents.{agent}.allowed_targets names {target:?}, which is not an allowlisted agent"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_minimal_file_with_defaults() {
+        let json = r#"{"listen_addr":"127.0.0.1:0","tls":null,
+            "agents":{"alice":{"allowed_targets":["bob"]},"bob":{}}}"#;
+        let c: BrokerConfig = serde_json::from_str(json).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.delivery, DeliverySettings::default());
+        assert!(c.agents[&AgentId::new("alice").unwrap()].may_send_to(&AgentId::new("bob").unwrap()));
+        assert!(!c.agents[&AgentId::new("bob").unwrap()].may_send_to(&AgentId::new("alice").unwrap()));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_bad_ids_and_dangling_grants() {
+        let unknown = r#"{"listen_addr":"127.0.0.1:0","agents":{},"colour":1}"#;
+        assert!(serde_json::from_str::<BrokerConfig>(unknown).is_err());
+        let bad_id = r#"{"listen_addr":"127.0.0.1:0","agents":{"a b":{}}}"#;
+        assert!(serde_json::from_str::<BrokerConfig>(bad_id).is_err());
+        let dangling = r#"{"listen_addr":"127.0.0.1:0","agents":{"a":{"allowed_targets":["zed"]}}}"#;
+        let c: BrokerConfig = serde_json::from_str(dangling).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("zed"));
+    }
+
+    #[test]
+    fn rejects_zero_window() {
+        let json = r#"{"listen_addr":"127.0.0.1:0","agents":{"a":{}},"delivery":{"max_in_flight":0}}"#;
+        let c: BrokerConfig = serde_json::from_str(json).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("max_in_flight"));
+    }
+}
