@@ -12,7 +12,7 @@ use mas_proto::v1::{Ack, ClientEvent, Hello, Nack, SendRequest, ServerEvent, cli
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
@@ -284,43 +284,60 @@ struct Transport {
 
 impl Transport {
     async fn run(mut self) {
-        let permits = Arc::new(Semaphore::new(self.config.max_concurrent_handlers.max(1)));
-        let mut running = JoinSet::new();
+        let limit = self.config.max_concurrent_handlers.max(1);
+        let permits = Arc::new(Semaphore::new(limit));
+        let mut running: Vec<JoinHandle<()>> = Vec::new();
         let broker_closed = loop {
-            tokio::select! {
+            // Take a handler slot first, so a full agent stops reading and the broker's
+            // window, not our memory, absorbs the backlog.
+            let permit = tokio::select! {
                 biased;
                 _ = self.stop.wait_for(|stop| *stop) => break false,
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-                event = self.inbound.message(), if permits.available_permits() > 0 => match event {
-                    Ok(Some(ServerEvent { event: Some(server_event::Event::Delivery(d)) })) => {
-                        let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
-                        let (agent, handlers, outgoing) = (self.agent.clone(), self.handlers.clone(), self.outgoing.clone());
-                        running.spawn(async move {
-                            let outcome = handlers.dispatch(agent, &d.envelope_json).await;
-                            let _ = outgoing.send(settle(d.delivery_id, outcome)).await;
-                            drop(permit);
-                        });
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break true,
-                    Err(status) => {
-                        tracing::warn!(code = ?status.code(), detail = status.message(), "transport failed");
-                        break true;
-                    }
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break false,
                 },
+            };
+            let event = tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|stop| *stop) => break false,
+                event = self.inbound.message() => event,
+            };
+            match event {
+                Ok(Some(ServerEvent { event: Some(server_event::Event::Delivery(d)) })) => {
+                    let (agent, handlers, outgoing) = (self.agent.clone(), self.handlers.clone(), self.outgoing.clone());
+                    running.retain(|task| !task.is_finished());
+                    running.push(tokio::spawn(async move {
+                        let outcome = handlers.dispatch(agent, &d.envelope_json).await;
+                        let _ = outgoing.send(settle(d.delivery_id, outcome)).await;
+                        drop(permit);
+                    }));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break true,
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), detail = status.message(), "transport failed");
+                    break true;
+                }
             }
         };
-        self.finish(running, broker_closed).await;
+        self.finish(permits, limit, running, broker_closed).await;
     }
 
     /// Lets running handlers finish (bounded), then closes our side after the last ack so the
     /// broker sees every ack before the end of the stream, and waits for it to close its side.
-    async fn finish(mut self, mut running: JoinSet<()>, broker_closed: bool) {
-        let all_done = async { while running.join_next().await.is_some() {} };
+    async fn finish(mut self, permits: Arc<Semaphore>, limit: usize, running: Vec<JoinHandle<()>>, broker_closed: bool) {
+        let all_slots = u32::try_from(limit).unwrap_or(u32::MAX);
+        let all_done = permits.acquire_many(all_slots);
         if tokio::time::timeout(self.config.handler_drain_timeout, all_done).await.is_err() {
-            tracing::warn!(still_running = running.len(), "handlers did not finish in time; their messages will be redelivered");
-            running.abort_all();
-            while running.join_next().await.is_some() {}
+            let still = running.iter().filter(|t| !t.is_finished()).count();
+            tracing::warn!(still_running = still, "handlers did not finish in time; their messages will be redelivered");
+            for task in &running {
+                task.abort();
+            }
+            for task in running {
+                let _ = task.await;
+            }
         }
         drop(self.outgoing);
         if broker_closed {

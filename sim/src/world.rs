@@ -1,0 +1,144 @@
+//! Building blocks of a simulated deployment: a broker node over a shared store, agent nodes
+//! that (re)connect with backoff, and sends that retry through loss.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use madsim::runtime::{Handle, NodeHandle};
+use mas_agent::{Agent, AgentBuilder, AgentConfig, AgentError};
+use mas_core::ids::AgentId;
+use mas_server::config::DeliverySettings;
+use mas_server::store::Store;
+use mas_server::{AgentDefinition, Broker, BrokerConfig};
+use tonic::Code;
+
+use crate::trace::Trace;
+
+/// The broker's simulated address.
+pub const BROKER_ADDR: &str = "10.0.0.1:50051";
+
+/// Parses an id written by a scenario.
+pub fn id(s: &str) -> AgentId {
+    AgentId::new(s).expect("scenario agent id")
+}
+
+/// A broker configuration with `(agent, allowed targets)` grants and a fixed seed.
+pub fn broker_config(grants: &[(&str, &[&str])], seed: u64, delivery: DeliverySettings) -> BrokerConfig {
+    let agents: BTreeMap<_, _> = grants
+        .iter()
+        .map(|(agent, targets)| {
+            let def = AgentDefinition {
+                capabilities: Vec::new(),
+                metadata: serde_json::Map::new(),
+                allowed_targets: targets.iter().map(|t| t.to_string()).collect(),
+            };
+            (id(agent), def)
+        })
+        .collect();
+    let mut config = BrokerConfig::new(addr(BROKER_ADDR), agents);
+    config.delivery = delivery;
+    config.seed = Some(seed);
+    config.validate().expect("valid scenario config");
+    config
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("scenario address")
+}
+
+/// Starts the broker on its own node. The store lives outside the node, so it survives a
+/// broker crash (as Redis would); the broker reaches it by shared memory, without faults.
+pub fn start_broker(handle: &Handle, store: Store, config: BrokerConfig) -> NodeHandle {
+    let ip: IpAddr = addr(BROKER_ADDR).ip();
+    handle
+        .create_node()
+        .name("broker")
+        .ip(ip)
+        .init(move || {
+            let broker = Broker::with_store(config.clone(), store.clone());
+            async move {
+                if let Err(err) = mas_server::serve::serve_sim(broker, addr(BROKER_ADDR), std::future::pending()).await {
+                    panic!("broker failed: {err}");
+                }
+            }
+        })
+        .build()
+}
+
+/// Agent settings for the simulated broker.
+pub fn agent_config(agent: &str, instance: &str) -> AgentConfig {
+    let mut config = AgentConfig::new(id(agent), format!("http://{BROKER_ADDR}"));
+    config.instance_id = Some(instance.parse().expect("scenario instance id"));
+    config
+}
+
+/// Starts an agent, retrying with capped exponential backoff while the broker is unreachable
+/// (not yet up, packet loss, a stale session of the same instance still being torn down).
+pub async fn start_agent(trace: &Trace, node: &str, make: impl Fn() -> AgentBuilder) -> Agent {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match make().start().await {
+            Ok(agent) => {
+                trace.record(node, format_args!("connected as {}", agent.instance_id()));
+                return agent;
+            }
+            Err(err) => {
+                trace.record(node, format_args!("connect failed: {}", short(&err)));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Sends, retrying transport failures (a unary RPC under loss fails to connect). Returns the
+/// accepted message id. A refusal by the broker's rules is a scenario bug and panics.
+pub async fn send_with_retry(trace: &Trace, node: &str, agent: &Agent, target: &str, message_type: &str, data: &serde_json::Value) -> String {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match agent.send(target, message_type, data).await {
+            Ok(message_id) => return message_id,
+            Err(err) if retryable(&err) => {
+                trace.record(node, format_args!("send failed, retrying: {}", short(&err)));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(err) => panic!("{node}: send refused by the broker: {err}"),
+        }
+    }
+}
+
+fn retryable(err: &AgentError) -> bool {
+    err.status().is_some_and(|s| matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded))
+}
+
+fn short(err: &AgentError) -> String {
+    match err.status() {
+        Some(s) => format!("{:?} {}", s.code(), s.message()),
+        None => err.to_string(),
+    }
+}
+
+/// Waits (virtual time) until `done` holds, checking every 50 ms; false after `limit`.
+pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+/// Runs `future` on a new node named `name` at `ip`.
+pub fn spawn_node<F>(handle: &Handle, name: &str, ip: &str, future: F) -> NodeHandle
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let node = handle.create_node().name(name).ip(ip.parse().expect("scenario ip")).build();
+    node.spawn(future);
+    node
+}
