@@ -179,21 +179,16 @@ impl Agent {
     pub async fn stop(&self) {
         self.inner.stop.send_replace(true);
         let task = self.inner.transport.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(task) = task {
-            if let Err(err) = task.await {
-                tracing::warn!(error = %err, "transport task ended abnormally");
-            }
+        if let Some(task) = task
+            && let Err(err) = task.await
+        {
+            tracing::warn!(error = %err, "transport task ended abnormally");
         }
     }
 
     /// Whether the transport is still running (false after stop or after the broker closed it).
     pub fn is_running(&self) -> bool {
-        self.inner
-            .transport
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|t| !t.is_finished())
+        self.inner.transport.lock().unwrap_or_else(PoisonError::into_inner).as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
@@ -221,9 +216,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 fn random_instance_id() -> InstanceId {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let mixed = (nanos ^ u64::from(std::process::id()) << 32)
         .wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let text = format!("{:08x}", (mixed ^ (mixed >> 29)) as u32);
@@ -235,7 +228,8 @@ fn random_instance_id() -> InstanceId {
 async fn connect(config: &AgentConfig) -> Result<Channel, AgentError> {
     mas_net::tls::install_crypto_provider();
     let pem = config.tls.load()?;
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())?.tls_config(pem.client_config(&config.server_name))?;
+    let endpoint =
+        Endpoint::from_shared(config.endpoint.clone())?.tls_config(pem.client_config(&config.server_name))?;
     Ok(endpoint.connect().await?)
 }
 
@@ -305,7 +299,8 @@ impl Transport {
             };
             match event {
                 Ok(Some(ServerEvent { event: Some(server_event::Event::Delivery(d)) })) => {
-                    let (agent, handlers, outgoing) = (self.agent.clone(), self.handlers.clone(), self.outgoing.clone());
+                    let (agent, handlers, outgoing) =
+                        (self.agent.clone(), self.handlers.clone(), self.outgoing.clone());
                     running.retain(|task| !task.is_finished());
                     running.push(tokio::spawn(async move {
                         let outcome = handlers.dispatch(agent, &d.envelope_json).await;
@@ -326,12 +321,21 @@ impl Transport {
 
     /// Lets running handlers finish (bounded), then closes our side after the last ack so the
     /// broker sees every ack before the end of the stream, and waits for it to close its side.
-    async fn finish(mut self, permits: Arc<Semaphore>, limit: usize, running: Vec<JoinHandle<()>>, broker_closed: bool) {
+    async fn finish(
+        mut self,
+        permits: Arc<Semaphore>,
+        limit: usize,
+        running: Vec<JoinHandle<()>>,
+        broker_closed: bool,
+    ) {
         let all_slots = u32::try_from(limit).unwrap_or(u32::MAX);
         let all_done = permits.acquire_many(all_slots);
         if tokio::time::timeout(self.config.handler_drain_timeout, all_done).await.is_err() {
             let still = running.iter().filter(|t| !t.is_finished()).count();
-            tracing::warn!(still_running = still, "handlers did not finish in time; their messages will be redelivered");
+            tracing::warn!(
+                still_running = still,
+                "handlers did not finish in time; their messages will be redelivered"
+            );
             for task in &running {
                 task.abort();
             }

@@ -30,7 +30,11 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Settings with the reference's defaults (Welcome 10 s, handler drain 5 s, ack flush 2 s).
-    pub fn new(agent_id: AgentId, endpoint: impl Into<String>, #[cfg(not(madsim))] tls: mas_net::tls::TlsFiles) -> Self {
+    pub fn new(
+        agent_id: AgentId,
+        endpoint: impl Into<String>,
+        #[cfg(not(madsim))] tls: mas_net::tls::TlsFiles,
+    ) -> Self {
         AgentConfig {
             agent_id,
             instance_id: None,

@@ -122,10 +122,7 @@ impl Envelope {
             target_id: target.to_string(),
             message_type,
             data,
-            meta: MessageMeta {
-                sender_instance_id: Some(sender_instance.to_string()),
-                ..MessageMeta::default()
-            },
+            meta: MessageMeta { sender_instance_id: Some(sender_instance.to_string()), ..MessageMeta::default() },
             timestamp: at.as_secs_f64(),
             message_id,
         }
@@ -156,10 +153,7 @@ mod tests {
     #[test]
     fn payload_errors_carry_reference_details() {
         assert_eq!(parse_payload("{nope").map_err(|e| e.to_string()), Err("invalid_json".into()));
-        assert_eq!(
-            parse_payload("[1,2]").map_err(|e| e.to_string()),
-            Err("payload_must_be_object".into())
-        );
+        assert_eq!(parse_payload("[1,2]").map_err(|e| e.to_string()), Err("payload_must_be_object".into()));
         assert!(parse_payload(r#"{"a":1}"#).is_ok());
     }
 

@@ -38,8 +38,7 @@ impl tonic::service::Interceptor for IdentityStamp {
 
 /// The agent-side RPC client.
 #[cfg(not(madsim))]
-pub type RuntimeClient =
-    RuntimeServiceClient<tonic::service::interceptor::InterceptedService<Channel, IdentityStamp>>;
+pub type RuntimeClient = RuntimeServiceClient<tonic::service::interceptor::InterceptedService<Channel, IdentityStamp>>;
 
 /// The agent-side RPC client.
 #[cfg(madsim)]

@@ -42,9 +42,7 @@ pub fn spiffe_uri(agent: &AgentId) -> String {
 
 /// Picks the agent identity out of a certificate's URI SANs. `sans` is `None` when the
 /// certificate has no SAN extension at all.
-pub fn agent_from_uri_sans<'a>(
-    sans: Option<impl IntoIterator<Item = &'a str>>,
-) -> Result<AgentId, IdentityError> {
+pub fn agent_from_uri_sans<'a>(sans: Option<impl IntoIterator<Item = &'a str>>) -> Result<AgentId, IdentityError> {
     let sans = sans.ok_or(IdentityError::MissingSan)?;
     let mut spiffe = sans.into_iter().filter(|uri| uri.starts_with("spiffe://"));
     match (spiffe.next(), spiffe.next()) {
@@ -85,11 +83,7 @@ pub fn peer_agent<T>(req: &tonic::Request<T>) -> Result<AgentId, IdentityError> 
 /// [`crate::client::IdentityStamp`] sets (madsim has no TLS).
 #[cfg(madsim)]
 pub fn peer_agent<T>(req: &tonic::Request<T>) -> Result<AgentId, IdentityError> {
-    let uri = req
-        .metadata()
-        .get(SIM_IDENTITY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(IdentityError::MissingSan)?;
+    let uri = req.metadata().get(SIM_IDENTITY_HEADER).and_then(|v| v.to_str().ok()).ok_or(IdentityError::MissingSan)?;
     agent_from_uri_sans(Some([uri]))
 }
 

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use mas_core::ids::AgentId;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 use crate::identity::spiffe_uri;
@@ -56,7 +56,8 @@ impl DevCa {
     pub fn new(common_name: &str) -> Result<Self, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.distinguished_name.push(DnType::CommonName, common_name);
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
         Ok(DevCa { issuer })
@@ -180,9 +181,6 @@ mod tests {
     fn cert_without_san_is_missing_spiffe_san() {
         let ca = DevCa::new("test").unwrap();
         let pair = ca.client_cert("nobody", vec![]).unwrap();
-        assert_eq!(
-            agent_from_certificate(&der(&pair.cert)),
-            Err(crate::identity::IdentityError::MissingSan)
-        );
+        assert_eq!(agent_from_certificate(&der(&pair.cert)), Err(crate::identity::IdentityError::MissingSan));
     }
 }

@@ -49,7 +49,8 @@ pub enum OpenError {
 impl Broker {
     /// A broker with an empty embedded store.
     pub fn new(config: BrokerConfig) -> Arc<Self> {
-        let store = Store::new(MemoryStoreConfig { max_queue_len: config.max_queue_len, ..MemoryStoreConfig::default() });
+        let store =
+            Store::new(MemoryStoreConfig { max_queue_len: config.max_queue_len, ..MemoryStoreConfig::default() });
         Self::with_store(config, store)
     }
 
@@ -158,8 +159,6 @@ impl Broker {
 /// A seed for production runs without a configured one: wall-clock nanoseconds mixed with the
 /// process id. (Under simulation the clock is virtual, so this is deterministic there too.)
 fn entropy_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ u64::from(std::process::id()).rotate_left(40)
 }

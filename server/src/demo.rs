@@ -46,7 +46,12 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let broker = broker.clone();
-        async move { serve::serve_tls(broker, bound, &tls, async { let _ = stop_rx.await; }).await }
+        async move {
+            serve::serve_tls(broker, bound, &tls, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        }
     });
     println!("broker listening on {addr} (mTLS, embedded store)");
 

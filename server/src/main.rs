@@ -97,7 +97,11 @@ mod cli {
             Command::DevCerts { dir, agents } => {
                 let agents = agents.iter().map(|a| AgentId::new(a)).collect::<Result<Vec<_>, _>>()?;
                 mas_net::pki::write_dev_pki(&dir, &agents)?;
-                println!("wrote ca.pem, server.pem/.key and {} agent certificate(s) to {}", agents.len(), dir.display());
+                println!(
+                    "wrote ca.pem, server.pem/.key and {} agent certificate(s) to {}",
+                    agents.len(),
+                    dir.display()
+                );
                 Ok(())
             }
             Command::Demo { certs_dir, listen, messages } => {
@@ -118,7 +122,10 @@ mod cli {
         let bound = serve::bind(config.listen_addr).await?;
         let addr = bound.local_addr;
         let broker = Broker::new(config);
-        println!("{}", serde_json::json!({"event": "mas.broker.ready", "pid": std::process::id(), "listen_addr": addr.to_string()}));
+        println!(
+            "{}",
+            serde_json::json!({"event": "mas.broker.ready", "pid": std::process::id(), "listen_addr": addr.to_string()})
+        );
         serve::serve_tls(broker, bound, &pem, ctrl_c()).await?;
         eprintln!("broker stopped");
         Ok(())

@@ -10,10 +10,9 @@ use mas_net::identity::peer_agent;
 use mas_net::status::{self, detail};
 use mas_proto::v1::runtime_service_server::RuntimeService;
 use mas_proto::v1::{
-    ClientEvent, DiscoverRequest, DiscoverResponse, GetStateRequest, GetStateResponse, ReplyRequest,
-    ReplyResponse, RequestRequest, RequestResponse, ResetStateRequest, ResetStateResponse, SendRequest,
-    SendResponse, ServerEvent, UpdateStateRequest, UpdateStateResponse, Welcome, client_event,
-    server_event,
+    ClientEvent, DiscoverRequest, DiscoverResponse, GetStateRequest, GetStateResponse, ReplyRequest, ReplyResponse,
+    RequestRequest, RequestResponse, ResetStateRequest, ResetStateResponse, SendRequest, SendResponse, ServerEvent,
+    UpdateStateRequest, UpdateStateResponse, Welcome, client_event, server_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;

@@ -147,7 +147,9 @@ impl Session {
             Ok(()) => {}
             // Another session owns the entry now (or it was settled): fencing did its job.
             Err(StoreError::NotOwner) => tracing::debug!(agent = %self.key.0, "store effect fenced off"),
-            Err(err) => tracing::warn!(agent = %self.key.0, error = %err, "store effect failed; entry stays claimed until released"),
+            Err(err) => {
+                tracing::warn!(agent = %self.key.0, error = %err, "store effect failed; entry stays claimed until released")
+            }
         }
     }
 

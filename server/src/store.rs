@@ -83,7 +83,12 @@ impl Store {
             let notified = waker.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.lock().store.next_ready_at(agent).is_some_and(|at| clock.to_tokio(at) <= tokio::time::Instant::now()) {
+            if self
+                .lock()
+                .store
+                .next_ready_at(agent)
+                .is_some_and(|at| clock.to_tokio(at) <= tokio::time::Instant::now())
+            {
                 continue;
             }
             let until = wake_at.map_or(give_up, |at| at.min(give_up));

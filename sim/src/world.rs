@@ -59,7 +59,8 @@ pub fn start_broker(handle: &Handle, store: Store, config: BrokerConfig) -> Node
         .init(move || {
             let broker = Broker::with_store(config.clone(), store.clone());
             async move {
-                if let Err(err) = mas_server::serve::serve_sim(broker, addr(BROKER_ADDR), std::future::pending()).await {
+                if let Err(err) = mas_server::serve::serve_sim(broker, addr(BROKER_ADDR), std::future::pending()).await
+                {
                     panic!("broker failed: {err}");
                 }
             }
@@ -95,7 +96,14 @@ pub async fn start_agent(trace: &Trace, node: &str, make: impl Fn() -> AgentBuil
 
 /// Sends, retrying transport failures (a unary RPC under loss fails to connect). Returns the
 /// accepted message id. A refusal by the broker's rules is a scenario bug and panics.
-pub async fn send_with_retry(trace: &Trace, node: &str, agent: &Agent, target: &str, message_type: &str, data: &serde_json::Value) -> String {
+pub async fn send_with_retry(
+    trace: &Trace,
+    node: &str,
+    agent: &Agent,
+    target: &str,
+    message_type: &str,
+    data: &serde_json::Value,
+) -> String {
     let mut backoff = Duration::from_millis(20);
     loop {
         match agent.send(target, message_type, data).await {
@@ -111,7 +119,9 @@ pub async fn send_with_retry(trace: &Trace, node: &str, agent: &Agent, target: &
 }
 
 fn retryable(err: &AgentError) -> bool {
-    err.status().is_some_and(|s| matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded))
+    err.status().is_some_and(|s| {
+        matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+    })
 }
 
 fn short(err: &AgentError) -> String {

@@ -68,22 +68,31 @@ fn start_consumer(handle: &Handle, trace: &Trace, handled: &HandledLog) -> madsi
             async move {
                 let make = || {
                     let (trace, handled, instance) = (trace.clone(), handled.clone(), instance.clone());
-                    mas_agent::AgentBuilder::new(agent_config("bob", &instance)).on("job", move |_, msg: Message<Job>| {
-                        let (trace, handled, instance) = (trace.clone(), handled.clone(), instance.clone());
-                        async move {
-                            let work = Duration::from_millis(thread_rng().gen_range(10..150));
-                            tokio::time::sleep(work).await;
-                            let at_ms = trace.now_ms();
-                            trace.record("bob", format_args!("{instance} handled seq={} id={}", msg.payload.seq, msg.envelope.message_id));
-                            handled.lock().unwrap().push(Handled {
-                                message_id: msg.envelope.message_id.clone(),
-                                seq: msg.payload.seq,
-                                instance,
-                                at_ms,
-                            });
-                            Ok::<(), HandlerError>(())
-                        }
-                    })
+                    mas_agent::AgentBuilder::new(agent_config("bob", &instance)).on(
+                        "job",
+                        move |_, msg: Message<Job>| {
+                            let (trace, handled, instance) = (trace.clone(), handled.clone(), instance.clone());
+                            async move {
+                                let work = Duration::from_millis(thread_rng().gen_range(10..150));
+                                tokio::time::sleep(work).await;
+                                let at_ms = trace.now_ms();
+                                trace.record(
+                                    "bob",
+                                    format_args!(
+                                        "{instance} handled seq={} id={}",
+                                        msg.payload.seq, msg.envelope.message_id
+                                    ),
+                                );
+                                handled.lock().unwrap().push(Handled {
+                                    message_id: msg.envelope.message_id.clone(),
+                                    seq: msg.payload.seq,
+                                    instance,
+                                    at_ms,
+                                });
+                                Ok::<(), HandlerError>(())
+                            }
+                        },
+                    )
                 };
                 let _agent = start_agent(&trace, "bob", make).await;
                 std::future::pending::<()>().await;
@@ -150,7 +159,11 @@ fn loss_and_partition(seed: u64) -> Run {
         let net = madsim::net::NetSim::current();
         let (loss, cut_after, cut_for) = {
             let mut rng = thread_rng();
-            (rng.gen_range(0.01..0.15), Duration::from_millis(rng.gen_range(100..1500)), Duration::from_millis(rng.gen_range(500..5000)))
+            (
+                rng.gen_range(0.01..0.15),
+                Duration::from_millis(rng.gen_range(100..1500)),
+                Duration::from_millis(rng.gen_range(500..5000)),
+            )
         };
         net.update_config(|c| c.packet_loss_rate = loss);
         trace.record("nemesis", format_args!("packet loss {loss:.3}"));

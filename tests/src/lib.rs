@@ -38,7 +38,8 @@ pub type Grants<'a> = &'a [(&'a str, &'a [&'a str])];
 
 fn scratch_dir() -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!("mas-e2e-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let dir =
+        std::env::temp_dir().join(format!("mas-e2e-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
@@ -137,7 +138,10 @@ impl TestBroker {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(15), task).await.expect("broker stops in time").expect("broker task");
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("broker stops in time")
+                .expect("broker task");
         }
     }
 }

@@ -20,7 +20,9 @@ struct Ping {
 
 type Seen = Arc<Mutex<Vec<(String, u32)>>>;
 
-fn recorder(seen: &Seen) -> impl Fn(mas_agent::Agent, Message<Ping>) -> std::future::Ready<Result<(), HandlerError>> + use<> {
+fn recorder(
+    seen: &Seen,
+) -> impl Fn(mas_agent::Agent, Message<Ping>) -> std::future::Ready<Result<(), HandlerError>> + use<> {
     let seen = seen.clone();
     move |_, msg: Message<Ping>| {
         seen.lock().unwrap().push((msg.envelope.sender_id.clone(), msg.payload.n));
@@ -42,7 +44,10 @@ async fn send_is_delivered_acked_and_removed_from_the_queue() {
     got.sort();
     assert_eq!(got, (0..20).collect::<Vec<_>>());
     assert!(seen.lock().unwrap().iter().all(|(from, _)| from == "alice"), "sender is the authenticated identity");
-    assert!(eventually(Duration::from_secs(5), || tb.broker.store().queue_len(&id("bob")) == 0).await, "acks reach the store");
+    assert!(
+        eventually(Duration::from_secs(5), || tb.broker.store().queue_len(&id("bob")) == 0).await,
+        "acks reach the store"
+    );
     alice.stop().await;
     bob.stop().await;
     tb.stop().await;
@@ -120,7 +125,12 @@ async fn payload_errors_use_reference_details() {
     let mut events = client.transport(ReceiverStream::new(rx)).await.unwrap().into_inner();
     events.message().await.unwrap().expect("welcome");
     for (data, detail) in [("{oops", "invalid_json"), ("[1]", "payload_must_be_object")] {
-        let req = SendRequest { target_id: "alice".into(), message_type: "t".into(), data_json: data.into(), instance_id: "i1".into() };
+        let req = SendRequest {
+            target_id: "alice".into(),
+            message_type: "t".into(),
+            data_json: data.into(),
+            instance_id: "i1".into(),
+        };
         let status = client.send(req).await.expect_err("refused");
         assert_eq!((status.code(), status.message()), (Code::InvalidArgument, detail));
     }

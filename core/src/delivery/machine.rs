@@ -5,8 +5,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use super::{
-    Delivery, DeliveryConfig, DeliveryStats, EntryId, Output, Phase, QueuedMessage,
-    RequeueReason, StoreEffect, TimerKind,
+    Delivery, DeliveryConfig, DeliveryStats, EntryId, Output, Phase, QueuedMessage, RequeueReason, StoreEffect,
+    TimerKind,
 };
 use crate::ids::DeliveryId;
 use crate::time::{Instant, Now};
@@ -177,10 +177,10 @@ impl SessionDelivery {
                 self.requeue(done.message, now.mono, RequeueReason::AckTimeout);
             }
         }
-        if let Phase::Draining { deadline } = self.phase {
-            if deadline <= now.mono {
-                self.hand_back_all(now.mono, RequeueReason::DrainDeadline);
-            }
+        if let Phase::Draining { deadline } = self.phase
+            && deadline <= now.mono
+        {
+            self.hand_back_all(now.mono, RequeueReason::DrainDeadline);
         }
         self.finish_drain_if_idle();
     }

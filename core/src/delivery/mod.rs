@@ -159,9 +159,9 @@ impl StoreEffect {
     /// The entry this effect settles.
     pub fn entry(&self) -> &EntryId {
         match self {
-            StoreEffect::Ack { entry }
-            | StoreEffect::Requeue { entry, .. }
-            | StoreEffect::DeadLetter { entry, .. } => entry,
+            StoreEffect::Ack { entry } | StoreEffect::Requeue { entry, .. } | StoreEffect::DeadLetter { entry, .. } => {
+                entry
+            }
         }
     }
 }

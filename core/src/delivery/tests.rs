@@ -14,11 +14,7 @@ fn at(ms: u64) -> Now {
 }
 
 fn msg(seq: u64, attempt: u32) -> QueuedMessage {
-    QueuedMessage {
-        entry: EntryId::from_seq(seq),
-        envelope: Arc::from(format!("{{\"n\":{seq}}}")),
-        attempt,
-    }
+    QueuedMessage { entry: EntryId::from_seq(seq), envelope: Arc::from(format!("{{\"n\":{seq}}}")), attempt }
 }
 
 fn drain(m: &mut SessionDelivery) -> Vec<Output> {

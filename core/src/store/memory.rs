@@ -248,7 +248,8 @@ mod tests {
         for i in 0..2 {
             s.enqueue(&bob, Arc::from(format!("m{i}"))).unwrap();
             let m = s.claim(&bob, &owner("a"), 1, Instant::ZERO).remove(0);
-            let effect = StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 5, reason: "r".into() };
+            let effect =
+                StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 5, reason: "r".into() };
             s.apply(&bob, &owner("a"), effect).unwrap();
         }
         let kept: Vec<_> = s.dead_letters().map(|d| &*d.envelope).collect();
