@@ -8,8 +8,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use mas_benches::{envelope, payload_json, queued};
 use mas_core::delivery::{DeliveryConfig, Output, SessionDelivery};
 use mas_core::envelope::parse_payload;
-use mas_core::ids::AgentId;
-use mas_core::store::{MemoryStore, MemoryStoreConfig, OwnerToken};
+use mas_core::ids::{AgentId, InstanceId};
+use mas_core::store::{MemoryStore, MemoryStoreConfig, OwnerToken, QueueKey, SessionRef};
 use mas_core::time::{Instant, Now};
 
 fn envelope_codec(c: &mut Criterion) {
@@ -64,14 +64,19 @@ fn memory_store_cycle(c: &mut Criterion) {
     let env: Arc<str> = Arc::from(envelope(256).to_json());
     group.bench_function("enqueue_claim_ack", |b| {
         let mut store = MemoryStore::new(MemoryStoreConfig::default());
-        let bob = AgentId::new("bob").expect("id");
-        let owner = OwnerToken::new("s1");
+        let session = SessionRef {
+            agent: AgentId::new("bob").expect("id"),
+            instance: InstanceId::new("b1").expect("id"),
+            owner: OwnerToken::new("s1"),
+        };
+        let queue = QueueKey::Work(session.agent.clone());
+        store.acquire_lease(&session, std::time::Duration::from_secs(3600), Instant::ZERO).expect("free");
         b.iter(|| {
-            store.enqueue(&bob, env.clone()).expect("room");
-            let claimed = store.claim(&bob, &owner, 1, Instant::ZERO);
+            store.enqueue(&queue, env.clone()).expect("room");
+            let claimed = store.claim(&session, 1, Instant::ZERO);
             for m in claimed {
                 let ack = mas_core::delivery::StoreEffect::Ack { entry: m.entry };
-                store.apply(&bob, &owner, ack).expect("held");
+                store.apply(&session, ack).expect("held");
             }
         })
     });

@@ -128,6 +128,44 @@ impl Envelope {
         }
     }
 
+    /// Builds the envelope of a request: a send that expects a reply under `correlation_id`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_request(
+        sender: &AgentId,
+        sender_instance: &InstanceId,
+        target: &AgentId,
+        message_type: String,
+        data: Payload,
+        message_id: String,
+        correlation_id: String,
+        at: UnixMillis,
+    ) -> Self {
+        let mut env = Self::new_send(sender, sender_instance, target, message_type, data, message_id, at);
+        env.meta.correlation_id = Some(correlation_id);
+        env.meta.expects_reply = true;
+        env
+    }
+
+    /// Builds the envelope of a reply to `requester`'s instance `requester_instance`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_reply(
+        sender: &AgentId,
+        sender_instance: &InstanceId,
+        requester: &AgentId,
+        requester_instance: &InstanceId,
+        message_type: String,
+        data: Payload,
+        message_id: String,
+        correlation_id: String,
+        at: UnixMillis,
+    ) -> Self {
+        let mut env = Self::new_send(sender, sender_instance, requester, message_type, data, message_id, at);
+        env.meta.correlation_id = Some(correlation_id);
+        env.meta.is_reply = true;
+        env.meta.reply_to_instance_id = Some(requester_instance.to_string());
+        env
+    }
+
     /// The JSON wire form.
     pub fn to_json(&self) -> String {
         // Serialising a struct of strings, bools, numbers and a JSON map cannot fail, except

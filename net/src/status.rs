@@ -25,6 +25,22 @@ pub mod detail {
     pub const SESSION_NOT_CONNECTED: &str = "session_not_connected";
     /// Authorization denied the message.
     pub const NOT_AUTHORIZED: &str = "not_authorized";
+    /// The session's lease was lost (renewal failed or another owner took it).
+    pub const SESSION_LEASE_LOST: &str = "session_lease_lost";
+    /// `timeout_ms` was negative.
+    pub const INVALID_TIMEOUT_MS: &str = "invalid_timeout_ms";
+    /// A reply without a correlation id.
+    pub const MISSING_CORRELATION_ID: &str = "missing_correlation_id";
+    /// A reply to a request that never existed or is long gone.
+    pub const UNKNOWN_CORRELATION_ID: &str = "unknown_correlation_id";
+    /// A different reply was committed first.
+    pub const UNKNOWN_OR_COMPLETED_CORRELATION_ID: &str = "unknown_or_completed_correlation_id";
+    /// A reply after the request's deadline.
+    pub const CORRELATION_ID_EXPIRED: &str = "correlation_id_expired";
+    /// A reply from someone other than the request's target.
+    pub const REPLY_SENDER_MISMATCH: &str = "reply_sender_mismatch";
+    /// A compare-and-set state write with a stale revision.
+    pub const STATE_REVISION_CONFLICT: &str = "state_revision_conflict";
     /// The store could not be reached.
     pub const STORAGE_UNAVAILABLE: &str = "storage_unavailable";
     /// The target's queue is at its bound (ours; the reference has no bound).

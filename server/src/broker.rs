@@ -1,5 +1,5 @@
-//! The broker's shared state: configuration, store, live sessions, id generation and the
-//! shutdown signal. Handlers and session tasks hold an `Arc<Broker>`.
+//! The broker's shared state: configuration, store, this broker's live sessions, id
+//! generation and the shutdown signal. Handlers and session tasks hold an `Arc<Broker>`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mas_core::ids::{AgentId, InstanceId, random_uuid_v4};
-use mas_core::store::{MemoryStoreConfig, OwnerToken};
+use mas_core::store::{MemoryStoreConfig, OwnerToken, SessionRef, StoreError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::{AgentDefinition, BrokerConfig};
-use crate::store::Store;
+use crate::store::{MemoryBackend, Store};
 
 /// Key of a live session.
 pub type SessionKey = (AgentId, InstanceId);
@@ -25,10 +25,10 @@ pub struct Broker {
     config: BrokerConfig,
     store: Store,
     clock: Clock,
-    /// Live sessions and their owner tokens. Touched on connect, disconnect and the sender
-    /// check of each send; never held across an await.
+    /// This broker's live sessions and their owner tokens. Touched on connect, disconnect and
+    /// the sender check of each RPC; never held across an await.
     sessions: Mutex<BTreeMap<SessionKey, OwnerToken>>,
-    /// Message ids; one short lock per message, deterministic under a fixed seed.
+    /// Message and correlation ids; one short lock per message, deterministic under a seed.
     ids: Mutex<ChaCha8Rng>,
     session_seq: AtomicU64,
     broker_tag: u64,
@@ -38,23 +38,38 @@ pub struct Broker {
 }
 
 /// Why a session could not be opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenError {
-    /// The (agent, instance) already has a session.
+    /// The (agent, instance) already has a session, here or on another broker.
     AlreadyConnected,
     /// The broker is draining.
     ShuttingDown,
+    /// The store could not be reached.
+    Store(StoreError),
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configured store could not be reached.
+    #[error("cannot reach the store: {0}")]
+    Store(StoreError),
 }
 
 impl Broker {
-    /// A broker with an empty embedded store.
-    pub fn new(config: BrokerConfig) -> Arc<Self> {
-        let store =
-            Store::new(MemoryStoreConfig { max_queue_len: config.max_queue_len, ..MemoryStoreConfig::default() });
-        Self::with_store(config, store)
+    /// Connects the configured store (Redis when configured, else the embedded one) and
+    /// builds the broker. Refuses to start when Redis cannot be reached.
+    pub async fn connect(config: BrokerConfig) -> Result<Arc<Self>, StartError> {
+        #[cfg(not(madsim))]
+        if let Some(settings) = &config.redis {
+            let backend = crate::store::redis::RedisBackend::connect(settings).await.map_err(StartError::Store)?;
+            return Ok(Self::with_store(config, Store::Redis(backend)));
+        }
+        let store = MemoryBackend::new(MemoryStoreConfig { max_queue_len: config.max_queue_len, ..Default::default() });
+        Ok(Self::with_store(config, Store::Memory(store)))
     }
 
-    /// A broker over an existing store (shared with tests or other brokers in one process).
+    /// A broker over an existing store (shared by several brokers in one process, or tests).
     pub fn with_store(config: BrokerConfig, store: Store) -> Arc<Self> {
         let seed = config.seed.unwrap_or_else(entropy_seed);
         let mut ids = ChaCha8Rng::seed_from_u64(seed);
@@ -82,7 +97,7 @@ impl Broker {
         &self.store
     }
 
-    /// The clock.
+    /// The broker's clock (deadlines of its sessions; the store keeps its own).
     pub fn clock(&self) -> &Clock {
         &self.clock
     }
@@ -92,44 +107,82 @@ impl Broker {
         self.config.agents.get(agent)
     }
 
+    fn rng(&self) -> MutexGuard<'_, ChaCha8Rng> {
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// A fresh message id (uuid v4 text).
     pub fn next_message_id(&self) -> String {
-        random_uuid_v4(&mut *self.ids.lock().unwrap_or_else(PoisonError::into_inner))
+        random_uuid_v4(&mut *self.rng())
+    }
+
+    /// A fresh correlation id for a request of `requester`: 32 hex characters, a dot, and the
+    /// requester's id. Clients treat it as opaque; the broker reads the requester back out of
+    /// it to find the request in the requester's store partition (one Redis Cluster slot).
+    pub fn next_correlation_id(&self, requester: &AgentId) -> String {
+        let mut bytes = [0u8; 16];
+        self.rng().fill_bytes(&mut bytes);
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{hex}.{requester}")
     }
 
     fn sessions(&self) -> MutexGuard<'_, BTreeMap<SessionKey, OwnerToken>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a session; returns its owner token and delivery seed.
-    pub fn open_session(&self, key: SessionKey) -> Result<(OwnerToken, u64), OpenError> {
+    /// Registers a session here and takes its lease in the store (refused if any broker holds
+    /// it). Returns the session and its delivery seed.
+    pub async fn open_session(&self, key: SessionKey) -> Result<(SessionRef, u64), OpenError> {
         if *self.shutdown.borrow() {
             return Err(OpenError::ShuttingDown);
         }
-        let mut sessions = self.sessions();
-        if sessions.contains_key(&key) {
-            return Err(OpenError::AlreadyConnected);
-        }
         let seq = self.session_seq.fetch_add(1, Ordering::Relaxed);
-        let owner = OwnerToken::new(format!("{:016x}-{seq}", self.broker_tag));
-        sessions.insert(key, owner.clone());
-        self.live_tasks.send_modify(|n| *n += 1);
-        Ok((owner, self.broker_tag ^ seq.rotate_left(32)))
+        let owner = OwnerToken::new(format!("{}-{}-{:016x}-{seq}", key.0, key.1, self.broker_tag));
+        {
+            let mut sessions = self.sessions();
+            if sessions.contains_key(&key) {
+                return Err(OpenError::AlreadyConnected);
+            }
+            sessions.insert(key.clone(), owner.clone());
+        }
+        let session = SessionRef { agent: key.0.clone(), instance: key.1.clone(), owner: owner.clone() };
+        match self.store.acquire_lease(&session, self.config.session_lease.ttl()).await {
+            Ok(true) => {
+                self.live_tasks.send_modify(|n| *n += 1);
+                Ok((session, self.broker_tag ^ seq.rotate_left(32)))
+            }
+            outcome => {
+                self.forget(&key, &owner);
+                Err(match outcome {
+                    Err(err) => OpenError::Store(err),
+                    Ok(_) => OpenError::AlreadyConnected,
+                })
+            }
+        }
     }
 
-    /// Removes a session registration (only if `owner` still holds it).
-    pub fn close_session(&self, key: &SessionKey, owner: &OwnerToken) {
+    fn forget(&self, key: &SessionKey, owner: &OwnerToken) {
         let mut sessions = self.sessions();
         if sessions.get(key) == Some(owner) {
             sessions.remove(key);
         }
-        drop(sessions);
+    }
+
+    /// Deregisters a session that `open_session` registered, and drops its lease.
+    pub async fn close_session(&self, session: &SessionRef) {
+        self.forget(&(session.agent.clone(), session.instance.clone()), &session.owner);
+        if let Err(err) = self.store.release_lease(session).await {
+            tracing::warn!(agent = %session.agent, error = %err, "lease release failed; it expires on its own");
+        }
         self.live_tasks.send_modify(|n| *n = n.saturating_sub(1));
     }
 
-    /// Whether `key` has a live session on this broker.
-    pub fn is_connected(&self, key: &SessionKey) -> bool {
-        self.sessions().contains_key(key)
+    /// Whether `key` has a live session: here, or (leased) on another broker sharing the store.
+    pub async fn is_connected(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        if self.sessions().contains_key(key) {
+            return Ok(true);
+        }
+        self.store.instance_live(&key.0, &key.1).await
     }
 
     /// Whether the broker is shutting down.

@@ -87,6 +87,35 @@ impl DeliverySettings {
     }
 }
 
+/// Session leases in the store: how long a session stays owned without renewal, and how often
+/// it renews. After a broker crash its sessions' work moves on within `ttl_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseSettings {
+    /// Lease lifetime (default 6 000 ms).
+    pub ttl_ms: u64,
+    /// Renewal period (default 2 000 ms); must be less than half the lifetime.
+    pub renewal_ms: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings { ttl_ms: 6_000, renewal_ms: 2_000 }
+    }
+}
+
+impl LeaseSettings {
+    /// The lifetime.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
+    }
+
+    /// The renewal period.
+    pub fn renewal(&self) -> Duration {
+        Duration::from_millis(self.renewal_ms)
+    }
+}
+
 /// Paths of the broker's TLS material.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +148,13 @@ pub struct BrokerConfig {
     /// Bound of each agent's queue in the embedded store (default 100 000 entries).
     #[serde(default = "default_max_queue_len")]
     pub max_queue_len: usize,
+    /// Session lease timing.
+    #[serde(default)]
+    pub session_lease: LeaseSettings,
+    /// Redis connection; absent means the embedded memory store.
+    #[cfg(not(madsim))]
+    #[serde(default)]
+    pub redis: Option<crate::store::redis::RedisSettings>,
 }
 
 fn default_max_queue_len() -> usize {
@@ -159,6 +195,9 @@ impl BrokerConfig {
             delivery: DeliverySettings::default(),
             seed: None,
             max_queue_len: default_max_queue_len(),
+            session_lease: LeaseSettings::default(),
+            #[cfg(not(madsim))]
+            redis: None,
         }
     }
 
@@ -186,6 +225,12 @@ impl BrokerConfig {
         if d.retry_backoff_initial_ms > d.retry_backoff_max_ms {
             return Err(ConfigError::Invalid(
                 "delivery.retry_backoff_initial_ms must not exceed delivery.retry_backoff_max_ms".into(),
+            ));
+        }
+        let lease = &self.session_lease;
+        if lease.renewal_ms == 0 || lease.renewal_ms.saturating_mul(2) >= lease.ttl_ms {
+            return Err(ConfigError::Invalid(
+                "session_lease.renewal_ms must be positive and less than half of session_lease.ttl_ms".into(),
             ));
         }
         if self.agents.is_empty() {

@@ -39,7 +39,7 @@ pub async fn run(
         (alice.clone(), AgentDefinition { allowed_targets: vec![bob.to_string()], ..definition() }),
         (bob.clone(), definition()),
     ]);
-    let broker = Broker::new(BrokerConfig::new(listen, agents));
+    let broker = Broker::connect(BrokerConfig::new(listen, agents)).await?;
     let bound = serve::bind(listen).await?;
     let addr = bound.local_addr;
     let tls = pki.server.load()?;

@@ -121,7 +121,7 @@ mod cli {
         let pem = files.load()?;
         let bound = serve::bind(config.listen_addr).await?;
         let addr = bound.local_addr;
-        let broker = Broker::new(config);
+        let broker = Broker::connect(config).await?;
         println!(
             "{}",
             serde_json::json!({"event": "mas.broker.ready", "pid": std::process::id(), "listen_addr": addr.to_string()})

@@ -1,19 +1,23 @@
 //! The gRPC service: thin handlers that authenticate, validate, decide and hand work to the
 //! store or a session task.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use mas_core::envelope::{Envelope, parse_payload};
+use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
+use mas_core::store::{Correlation, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt, StateError};
 use mas_net::identity::peer_agent;
 use mas_net::status::{self, detail};
 use mas_proto::v1::runtime_service_server::RuntimeService;
 use mas_proto::v1::{
-    ClientEvent, DiscoverRequest, DiscoverResponse, GetStateRequest, GetStateResponse, ReplyRequest, ReplyResponse,
-    RequestRequest, RequestResponse, ResetStateRequest, ResetStateResponse, SendRequest, SendResponse, ServerEvent,
-    UpdateStateRequest, UpdateStateResponse, Welcome, client_event, server_event,
+    AgentRecord, ClientEvent, DiscoverRequest, DiscoverResponse, GetStateRequest, GetStateResponse, ReplyRequest,
+    ReplyResponse, RequestRequest, RequestResponse, ResetStateRequest, ResetStateResponse, SendRequest, SendResponse,
+    ServerEvent, UpdateStateRequest, UpdateStateResponse, Welcome, client_event, server_event,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +25,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::{Broker, OpenError};
 use crate::session;
+
+/// A request's pending lifetime when the client gives `timeout_ms = 0` (reference default).
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The authenticated, allowlisted caller, put into request extensions by [`authenticate`].
 #[derive(Debug, Clone)]
@@ -53,8 +60,15 @@ fn instance(id: &str) -> Result<InstanceId, Status> {
     InstanceId::new(id).map_err(|_| Status::invalid_argument(detail::INVALID_INSTANCE_ID))
 }
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented by this broker yet"))
+fn store_failed(err: mas_core::store::StoreError) -> Status {
+    status::store_failed(&err)
+}
+
+/// SHA-256 of compact JSON `[sender, message_type, payload]` (object keys sorted): two replies
+/// are "identical" when their fingerprints match.
+fn reply_fingerprint(sender: &AgentId, message_type: &str, payload: &Payload) -> String {
+    let canonical = serde_json::json!([sender.as_str(), message_type, payload]).to_string();
+    Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `RuntimeService` implementation.
@@ -67,6 +81,33 @@ impl Service {
     /// A service over `broker`.
     pub fn new(broker: Arc<Broker>) -> Self {
         Service { broker }
+    }
+
+    /// Validates the instance id and that it holds a live session (here or on a broker
+    /// sharing the store), and that the broker is taking messages.
+    async fn connected_instance(&self, agent: &AgentId, instance_id: &str) -> Result<InstanceId, Status> {
+        let instance = instance(instance_id)?;
+        if self.broker.is_shutting_down() {
+            return Err(Status::unavailable(detail::BROKER_SHUTTING_DOWN));
+        }
+        if !self.broker.is_connected(&(agent.clone(), instance.clone())).await.map_err(store_failed)? {
+            return Err(Status::failed_precondition(detail::SESSION_NOT_CONNECTED));
+        }
+        Ok(instance)
+    }
+
+    /// Deny by default: the target must be allowlisted and named by the sender's grants.
+    fn authorize(&self, sender: &AgentId, target_id: &str) -> Result<AgentId, Status> {
+        let denied = || {
+            tracing::info!(%sender, target = target_id, "message not authorized");
+            Status::permission_denied(detail::NOT_AUTHORIZED)
+        };
+        let target = AgentId::new(target_id).map_err(|_| denied())?;
+        let grants = self.broker.agent(sender).ok_or_else(denied)?;
+        if self.broker.agent(&target).is_none() || !grants.may_send_to(&target) {
+            return Err(denied());
+        }
+        Ok(target)
     }
 }
 
@@ -88,11 +129,12 @@ impl RuntimeService for Service {
             Some(_) => return Err(Status::invalid_argument(detail::EXPECTED_HELLO)),
         };
         let instance = instance(&hello.instance_id)?;
-        let key = (agent.clone(), instance.clone());
-        let (owner, seed) = self.broker.open_session(key.clone()).map_err(|err| match err {
-            OpenError::AlreadyConnected => Status::failed_precondition(detail::INSTANCE_ALREADY_CONNECTED),
-            OpenError::ShuttingDown => Status::unavailable(detail::BROKER_SHUTTING_DOWN),
-        })?;
+        let (session, seed) =
+            self.broker.open_session((agent.clone(), instance.clone())).await.map_err(|err| match err {
+                OpenError::AlreadyConnected => Status::failed_precondition(detail::INSTANCE_ALREADY_CONNECTED),
+                OpenError::ShuttingDown => Status::unavailable(detail::BROKER_SHUTTING_DOWN),
+                OpenError::Store(err) => store_failed(err),
+            })?;
         tracing::info!(%agent, %instance, "session opened");
         // Room for a full window plus Welcome and a final error: sends never wait on the agent.
         let (tx, rx) = mpsc::channel(self.broker.config().delivery.max_in_flight + 2);
@@ -104,76 +146,197 @@ impl RuntimeService for Service {
         };
         // Cannot fail: the channel is fresh and has room.
         let _ = tx.try_send(Ok(welcome));
-        tokio::spawn(session::run(self.broker.clone(), key, owner, seed, inbound, tx));
+        tokio::spawn(session::run(self.broker.clone(), session, seed, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let sender = caller(&request)?;
         let req = request.into_inner();
-        let sender_instance = instance(&req.instance_id)?;
-        if self.broker.is_shutting_down() {
-            return Err(Status::unavailable(detail::BROKER_SHUTTING_DOWN));
-        }
-        if !self.broker.is_connected(&(sender.clone(), sender_instance.clone())) {
-            return Err(Status::failed_precondition(detail::SESSION_NOT_CONNECTED));
-        }
+        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         let target = self.authorize(&sender, &req.target_id)?;
         let message_id = self.broker.next_message_id();
-        let envelope = Envelope::new_send(
+        let now = self.broker.clock().now().wall;
+        let envelope =
+            Envelope::new_send(&sender, &sender_instance, &target, req.message_type, data, message_id.clone(), now);
+        self.broker
+            .store()
+            .enqueue(&QueueKey::Work(target), Arc::from(envelope.to_json()))
+            .await
+            .map_err(store_failed)?;
+        Ok(Response::new(SendResponse { message_id }))
+    }
+
+    async fn request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
+        let sender = caller(&request)?;
+        let req = request.into_inner();
+        let timeout = match req.timeout_ms {
+            ms if ms < 0 => return Err(Status::invalid_argument(detail::INVALID_TIMEOUT_MS)),
+            0 => DEFAULT_REQUEST_TIMEOUT,
+            ms => Duration::from_millis(ms.unsigned_abs().into()),
+        };
+        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
+        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
+        let target = self.authorize(&sender, &req.target_id)?;
+        let message_id = self.broker.next_message_id();
+        let correlation_id = self.broker.next_correlation_id(&sender);
+        let now = self.broker.clock().now().wall;
+        let envelope = Envelope::new_request(
             &sender,
             &sender_instance,
             &target,
             req.message_type,
             data,
             message_id.clone(),
-            self.broker.clock().now().wall,
+            correlation_id.clone(),
+            now,
         );
+        let pending = PendingRequest { requester: sender, requester_instance: sender_instance, target };
         self.broker
             .store()
-            .enqueue(&target, Arc::from(envelope.to_json()))
-            .map_err(|err| status::store_failed(&err))?;
-        Ok(Response::new(SendResponse { message_id }))
+            .open_request(&correlation_id, pending, timeout, Arc::from(envelope.to_json()))
+            .await
+            .map_err(store_failed)?;
+        Ok(Response::new(RequestResponse { message_id, correlation_id }))
     }
 
-    async fn request(&self, _: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
-        Err(not_yet("Request"))
+    async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+        let sender = caller(&request)?;
+        let req = request.into_inner();
+        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
+        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
+        if req.correlation_id.is_empty() {
+            return Err(Status::invalid_argument(detail::MISSING_CORRELATION_ID));
+        }
+        let unknown = || Status::invalid_argument(detail::UNKNOWN_CORRELATION_ID);
+        let requester = req
+            .correlation_id
+            .rsplit_once('.')
+            .and_then(|(_, requester)| AgentId::new(requester).ok())
+            .ok_or_else(unknown)?;
+        let fingerprint = reply_fingerprint(&sender, &req.message_type, &data);
+        let pending =
+            match self.broker.store().correlation(&requester, &req.correlation_id).await.map_err(store_failed)? {
+                Correlation::Pending(pending) => pending,
+                Correlation::Answered(receipt) if receipt.sender == sender && receipt.fingerprint == fingerprint => {
+                    return Ok(Response::new(ReplyResponse { message_id: receipt.message_id }));
+                }
+                Correlation::Answered(_) => {
+                    return Err(Status::invalid_argument(detail::UNKNOWN_OR_COMPLETED_CORRELATION_ID));
+                }
+                Correlation::Expired => return Err(Status::failed_precondition(detail::CORRELATION_ID_EXPIRED)),
+                Correlation::Unknown => return Err(unknown()),
+            };
+        if pending.target != sender {
+            tracing::info!(%sender, expected = %pending.target, "reply from someone other than the request's target");
+            return Err(Status::permission_denied(detail::REPLY_SENDER_MISMATCH));
+        }
+        // The request authorized this exchange: a reply needs no grant of its own (the
+        // reference requires one, which breaks one-way grants).
+        let message_id = self.broker.next_message_id();
+        let envelope = Envelope::new_reply(
+            &sender,
+            &sender_instance,
+            &pending.requester,
+            &pending.requester_instance,
+            req.message_type,
+            data,
+            message_id.clone(),
+            req.correlation_id.clone(),
+            self.broker.clock().now().wall,
+        );
+        let receipt = ReplyReceipt { sender, fingerprint, message_id };
+        let committed = self
+            .broker
+            .store()
+            .commit_reply(&req.correlation_id, &pending, receipt, Arc::from(envelope.to_json()))
+            .await
+            .map_err(store_failed)?;
+        match committed {
+            Ok(ReplyCommit::Queued { message_id } | ReplyCommit::AlreadyQueued { message_id }) => {
+                Ok(Response::new(ReplyResponse { message_id }))
+            }
+            Err(ReplyError::Expired) => Err(Status::failed_precondition(detail::CORRELATION_ID_EXPIRED)),
+            Err(ReplyError::Unknown) => Err(unknown()),
+            Err(ReplyError::Completed) => Err(Status::invalid_argument(detail::UNKNOWN_OR_COMPLETED_CORRELATION_ID)),
+        }
     }
 
-    async fn reply(&self, _: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
-        Err(not_yet("Reply"))
+    async fn discover(&self, request: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
+        let sender = caller(&request)?;
+        let wanted = request.into_inner().capabilities;
+        let grants = self.broker.agent(&sender).ok_or_else(|| Status::permission_denied(detail::NOT_AUTHORIZED))?;
+        // The allowlist is a BTreeMap, so candidates come sorted by id.
+        let candidates: Vec<_> = self
+            .broker
+            .config()
+            .agents
+            .iter()
+            .filter(|(id, _)| grants.may_send_to(id))
+            .filter(|(_, def)| wanted.is_empty() || def.capabilities.iter().any(|c| wanted.contains(c)))
+            .collect();
+        let ids: Vec<AgentId> = candidates.iter().map(|(id, _)| (*id).clone()).collect();
+        let live = self.broker.store().live_agents(&ids).await.map_err(store_failed)?;
+        let agents = candidates
+            .into_iter()
+            .zip(live)
+            .filter(|(_, live)| *live)
+            .map(|((id, def), _)| AgentRecord {
+                agent_id: id.to_string(),
+                capabilities: def.capabilities.clone(),
+                metadata_json: serde_json::Value::Object(def.metadata.clone()).to_string(),
+                status: "ACTIVE".to_string(),
+            })
+            .collect();
+        Ok(Response::new(DiscoverResponse { agents }))
     }
 
-    async fn discover(&self, _: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
-        Err(not_yet("Discover"))
+    async fn get_state(&self, request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
+        let agent = caller(&request)?;
+        let snapshot = self.broker.store().get_state(&agent).await.map_err(store_failed)?;
+        Ok(Response::new(GetStateResponse {
+            state: snapshot.fields.into_iter().collect(),
+            revision: snapshot.revision,
+        }))
     }
 
-    async fn get_state(&self, _: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
-        Err(not_yet("GetState"))
+    async fn update_state(
+        &self,
+        request: Request<UpdateStateRequest>,
+    ) -> Result<Response<UpdateStateResponse>, Status> {
+        let agent = caller(&request)?;
+        let req = request.into_inner();
+        let updates: BTreeMap<String, String> = req.updates.into_iter().collect();
+        let written =
+            self.broker.store().update_state(&agent, updates, req.expected_revision).await.map_err(store_failed)?;
+        Ok(Response::new(UpdateStateResponse { revision: revision_or_conflict(written)? }))
     }
 
-    async fn update_state(&self, _: Request<UpdateStateRequest>) -> Result<Response<UpdateStateResponse>, Status> {
-        Err(not_yet("UpdateState"))
-    }
-
-    async fn reset_state(&self, _: Request<ResetStateRequest>) -> Result<Response<ResetStateResponse>, Status> {
-        Err(not_yet("ResetState"))
+    async fn reset_state(&self, request: Request<ResetStateRequest>) -> Result<Response<ResetStateResponse>, Status> {
+        let agent = caller(&request)?;
+        let req = request.into_inner();
+        let written = self.broker.store().reset_state(&agent, req.expected_revision).await.map_err(store_failed)?;
+        Ok(Response::new(ResetStateResponse { revision: revision_or_conflict(written)? }))
     }
 }
 
-impl Service {
-    /// Deny by default: the target must be allowlisted and named by the sender's grants.
-    fn authorize(&self, sender: &AgentId, target_id: &str) -> Result<AgentId, Status> {
-        let denied = || {
-            tracing::info!(%sender, target = target_id, "send not authorized");
-            Status::permission_denied(detail::NOT_AUTHORIZED)
-        };
-        let target = AgentId::new(target_id).map_err(|_| denied())?;
-        let grants = self.broker.agent(sender).ok_or_else(denied)?;
-        if self.broker.agent(&target).is_none() || !grants.may_send_to(&target) {
-            return Err(denied());
-        }
-        Ok(target)
+fn revision_or_conflict(written: Result<u64, StateError>) -> Result<u64, Status> {
+    written.map_err(|StateError::RevisionConflict { .. }| Status::aborted(detail::STATE_REVISION_CONFLICT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_ignores_key_order_but_not_content() {
+        let bob = AgentId::new("bob").unwrap();
+        let a = parse_payload(r#"{"x":1,"y":2}"#).unwrap();
+        let b = parse_payload(r#"{"y":2,"x":1}"#).unwrap();
+        let c = parse_payload(r#"{"x":1,"y":3}"#).unwrap();
+        assert_eq!(reply_fingerprint(&bob, "t", &a), reply_fingerprint(&bob, "t", &b));
+        assert_ne!(reply_fingerprint(&bob, "t", &a), reply_fingerprint(&bob, "t", &c));
+        assert_ne!(reply_fingerprint(&bob, "t", &a), reply_fingerprint(&bob, "u", &a));
     }
 }

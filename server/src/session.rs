@@ -1,18 +1,19 @@
 //! One agent instance's `Transport` stream: a task that owns the session's delivery machine
-//! and drives it from the agent's acks, the store's queue, timers and the shutdown signal.
+//! and drives it from the agent's acks, the store's queues, timers, lease renewal and the
+//! shutdown signal.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use mas_core::delivery::{Output, SessionDelivery};
+use mas_core::delivery::{Output, SessionDelivery, StoreEffect};
 use mas_core::ids::DeliveryId;
-use mas_core::store::{OwnerToken, StoreError};
+use mas_core::store::{SessionRef, StoreError};
 use mas_net::status::detail;
 use mas_proto::v1::{ClientEvent, Delivery, ServerEvent, client_event, server_event};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use crate::broker::{Broker, SessionKey};
+use crate::broker::Broker;
 
 /// How long one claim waits for work before the loop re-checks its other inputs. Only bounds
 /// idle wake-ups; new work wakes the claim at once.
@@ -26,33 +27,30 @@ pub type Outbound = mpsc::Sender<Result<ServerEvent, Status>>;
 enum End {
     /// The agent closed its side or the connection broke.
     Disconnected,
-    /// The agent broke the protocol; it is told why.
-    Violation(Status),
+    /// The agent broke the protocol, or the broker must close the stream; the agent is told why.
+    Abort(Status),
     /// A drain completed.
     Drained,
-    /// The agent stopped reading deliveries (its response stream is gone).
-    OutboundClosed,
 }
 
-/// Runs a session until it ends, then hands back what is still in flight and deregisters it.
+/// Runs a session until it ends, then hands back what is still in flight, releases its lease
+/// and deregisters it.
 pub async fn run(
     broker: Arc<Broker>,
-    key: SessionKey,
-    owner: OwnerToken,
+    session: SessionRef,
     seed: u64,
     inbound: Streaming<ClientEvent>,
     outbound: Outbound,
 ) {
     let machine = SessionDelivery::new(broker.config().delivery.machine_config(), seed);
-    let mut session = Session { broker: broker.clone(), key, owner, machine, outbound };
-    let end = session.drive(inbound).await;
-    session.finish(end).await;
+    let mut task = Session { broker: broker.clone(), session, machine, outbound };
+    let end = task.drive(inbound).await;
+    task.finish(end).await;
 }
 
 struct Session {
     broker: Arc<Broker>,
-    key: SessionKey,
-    owner: OwnerToken,
+    session: SessionRef,
     machine: SessionDelivery,
     outbound: Outbound,
 }
@@ -60,6 +58,10 @@ struct Session {
 impl Session {
     async fn drive(&mut self, mut inbound: Streaming<ClientEvent>) -> End {
         let mut shutdown = self.broker.shutdown_signal();
+        let lease = self.broker.config().session_lease.clone();
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + lease.renewal(), lease.renewal());
+        // The lease is ours until this instant unless renewed; past it we must stop delivering.
+        let mut lease_valid_until = tokio::time::Instant::now() + lease.ttl();
         let mut draining = false;
         loop {
             if let Some(end) = self.flush().await {
@@ -74,30 +76,46 @@ impl Session {
             let timer = self.machine.poll_timeout().map(|(at, _)| self.broker.clock().to_tokio(at));
             let capacity = self.machine.capacity();
             let store = self.broker.store().clone();
-            let clock = *self.broker.clock();
-            let agent = self.key.0.clone();
-            let owner = self.owner.clone();
+            let session = self.session.clone();
+            let outbound = self.outbound.clone();
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if !draining => {}
                 event = inbound.message() => match event {
                     Ok(Some(event)) => {
                         if let Err(violation) = self.on_client_event(event) {
-                            return End::Violation(violation);
+                            return End::Abort(violation);
                         }
                     }
                     Ok(None) | Err(_) => return End::Disconnected,
                 },
+                _ = renew.tick() => match store.renew_lease(&session, lease.ttl()).await {
+                    Ok(true) => lease_valid_until = tokio::time::Instant::now() + lease.ttl(),
+                    Ok(false) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
+                    Err(err) => {
+                        tracing::warn!(agent = %session.agent, error = %err, "lease renewal failed");
+                        if tokio::time::Instant::now() + lease.renewal() >= lease_valid_until {
+                            return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
+                        }
+                    }
+                },
                 _ = sleep_until(timer), if timer.is_some() => {
                     self.machine.handle_timeout(self.broker.clock().now());
                 }
-                batch = store.claim(&clock, &agent, &owner, capacity, CLAIM_WAIT), if capacity > 0 && !draining => {
-                    let now = self.broker.clock().now();
-                    for message in batch {
-                        self.machine.handle_queued(now, message);
+                batch = store.claim(&session, capacity, CLAIM_WAIT), if capacity > 0 && !draining => match batch {
+                    Ok(batch) => {
+                        let now = self.broker.clock().now();
+                        for message in batch {
+                            self.machine.handle_queued(now, message);
+                        }
                     }
-                }
-                _ = self.outbound.closed() => return End::OutboundClosed,
+                    Err(StoreError::NotOwner) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
+                    Err(err) => {
+                        tracing::warn!(agent = %session.agent, error = %err, "claim failed");
+                        return End::Abort(Status::unavailable(detail::STORAGE_UNAVAILABLE));
+                    }
+                },
+                _ = outbound.closed() => return End::Disconnected,
             }
         }
     }
@@ -120,8 +138,11 @@ impl Session {
         }
     }
 
-    /// Acts on every pending output. Returns how the session ends if an output ends it.
+    /// Acts on every pending output: deliveries go to the agent, store effects go to the store
+    /// in one batch. Returns how the session ends if an output ends it.
     async fn flush(&mut self) -> Option<End> {
+        let mut effects = Vec::new();
+        let mut end = None;
         while let Some(output) = self.machine.poll_output() {
             match output {
                 Output::Deliver(d) => {
@@ -132,53 +153,54 @@ impl Session {
                         })),
                     };
                     if self.outbound.send(Ok(event)).await.is_err() {
-                        return Some(End::OutboundClosed);
+                        end = Some(End::Disconnected);
                     }
                 }
-                Output::Store(effect) => self.apply(effect),
-                Output::Drained => return Some(End::Drained),
+                Output::Store(effect) => effects.push(effect),
+                Output::Drained => end = Some(End::Drained),
             }
         }
-        None
+        if let Err(err) = self.apply(effects).await {
+            tracing::warn!(agent = %self.session.agent, error = %err, "store effects failed");
+            return Some(End::Abort(Status::unavailable(detail::STORAGE_UNAVAILABLE)));
+        }
+        end
     }
 
-    fn apply(&self, effect: mas_core::delivery::StoreEffect) {
-        match self.broker.store().apply(&self.key.0, &self.owner, effect) {
-            Ok(()) => {}
-            // Another session owns the entry now (or it was settled): fencing did its job.
-            Err(StoreError::NotOwner) => tracing::debug!(agent = %self.key.0, "store effect fenced off"),
-            Err(err) => {
-                tracing::warn!(agent = %self.key.0, error = %err, "store effect failed; entry stays claimed until released")
-            }
+    /// Applies effects; entries fenced off (reclaimed by another session) are only logged.
+    /// A store failure leaves the entries claimed by us; they are reclaimed once our lease ends.
+    async fn apply(&self, effects: Vec<StoreEffect>) -> Result<(), StoreError> {
+        if effects.is_empty() {
+            return Ok(());
         }
+        let results = self.broker.store().apply(&self.session, effects, self.broker.clock().now()).await?;
+        let fenced = results.iter().filter(|r| r.is_err()).count();
+        if fenced > 0 {
+            tracing::debug!(agent = %self.session.agent, fenced, "store effects fenced off");
+        }
+        Ok(())
     }
 
     async fn finish(mut self, end: End) {
-        let now = self.broker.clock().now();
-        self.machine.handle_disconnect(now);
-        // Hand-backs only; a closed outbound cannot receive deliveries any more.
-        while let Some(output) = self.machine.poll_output() {
-            if let Output::Store(effect) = output {
-                self.apply(effect);
-            }
+        self.machine.handle_disconnect(self.broker.clock().now());
+        // Only hand-backs remain; a closed session delivers nothing more.
+        let effects: Vec<StoreEffect> = std::iter::from_fn(|| self.machine.poll_output())
+            .filter_map(|o| if let Output::Store(e) = o { Some(e) } else { None })
+            .collect();
+        if let Err(err) = self.apply(effects).await {
+            tracing::warn!(agent = %self.session.agent, error = %err, "hand-back failed; work returns when the lease ends");
         }
-        let leftover = self.broker.store().release_owner(self.broker.clock(), &self.key.0, &self.owner);
-        if leftover > 0 {
-            tracing::warn!(agent = %self.key.0, leftover, "released entries the session still held");
+        match self.broker.store().release(&self.session).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(agent = %self.session.agent, n, "released entries the session still held"),
+            Err(err) => tracing::warn!(agent = %self.session.agent, error = %err, "release failed"),
         }
-        let stats = self.machine.stats();
-        match end {
-            End::Violation(status) => {
-                tracing::info!(agent = %self.key.0, instance = %self.key.1, status = %status.message(), "protocol violation");
-                let _ = self.outbound.send(Err(status)).await;
-            }
-            End::Drained => tracing::debug!(agent = %self.key.0, instance = %self.key.1, "session drained"),
-            End::Disconnected | End::OutboundClosed => {
-                tracing::debug!(agent = %self.key.0, instance = %self.key.1, "session disconnected")
-            }
+        tracing::debug!(stats = ?self.machine.stats(), agent = %self.session.agent, instance = %self.session.instance, "session ended");
+        if let End::Abort(status) = end {
+            tracing::info!(agent = %self.session.agent, instance = %self.session.instance, status = %status.message(), "session aborted");
+            let _ = self.outbound.send(Err(status)).await;
         }
-        tracing::debug!(?stats, "session ended");
-        self.broker.close_session(&self.key, &self.owner);
+        self.broker.close_session(&self.session).await;
     }
 }
 

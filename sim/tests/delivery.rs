@@ -14,8 +14,9 @@ use madsim::rand::{Rng, thread_rng};
 use madsim::runtime::Handle;
 use mas_agent::{HandlerError, Message};
 use mas_core::store::MemoryStoreConfig;
+use mas_core::store::QueueKey;
 use mas_server::config::DeliverySettings;
-use mas_server::store::Store;
+use mas_server::store::{MemoryBackend, Store};
 use serde::Deserialize;
 use sim::seeds::{run_each, simulate};
 use sim::trace::Trace;
@@ -126,7 +127,7 @@ fn crash_and_restart(seed: u64) -> Run {
     simulate(seed, madsim::Config::default(), || async move {
         let handle = Handle::current();
         let trace = Trace::new();
-        let store = Store::new(MemoryStoreConfig::default());
+        let store = Store::Memory(MemoryBackend::new(MemoryStoreConfig::default()));
         start_broker(&handle, store.clone(), broker_config(&grants(), seed, DeliverySettings::default()));
         let handled = HandledLog::default();
         let accepted = Arc::new(Mutex::new(BTreeMap::new()));
@@ -146,7 +147,7 @@ fn crash_and_restart(seed: u64) -> Run {
         handle.restart(bob.id());
 
         settle(&trace, &accepted, &handled).await;
-        finish(trace, accepted, handled, Some((crash_ms, "b0".to_string())), &store)
+        finish(trace, accepted, handled, Some((crash_ms, "b0".to_string())), &store).await
     })
 }
 
@@ -167,7 +168,7 @@ fn loss_and_partition(seed: u64) -> Run {
         };
         net.update_config(|c| c.packet_loss_rate = loss);
         trace.record("nemesis", format_args!("packet loss {loss:.3}"));
-        let store = Store::new(MemoryStoreConfig::default());
+        let store = Store::Memory(MemoryBackend::new(MemoryStoreConfig::default()));
         let broker = start_broker(&handle, store.clone(), broker_config(&grants(), seed, DeliverySettings::default()));
         let handled = HandledLog::default();
         let accepted = Arc::new(Mutex::new(BTreeMap::new()));
@@ -186,7 +187,7 @@ fn loss_and_partition(seed: u64) -> Run {
         trace.record("nemesis", "loss off");
 
         settle(&trace, &accepted, &handled).await;
-        finish(trace, accepted, handled, None, &store)
+        finish(trace, accepted, handled, None, &store).await
     })
 }
 
@@ -204,7 +205,7 @@ async fn settle(trace: &Trace, accepted: &Arc<Mutex<BTreeMap<String, u32>>>, han
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-fn finish(
+async fn finish(
     trace: Trace,
     accepted: Arc<Mutex<BTreeMap<String, u32>>>,
     handled: HandledLog,
@@ -218,8 +219,8 @@ fn finish(
         accepted,
         handled,
         crash,
-        queue_left: store.queue_len(&id("bob")),
-        dead_letters: store.dead_letters().len(),
+        queue_left: store.queue_len(&QueueKey::Work(id("bob"))).await.expect("memory store"),
+        dead_letters: store.dead_letters(&id("bob"), 1000).await.expect("memory store").len(),
     }
 }
 

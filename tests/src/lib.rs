@@ -11,11 +11,14 @@ use std::time::Duration;
 
 use mas_agent::{AgentBuilder, AgentConfig};
 use mas_core::ids::AgentId;
+use mas_core::store::{DeadLetter, QueueKey};
 use mas_net::client::{RuntimeClient, runtime_client};
 use mas_net::pki::{DevCa, PemPair};
 use mas_net::tls::{TlsFiles, TlsPem};
 use mas_server::config::DeliverySettings;
 use mas_server::{AgentDefinition, Broker, BrokerConfig, serve};
+
+pub mod redis_server;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Endpoint;
@@ -57,6 +60,17 @@ impl TestBroker {
 
     /// Starts a broker with explicit delivery settings.
     pub async fn start_with(grants: Grants<'_>, delivery: DeliverySettings) -> Self {
+        Self::start_custom(grants, |config| config.delivery = delivery).await
+    }
+
+    /// Starts a broker on the Redis server at `url`.
+    pub async fn start_on_redis(grants: Grants<'_>, url: &str) -> Self {
+        let settings = mas_server::store::redis::RedisSettings::new(url);
+        Self::start_custom(grants, |config| config.redis = Some(settings)).await
+    }
+
+    /// Starts a broker whose configuration `adjust` may change.
+    pub async fn start_custom(grants: Grants<'_>, adjust: impl FnOnce(&mut BrokerConfig)) -> Self {
         let agents: BTreeMap<_, _> = grants
             .iter()
             .map(|(agent, targets)| {
@@ -69,13 +83,13 @@ impl TestBroker {
             })
             .collect();
         let mut config = BrokerConfig::new("127.0.0.1:0".parse().expect("addr"), agents);
-        config.delivery = delivery;
         config.seed = Some(7);
+        adjust(&mut config);
         config.validate().expect("valid test config");
         let ca = DevCa::new("mas e2e CA").expect("ca");
         let server = ca.server_cert().expect("server cert");
         let tls = TlsPem { ca: ca.cert_pem(), cert: server.cert, key: server.key };
-        let broker = Broker::new(config);
+        let broker = Broker::connect(config).await.expect("broker starts");
         let bound = serve::bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
         let addr = bound.local_addr;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -132,6 +146,16 @@ impl TestBroker {
         Ok(runtime_client(channel, &id("unused")))
     }
 
+    /// Entries in `agent`'s work queue (ready, delayed, claimed).
+    pub async fn queue_len(&self, agent: &str) -> usize {
+        self.broker.store().queue_len(&QueueKey::Work(id(agent))).await.expect("store reachable")
+    }
+
+    /// `agent`'s dead letters.
+    pub async fn dead_letters(&self, agent: &str) -> Vec<DeadLetter> {
+        self.broker.store().dead_letters(&id(agent), 1000).await.expect("store reachable")
+    }
+
     /// Stops the broker (graceful drain) and waits, bounded, for it to finish.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -153,6 +177,21 @@ impl Drop for TestBroker {
             task.abort();
         }
     }
+}
+
+/// Polls the async `condition` every 10 ms until it holds or `limit` passes.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut condition: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    condition().await
 }
 
 /// Polls `condition` every 10 ms until it holds or `limit` passes; returns whether it held.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use mas_agent::{HandlerError, Message};
 use mas_server::config::DeliverySettings;
-use mas_tests::{TestBroker, eventually, id};
+use mas_tests::{TestBroker, eventually, eventually_async};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -47,8 +47,8 @@ async fn failing_handler_is_retried_with_backoff_then_succeeds() {
     assert!(eventually(Duration::from_secs(5), || calls.load(Ordering::SeqCst) == 3).await);
     // Two backoffs: at least 50 ms + 100 ms (the lower halves of 100 ms and 200 ms).
     assert!(started.elapsed() >= Duration::from_millis(150), "retries were not backed off: {:?}", started.elapsed());
-    assert!(eventually(Duration::from_secs(2), || tb.broker.store().queue_len(&id("bob")) == 0).await);
-    assert!(tb.broker.store().dead_letters().is_empty());
+    assert!(eventually_async(Duration::from_secs(2), || async { tb.queue_len("bob").await == 0 }).await);
+    assert!(tb.dead_letters("bob").await.is_empty());
     alice.stop().await;
     bob.stop().await;
     tb.stop().await;
@@ -70,8 +70,8 @@ async fn undecodable_payload_is_dead_lettered_without_running_the_handler() {
         .unwrap();
     let alice = tb.agent("alice").start().await.unwrap();
     alice.send("bob", "job", &serde_json::json!({"n": "not a number"})).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || tb.broker.store().dead_letters().len() == 1).await);
-    let letter = &tb.broker.store().dead_letters()[0];
+    assert!(eventually_async(Duration::from_secs(5), || async { tb.dead_letters("bob").await.len() == 1 }).await);
+    let letter = &tb.dead_letters("bob").await[0];
     assert!(letter.reason.starts_with("invalid_payload:"), "{}", letter.reason);
     assert_eq!(letter.attempts, 1, "non-retryable: no second attempt");
     assert!(letter.envelope.contains("not a number"), "the full envelope is kept");
@@ -97,8 +97,8 @@ async fn always_failing_handler_is_dead_lettered_after_the_attempt_limit() {
         .unwrap();
     let alice = tb.agent("alice").start().await.unwrap();
     alice.send("bob", "job", &serde_json::json!({"n": 1})).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || tb.broker.store().dead_letters().len() == 1).await);
-    let letter = &tb.broker.store().dead_letters()[0];
+    assert!(eventually_async(Duration::from_secs(5), || async { tb.dead_letters("bob").await.len() == 1 }).await);
+    let letter = &tb.dead_letters("bob").await[0];
     assert_eq!(letter.reason, "handler_error:boom; retry_limit_exceeded");
     assert_eq!(letter.attempts, 3);
     assert_eq!(calls.load(Ordering::SeqCst), 3);

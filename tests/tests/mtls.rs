@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mas_agent::{HandlerError, Message};
 use mas_proto::v1::{ClientEvent, Hello, SendRequest, client_event};
-use mas_tests::{TestBroker, eventually, id};
+use mas_tests::{TestBroker, eventually, eventually_async, id};
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -45,7 +45,7 @@ async fn send_is_delivered_acked_and_removed_from_the_queue() {
     assert_eq!(got, (0..20).collect::<Vec<_>>());
     assert!(seen.lock().unwrap().iter().all(|(from, _)| from == "alice"), "sender is the authenticated identity");
     assert!(
-        eventually(Duration::from_secs(5), || tb.broker.store().queue_len(&id("bob")) == 0).await,
+        eventually_async(Duration::from_secs(5), || async { tb.queue_len("bob").await == 0 }).await,
         "acks reach the store"
     );
     alice.stop().await;
@@ -109,7 +109,7 @@ async fn send_to_a_target_without_grant_is_denied_and_nothing_is_delivered() {
     assert_eq!(err.status().map(|s| s.message()), Some("not_authorized"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(seen.lock().unwrap().is_empty());
-    assert_eq!(tb.broker.store().queue_len(&id("carol")), 0);
+    assert_eq!(tb.queue_len("carol").await, 0);
     alice.stop().await;
     carol.stop().await;
     tb.stop().await;

@@ -1,15 +1,19 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{OwnerToken, StoreError};
+use super::{
+    Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
+    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
+};
 use crate::delivery::{EntryId, QueuedMessage, StoreEffect};
-use crate::ids::AgentId;
+use crate::ids::{AgentId, InstanceId};
 use crate::time::Instant;
 
 /// Bounds of the in-memory store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryStoreConfig {
-    /// Most entries (ready, delayed or claimed) one agent's queue may hold.
+    /// Most entries (ready, delayed or claimed) one queue may hold.
     pub max_queue_len: usize,
     /// Most dead letters kept; the oldest are dropped past it (and counted).
     pub max_dead_letters: usize,
@@ -21,42 +25,53 @@ impl Default for MemoryStoreConfig {
     }
 }
 
-/// A message that could not be delivered, kept whole with the reason and attempts made.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    /// The agent whose queue it came from.
-    pub agent: AgentId,
-    /// The full envelope JSON.
-    pub envelope: Arc<str>,
-    /// Why it was dead-lettered.
-    pub reason: String,
-    /// Delivery attempts made.
-    pub attempts: u32,
-}
-
 #[derive(Debug)]
 struct Entry {
+    queue: QueueKey,
     envelope: Arc<str>,
     attempt: u32,
     not_before: Instant,
     claimed_by: Option<OwnerToken>,
 }
 
-/// One agent's work queue, shared by all its instances.
+/// Per-queue indexes into the entry table.
 #[derive(Debug, Default)]
-struct AgentQueue {
-    entries: BTreeMap<u64, Entry>,
-    /// Unclaimed entries by (earliest delivery, sequence): FIFO among those that are ready.
+struct Queue {
+    len: usize,
+    /// Unclaimed entries by (earliest delivery, sequence): FIFO among the ready ones.
     ready: BTreeSet<(Instant, u64)>,
+    /// Claimed entries and their holders, scanned to reclaim work of dead sessions.
+    claimed: BTreeMap<u64, OwnerToken>,
+}
+
+#[derive(Debug)]
+struct Lease {
+    owner: OwnerToken,
+    expires_at: Instant,
+}
+
+#[derive(Debug)]
+struct Expiring<T> {
+    value: T,
+    expires_at: Instant,
 }
 
 /// The reference store: deterministic, in-process, every step atomic because it is one method
 /// call on `&mut self`. The embedded default store and the store under simulation.
+///
+/// Time: every method that depends on time takes `now` from the store owner's single clock.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     config: MemoryStoreConfig,
-    queues: BTreeMap<AgentId, AgentQueue>,
+    entries: BTreeMap<u64, Entry>,
+    queues: BTreeMap<QueueKey, Queue>,
     next_seq: u64,
+    leases: BTreeMap<(AgentId, InstanceId), Lease>,
+    /// Live lease owners and their expiry, for fencing and reclaiming.
+    owners: BTreeMap<OwnerToken, Instant>,
+    pending: BTreeMap<String, Expiring<PendingRequest>>,
+    receipts: BTreeMap<String, Expiring<ReplyReceipt>>,
+    states: BTreeMap<AgentId, StateSnapshot>,
     dead_letters: VecDeque<DeadLetter>,
     dead_letters_dropped: u64,
 }
@@ -67,95 +82,144 @@ impl MemoryStore {
         MemoryStore { config, ..MemoryStore::default() }
     }
 
-    /// Appends `envelope` to `agent`'s queue, ready at once. Atomic: the entry exists, or
-    /// nothing changed and the error says why.
-    pub fn enqueue(&mut self, agent: &AgentId, envelope: Arc<str>) -> Result<EntryId, StoreError> {
-        let seq = self.next_seq;
-        let queue = self.queues.entry(agent.clone()).or_default();
-        if queue.entries.len() >= self.config.max_queue_len {
+    // ---- queues ---------------------------------------------------------------------------
+
+    /// Appends `envelope` to `queue`, ready at once. Atomic: the entry exists, or nothing
+    /// changed and the error says why.
+    pub fn enqueue(&mut self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
+        self.insert(queue, envelope, 1, Instant::ZERO)
+    }
+
+    fn insert(
+        &mut self,
+        queue: &QueueKey,
+        envelope: Arc<str>,
+        attempt: u32,
+        at: Instant,
+    ) -> Result<EntryId, StoreError> {
+        let q = self.queues.entry(queue.clone()).or_default();
+        if q.len >= self.config.max_queue_len {
             return Err(StoreError::QueueFull);
         }
+        let seq = self.next_seq;
         self.next_seq += 1;
-        queue.entries.insert(seq, Entry { envelope, attempt: 1, not_before: Instant::ZERO, claimed_by: None });
-        queue.ready.insert((Instant::ZERO, seq));
+        q.len += 1;
+        q.ready.insert((at, seq));
+        self.entries.insert(seq, Entry { queue: queue.clone(), envelope, attempt, not_before: at, claimed_by: None });
         Ok(EntryId::from_seq(seq))
     }
 
-    /// Claims up to `max` ready entries of `agent` for `owner`, oldest first. Claimed entries
-    /// are invisible to other owners until settled or released.
-    pub fn claim(&mut self, agent: &AgentId, owner: &OwnerToken, max: usize, now: Instant) -> Vec<QueuedMessage> {
-        let Some(queue) = self.queues.get_mut(agent) else { return Vec::new() };
+    /// Claims up to `max` ready messages for `session`, replies first, oldest first. Entries
+    /// held by sessions whose lease has expired become ready again first, so a dead session's
+    /// work moves on as soon as its lease runs out.
+    pub fn claim(&mut self, session: &SessionRef, max: usize, now: Instant) -> Vec<QueuedMessage> {
         let mut claimed = Vec::new();
-        while claimed.len() < max {
-            let Some(&(not_before, seq)) = queue.ready.first() else { break };
-            if not_before > now {
-                break;
+        for key in session.queues() {
+            self.reclaim_dead(&key, now);
+            let Some(queue) = self.queues.get_mut(&key) else { continue };
+            while claimed.len() < max {
+                let Some(&(not_before, seq)) = queue.ready.first() else { break };
+                if not_before > now {
+                    break;
+                }
+                queue.ready.pop_first();
+                let Some(entry) = self.entries.get_mut(&seq) else { continue };
+                entry.claimed_by = Some(session.owner.clone());
+                queue.claimed.insert(seq, session.owner.clone());
+                claimed.push(QueuedMessage {
+                    entry: EntryId::from_seq(seq),
+                    envelope: entry.envelope.clone(),
+                    attempt: entry.attempt,
+                });
             }
-            queue.ready.pop_first();
-            let Some(entry) = queue.entries.get_mut(&seq) else { continue };
-            entry.claimed_by = Some(owner.clone());
-            claimed.push(QueuedMessage {
-                entry: EntryId::from_seq(seq),
-                envelope: entry.envelope.clone(),
-                attempt: entry.attempt,
-            });
         }
         claimed
     }
 
-    /// The earliest time a currently delayed entry of `agent` becomes ready, if any.
-    pub fn next_ready_at(&self, agent: &AgentId) -> Option<Instant> {
-        self.queues.get(agent)?.ready.first().map(|(at, _)| *at)
+    fn owner_is_live(&self, owner: &OwnerToken, now: Instant) -> bool {
+        self.owners.get(owner).is_some_and(|expires| *expires > now)
     }
 
-    /// Applies a delivery machine's effect, fenced: only if `owner` still holds the entry.
-    /// Atomic: on error nothing changed.
-    pub fn apply(&mut self, agent: &AgentId, owner: &OwnerToken, effect: StoreEffect) -> Result<(), StoreError> {
-        let queue = self.queues.get_mut(agent).ok_or(StoreError::NotOwner)?;
-        let seq = parse_seq(effect.entry()).ok_or(StoreError::NotOwner)?;
-        let held = queue.entries.get(&seq).is_some_and(|e| e.claimed_by.as_ref() == Some(owner));
+    fn reclaim_dead(&mut self, key: &QueueKey, now: Instant) {
+        let Some(queue) = self.queues.get(key) else { return };
+        let dead: Vec<u64> =
+            queue.claimed.iter().filter(|(_, owner)| !self.owner_is_live(owner, now)).map(|(seq, _)| *seq).collect();
+        for seq in dead {
+            self.make_ready(seq, now);
+        }
+    }
+
+    fn make_ready(&mut self, seq: u64, at: Instant) {
+        let Some(entry) = self.entries.get_mut(&seq) else { return };
+        entry.claimed_by = None;
+        entry.not_before = at;
+        if let Some(queue) = self.queues.get_mut(&entry.queue) {
+            queue.claimed.remove(&seq);
+            queue.ready.insert((at, seq));
+        }
+    }
+
+    /// The earliest time a delayed entry in `session`'s queues becomes ready, if any.
+    pub fn next_ready_at(&self, session: &SessionRef) -> Option<Instant> {
+        session.queues().iter().filter_map(|k| self.queues.get(k)?.ready.first().map(|(at, _)| *at)).min()
+    }
+
+    /// Applies a delivery machine's effect, fenced: only if `session` still holds the entry.
+    /// A requeue's `not_before` is in this store's clock. Atomic: on error nothing changed.
+    pub fn apply(&mut self, session: &SessionRef, effect: StoreEffect) -> Result<(), StoreError> {
+        let seq = effect.entry().0.parse::<u64>().map_err(|_| StoreError::NotOwner)?;
+        let held = self.entries.get(&seq).is_some_and(|e| e.claimed_by.as_ref() == Some(&session.owner));
         if !held {
             return Err(StoreError::NotOwner);
         }
         match effect {
             StoreEffect::Ack { .. } => {
-                queue.entries.remove(&seq);
+                self.remove(seq);
             }
             StoreEffect::Requeue { attempt, not_before, .. } => {
-                if let Some(entry) = queue.entries.get_mut(&seq) {
-                    entry.claimed_by = None;
+                if let Some(entry) = self.entries.get_mut(&seq) {
                     entry.attempt = attempt;
-                    entry.not_before = not_before;
-                    queue.ready.insert((not_before, seq));
                 }
+                self.make_ready(seq, not_before);
             }
             StoreEffect::DeadLetter { envelope, attempts, reason, .. } => {
-                queue.entries.remove(&seq);
-                self.push_dead_letter(DeadLetter { agent: agent.clone(), envelope, reason, attempts });
+                if let Some(entry) = self.remove(seq) {
+                    let agent = entry.queue.agent().clone();
+                    self.push_dead_letter(DeadLetter { agent, envelope, reason, attempts });
+                }
             }
         }
         Ok(())
     }
 
-    /// Makes every entry `owner` holds in `agent`'s queue ready again with its attempt
-    /// unchanged: for a session that ended without settling its work. Returns how many.
-    pub fn release_owner(&mut self, agent: &AgentId, owner: &OwnerToken, now: Instant) -> usize {
-        let Some(queue) = self.queues.get_mut(agent) else { return 0 };
-        let mut released = 0;
-        for (seq, entry) in &mut queue.entries {
-            if entry.claimed_by.as_ref() == Some(owner) {
-                entry.claimed_by = None;
-                entry.not_before = now;
-                queue.ready.insert((now, *seq));
-                released += 1;
-            }
+    fn remove(&mut self, seq: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&seq)?;
+        if let Some(queue) = self.queues.get_mut(&entry.queue) {
+            queue.len -= 1;
+            queue.claimed.remove(&seq);
+            queue.ready.remove(&(entry.not_before, seq));
         }
-        released
+        Some(entry)
     }
 
-    /// Entries in `agent`'s queue: ready, delayed and claimed.
-    pub fn queue_len(&self, agent: &AgentId) -> usize {
-        self.queues.get(agent).map_or(0, |q| q.entries.len())
+    /// Makes every entry `session` still holds ready again with its attempt unchanged: for a
+    /// session that ended without settling its work. Returns how many.
+    pub fn release(&mut self, session: &SessionRef, now: Instant) -> usize {
+        let mut held = Vec::new();
+        for key in session.queues() {
+            if let Some(queue) = self.queues.get(&key) {
+                held.extend(queue.claimed.iter().filter(|(_, o)| **o == session.owner).map(|(s, _)| *s));
+            }
+        }
+        for &seq in &held {
+            self.make_ready(seq, now);
+        }
+        held.len()
+    }
+
+    /// Entries in `queue`: ready, delayed and claimed.
+    pub fn queue_len(&self, queue: &QueueKey) -> usize {
+        self.queues.get(queue).map_or(0, |q| q.len)
     }
 
     /// The dead letters kept, oldest first.
@@ -175,104 +239,176 @@ impl MemoryStore {
         }
         self.dead_letters.push_back(letter);
     }
+
+    // ---- leases ---------------------------------------------------------------------------
+
+    /// Takes the lease of (agent, instance) for `owner` unless someone else holds a live one.
+    pub fn acquire_lease(&mut self, session: &SessionRef, ttl: Duration, now: Instant) -> Result<(), LeaseError> {
+        let key = (session.agent.clone(), session.instance.clone());
+        if let Some(lease) = self.leases.get(&key)
+            && lease.expires_at > now
+            && lease.owner != session.owner
+        {
+            return Err(LeaseError::Held);
+        }
+        if let Some(old) = self.leases.insert(key, Lease { owner: session.owner.clone(), expires_at: now + ttl }) {
+            self.owners.remove(&old.owner);
+        }
+        self.owners.insert(session.owner.clone(), now + ttl);
+        Ok(())
+    }
+
+    /// Extends the lease if `owner` still holds it and it has not expired; false otherwise
+    /// (the session must end: its work may already be someone else's).
+    pub fn renew_lease(&mut self, session: &SessionRef, ttl: Duration, now: Instant) -> bool {
+        let key = (session.agent.clone(), session.instance.clone());
+        match self.leases.get_mut(&key) {
+            Some(lease) if lease.owner == session.owner && lease.expires_at > now => {
+                lease.expires_at = now + ttl;
+                self.owners.insert(session.owner.clone(), now + ttl);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops the lease if `owner` still holds it; a stale owner can never drop a successor's.
+    pub fn release_lease(&mut self, session: &SessionRef) {
+        let key = (session.agent.clone(), session.instance.clone());
+        if self.leases.get(&key).is_some_and(|l| l.owner == session.owner) {
+            self.leases.remove(&key);
+        }
+        self.owners.remove(&session.owner);
+    }
+
+    /// Whether (agent, instance) holds a live lease.
+    pub fn instance_is_live(&self, agent: &AgentId, instance: &InstanceId, now: Instant) -> bool {
+        self.leases.get(&(agent.clone(), instance.clone())).is_some_and(|l| l.expires_at > now)
+    }
+
+    /// Whether any instance of `agent` holds a live lease.
+    pub fn agent_is_live(&self, agent: &AgentId, now: Instant) -> bool {
+        let from = (agent.clone(), smallest_instance());
+        self.leases.range(from..).take_while(|((a, _), _)| a == agent).any(|(_, l)| l.expires_at > now)
+    }
+
+    // ---- request / reply ------------------------------------------------------------------
+
+    /// Records a pending request (deadline `now + ttl`) and queues its envelope to `target` as
+    /// one step: both happen or neither.
+    pub fn open_request(
+        &mut self,
+        correlation_id: &str,
+        pending: PendingRequest,
+        ttl: Duration,
+        envelope: Arc<str>,
+        now: Instant,
+    ) -> Result<EntryId, StoreError> {
+        let target = QueueKey::Work(pending.target.clone());
+        let entry = self.insert(&target, envelope, 1, Instant::ZERO)?;
+        self.pending.insert(correlation_id.to_string(), Expiring { value: pending, expires_at: now + ttl });
+        Ok(entry)
+    }
+
+    /// What `correlation_id` refers to now. A request past its deadline reads as
+    /// [`Correlation::Expired`] for [`REQUEST_EXPIRED_GRACE`] afterwards, then as unknown.
+    pub fn correlation(&mut self, correlation_id: &str, now: Instant) -> Correlation {
+        self.receipts.retain(|_, r| r.expires_at > now);
+        self.pending.retain(|_, p| p.expires_at + REQUEST_EXPIRED_GRACE > now);
+        if let Some(receipt) = self.receipts.get(correlation_id) {
+            return Correlation::Answered(receipt.value.clone());
+        }
+        match self.pending.get(correlation_id) {
+            Some(p) if p.expires_at > now => Correlation::Pending(p.value.clone()),
+            Some(_) => Correlation::Expired,
+            None => Correlation::Unknown,
+        }
+    }
+
+    /// Commits a reply as one step: if an identical reply was committed, returns its id and
+    /// queues nothing; else, if the request is still pending exactly as `expected` and not
+    /// expired, queues `envelope` to the requester instance's reply queue, keeps a receipt
+    /// until the request's deadline, and removes the pending request.
+    pub fn commit_reply(
+        &mut self,
+        correlation_id: &str,
+        expected: &PendingRequest,
+        receipt: ReplyReceipt,
+        envelope: Arc<str>,
+        now: Instant,
+    ) -> Result<ReplyCommit, ReplyError> {
+        match self.correlation(correlation_id, now) {
+            Correlation::Answered(prior)
+                if prior.sender == receipt.sender && prior.fingerprint == receipt.fingerprint =>
+            {
+                Ok(ReplyCommit::AlreadyQueued { message_id: prior.message_id })
+            }
+            Correlation::Answered(_) => Err(ReplyError::Completed),
+            Correlation::Expired => Err(ReplyError::Expired),
+            Correlation::Unknown => Err(ReplyError::Unknown),
+            Correlation::Pending(current) if current != *expected => Err(ReplyError::Completed),
+            Correlation::Pending(current) => {
+                let queue = QueueKey::Replies(current.requester.clone(), current.requester_instance.clone());
+                self.insert(&queue, envelope, 1, Instant::ZERO).map_err(|_| ReplyError::Completed)?;
+                let expires_at = self.pending.remove(correlation_id).map_or(now, |p| p.expires_at);
+                let message_id = receipt.message_id.clone();
+                self.receipts.insert(correlation_id.to_string(), Expiring { value: receipt, expires_at });
+                Ok(ReplyCommit::Queued { message_id })
+            }
+        }
+    }
+
+    /// Drops a pending request (its envelope could not be admitted).
+    pub fn cancel_request(&mut self, correlation_id: &str) {
+        self.pending.remove(correlation_id);
+    }
+
+    // ---- state ----------------------------------------------------------------------------
+
+    /// The agent's state and revision.
+    pub fn get_state(&self, agent: &AgentId) -> StateSnapshot {
+        self.states.get(agent).cloned().unwrap_or_default()
+    }
+
+    /// Writes `updates`; with `expected_revision`, only if it is current. An empty update
+    /// writes nothing and does not bump the revision. Returns the new revision.
+    pub fn update_state(
+        &mut self,
+        agent: &AgentId,
+        updates: BTreeMap<String, String>,
+        expected_revision: Option<u64>,
+    ) -> Result<u64, StateError> {
+        let state = self.states.entry(agent.clone()).or_default();
+        check_revision(state, expected_revision)?;
+        if !updates.is_empty() {
+            state.fields.extend(updates);
+            state.revision += 1;
+        }
+        Ok(state.revision)
+    }
+
+    /// Clears the state and bumps the revision (so writers that read before the reset are
+    /// fenced off); with `expected_revision`, only if it is current.
+    pub fn reset_state(&mut self, agent: &AgentId, expected_revision: Option<u64>) -> Result<u64, StateError> {
+        let state = self.states.entry(agent.clone()).or_default();
+        check_revision(state, expected_revision)?;
+        state.fields.clear();
+        state.revision += 1;
+        Ok(state.revision)
+    }
 }
 
-fn parse_seq(entry: &EntryId) -> Option<u64> {
-    entry.0.parse().ok()
+fn check_revision(state: &StateSnapshot, expected: Option<u64>) -> Result<(), StateError> {
+    match expected {
+        Some(expected) if expected != state.revision => Err(StateError::RevisionConflict { current: state.revision }),
+        _ => Ok(()),
+    }
+}
+
+fn smallest_instance() -> InstanceId {
+    // "-" sorts before every other id character, so ranges from it cover all instances.
+    InstanceId::new("-").unwrap_or_else(|_| unreachable!("'-' is a valid instance id"))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn agent(s: &str) -> AgentId {
-        AgentId::new(s).unwrap()
-    }
-
-    fn owner(s: &str) -> OwnerToken {
-        OwnerToken::new(s)
-    }
-
-    #[test]
-    fn claim_is_fifo_and_exclusive() {
-        let mut s = MemoryStore::default();
-        let bob = agent("bob");
-        for i in 0..3 {
-            s.enqueue(&bob, Arc::from(format!("m{i}"))).unwrap();
-        }
-        let a = s.claim(&bob, &owner("a"), 2, Instant::ZERO);
-        let b = s.claim(&bob, &owner("b"), 5, Instant::ZERO);
-        assert_eq!(a.iter().map(|m| &*m.envelope).collect::<Vec<_>>(), ["m0", "m1"]);
-        assert_eq!(b.iter().map(|m| &*m.envelope).collect::<Vec<_>>(), ["m2"]);
-    }
-
-    #[test]
-    fn settling_is_fenced_by_owner() {
-        let mut s = MemoryStore::default();
-        let bob = agent("bob");
-        s.enqueue(&bob, Arc::from("m")).unwrap();
-        let m = s.claim(&bob, &owner("a"), 1, Instant::ZERO).remove(0);
-        let ack = StoreEffect::Ack { entry: m.entry.clone() };
-        assert_eq!(s.apply(&bob, &owner("b"), ack.clone()), Err(StoreError::NotOwner));
-        assert_eq!(s.apply(&bob, &owner("a"), ack.clone()), Ok(()));
-        assert_eq!(s.apply(&bob, &owner("a"), ack), Err(StoreError::NotOwner), "settled twice");
-        assert_eq!(s.queue_len(&bob), 0);
-    }
-
-    #[test]
-    fn requeue_respects_not_before_and_keeps_attempt() {
-        let mut s = MemoryStore::default();
-        let bob = agent("bob");
-        s.enqueue(&bob, Arc::from("m")).unwrap();
-        let m = s.claim(&bob, &owner("a"), 1, Instant::ZERO).remove(0);
-        let later = Instant::ZERO + Duration::from_secs(2);
-        let effect = StoreEffect::Requeue {
-            entry: m.entry,
-            envelope: m.envelope,
-            attempt: 2,
-            not_before: later,
-            reason: crate::delivery::RequeueReason::RetryableNack,
-        };
-        s.apply(&bob, &owner("a"), effect).unwrap();
-        assert!(s.claim(&bob, &owner("a"), 1, Instant::ZERO).is_empty());
-        assert_eq!(s.next_ready_at(&bob), Some(later));
-        let again = s.claim(&bob, &owner("b"), 1, later);
-        assert_eq!(again[0].attempt, 2);
-    }
-
-    #[test]
-    fn dead_letters_keep_the_envelope_and_are_bounded() {
-        let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 10, max_dead_letters: 1 });
-        let bob = agent("bob");
-        for i in 0..2 {
-            s.enqueue(&bob, Arc::from(format!("m{i}"))).unwrap();
-            let m = s.claim(&bob, &owner("a"), 1, Instant::ZERO).remove(0);
-            let effect =
-                StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 5, reason: "r".into() };
-            s.apply(&bob, &owner("a"), effect).unwrap();
-        }
-        let kept: Vec<_> = s.dead_letters().map(|d| &*d.envelope).collect();
-        assert_eq!(kept, ["m1"]);
-        assert_eq!(s.dead_letters_dropped(), 1);
-    }
-
-    #[test]
-    fn queue_bound_refuses_without_change() {
-        let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 1, max_dead_letters: 1 });
-        let bob = agent("bob");
-        s.enqueue(&bob, Arc::from("a")).unwrap();
-        assert_eq!(s.enqueue(&bob, Arc::from("b")), Err(StoreError::QueueFull));
-        assert_eq!(s.queue_len(&bob), 1);
-    }
-
-    #[test]
-    fn release_owner_makes_claimed_work_ready_again() {
-        let mut s = MemoryStore::default();
-        let bob = agent("bob");
-        s.enqueue(&bob, Arc::from("m")).unwrap();
-        s.claim(&bob, &owner("a"), 1, Instant::ZERO);
-        assert_eq!(s.release_owner(&bob, &owner("a"), Instant::ZERO), 1);
-        assert_eq!(s.claim(&bob, &owner("b"), 1, Instant::ZERO)[0].attempt, 1);
-    }
-}
+mod tests;

@@ -1,0 +1,178 @@
+use std::time::Duration;
+
+use super::*;
+use crate::delivery::RequeueReason;
+
+fn agent(s: &str) -> AgentId {
+    AgentId::new(s).unwrap()
+}
+
+fn session(a: &str, i: &str, owner: &str) -> SessionRef {
+    SessionRef { agent: agent(a), instance: InstanceId::new(i).unwrap(), owner: OwnerToken::new(owner) }
+}
+
+fn work(a: &str) -> QueueKey {
+    QueueKey::Work(agent(a))
+}
+
+fn at(ms: u64) -> Instant {
+    Instant::from_nanos(ms * 1_000_000)
+}
+
+const TTL: Duration = Duration::from_secs(6);
+
+#[test]
+fn claim_is_fifo_exclusive_and_replies_come_first() {
+    let mut s = MemoryStore::default();
+    let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+    s.acquire_lease(&b1, TTL, at(0)).unwrap();
+    s.acquire_lease(&b2, TTL, at(0)).unwrap();
+    for i in 0..3 {
+        s.enqueue(&work("bob"), Arc::from(format!("w{i}"))).unwrap();
+    }
+    s.enqueue(&QueueKey::Replies(agent("bob"), InstanceId::new("b1").unwrap()), Arc::from("r")).unwrap();
+    let got: Vec<_> = s.claim(&b1, 2, at(0)).into_iter().map(|m| m.envelope.to_string()).collect();
+    assert_eq!(got, ["r", "w0"]);
+    let got: Vec<_> = s.claim(&b2, 5, at(0)).into_iter().map(|m| m.envelope.to_string()).collect();
+    assert_eq!(got, ["w1", "w2"], "b2 never sees b1's replies");
+}
+
+#[test]
+fn settling_is_fenced_by_owner() {
+    let mut s = MemoryStore::default();
+    let (a, b) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+    s.acquire_lease(&a, TTL, at(0)).unwrap();
+    s.enqueue(&work("bob"), Arc::from("m")).unwrap();
+    let m = s.claim(&a, 1, at(0)).remove(0);
+    let ack = StoreEffect::Ack { entry: m.entry.clone() };
+    assert_eq!(s.apply(&b, ack.clone()), Err(StoreError::NotOwner));
+    assert_eq!(s.apply(&a, ack.clone()), Ok(()));
+    assert_eq!(s.apply(&a, ack), Err(StoreError::NotOwner), "settled twice");
+    assert_eq!(s.queue_len(&work("bob")), 0);
+}
+
+#[test]
+fn requeue_respects_not_before_and_keeps_attempt() {
+    let mut s = MemoryStore::default();
+    let a = session("bob", "b1", "o1");
+    s.acquire_lease(&a, TTL, at(0)).unwrap();
+    s.enqueue(&work("bob"), Arc::from("m")).unwrap();
+    let m = s.claim(&a, 1, at(0)).remove(0);
+    let effect = StoreEffect::Requeue {
+        entry: m.entry,
+        envelope: m.envelope,
+        attempt: 2,
+        not_before: at(2000),
+        reason: RequeueReason::RetryableNack,
+    };
+    s.apply(&a, effect).unwrap();
+    assert!(s.claim(&a, 1, at(1999)).is_empty());
+    assert_eq!(s.next_ready_at(&a), Some(at(2000)));
+    assert_eq!(s.claim(&a, 1, at(2000))[0].attempt, 2);
+}
+
+#[test]
+fn work_of_an_expired_lease_is_reclaimed_by_a_sibling() {
+    let mut s = MemoryStore::default();
+    let (dead, alive) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+    s.acquire_lease(&dead, TTL, at(0)).unwrap();
+    s.acquire_lease(&alive, Duration::from_secs(60), at(0)).unwrap();
+    s.enqueue(&work("bob"), Arc::from("m")).unwrap();
+    assert_eq!(s.claim(&dead, 1, at(0)).len(), 1);
+    assert!(s.claim(&alive, 1, at(5_999)).is_empty(), "lease still live");
+    let again = s.claim(&alive, 1, at(6_000));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 1);
+    let ack = StoreEffect::Ack { entry: again[0].entry.clone() };
+    assert_eq!(s.apply(&dead, ack.clone()), Err(StoreError::NotOwner), "the dead owner is fenced off");
+    assert_eq!(s.apply(&alive, ack), Ok(()));
+}
+
+#[test]
+fn leases_refuse_duplicates_until_expiry_and_fence_renewal() {
+    let mut s = MemoryStore::default();
+    let (first, second) = (session("bob", "b1", "o1"), session("bob", "b1", "o2"));
+    s.acquire_lease(&first, TTL, at(0)).unwrap();
+    assert_eq!(s.acquire_lease(&second, TTL, at(1000)), Err(LeaseError::Held));
+    assert!(s.agent_is_live(&agent("bob"), at(1000)));
+    assert!(s.renew_lease(&first, TTL, at(2000)));
+    assert!(!s.agent_is_live(&agent("bob"), at(8000)));
+    assert!(!s.renew_lease(&first, TTL, at(8000)), "an expired lease is never renewed");
+    s.acquire_lease(&second, TTL, at(8000)).unwrap();
+    s.release_lease(&first);
+    assert!(s.instance_is_live(&agent("bob"), &InstanceId::new("b1").unwrap(), at(8001)), "stale release is a no-op");
+}
+
+#[test]
+fn reply_commit_is_idempotent_for_identical_replies_only() {
+    let mut s = MemoryStore::default();
+    let pending = PendingRequest {
+        requester: agent("alice"),
+        requester_instance: InstanceId::new("a1").unwrap(),
+        target: agent("bob"),
+    };
+    s.open_request("c1", pending.clone(), Duration::from_secs(10), Arc::from("req"), at(0)).unwrap();
+    assert_eq!(s.correlation("c1", at(1)), Correlation::Pending(pending.clone()));
+    let receipt =
+        |fp: &str, id: &str| ReplyReceipt { sender: agent("bob"), fingerprint: fp.into(), message_id: id.into() };
+    let first = s.commit_reply("c1", &pending, receipt("f", "m1"), Arc::from("rep"), at(2));
+    assert_eq!(first, Ok(ReplyCommit::Queued { message_id: "m1".into() }));
+    let retry = s.commit_reply("c1", &pending, receipt("f", "m2"), Arc::from("rep"), at(3));
+    assert_eq!(retry, Ok(ReplyCommit::AlreadyQueued { message_id: "m1".into() }));
+    let other = s.commit_reply("c1", &pending, receipt("g", "m3"), Arc::from("rep2"), at(3));
+    assert_eq!(other, Err(ReplyError::Completed));
+    assert_eq!(s.queue_len(&QueueKey::Replies(agent("alice"), InstanceId::new("a1").unwrap())), 1);
+    assert_eq!(s.correlation("c1", at(10_000)), Correlation::Unknown, "receipt lives until the deadline");
+}
+
+#[test]
+fn expired_request_cannot_be_answered() {
+    let mut s = MemoryStore::default();
+    let pending = PendingRequest {
+        requester: agent("alice"),
+        requester_instance: InstanceId::new("a1").unwrap(),
+        target: agent("bob"),
+    };
+    s.open_request("c1", pending, Duration::from_millis(100), Arc::from("req"), at(0)).unwrap();
+    assert_eq!(s.correlation("c1", at(100)), Correlation::Expired);
+    assert_eq!(s.correlation("c1", at(60_099)), Correlation::Expired);
+    assert_eq!(s.correlation("c1", at(60_100)), Correlation::Unknown);
+}
+
+#[test]
+fn state_revisions_compare_and_set() {
+    let mut s = MemoryStore::default();
+    let bob = agent("bob");
+    let upd = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+    assert_eq!(s.update_state(&bob, upd("a", "1"), Some(0)), Ok(1));
+    assert_eq!(s.update_state(&bob, upd("a", "2"), Some(0)), Err(StateError::RevisionConflict { current: 1 }));
+    assert_eq!(s.update_state(&bob, BTreeMap::new(), Some(1)), Ok(1), "empty update does not bump");
+    assert_eq!(s.update_state(&bob, upd("b", "3"), None), Ok(2), "no expected revision: unconditional");
+    assert_eq!(s.get_state(&bob).fields.len(), 2);
+    assert_eq!(s.reset_state(&bob, Some(2)), Ok(3));
+    assert!(s.get_state(&bob).fields.is_empty());
+}
+
+#[test]
+fn dead_letters_keep_the_envelope_and_are_bounded() {
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 10, max_dead_letters: 1 });
+    let a = session("bob", "b1", "o1");
+    s.acquire_lease(&a, TTL, at(0)).unwrap();
+    for i in 0..2 {
+        s.enqueue(&work("bob"), Arc::from(format!("m{i}"))).unwrap();
+        let m = s.claim(&a, 1, at(0)).remove(0);
+        let effect = StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 5, reason: "r".into() };
+        s.apply(&a, effect).unwrap();
+    }
+    let kept: Vec<_> = s.dead_letters().map(|d| d.envelope.to_string()).collect();
+    assert_eq!(kept, ["m1"]);
+    assert_eq!(s.dead_letters_dropped(), 1);
+}
+
+#[test]
+fn queue_bound_refuses_without_change() {
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 1, max_dead_letters: 1 });
+    s.enqueue(&work("bob"), Arc::from("a")).unwrap();
+    assert_eq!(s.enqueue(&work("bob"), Arc::from("b")), Err(StoreError::QueueFull));
+    assert_eq!(s.queue_len(&work("bob")), 1);
+}

@@ -1,0 +1,187 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::ids::{AgentId, InstanceId};
+
+/// Identifies who holds claimed entries: one per session, never reused, so a session that
+/// lost ownership can never settle a successor's work (fencing). Also the lease's token.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnerToken(pub Arc<str>);
+
+impl OwnerToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<Arc<str>>) -> Self {
+        OwnerToken(token.into())
+    }
+
+    /// The token as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A queue in the store: an agent's shared work queue, or one instance's reply queue.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QueueKey {
+    /// Work for any instance of the agent (load sharing).
+    Work(AgentId),
+    /// Replies for one instance (the one that asked).
+    Replies(AgentId, InstanceId),
+}
+
+impl QueueKey {
+    /// The agent the queue belongs to.
+    pub fn agent(&self) -> &AgentId {
+        match self {
+            QueueKey::Work(agent) | QueueKey::Replies(agent, _) => agent,
+        }
+    }
+}
+
+/// One connected session as the store sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRef {
+    /// The agent.
+    pub agent: AgentId,
+    /// The instance.
+    pub instance: InstanceId,
+    /// Its lease and claim token.
+    pub owner: OwnerToken,
+}
+
+impl SessionRef {
+    /// The queues this session consumes, replies first (a waiting requester is latency-bound).
+    pub fn queues(&self) -> [QueueKey; 2] {
+        [QueueKey::Replies(self.agent.clone(), self.instance.clone()), QueueKey::Work(self.agent.clone())]
+    }
+}
+
+/// A message that could not be delivered, kept whole with the reason and attempts made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The agent whose queue it came from.
+    pub agent: AgentId,
+    /// The full envelope JSON.
+    pub envelope: Arc<str>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// Delivery attempts made.
+    pub attempts: u32,
+}
+
+/// How long after its deadline a request still answers `correlation_id_expired` rather than
+/// `unknown_correlation_id`, so a late replier learns what happened.
+pub const REQUEST_EXPIRED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A request awaiting its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRequest {
+    /// Who asked.
+    pub requester: AgentId,
+    /// Which instance asked; the reply goes to its reply queue.
+    pub requester_instance: InstanceId,
+    /// Who must answer; nobody else may.
+    pub target: AgentId,
+}
+
+/// Proof that a reply was committed, so an identical retry gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyReceipt {
+    /// The replier.
+    pub sender: AgentId,
+    /// Hash of (sender, message type, payload): "identical" means equal fingerprints.
+    pub fingerprint: String,
+    /// The reply's message id.
+    pub message_id: String,
+}
+
+/// What a correlation id currently refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Correlation {
+    /// A request still waiting.
+    Pending(PendingRequest),
+    /// Already answered.
+    Answered(ReplyReceipt),
+    /// Its deadline passed (the record is gone).
+    Expired,
+    /// Never existed, or expired long ago.
+    Unknown,
+}
+
+/// Outcome of committing a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyCommit {
+    /// Queued for the requester now.
+    Queued {
+        /// The reply's message id.
+        message_id: String,
+    },
+    /// An identical reply was committed before; nothing queued again.
+    AlreadyQueued {
+        /// The original reply's message id.
+        message_id: String,
+    },
+}
+
+/// Why a reply could not be committed. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// The request is unknown (or its record is gone).
+    #[error("unknown_correlation_id")]
+    Unknown,
+    /// The request's deadline passed.
+    #[error("correlation_id_expired")]
+    Expired,
+    /// A different reply won, or the request changed under us.
+    #[error("unknown_or_completed_correlation_id")]
+    Completed,
+}
+
+/// An agent's state and its revision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StateSnapshot {
+    /// Field → JSON-encoded value.
+    pub fields: BTreeMap<String, String>,
+    /// Bumped by every non-empty update and every reset; 0 for a never-written state.
+    pub revision: u64,
+}
+
+/// Why a state write was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// `expected_revision` is not the current revision.
+    #[error("state_revision_conflict")]
+    RevisionConflict {
+        /// The revision actually stored.
+        current: u64,
+    },
+}
+
+/// Why a lease could not be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// Another owner (on any broker) holds the instance.
+    #[error("instance_already_connected")]
+    Held,
+}
+
+/// Why a store step was refused. Nothing changes when a step fails.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The queue is at its configured bound; the message was not accepted.
+    #[error("queue_full")]
+    QueueFull,
+    /// The entry is not held by this owner (settled already, or reclaimed by another session).
+    #[error("not_owner")]
+    NotOwner,
+    /// The backend could not be reached or failed; the step may or may not have happened.
+    #[error("storage_unavailable: {0}")]
+    Unavailable(String),
+}

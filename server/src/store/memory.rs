@@ -1,0 +1,235 @@
+//! The embedded backend: `mas_core::store::MemoryStore` behind a mutex, with wake-ups so
+//! sessions wait for work instead of polling.
+//!
+//! Every step takes the lock for one synchronous call and never across an `.await`, so a
+//! cancelled wait can never leave a half-done step behind.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
+use mas_core::ids::AgentId;
+use mas_core::store::{
+    Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueKey, ReplyCommit, ReplyError,
+    ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
+};
+use mas_core::time::Now;
+use tokio::sync::Notify;
+
+use super::requeue_delay;
+use crate::clock::Clock;
+
+#[derive(Debug, Default)]
+struct Inner {
+    store: MemoryStore,
+    /// One wake-up per agent, woken whenever any of its queues gains ready work.
+    wakers: BTreeMap<AgentId, Arc<Notify>>,
+}
+
+impl Inner {
+    fn waker(&mut self, agent: &AgentId) -> Arc<Notify> {
+        self.wakers.entry(agent.clone()).or_default().clone()
+    }
+}
+
+/// The embedded store. Cheap to clone; clones share the data and the clock.
+#[derive(Debug, Clone)]
+pub struct MemoryBackend {
+    inner: Arc<Mutex<Inner>>,
+    /// The store's own clock: brokers sharing this store agree on deadlines through it.
+    clock: Clock,
+}
+
+impl MemoryBackend {
+    /// An empty store whose clock starts now.
+    pub fn new(config: MemoryStoreConfig) -> Self {
+        let inner = Inner { store: MemoryStore::new(config), wakers: BTreeMap::new() };
+        MemoryBackend { inner: Arc::new(Mutex::new(inner)), clock: Clock::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Each MemoryStore step validates before it mutates, so a panic elsewhere while the
+        // lock was held cannot have left it half-updated: a poisoned lock is safe to reuse.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) async fn enqueue(&self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
+        let mut inner = self.lock();
+        let entry = inner.store.enqueue(queue, envelope)?;
+        inner.waker(queue.agent()).notify_waiters();
+        Ok(entry)
+    }
+
+    pub(super) async fn claim(
+        &self,
+        session: &SessionRef,
+        max: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        let give_up = tokio::time::Instant::now() + max_wait;
+        loop {
+            let (waker, wake_at) = {
+                let mut inner = self.lock();
+                let batch = inner.store.claim(session, max, self.clock.now().mono);
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+                let wake_at = inner.store.next_ready_at(session).map(|at| self.clock.to_tokio(at));
+                (inner.waker(&session.agent), wake_at)
+            };
+            // Register interest, then re-check: work enqueued between the claim and this point
+            // would otherwise wait for the next wake-up.
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = tokio::time::Instant::now();
+            if wake_at.is_some_and(|at| at <= now)
+                || self.lock().store.next_ready_at(session).is_some_and(|at| self.clock.to_tokio(at) <= now)
+            {
+                continue;
+            }
+            // Leases of other sessions may expire while we wait; look again at least every
+            // half second so their work moves on promptly.
+            let until = wake_at.map_or(give_up, |at| at.min(give_up)).min(now + Duration::from_millis(500));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Ok(self.lock().store.claim(session, max, self.clock.now().mono));
+            }
+        }
+    }
+
+    pub(super) async fn apply(
+        &self,
+        session: &SessionRef,
+        effects: Vec<StoreEffect>,
+        now: Now,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let store_now = self.clock.now().mono;
+        let mut inner = self.lock();
+        let mut wake = false;
+        let results = effects
+            .into_iter()
+            .map(|mut effect| {
+                let delay = requeue_delay(&effect, now);
+                if let StoreEffect::Requeue { not_before, .. } = &mut effect {
+                    *not_before = store_now + delay;
+                    wake = true;
+                }
+                inner.store.apply(session, effect)
+            })
+            .collect();
+        if wake {
+            inner.waker(&session.agent).notify_waiters();
+        }
+        Ok(results)
+    }
+
+    pub(super) async fn release(&self, session: &SessionRef) -> Result<usize, StoreError> {
+        let mut inner = self.lock();
+        let released = inner.store.release(session, self.clock.now().mono);
+        if released > 0 {
+            inner.waker(&session.agent).notify_waiters();
+        }
+        Ok(released)
+    }
+
+    pub(super) async fn acquire_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
+        Ok(self.lock().store.acquire_lease(session, ttl, self.clock.now().mono).is_ok())
+    }
+
+    pub(super) async fn renew_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
+        Ok(self.lock().store.renew_lease(session, ttl, self.clock.now().mono))
+    }
+
+    pub(super) async fn release_lease(&self, session: &SessionRef) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.store.release_lease(session);
+        // Its unsettled work is now reclaimable: let siblings look.
+        inner.waker(&session.agent).notify_waiters();
+        Ok(())
+    }
+
+    pub(super) async fn instance_live(
+        &self,
+        agent: &AgentId,
+        instance: &mas_core::ids::InstanceId,
+    ) -> Result<bool, StoreError> {
+        Ok(self.lock().store.instance_is_live(agent, instance, self.clock.now().mono))
+    }
+
+    pub(super) async fn live_agents(&self, agents: &[AgentId]) -> Result<Vec<bool>, StoreError> {
+        let now = self.clock.now().mono;
+        let inner = self.lock();
+        Ok(agents.iter().map(|a| inner.store.agent_is_live(a, now)).collect())
+    }
+
+    pub(super) async fn open_request(
+        &self,
+        correlation_id: &str,
+        pending: PendingRequest,
+        ttl: Duration,
+        envelope: Arc<str>,
+    ) -> Result<EntryId, StoreError> {
+        let target = pending.target.clone();
+        let mut inner = self.lock();
+        let entry = inner.store.open_request(correlation_id, pending, ttl, envelope, self.clock.now().mono)?;
+        inner.waker(&target).notify_waiters();
+        Ok(entry)
+    }
+
+    pub(super) async fn correlation(
+        &self,
+        _requester: &AgentId,
+        correlation_id: &str,
+    ) -> Result<Correlation, StoreError> {
+        Ok(self.lock().store.correlation(correlation_id, self.clock.now().mono))
+    }
+
+    pub(super) async fn commit_reply(
+        &self,
+        correlation_id: &str,
+        expected: &PendingRequest,
+        receipt: ReplyReceipt,
+        envelope: Arc<str>,
+    ) -> Result<Result<ReplyCommit, ReplyError>, StoreError> {
+        let mut inner = self.lock();
+        let result = inner.store.commit_reply(correlation_id, expected, receipt, envelope, self.clock.now().mono);
+        if matches!(result, Ok(ReplyCommit::Queued { .. })) {
+            inner.waker(&expected.requester).notify_waiters();
+        }
+        Ok(result)
+    }
+
+    pub(super) async fn get_state(&self, agent: &AgentId) -> Result<StateSnapshot, StoreError> {
+        Ok(self.lock().store.get_state(agent))
+    }
+
+    pub(super) async fn update_state(
+        &self,
+        agent: &AgentId,
+        updates: BTreeMap<String, String>,
+        expected_revision: Option<u64>,
+    ) -> Result<Result<u64, StateError>, StoreError> {
+        Ok(self.lock().store.update_state(agent, updates, expected_revision))
+    }
+
+    pub(super) async fn reset_state(
+        &self,
+        agent: &AgentId,
+        expected_revision: Option<u64>,
+    ) -> Result<Result<u64, StateError>, StoreError> {
+        Ok(self.lock().store.reset_state(agent, expected_revision))
+    }
+
+    pub(super) async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {
+        Ok(self.lock().store.queue_len(queue))
+    }
+
+    pub(super) async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self.lock().store.dead_letters().filter(|d| &d.agent == agent).take(limit).cloned().collect())
+    }
+}

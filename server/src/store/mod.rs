@@ -1,0 +1,189 @@
+//! The broker's store: the domain-level steps of `mas_core::store`, asynchronously, over the
+//! embedded memory store or Redis.
+//!
+//! Both backends implement the same semantics; `tests/tests/store_contract.rs` runs the same
+//! sequences against both and compares the results. Time-dependent steps use the store's own
+//! clock, so every broker sharing a store agrees on lease and request deadlines.
+
+mod memory;
+#[cfg(not(madsim))]
+pub mod redis;
+
+pub use memory::MemoryBackend;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
+use mas_core::ids::AgentId;
+use mas_core::store::{
+    Correlation, DeadLetter, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
+    StateSnapshot, StoreError,
+};
+use mas_core::time::Now;
+
+/// A store backend, chosen by configuration: the embedded memory store, or Redis.
+#[derive(Clone)]
+pub enum Store {
+    /// In-process; the default without a Redis URL, and the store under simulation.
+    Memory(MemoryBackend),
+    /// Redis (standalone or cluster-compatible key layout).
+    #[cfg(not(madsim))]
+    Redis(redis::RedisBackend),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Memory(_) => f.write_str("Store::Memory"),
+            #[cfg(not(madsim))]
+            Store::Redis(_) => f.write_str("Store::Redis"),
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $backend:ident => $call:expr) => {
+        match $self {
+            Store::Memory($backend) => $call,
+            #[cfg(not(madsim))]
+            Store::Redis($backend) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Appends `envelope` to `queue` and wakes its consumers. Atomic.
+    pub async fn enqueue(&self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
+        dispatch!(self, b => b.enqueue(queue, envelope).await)
+    }
+
+    /// Claims up to `max` ready messages for `session` (replies first), waiting up to
+    /// `max_wait` for work. Work held by sessions whose lease expired is reclaimed first.
+    /// Returns an empty batch on timeout. Cancel-safe.
+    pub async fn claim(
+        &self,
+        session: &SessionRef,
+        max: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        dispatch!(self, b => b.claim(session, max, max_wait).await)
+    }
+
+    /// Applies delivery effects, each fenced by `session` still holding the entry. A
+    /// requeue's `not_before` is on the broker's clock (`now` is that clock's reading); it is
+    /// turned into a delay here. Returns one result per effect, in order.
+    pub async fn apply(
+        &self,
+        session: &SessionRef,
+        effects: Vec<StoreEffect>,
+        now: Now,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        dispatch!(self, b => b.apply(session, effects, now).await)
+    }
+
+    /// Makes everything `session` still holds ready again (attempt unchanged).
+    pub async fn release(&self, session: &SessionRef) -> Result<usize, StoreError> {
+        dispatch!(self, b => b.release(session).await)
+    }
+
+    /// Takes the (agent, instance) lease for `session`; false if another owner holds it.
+    pub async fn acquire_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
+        dispatch!(self, b => b.acquire_lease(session, ttl).await)
+    }
+
+    /// Extends the lease; false if `session` no longer holds it.
+    pub async fn renew_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
+        dispatch!(self, b => b.renew_lease(session, ttl).await)
+    }
+
+    /// Drops the lease if `session` still holds it.
+    pub async fn release_lease(&self, session: &SessionRef) -> Result<(), StoreError> {
+        dispatch!(self, b => b.release_lease(session).await)
+    }
+
+    /// Whether (agent, instance) holds a live lease on any broker.
+    pub async fn instance_live(
+        &self,
+        agent: &AgentId,
+        instance: &mas_core::ids::InstanceId,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, b => b.instance_live(agent, instance).await)
+    }
+
+    /// Which of `agents` hold a live lease on any broker.
+    pub async fn live_agents(&self, agents: &[AgentId]) -> Result<Vec<bool>, StoreError> {
+        dispatch!(self, b => b.live_agents(agents).await)
+    }
+
+    /// Records a pending request, then queues its envelope to the target. The pending record
+    /// exists before the request is visible; if queueing fails it is removed again.
+    pub async fn open_request(
+        &self,
+        correlation_id: &str,
+        pending: PendingRequest,
+        ttl: Duration,
+        envelope: Arc<str>,
+    ) -> Result<EntryId, StoreError> {
+        dispatch!(self, b => b.open_request(correlation_id, pending, ttl, envelope).await)
+    }
+
+    /// What a correlation id refers to (`requester` is encoded in the correlation id).
+    pub async fn correlation(&self, requester: &AgentId, correlation_id: &str) -> Result<Correlation, StoreError> {
+        dispatch!(self, b => b.correlation(requester, correlation_id).await)
+    }
+
+    /// Commits a reply atomically; see [`mas_core::store::MemoryStore::commit_reply`].
+    pub async fn commit_reply(
+        &self,
+        correlation_id: &str,
+        expected: &PendingRequest,
+        receipt: ReplyReceipt,
+        envelope: Arc<str>,
+    ) -> Result<Result<ReplyCommit, ReplyError>, StoreError> {
+        dispatch!(self, b => b.commit_reply(correlation_id, expected, receipt, envelope).await)
+    }
+
+    /// The agent's state and revision, read atomically.
+    pub async fn get_state(&self, agent: &AgentId) -> Result<StateSnapshot, StoreError> {
+        dispatch!(self, b => b.get_state(agent).await)
+    }
+
+    /// Compare-and-set (or unconditional) state write; returns the new revision.
+    pub async fn update_state(
+        &self,
+        agent: &AgentId,
+        updates: BTreeMap<String, String>,
+        expected_revision: Option<u64>,
+    ) -> Result<Result<u64, StateError>, StoreError> {
+        dispatch!(self, b => b.update_state(agent, updates, expected_revision).await)
+    }
+
+    /// Clears the state and bumps the revision.
+    pub async fn reset_state(
+        &self,
+        agent: &AgentId,
+        expected_revision: Option<u64>,
+    ) -> Result<Result<u64, StateError>, StoreError> {
+        dispatch!(self, b => b.reset_state(agent, expected_revision).await)
+    }
+
+    /// Entries in `queue` (ready, delayed and claimed). For tests and operators.
+    pub async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {
+        dispatch!(self, b => b.queue_len(queue).await)
+    }
+
+    /// Dead letters of `agent`, oldest first (at most `limit`). For tests and operators.
+    pub async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        dispatch!(self, b => b.dead_letters(agent, limit).await)
+    }
+}
+
+/// The delay a requeue asks for, measured on the broker's clock.
+pub(crate) fn requeue_delay(effect: &StoreEffect, now: Now) -> Duration {
+    match effect {
+        StoreEffect::Requeue { not_before, .. } => not_before.saturating_duration_since(now.mono),
+        StoreEffect::Ack { .. } | StoreEffect::DeadLetter { .. } => Duration::ZERO,
+    }
+}

@@ -1,0 +1,678 @@
+//! The Redis backend: every domain step is one Lua script (one round trip, atomic), keys are
+//! hash-tagged per agent so each script touches one Redis Cluster slot.
+//!
+//! Key layout (`A` = agent id, `I` = instance id, `C` = correlation id):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `mas:{A}:work` | stream, group `mas` | A's shared work queue; entry fields `e` (envelope), `a` (attempt) |
+//! | `mas:{A}:work:delayed` | zset | retries waiting for their backoff; score = ready time (ms, Redis clock) |
+//! | `mas:{A}:replies:{I}` (+ `:delayed`) | stream (+ zset) | replies for instance I |
+//! | `mas:{A}:lease:{I}` | string, PX ttl | owner token of the live session of (A, I) |
+//! | `mas:{A}:owners` | zset | owner token → lease deadline; decides whose claimed work is dead |
+//! | `mas:{A}:dlq` | stream | dead letters: `e`, `reason`, `attempts`, `at` |
+//! | `mas:{A}:state`, `mas:{A}:state:rev` | hash, string | agent state and its revision |
+//! | `mas:{A}:pending:{C}` | string JSON, PX ttl+60 s | a request of A awaiting its reply |
+//! | `mas:{A}:receipt:{C}` | string JSON, PX remaining | the committed reply, for idempotent retries |
+//! | channel `mas:notify:{A}` | pub/sub | "A has new ready work": wakes waiting sessions |
+//!
+//! Settled entries are XACKed and XDELed at once, so streams hold only live work.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
+use mas_core::ids::{AgentId, InstanceId};
+use mas_core::store::{
+    Correlation, DeadLetter, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt,
+    SessionRef, StateError, StateSnapshot, StoreError,
+};
+use mas_core::time::Now;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+use tokio::sync::Notify;
+
+use super::requeue_delay;
+
+const SCRIPTS: &str = include_str!("redis_scripts.lua");
+
+/// Redis connection settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Multiplexed connections used round-robin (default 4).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How long to wait for a connection (default 5 000 ms).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// How long to wait for a reply (default 5 000 ms).
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// Most entries per queue (default 100 000); beyond it sends get `queue_full`.
+    #[serde(default = "default_max_queue_len")]
+    pub max_queue_len: usize,
+}
+
+fn default_pool_size() -> usize {
+    4
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_response_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_queue_len() -> usize {
+    100_000
+}
+
+impl RedisSettings {
+    /// Settings for `url` with defaults for the rest.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisSettings {
+            url: url.into(),
+            pool_size: default_pool_size(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            response_timeout_ms: default_response_timeout_ms(),
+            max_queue_len: default_max_queue_len(),
+        }
+    }
+}
+
+struct Scripts {
+    enqueue: Script,
+    claim: Script,
+    settle: Script,
+    release: Script,
+    lease_acquire: Script,
+    lease_renew: Script,
+    lease_release: Script,
+    live: Script,
+    open_request: Script,
+    correlation: Script,
+    commit_reply: Script,
+    state_get: Script,
+    state_update: Script,
+    state_reset: Script,
+}
+
+impl Scripts {
+    fn load() -> Self {
+        let mut sections = BTreeMap::new();
+        let mut name = None;
+        for line in SCRIPTS.lines() {
+            if let Some(n) = line.strip_prefix("--@") {
+                name = Some(n.trim().to_string());
+            } else if let Some(n) = &name {
+                sections.entry(n.clone()).or_insert_with(String::new).push_str(&format!("{line}\n"));
+            }
+        }
+        // The file is compiled in; a missing section is a build defect caught by every test.
+        let get = |n: &str| Script::new(sections.get(n).unwrap_or_else(|| panic!("script {n} missing")));
+        Scripts {
+            enqueue: get("enqueue"),
+            claim: get("claim"),
+            settle: get("settle"),
+            release: get("release"),
+            lease_acquire: get("lease_acquire"),
+            lease_renew: get("lease_renew"),
+            lease_release: get("lease_release"),
+            live: get("live"),
+            open_request: get("open_request"),
+            correlation: get("correlation"),
+            commit_reply: get("commit_reply"),
+            state_get: get("state_get"),
+            state_update: get("state_update"),
+            state_reset: get("state_reset"),
+        }
+    }
+}
+
+fn key(agent: &AgentId, rest: &str) -> String {
+    format!("mas:{{{agent}}}:{rest}")
+}
+
+fn channel(agent: &AgentId) -> String {
+    format!("mas:notify:{agent}")
+}
+
+fn unavailable(err: RedisError) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+/// Wake-ups from the `mas:notify:*` channels, per agent.
+#[derive(Default)]
+struct Wakers {
+    by_agent: Mutex<BTreeMap<String, Weak<Notify>>>,
+}
+
+impl Wakers {
+    fn get(&self, agent: &AgentId) -> Arc<Notify> {
+        let mut map = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = map.get(agent.as_str()).and_then(Weak::upgrade) {
+            return n;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let n = Arc::new(Notify::new());
+        map.insert(agent.to_string(), Arc::downgrade(&n));
+        n
+    }
+
+    fn wake(&self, agent: &str) {
+        let map = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = map.get(agent).and_then(Weak::upgrade) {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// The Redis store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBackend {
+    pool: Arc<Vec<ConnectionManager>>,
+    next: Arc<AtomicUsize>,
+    scripts: Arc<Scripts>,
+    wakers: Arc<Wakers>,
+    max_queue_len: usize,
+    /// When each session last asked Redis to reclaim dead owners' work.
+    last_reclaim: Arc<Mutex<BTreeMap<String, tokio::time::Instant>>>,
+}
+
+/// How often a waiting session asks Redis to hand back the work of expired sessions.
+const RECLAIM_EVERY: Duration = Duration::from_millis(500);
+/// Longest sleep between claims when no wake-up arrives (covers a lost notification).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+impl RedisBackend {
+    /// Connects, checks the server answers `PING`, and starts listening for wake-ups.
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(settings.response_timeout_ms)));
+        let mut pool = Vec::with_capacity(settings.pool_size.max(1));
+        for _ in 0..settings.pool_size.max(1) {
+            let mut con = client.get_connection_manager_with_config(config.clone()).await.map_err(unavailable)?;
+            let _: String = redis::cmd("PING").query_async(&mut con).await.map_err(unavailable)?;
+            pool.push(con);
+        }
+        let wakers = Arc::new(Wakers::default());
+        let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+        pubsub.psubscribe("mas:notify:*").await.map_err(unavailable)?;
+        tokio::spawn(listen(pubsub, Arc::downgrade(&wakers)));
+        Ok(RedisBackend {
+            pool: Arc::new(pool),
+            next: Arc::new(AtomicUsize::new(0)),
+            scripts: Arc::new(Scripts::load()),
+            wakers,
+            max_queue_len: settings.max_queue_len,
+            last_reclaim: Arc::default(),
+        })
+    }
+
+    fn con(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        self.pool[i].clone()
+    }
+
+    fn queue_keys(queue: &QueueKey) -> (String, String) {
+        let stream = match queue {
+            QueueKey::Work(agent) => key(agent, "work"),
+            QueueKey::Replies(agent, instance) => key(agent, &format!("replies:{instance}")),
+        };
+        let delayed = format!("{stream}:delayed");
+        (stream, delayed)
+    }
+
+    fn session_keys(session: &SessionRef) -> [String; 4] {
+        let (work, work_delayed) = Self::queue_keys(&QueueKey::Work(session.agent.clone()));
+        let (replies, replies_delayed) =
+            Self::queue_keys(&QueueKey::Replies(session.agent.clone(), session.instance.clone()));
+        [work, work_delayed, replies, replies_delayed]
+    }
+
+    fn lease_key(agent: &AgentId, instance: &InstanceId) -> String {
+        key(agent, &format!("lease:{instance}"))
+    }
+
+    pub(super) async fn enqueue(&self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
+        let (stream, delayed) = Self::queue_keys(queue);
+        let result: Result<String, RedisError> = self
+            .scripts
+            .enqueue
+            .key(stream)
+            .key(delayed)
+            .arg(&*envelope)
+            .arg(self.max_queue_len)
+            .arg(channel(queue.agent()))
+            .invoke_async(&mut self.con())
+            .await;
+        match result {
+            Ok(id) => Ok(EntryId::new(format!("w:{id}"))),
+            Err(err) if err.to_string().contains("queue_full") => Err(StoreError::QueueFull),
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    pub(super) async fn claim(
+        &self,
+        session: &SessionRef,
+        max: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        let give_up = tokio::time::Instant::now() + max_wait;
+        let waker = self.wakers.get(&session.agent);
+        loop {
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (batch, next_delayed) = self.claim_once(session, max).await?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= give_up {
+                return Ok(batch);
+            }
+            let mut until = (now + IDLE_POLL).min(give_up);
+            if let Some(delay) = next_delayed {
+                until = until.min(now + delay);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    async fn claim_once(
+        &self,
+        session: &SessionRef,
+        max: usize,
+    ) -> Result<(Vec<QueuedMessage>, Option<Duration>), StoreError> {
+        let reclaim = {
+            let mut last = self.last_reclaim.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = tokio::time::Instant::now();
+            let due = last.get(session.owner.as_str()).is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
+            if due {
+                last.insert(session.owner.to_string(), now);
+            }
+            due
+        };
+        let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
+        let reply: Vec<Value> = self
+            .scripts
+            .claim
+            .key(Self::lease_key(&session.agent, &session.instance))
+            .key(key(&session.agent, "owners"))
+            .key(work)
+            .key(work_delayed)
+            .key(replies)
+            .key(replies_delayed)
+            .arg(session.owner.as_str())
+            .arg(max)
+            .arg(if reclaim { "1" } else { "0" })
+            .arg(channel(&session.agent))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        let mut items = reply.into_iter();
+        let status = items.next().map(text).unwrap_or_default();
+        if status == "lost" {
+            return Err(StoreError::NotOwner);
+        }
+        let next_delayed = items.next().map(int).filter(|ms| *ms >= 0).map(|ms| Duration::from_millis(ms as u64));
+        let mut batch = Vec::new();
+        let rest: Vec<Value> = items.collect();
+        for chunk in rest.chunks_exact(4) {
+            let tag = text(chunk[0].clone());
+            let id = text(chunk[1].clone());
+            batch.push(QueuedMessage {
+                entry: EntryId::new(format!("{tag}:{id}")),
+                envelope: Arc::from(text(chunk[2].clone())),
+                attempt: u32::try_from(int(chunk[3].clone())).unwrap_or(0),
+            });
+        }
+        Ok((batch, next_delayed))
+    }
+
+    pub(super) async fn apply(
+        &self,
+        session: &SessionRef,
+        effects: Vec<StoreEffect>,
+        now: Now,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        if effects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
+        let mut invocation = self.scripts.settle.prepare_invoke();
+        invocation.key(work).key(work_delayed).key(replies).key(replies_delayed).key(key(&session.agent, "dlq"));
+        invocation.arg(session.owner.as_str()).arg(channel(&session.agent));
+        for effect in &effects {
+            let delay_ms = u64::try_from(requeue_delay(effect, now).as_millis()).unwrap_or(u64::MAX);
+            let (tag, id) = effect.entry().0.split_once(':').unwrap_or(("w", &effect.entry().0));
+            let (op, attempt, reason) = match effect {
+                StoreEffect::Ack { .. } => ("ack", 0, ""),
+                StoreEffect::Requeue { attempt, .. } => ("requeue", *attempt, ""),
+                StoreEffect::DeadLetter { attempts, reason, .. } => ("dead", *attempts, reason.as_str()),
+            };
+            invocation.arg(op).arg(tag).arg(id).arg(attempt).arg(delay_ms).arg(reason);
+        }
+        let applied: Vec<i64> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
+        Ok(applied.into_iter().map(|ok| if ok == 1 { Ok(()) } else { Err(StoreError::NotOwner) }).collect())
+    }
+
+    pub(super) async fn release(&self, session: &SessionRef) -> Result<usize, StoreError> {
+        let [work, _, replies, _] = Self::session_keys(session);
+        let n: usize = self
+            .scripts
+            .release
+            .key(work)
+            .key(replies)
+            .arg(session.owner.as_str())
+            .arg(channel(&session.agent))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(n)
+    }
+
+    pub(super) async fn acquire_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
+        let [work, _, replies, _] = Self::session_keys(session);
+        let taken: i64 = self
+            .scripts
+            .lease_acquire
+            .key(Self::lease_key(&session.agent, &session.instance))
+            .key(key(&session.agent, "owners"))
+            .key(work)
+            .key(replies)
+            .arg(session.owner.as_str())
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(taken == 1)
+    }
+
+    pub(super) async fn renew_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
+        let renewed: i64 = self
+            .scripts
+            .lease_renew
+            .key(Self::lease_key(&session.agent, &session.instance))
+            .key(key(&session.agent, "owners"))
+            .arg(session.owner.as_str())
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(renewed == 1)
+    }
+
+    pub(super) async fn release_lease(&self, session: &SessionRef) -> Result<(), StoreError> {
+        let _: i64 = self
+            .scripts
+            .lease_release
+            .key(Self::lease_key(&session.agent, &session.instance))
+            .key(key(&session.agent, "owners"))
+            .arg(session.owner.as_str())
+            .arg(channel(&session.agent))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn instance_live(&self, agent: &AgentId, instance: &InstanceId) -> Result<bool, StoreError> {
+        // The lease key expires with the lease (PX), so existence is liveness.
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(Self::lease_key(agent, instance))
+            .query_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn live_agents(&self, agents: &[AgentId]) -> Result<Vec<bool>, StoreError> {
+        let mut live = Vec::with_capacity(agents.len());
+        for agent in agents {
+            let n: i64 =
+                self.scripts.live.key(key(agent, "owners")).invoke_async(&mut self.con()).await.map_err(unavailable)?;
+            live.push(n > 0);
+        }
+        Ok(live)
+    }
+
+    pub(super) async fn open_request(
+        &self,
+        correlation_id: &str,
+        pending: PendingRequest,
+        ttl: Duration,
+        envelope: Arc<str>,
+    ) -> Result<EntryId, StoreError> {
+        let pending_key = key(&pending.requester, &format!("pending:{correlation_id}"));
+        let _: i64 = self
+            .scripts
+            .open_request
+            .key(&pending_key)
+            .arg(pending.requester.as_str())
+            .arg(pending.requester_instance.as_str())
+            .arg(pending.target.as_str())
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(REQUEST_EXPIRED_GRACE.as_millis() as u64)
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        match self.enqueue(&QueueKey::Work(pending.target.clone()), envelope).await {
+            Ok(entry) => Ok(entry),
+            Err(err) => {
+                // The request was not queued: nobody can answer it. Best effort; the record
+                // expires on its own if this fails too.
+                let _: Result<i64, _> = redis::cmd("DEL").arg(&pending_key).query_async(&mut self.con()).await;
+                Err(err)
+            }
+        }
+    }
+
+    pub(super) async fn correlation(
+        &self,
+        requester: &AgentId,
+        correlation_id: &str,
+    ) -> Result<Correlation, StoreError> {
+        let reply: Vec<Value> = self
+            .scripts
+            .correlation
+            .key(key(requester, &format!("pending:{correlation_id}")))
+            .key(key(requester, &format!("receipt:{correlation_id}")))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        let fields: Vec<String> = reply.into_iter().map(text).collect();
+        let parse_pending = |f: &[String]| -> Option<PendingRequest> {
+            Some(PendingRequest {
+                requester: AgentId::new(f.get(1)?).ok()?,
+                requester_instance: InstanceId::new(f.get(2)?).ok()?,
+                target: AgentId::new(f.get(3)?).ok()?,
+            })
+        };
+        Ok(match fields.first().map(String::as_str) {
+            Some("answered") => {
+                match (fields.get(1).and_then(|s| AgentId::new(s).ok()), fields.get(2), fields.get(3)) {
+                    (Some(sender), Some(fp), Some(id)) => {
+                        Correlation::Answered(ReplyReceipt { sender, fingerprint: fp.clone(), message_id: id.clone() })
+                    }
+                    _ => Correlation::Unknown,
+                }
+            }
+            // A malformed record is treated as unknown, as the reference does.
+            Some("pending") => parse_pending(&fields).map_or(Correlation::Unknown, Correlation::Pending),
+            Some("expired") => Correlation::Expired,
+            _ => Correlation::Unknown,
+        })
+    }
+
+    pub(super) async fn commit_reply(
+        &self,
+        correlation_id: &str,
+        expected: &PendingRequest,
+        receipt: ReplyReceipt,
+        envelope: Arc<str>,
+    ) -> Result<Result<ReplyCommit, ReplyError>, StoreError> {
+        let requester = &expected.requester;
+        let (replies, replies_delayed) =
+            Self::queue_keys(&QueueKey::Replies(requester.clone(), expected.requester_instance.clone()));
+        let reply: Vec<String> = self
+            .scripts
+            .commit_reply
+            .key(key(requester, &format!("pending:{correlation_id}")))
+            .key(key(requester, &format!("receipt:{correlation_id}")))
+            .key(replies)
+            .key(replies_delayed)
+            .arg(requester.as_str())
+            .arg(expected.requester_instance.as_str())
+            .arg(expected.target.as_str())
+            .arg(receipt.sender.as_str())
+            .arg(&receipt.fingerprint)
+            .arg(&receipt.message_id)
+            .arg(&*envelope)
+            .arg(self.max_queue_len)
+            .arg(channel(requester))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(match (reply.first().map(String::as_str), reply.get(1)) {
+            (Some("queued"), Some(id)) => Ok(ReplyCommit::Queued { message_id: id.clone() }),
+            (Some("already"), Some(id)) => Ok(ReplyCommit::AlreadyQueued { message_id: id.clone() }),
+            (Some("expired"), _) => Err(ReplyError::Expired),
+            (Some("unknown"), _) => Err(ReplyError::Unknown),
+            _ => Err(ReplyError::Completed),
+        })
+    }
+
+    pub(super) async fn get_state(&self, agent: &AgentId) -> Result<StateSnapshot, StoreError> {
+        let reply: Vec<Value> = self
+            .scripts
+            .state_get
+            .key(key(agent, "state"))
+            .key(key(agent, "state:rev"))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        let mut items = reply.into_iter();
+        let revision = items.next().map(int).unwrap_or(0).max(0) as u64;
+        let rest: Vec<String> = items.map(text).collect();
+        let fields = rest.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect();
+        Ok(StateSnapshot { fields, revision })
+    }
+
+    pub(super) async fn update_state(
+        &self,
+        agent: &AgentId,
+        updates: BTreeMap<String, String>,
+        expected_revision: Option<u64>,
+    ) -> Result<Result<u64, StateError>, StoreError> {
+        let mut invocation = self.scripts.state_update.prepare_invoke();
+        invocation.key(key(agent, "state")).key(key(agent, "state:rev"));
+        invocation.arg(expected_revision.map(|r| r.to_string()).unwrap_or_default());
+        for (field, value) in &updates {
+            invocation.arg(field).arg(value);
+        }
+        let reply: (i64, u64) = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
+        Ok(revision_outcome(reply))
+    }
+
+    pub(super) async fn reset_state(
+        &self,
+        agent: &AgentId,
+        expected_revision: Option<u64>,
+    ) -> Result<Result<u64, StateError>, StoreError> {
+        let reply: (i64, u64) = self
+            .scripts
+            .state_reset
+            .key(key(agent, "state"))
+            .key(key(agent, "state:rev"))
+            .arg(expected_revision.map(|r| r.to_string()).unwrap_or_default())
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(revision_outcome(reply))
+    }
+
+    pub(super) async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {
+        let (stream, delayed) = Self::queue_keys(queue);
+        let (len, waiting): (usize, usize) = redis::pipe()
+            .cmd("XLEN")
+            .arg(stream)
+            .cmd("ZCARD")
+            .arg(delayed)
+            .query_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(len + waiting)
+    }
+
+    pub(super) async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(key(agent, "dlq"))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(entries
+            .into_iter()
+            .map(|(_, fields)| {
+                let field =
+                    |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+                DeadLetter {
+                    agent: agent.clone(),
+                    envelope: Arc::from(field("e")),
+                    reason: field("reason"),
+                    attempts: field("attempts").parse().unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+}
+
+fn revision_outcome((ok, revision): (i64, u64)) -> Result<u64, StateError> {
+    if ok == 1 { Ok(revision) } else { Err(StateError::RevisionConflict { current: revision }) }
+}
+
+fn text(v: Value) -> String {
+    match v {
+        Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Value::SimpleString(s) => s,
+        Value::Int(i) => i.to_string(),
+        Value::Okay => "OK".to_string(),
+        _ => String::new(),
+    }
+}
+
+fn int(v: Value) -> i64 {
+    match v {
+        Value::Int(i) => i,
+        other => text(other).parse().unwrap_or(0),
+    }
+}
+
+/// Forwards `mas:notify:{agent}` messages to the sessions of that agent. Ends when the
+/// backend is dropped; if the subscription breaks, sessions fall back to polling.
+async fn listen(mut pubsub: redis::aio::PubSub, wakers: Weak<Wakers>) {
+    use tokio_stream::StreamExt;
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        let Some(wakers) = wakers.upgrade() else { return };
+        if let Some(agent) = message.get_channel_name().strip_prefix("mas:notify:") {
+            wakers.wake(agent);
+        }
+    }
+    tracing::warn!("Redis notification subscription ended; sessions poll every {IDLE_POLL:?}");
+}

@@ -1,0 +1,278 @@
+-- Lua scripts of the Redis backend, one per domain step; each is atomic in Redis. Sections are
+-- separated by "--@name" lines and loaded by redis.rs. Every script touches keys of one agent
+-- only ({agent} hash tag), so Redis Cluster can run it.
+-- Time is Redis TIME (milliseconds), so every broker sharing the store agrees on deadlines.
+
+--@enqueue
+-- KEYS: stream, delayed. ARGV: envelope, max_len, notify channel.
+if redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+  return redis.error_reply('queue_full')
+end
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'a', '1')
+redis.call('PUBLISH', ARGV[3], '1')
+return id
+
+--@claim
+-- KEYS: lease, owners, work, work_delayed, replies, replies_delayed.
+-- ARGV: owner, max, reclaim (1 = also hand back work of dead owners), notify channel.
+-- Returns {status, next_delayed_ms, tag, id, envelope, attempt, ...}; status 'lost' when the
+-- lease is not ours any more (nothing is claimed then).
+local owner = ARGV[1]
+if redis.call('GET', KEYS[1]) ~= owner then return {'lost', -1} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max = tonumber(ARGV[2])
+
+local function fields(entry)
+  local f = {}
+  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+  return f
+end
+
+local function promote(stream, delayed)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 100)
+  for _, m in ipairs(due) do
+    local d = cjson.decode(m)
+    redis.call('XADD', stream, '*', 'e', d.e, 'a', tostring(d.a))
+    redis.call('ZREM', delayed, m)
+  end
+end
+
+-- Work claimed by a consumer whose lease is gone goes back to the tail, attempt unchanged.
+local function reclaim(stream)
+  local handed = 0
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'mas')) do
+    local info = {}
+    for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+    local name = info['name']
+    if name ~= owner then
+      local deadline = redis.call('ZSCORE', KEYS[2], name)
+      if (not deadline) or tonumber(deadline) <= now then
+        local pending = redis.call('XPENDING', stream, 'mas', '-', '+', 100, name)
+        for _, p in ipairs(pending) do
+          local entry = redis.call('XRANGE', stream, p[1], p[1])
+          if #entry == 1 then
+            local f = fields(entry[1])
+            redis.call('XADD', stream, '*', 'e', f['e'], 'a', f['a'])
+            handed = handed + 1
+          end
+          redis.call('XACK', stream, 'mas', p[1])
+          redis.call('XDEL', stream, p[1])
+        end
+        if #pending < 100 then redis.call('XGROUP', 'DELCONSUMER', stream, 'mas', name) end
+      end
+    end
+  end
+  return handed
+end
+
+promote(KEYS[5], KEYS[6])
+promote(KEYS[3], KEYS[4])
+if ARGV[3] == '1' then
+  if reclaim(KEYS[5]) + reclaim(KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[4], '1') end
+end
+
+local out = {'ok', -1}
+local function read(stream, tag, count)
+  if count <= 0 then return 0 end
+  local got = redis.call('XREADGROUP', 'GROUP', 'mas', owner, 'COUNT', count, 'STREAMS', stream, '>')
+  if not got then return 0 end
+  local n = 0
+  for _, entry in ipairs(got[1][2]) do
+    local f = fields(entry)
+    out[#out + 1] = tag
+    out[#out + 1] = entry[1]
+    out[#out + 1] = f['e'] or ''
+    out[#out + 1] = f['a'] or '0'
+    n = n + 1
+  end
+  return n
+end
+local n = read(KEYS[5], 'r', max)
+read(KEYS[3], 'w', max - n)
+
+local next_at = -1
+for _, delayed in ipairs({KEYS[4], KEYS[6]}) do
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  if #first == 2 then
+    local at = tonumber(first[2])
+    if next_at < 0 or at < next_at then next_at = at end
+  end
+end
+if next_at >= 0 then out[2] = math.max(0, next_at - now) end
+return out
+
+--@settle
+-- KEYS: work, work_delayed, replies, replies_delayed, dlq.
+-- ARGV: owner, notify channel, then per effect: op (ack|requeue|dead), tag (w|r), id, attempt,
+-- delay_ms, reason. Each effect is fenced: applied only if `owner` holds the entry.
+-- Returns one 1 (applied) or 0 (not owner) per effect.
+local owner = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local results = {}
+local wake = false
+for i = 3, #ARGV, 6 do
+  local op, tag, id, attempt, delay, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
+  local stream, delayed = KEYS[1], KEYS[2]
+  if tag == 'r' then stream, delayed = KEYS[3], KEYS[4] end
+  local p = redis.call('XPENDING', stream, 'mas', id, id, 1)
+  if #p == 0 or p[1][2] ~= owner then
+    results[#results + 1] = 0
+  else
+    local entry = redis.call('XRANGE', stream, id, id)
+    local envelope = ''
+    if #entry == 1 then
+      for j = 1, #entry[1][2], 2 do
+        if entry[1][2][j] == 'e' then envelope = entry[1][2][j + 1] end
+      end
+    end
+    if op == 'requeue' then
+      if delay <= 0 then
+        redis.call('XADD', stream, '*', 'e', envelope, 'a', attempt)
+        wake = true
+      else
+        redis.call('ZADD', delayed, now + delay, cjson.encode({e = envelope, a = tonumber(attempt), n = id}))
+      end
+    elseif op == 'dead' then
+      redis.call('XADD', KEYS[5], '*', 'e', envelope, 'reason', reason, 'attempts', attempt, 'at', tostring(now))
+    end
+    redis.call('XACK', stream, 'mas', id)
+    redis.call('XDEL', stream, id)
+    results[#results + 1] = 1
+  end
+end
+if wake then redis.call('PUBLISH', ARGV[2], '1') end
+return results
+
+--@release
+-- KEYS: work, replies. ARGV: owner, notify channel. Hands back everything `owner` holds.
+local owner = ARGV[1]
+local n = 0
+for _, stream in ipairs(KEYS) do
+  if redis.call('EXISTS', stream) == 1 then
+    for _, p in ipairs(redis.call('XPENDING', stream, 'mas', '-', '+', 10000, owner)) do
+      local entry = redis.call('XRANGE', stream, p[1], p[1])
+      if #entry == 1 then
+        local f = {}
+        for i = 1, #entry[1][2], 2 do f[entry[1][2][i]] = entry[1][2][i + 1] end
+        redis.call('XADD', stream, '*', 'e', f['e'], 'a', f['a'])
+        n = n + 1
+      end
+      redis.call('XACK', stream, 'mas', p[1])
+      redis.call('XDEL', stream, p[1])
+    end
+  end
+end
+if n > 0 then redis.call('PUBLISH', ARGV[2], '1') end
+return n
+
+--@lease_acquire
+-- KEYS: lease, owners, work, replies. ARGV: owner, ttl_ms. Returns 1 if taken, 0 if held.
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86400000)
+for _, stream in ipairs({KEYS[3], KEYS[4]}) do
+  redis.pcall('XGROUP', 'CREATE', stream, 'mas', '0', 'MKSTREAM')
+end
+return 1
+
+--@lease_renew
+-- KEYS: lease, owners. ARGV: owner, ttl_ms. Returns 1 if renewed, 0 if the lease is not ours.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+
+--@lease_release
+-- KEYS: lease, owners, notify channel as ARGV[2]. ARGV: owner.
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], '1')
+return 1
+
+--@live
+-- KEYS: owners. Returns the number of owners whose lease deadline is in the future.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+
+--@open_request
+-- KEYS: pending. ARGV: requester, requester_instance, target, ttl_ms, grace_ms.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[4])
+local record = cjson.encode({requester = ARGV[1], requester_instance = ARGV[2], target = ARGV[3], expires_at = now + ttl})
+redis.call('SET', KEYS[1], record, 'PX', ttl + tonumber(ARGV[5]))
+return 1
+
+--@correlation
+-- KEYS: pending, receipt. Returns {'answered', sender, fingerprint, message_id} |
+-- {'pending', requester, instance, target} | {'expired'} | {'unknown'}.
+local receipt = redis.call('GET', KEYS[2])
+if receipt then
+  local r = cjson.decode(receipt)
+  return {'answered', r.sender, r.fingerprint, r.message_id}
+end
+local pending = redis.call('GET', KEYS[1])
+if not pending then return {'unknown'} end
+local p = cjson.decode(pending)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now >= p.expires_at then return {'expired'} end
+return {'pending', p.requester, p.requester_instance, p.target}
+
+--@commit_reply
+-- KEYS: pending, receipt, replies stream, replies delayed.
+-- ARGV: requester, requester_instance, target, sender, fingerprint, message_id, envelope,
+-- max_len, notify channel.
+-- Returns {'queued', id} | {'already', id} | {'completed'} | {'expired'} | {'unknown'}.
+local receipt = redis.call('GET', KEYS[2])
+if receipt then
+  local r = cjson.decode(receipt)
+  if r.sender == ARGV[4] and r.fingerprint == ARGV[5] then return {'already', r.message_id} end
+  return {'completed'}
+end
+local pending = redis.call('GET', KEYS[1])
+if not pending then return {'unknown'} end
+local p = cjson.decode(pending)
+if p.requester ~= ARGV[1] or p.requester_instance ~= ARGV[2] or p.target ~= ARGV[3] then return {'completed'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now >= p.expires_at then return {'expired'} end
+if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[8]) then return {'completed'} end
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[7], 'a', '1')
+local remaining = math.max(1, p.expires_at - now)
+redis.call('SET', KEYS[2], cjson.encode({sender = ARGV[4], fingerprint = ARGV[5], message_id = ARGV[6]}), 'PX', remaining)
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[9], '1')
+return {'queued', ARGV[6]}
+
+--@state_get
+-- KEYS: state, revision. Returns {revision, field, value, ...}.
+local out = {tonumber(redis.call('GET', KEYS[2]) or '0')}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all do out[#out + 1] = all[i] end
+return out
+
+--@state_update
+-- KEYS: state, revision. ARGV: expected revision ('' = unconditional), field, value, ...
+-- Returns {1, new revision} or {0, current revision}.
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= current then return {0, current} end
+if #ARGV < 3 then return {1, current} end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return {1, redis.call('INCR', KEYS[2])}
+
+--@state_reset
+-- KEYS: state, revision. ARGV: expected revision ('' = unconditional).
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= current then return {0, current} end
+redis.call('DEL', KEYS[1])
+return {1, redis.call('INCR', KEYS[2])}

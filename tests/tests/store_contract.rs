@@ -1,0 +1,256 @@
+//! Store contract: the same operation sequences against the embedded memory store and a real
+//! `redis-server` (started here on a free port) must give the same results.
+//!
+//! Each sequence returns a log of outcomes with backend-specific details (entry ids) replaced
+//! by stable labels; the logs of both backends must be equal.
+
+#![cfg(not(madsim))]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mas_core::delivery::{QueuedMessage, RequeueReason, StoreEffect};
+use mas_core::ids::{AgentId, InstanceId};
+use mas_core::store::{MemoryStoreConfig, OwnerToken, PendingRequest, QueueKey, ReplyReceipt, SessionRef};
+use mas_core::time::Now;
+use mas_server::store::redis::{RedisBackend, RedisSettings};
+use mas_server::store::{MemoryBackend, Store};
+use mas_tests::redis_server::RedisServer;
+
+const NO_WAIT: Duration = Duration::ZERO;
+const LEASE: Duration = Duration::from_secs(30);
+
+fn agent(s: &str) -> AgentId {
+    AgentId::new(s).unwrap()
+}
+
+fn session(a: &str, i: &str, owner: &str) -> SessionRef {
+    SessionRef { agent: agent(a), instance: InstanceId::new(i).unwrap(), owner: OwnerToken::new(owner) }
+}
+
+fn work(a: &str) -> QueueKey {
+    QueueKey::Work(agent(a))
+}
+
+fn show(batch: &[QueuedMessage]) -> String {
+    let items: Vec<String> = batch.iter().map(|m| format!("{}@{}", m.envelope, m.attempt)).collect();
+    format!("[{}]", items.join(","))
+}
+
+fn ack(m: &QueuedMessage) -> StoreEffect {
+    StoreEffect::Ack { entry: m.entry.clone() }
+}
+
+fn requeue(m: &QueuedMessage, attempt: u32, delay: Duration, now: Now) -> StoreEffect {
+    StoreEffect::Requeue {
+        entry: m.entry.clone(),
+        envelope: m.envelope.clone(),
+        attempt,
+        not_before: now.mono + delay,
+        reason: RequeueReason::RetryableNack,
+    }
+}
+
+/// Runs `sequence` on a memory store and on a fresh Redis, and compares the logs.
+async fn contract<F, Fut>(sequence: F)
+where
+    F: Fn(Store) -> Fut,
+    Fut: Future<Output = Vec<String>>,
+{
+    let memory =
+        sequence(Store::Memory(MemoryBackend::new(MemoryStoreConfig { max_queue_len: 3, max_dead_letters: 100 })))
+            .await;
+    let Some(redis) = RedisServer::start() else { return };
+    let mut settings = RedisSettings::new(&redis.url);
+    settings.max_queue_len = 3;
+    let backend = RedisBackend::connect(&settings).await.expect("connect to the test redis-server");
+    let on_redis = sequence(Store::Redis(backend)).await;
+    if std::env::var_os("CONTRACT_LOG").is_some() {
+        eprintln!("{}", memory.join("\n"));
+    }
+    assert_eq!(memory, on_redis, "memory (left) and Redis (right) disagree");
+    assert!(!memory.is_empty());
+}
+
+fn now() -> Now {
+    // Only differences matter: delays are measured on this clock and converted by the store.
+    Now::default()
+}
+
+#[tokio::test]
+async fn queue_claim_settle_and_dead_letters() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let b1 = session("bob", "b1", "o1");
+        log.push(format!("lease {:?}", store.acquire_lease(&b1, LEASE).await));
+        for m in ["m0", "m1", "m2"] {
+            log.push(format!("enqueue {m} ok={}", store.enqueue(&work("bob"), Arc::from(m)).await.is_ok()));
+        }
+        log.push(format!("enqueue m3 {:?}", store.enqueue(&work("bob"), Arc::from("m3")).await.err()));
+        let first = store.claim(&b1, 2, NO_WAIT).await.unwrap();
+        log.push(format!("claim {}", show(&first)));
+        let rest = store.claim(&b1, 5, NO_WAIT).await.unwrap();
+        log.push(format!("claim {}", show(&rest)));
+        let effects = vec![
+            ack(&first[0]),
+            requeue(&first[1], 2, Duration::ZERO, now()),
+            StoreEffect::DeadLetter {
+                entry: rest[0].entry.clone(),
+                envelope: rest[0].envelope.clone(),
+                attempts: 5,
+                reason: "boom".into(),
+            },
+        ];
+        log.push(format!("apply {:?}", store.apply(&b1, effects, now()).await));
+        log.push(format!("again {:?}", store.apply(&b1, vec![ack(&first[0])], now()).await));
+        let retried = store.claim(&b1, 5, NO_WAIT).await.unwrap();
+        log.push(format!("claim {}", show(&retried)));
+        log.push(format!("apply {:?}", store.apply(&b1, vec![ack(&retried[0])], now()).await));
+        log.push(format!("len {:?}", store.queue_len(&work("bob")).await));
+        let dead = store.dead_letters(&agent("bob"), 10).await.unwrap();
+        log.push(format!(
+            "dead {:?}",
+            dead.iter().map(|d| (d.envelope.to_string(), d.reason.clone(), d.attempts)).collect::<Vec<_>>()
+        ));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn settling_is_fenced_and_released_work_moves_to_a_sibling() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        store.acquire_lease(&b2, LEASE).await.unwrap();
+        store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
+        let held = store.claim(&b1, 1, NO_WAIT).await.unwrap();
+        log.push(format!("b1 {}", show(&held)));
+        log.push(format!("b2 acks b1's {:?}", store.apply(&b2, vec![ack(&held[0])], now()).await));
+        log.push(format!("b2 claim {}", show(&store.claim(&b2, 1, NO_WAIT).await.unwrap())));
+        log.push(format!("release {:?}", store.release(&b1).await));
+        let moved = store.claim(&b2, 1, NO_WAIT).await.unwrap();
+        log.push(format!("b2 claim {}", show(&moved)));
+        log.push(format!("b1 late ack {:?}", store.apply(&b1, vec![ack(&moved[0])], now()).await));
+        log.push(format!("b2 ack {:?}", store.apply(&b2, vec![ack(&moved[0])], now()).await));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn delayed_requeue_waits_for_its_backoff() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let b1 = session("bob", "b1", "o1");
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
+        let m = store.claim(&b1, 1, NO_WAIT).await.unwrap();
+        store.apply(&b1, vec![requeue(&m[0], 2, Duration::from_millis(300), now())], now()).await.unwrap();
+        log.push(format!("at once {}", show(&store.claim(&b1, 1, NO_WAIT).await.unwrap())));
+        log.push(format!("len {:?}", store.queue_len(&work("bob")).await));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        log.push(format!("later {}", show(&store.claim(&b1, 1, Duration::from_millis(500)).await.unwrap())));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn leases_are_exclusive_expire_and_hand_work_on() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let short = Duration::from_millis(200);
+        let (first, dup, sibling) =
+            (session("bob", "b1", "o1"), session("bob", "b1", "o2"), session("bob", "b2", "o3"));
+        log.push(format!("first {:?}", store.acquire_lease(&first, short).await));
+        log.push(format!("duplicate {:?}", store.acquire_lease(&dup, short).await));
+        log.push(format!("renew {:?}", store.renew_lease(&first, short).await));
+        log.push(format!("live {:?}", store.live_agents(&[agent("bob"), agent("carol")]).await));
+        store.acquire_lease(&sibling, LEASE).await.unwrap();
+        store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
+        log.push(format!("first claims {}", show(&store.claim(&first, 1, NO_WAIT).await.unwrap())));
+        log.push(format!("sibling sees {}", show(&store.claim(&sibling, 1, NO_WAIT).await.unwrap())));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        log.push(format!(
+            "instance live {:?}",
+            store.instance_live(&agent("bob"), &InstanceId::new("b1").unwrap()).await
+        ));
+        log.push(format!("late renew {:?}", store.renew_lease(&first, short).await));
+        // The sibling may need a reclaim pass: allow one wait period.
+        log.push(format!(
+            "sibling reclaims {}",
+            show(&store.claim(&sibling, 1, Duration::from_millis(1500)).await.unwrap())
+        ));
+        log.push(format!("successor {:?}", store.acquire_lease(&dup, short).await));
+        store.release_lease(&first).await.unwrap();
+        log.push(format!(
+            "stale release kept successor {:?}",
+            store.instance_live(&agent("bob"), &InstanceId::new("b1").unwrap()).await
+        ));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let (a1, a2) = (session("alice", "a1", "oa1"), session("alice", "a2", "oa2"));
+        store.acquire_lease(&a1, LEASE).await.unwrap();
+        store.acquire_lease(&a2, LEASE).await.unwrap();
+        let pending =
+            PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
+        let cid = "0123.alice";
+        log.push(format!(
+            "open ok={}",
+            store.open_request(cid, pending.clone(), Duration::from_secs(10), Arc::from("req")).await.is_ok()
+        ));
+        log.push(format!("bob queue {:?}", store.queue_len(&work("bob")).await));
+        log.push(format!("lookup {:?}", store.correlation(&agent("alice"), cid).await));
+        let receipt =
+            |fp: &str, id: &str| ReplyReceipt { sender: agent("bob"), fingerprint: fp.into(), message_id: id.into() };
+        log.push(format!("commit {:?}", store.commit_reply(cid, &pending, receipt("f", "m1"), Arc::from("rep")).await));
+        log.push(format!("retry {:?}", store.commit_reply(cid, &pending, receipt("f", "m2"), Arc::from("rep")).await));
+        log.push(format!("other {:?}", store.commit_reply(cid, &pending, receipt("g", "m3"), Arc::from("x")).await));
+        log.push(format!("lookup {:?}", store.correlation(&agent("alice"), cid).await));
+        log.push(format!("a2 gets {}", show(&store.claim(&a2, 5, NO_WAIT).await.unwrap())));
+        log.push(format!("a1 gets {}", show(&store.claim(&a1, 5, NO_WAIT).await.unwrap())));
+        log.push(format!("unknown {:?}", store.correlation(&agent("alice"), "9999.alice").await));
+        let short =
+            PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
+        store.open_request("7777.alice", short.clone(), Duration::from_millis(100), Arc::from("req2")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        log.push(format!("expired lookup {:?}", store.correlation(&agent("alice"), "7777.alice").await));
+        log.push(format!(
+            "expired commit {:?}",
+            store.commit_reply("7777.alice", &short, receipt("f", "m9"), Arc::from("late")).await
+        ));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn state_compare_and_set() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let bob = agent("bob");
+        let upd = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        log.push(format!("{:?}", store.get_state(&bob).await));
+        log.push(format!("{:?}", store.update_state(&bob, upd("a", "1"), Some(0)).await));
+        log.push(format!("{:?}", store.update_state(&bob, upd("a", "2"), Some(0)).await));
+        log.push(format!("{:?}", store.update_state(&bob, BTreeMap::new(), Some(1)).await));
+        log.push(format!("{:?}", store.update_state(&bob, upd("b", "\"x\""), None).await));
+        log.push(format!("{:?}", store.get_state(&bob).await));
+        log.push(format!("{:?}", store.reset_state(&bob, Some(1)).await));
+        log.push(format!("{:?}", store.reset_state(&bob, Some(2)).await));
+        log.push(format!("{:?}", store.get_state(&bob).await));
+        log
+    })
+    .await;
+}
