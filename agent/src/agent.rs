@@ -1,5 +1,5 @@
-//! The running agent: connection, the transport loop that dispatches deliveries to handlers
-//! and returns their acks, sending, and graceful stop.
+//! The running agent: connection, messaging RPCs and graceful stop. The transport loop that
+//! dispatches deliveries lives in [`crate::transport`].
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -8,20 +8,18 @@ use std::time::Duration;
 use mas_core::envelope::Envelope;
 use mas_core::ids::{AgentId, InstanceId};
 use mas_net::client::{RuntimeClient, runtime_client};
-use mas_proto::v1::{Ack, ClientEvent, Hello, Nack, SendRequest, ServerEvent, client_event, server_event};
+use mas_proto::v1::{DiscoverRequest, ReplyRequest, RequestRequest, SendRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Status, Streaming};
 
 use crate::config::AgentConfig;
-use crate::handler::{HandlerError, Handlers, Message, Outcome};
-
-/// Events queued towards the broker (acks, nacks) at most; the reference uses the same bound.
-const OUTGOING_CAPACITY: usize = 2000;
+use crate::handler::{HandlerError, Handlers, Message};
+use crate::requests::Correlations;
+use crate::transport::{Transport, open_transport};
 
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +51,21 @@ pub enum AgentError {
     /// The payload could not be serialised, or is not a JSON object.
     #[error("payload must serialise to a JSON object: {0}")]
     Payload(String),
+    /// A request got no reply within its timeout (the whole operation is bounded).
+    #[error("no reply within {0:?}")]
+    RequestTimeout(Duration),
+    /// The timeout is not usable (zero, or over i32::MAX milliseconds).
+    #[error("request timeout must be between 1 ms and {} ms", i32::MAX)]
+    InvalidTimeout,
+    /// The message is not a request (no correlation id), so it cannot be replied to.
+    #[error("cannot reply: the message has no correlation_id")]
+    NotARequest,
+    /// The agent was stopped while the operation waited.
+    #[error("agent stopped")]
+    Stopped,
+    /// A state update does not fit the state type, or stored state does not.
+    #[error("invalid state: {0}")]
+    State(String),
 }
 
 impl AgentError {
@@ -100,31 +113,27 @@ impl AgentBuilder {
     }
 
     /// Connects, opens the transport (Hello → Welcome) and starts dispatching deliveries.
+    /// After that, a lost transport is reopened with backoff (0.1 s doubling to 5 s) under the
+    /// same instance id until [`Agent::stop`].
     pub async fn start(self) -> Result<Agent, AgentError> {
         let config = self.config;
         let instance_id = config.instance_id.clone().unwrap_or_else(random_instance_id);
         let channel = connect(&config).await?;
         let client = runtime_client(channel, &config.agent_id);
-        let (outgoing, inbound) = open_transport(&config, &instance_id, client.clone()).await?;
+        let first = open_transport(&config, &instance_id, client.clone()).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let agent = Agent {
             inner: Arc::new(Inner {
                 agent_id: config.agent_id.clone(),
-                instance_id,
-                client,
+                instance_id: instance_id.clone(),
+                client: client.clone(),
+                correlations: Correlations::default(),
                 stop: stop_tx,
                 transport: Mutex::new(None),
             }),
         };
-        let transport = Transport {
-            agent: agent.clone(),
-            handlers: Arc::new(self.handlers),
-            config,
-            inbound,
-            outgoing,
-            stop: stop_rx,
-        };
-        let task = tokio::spawn(transport.run());
+        let transport = Transport::new(agent.clone(), Arc::new(self.handlers), config, instance_id, client, stop_rx);
+        let task = tokio::spawn(transport.run(first));
         *agent.inner.transport.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         Ok(agent)
     }
@@ -136,13 +145,32 @@ pub struct Agent {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     agent_id: AgentId,
     instance_id: InstanceId,
     client: RuntimeClient,
+    correlations: Correlations,
     stop: watch::Sender<bool>,
     transport: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("agent_id", &self.agent_id).field("instance_id", &self.instance_id).finish()
+    }
+}
+
+/// One agent the caller may message, as discovery shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentInfo {
+    /// Its id.
+    pub agent_id: String,
+    /// Its capabilities (from the broker's configuration).
+    pub capabilities: Vec<String>,
+    /// Its metadata (from the broker's configuration).
+    pub metadata: serde_json::Value,
+    /// `ACTIVE`: discovery lists only agents with a live session.
+    pub status: String,
 }
 
 impl Agent {
@@ -156,27 +184,95 @@ impl Agent {
         &self.inner.instance_id
     }
 
+    pub(crate) fn client(&self) -> RuntimeClient {
+        self.inner.client.clone()
+    }
+
+    pub(crate) fn correlations(&self) -> &Correlations {
+        &self.inner.correlations
+    }
+
     /// Sends `data` (which must serialise to a JSON object) to `target`. Returns the message
     /// id the broker assigned. Denials come back as [`AgentError::Rpc`] with the broker's
     /// detail, e.g. `PERMISSION_DENIED not_authorized`.
     pub async fn send(&self, target: &str, message_type: &str, data: &impl Serialize) -> Result<String, AgentError> {
-        let data_json = object_json(data)?;
         let request = SendRequest {
             target_id: target.to_string(),
             message_type: message_type.to_string(),
-            data_json,
+            data_json: object_json(data)?,
             instance_id: self.inner.instance_id.to_string(),
         };
-        let mut client = self.inner.client.clone();
-        let response = client.send(request).await.map_err(AgentError::Rpc)?;
+        let response = self.client().send(request).await.map_err(AgentError::Rpc)?;
         Ok(response.into_inner().message_id)
     }
 
-    /// Stops gracefully: no new deliveries are started, running handlers get up to
-    /// `handler_drain_timeout` to finish, their acks are flushed, then the transport closes and
-    /// the broker hands anything unacknowledged to another instance. Idempotent. Must not be
-    /// awaited from inside a handler of this agent (it waits for handlers to finish).
+    /// Sends a request and waits for its reply. The whole operation (RPC and wait) is bounded
+    /// by `timeout`, which is also the broker's deadline for the reply. Only a reply from
+    /// `target` is accepted. Returns the reply envelope.
+    pub async fn request(&self, target: &str, message_type: &str, data: &impl Serialize, timeout: Duration) -> Result<Envelope, AgentError> {
+        let timeout_ms = i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).map_err(|_| AgentError::InvalidTimeout)?;
+        if timeout.is_zero() {
+            return Err(AgentError::InvalidTimeout);
+        }
+        let request = RequestRequest {
+            target_id: target.to_string(),
+            message_type: message_type.to_string(),
+            data_json: object_json(data)?,
+            timeout_ms,
+            instance_id: self.inner.instance_id.to_string(),
+        };
+        let mut registered = None;
+        let exchange = async {
+            let response = self.client().request(request).await.map_err(AgentError::Rpc)?.into_inner();
+            let reply = self.correlations().register(&response.correlation_id, target).map_err(|_| AgentError::Stopped)?;
+            registered = Some(response.correlation_id);
+            reply.await.map_err(|_| AgentError::Stopped)
+        };
+        let outcome = tokio::time::timeout(timeout, exchange).await;
+        if let Some(cid) = registered {
+            self.correlations().unregister(&cid);
+        }
+        outcome.unwrap_or(Err(AgentError::RequestTimeout(timeout)))
+    }
+
+    /// Replies to `request` (a message that carries a correlation id). An identical retry
+    /// returns the original reply's message id; a late one fails with
+    /// `FAILED_PRECONDITION correlation_id_expired`.
+    pub async fn reply(&self, request: &Envelope, message_type: &str, data: &impl Serialize) -> Result<String, AgentError> {
+        let correlation_id = request.meta.correlation_id.clone().ok_or(AgentError::NotARequest)?;
+        let reply = ReplyRequest {
+            correlation_id,
+            message_type: message_type.to_string(),
+            data_json: object_json(data)?,
+            instance_id: self.inner.instance_id.to_string(),
+        };
+        Ok(self.client().reply(reply).await.map_err(AgentError::Rpc)?.into_inner().message_id)
+    }
+
+    /// Agents this agent may message that are live, having any of `capabilities` (all if
+    /// empty), sorted by id.
+    pub async fn discover(&self, capabilities: &[&str]) -> Result<Vec<AgentInfo>, AgentError> {
+        let request = DiscoverRequest { capabilities: capabilities.iter().map(|c| c.to_string()).collect() };
+        let response = self.client().discover(request).await.map_err(AgentError::Rpc)?.into_inner();
+        Ok(response
+            .agents
+            .into_iter()
+            .map(|a| AgentInfo {
+                metadata: serde_json::from_str(&a.metadata_json).unwrap_or(serde_json::Value::Null),
+                agent_id: a.agent_id,
+                capabilities: a.capabilities,
+                status: a.status,
+            })
+            .collect())
+    }
+
+    /// Stops gracefully: pending requests fail at once with [`AgentError::Stopped`], no new
+    /// deliveries are started, running handlers get up to `handler_drain_timeout` to finish,
+    /// their acks are flushed, then the transport closes and the broker hands anything
+    /// unacknowledged to another instance. Idempotent. Must not be awaited from inside a
+    /// handler of this agent (it waits for handlers to finish).
     pub async fn stop(&self) {
+        self.inner.correlations.close();
         self.inner.stop.send_replace(true);
         let task = self.inner.transport.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(task) = task
@@ -186,7 +282,7 @@ impl Agent {
         }
     }
 
-    /// Whether the transport is still running (false after stop or after the broker closed it).
+    /// Whether the transport task is still running (false after stop).
     pub fn is_running(&self) -> bool {
         self.inner.transport.lock().unwrap_or_else(PoisonError::into_inner).as_ref().is_some_and(|t| !t.is_finished())
     }
@@ -217,7 +313,7 @@ fn random_instance_id() -> InstanceId {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let mixed = (nanos ^ u64::from(std::process::id()) << 32)
+    let mixed = (nanos ^ (u64::from(std::process::id()) << 32))
         .wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let text = format!("{:08x}", (mixed ^ (mixed >> 29)) as u32);
     // Eight hex digits always satisfy the instance id rules.
@@ -228,136 +324,11 @@ fn random_instance_id() -> InstanceId {
 async fn connect(config: &AgentConfig) -> Result<Channel, AgentError> {
     mas_net::tls::install_crypto_provider();
     let pem = config.tls.load()?;
-    let endpoint =
-        Endpoint::from_shared(config.endpoint.clone())?.tls_config(pem.client_config(&config.server_name))?;
+    let endpoint = Endpoint::from_shared(config.endpoint.clone())?.tls_config(pem.client_config(&config.server_name))?;
     Ok(endpoint.connect().await?)
 }
 
 #[cfg(madsim)]
 async fn connect(config: &AgentConfig) -> Result<Channel, AgentError> {
     Ok(Endpoint::from_shared(config.endpoint.clone())?.connect().await?)
-}
-
-/// Says Hello and waits for Welcome.
-async fn open_transport(
-    config: &AgentConfig,
-    instance_id: &InstanceId,
-    mut client: RuntimeClient,
-) -> Result<(mpsc::Sender<ClientEvent>, Streaming<ServerEvent>), AgentError> {
-    let (outgoing, rx) = mpsc::channel(OUTGOING_CAPACITY);
-    let hello = ClientEvent { event: Some(client_event::Event::Hello(Hello { instance_id: instance_id.to_string() })) };
-    // Cannot fail: the channel is fresh and its receiver alive.
-    let _ = outgoing.try_send(hello);
-    let welcome = async {
-        let mut inbound = client.transport(ReceiverStream::new(rx)).await.map_err(AgentError::Refused)?.into_inner();
-        match inbound.message().await.map_err(AgentError::Refused)? {
-            Some(ServerEvent { event: Some(server_event::Event::Welcome(w)) }) => {
-                if w.agent_id != config.agent_id.as_str() {
-                    return Err(AgentError::IdentityMismatch { expected: config.agent_id.clone(), actual: w.agent_id });
-                }
-                Ok(inbound)
-            }
-            _ => Err(AgentError::Refused(Status::unavailable("transport closed before Welcome"))),
-        }
-    };
-    match tokio::time::timeout(config.welcome_timeout, welcome).await {
-        Ok(inbound) => Ok((outgoing, inbound?)),
-        Err(_) => Err(AgentError::WelcomeTimeout(config.welcome_timeout)),
-    }
-}
-
-/// The transport loop's state; consumed by [`Transport::run`].
-struct Transport {
-    agent: Agent,
-    handlers: Arc<Handlers>,
-    config: AgentConfig,
-    inbound: Streaming<ServerEvent>,
-    outgoing: mpsc::Sender<ClientEvent>,
-    stop: watch::Receiver<bool>,
-}
-
-impl Transport {
-    async fn run(mut self) {
-        let limit = self.config.max_concurrent_handlers.max(1);
-        let permits = Arc::new(Semaphore::new(limit));
-        let mut running: Vec<JoinHandle<()>> = Vec::new();
-        let broker_closed = loop {
-            // Take a handler slot first, so a full agent stops reading and the broker's
-            // window, not our memory, absorbs the backlog.
-            let permit = tokio::select! {
-                biased;
-                _ = self.stop.wait_for(|stop| *stop) => break false,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break false,
-                },
-            };
-            let event = tokio::select! {
-                biased;
-                _ = self.stop.wait_for(|stop| *stop) => break false,
-                event = self.inbound.message() => event,
-            };
-            match event {
-                Ok(Some(ServerEvent { event: Some(server_event::Event::Delivery(d)) })) => {
-                    let (agent, handlers, outgoing) =
-                        (self.agent.clone(), self.handlers.clone(), self.outgoing.clone());
-                    running.retain(|task| !task.is_finished());
-                    running.push(tokio::spawn(async move {
-                        let outcome = handlers.dispatch(agent, &d.envelope_json).await;
-                        let _ = outgoing.send(settle(d.delivery_id, outcome)).await;
-                        drop(permit);
-                    }));
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => break true,
-                Err(status) => {
-                    tracing::warn!(code = ?status.code(), detail = status.message(), "transport failed");
-                    break true;
-                }
-            }
-        };
-        self.finish(permits, limit, running, broker_closed).await;
-    }
-
-    /// Lets running handlers finish (bounded), then closes our side after the last ack so the
-    /// broker sees every ack before the end of the stream, and waits for it to close its side.
-    async fn finish(
-        mut self,
-        permits: Arc<Semaphore>,
-        limit: usize,
-        running: Vec<JoinHandle<()>>,
-        broker_closed: bool,
-    ) {
-        let all_slots = u32::try_from(limit).unwrap_or(u32::MAX);
-        let all_done = permits.acquire_many(all_slots);
-        if tokio::time::timeout(self.config.handler_drain_timeout, all_done).await.is_err() {
-            let still = running.iter().filter(|t| !t.is_finished()).count();
-            tracing::warn!(
-                still_running = still,
-                "handlers did not finish in time; their messages will be redelivered"
-            );
-            for task in &running {
-                task.abort();
-            }
-            for task in running {
-                let _ = task.await;
-            }
-        }
-        drop(self.outgoing);
-        if broker_closed {
-            return;
-        }
-        let closed = async { while let Ok(Some(_)) = self.inbound.message().await {} };
-        if tokio::time::timeout(self.config.ack_flush_timeout, closed).await.is_err() {
-            tracing::warn!("broker did not close the transport in time");
-        }
-    }
-}
-
-fn settle(delivery_id: String, outcome: Outcome) -> ClientEvent {
-    let event = match outcome {
-        Outcome::Ack => client_event::Event::Ack(Ack { delivery_id }),
-        Outcome::Nack { reason, retryable } => client_event::Event::Nack(Nack { delivery_id, reason, retryable }),
-    };
-    ClientEvent { event: Some(event) }
 }

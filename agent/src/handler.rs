@@ -96,12 +96,8 @@ impl Handlers {
         }));
     }
 
-    /// Runs the right handler for `envelope_json` and says how the delivery ended.
-    pub(crate) async fn dispatch(&self, agent: Agent, envelope_json: &str) -> Outcome {
-        let envelope = match Envelope::from_json(envelope_json) {
-            Ok(envelope) => envelope,
-            Err(err) => return nack(format!("invalid_envelope:{err}"), false),
-        };
+    /// Runs the right handler for `envelope` and says how the delivery ended.
+    pub(crate) async fn dispatch(&self, agent: Agent, envelope: Envelope) -> Outcome {
         match self.typed.get(&envelope.message_type).or(self.fallback.as_ref()) {
             Some(handler) => handler(agent, envelope).await,
             None => {

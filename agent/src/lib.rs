@@ -28,7 +28,11 @@
 mod agent;
 mod config;
 mod handler;
+mod requests;
+mod state;
+mod transport;
 
-pub use agent::{Agent, AgentBuilder, AgentError};
+pub use agent::{Agent, AgentBuilder, AgentError, AgentInfo};
 pub use config::AgentConfig;
 pub use handler::{HandlerError, Handlers, Message, Outcome};
+pub use state::TypedState;
