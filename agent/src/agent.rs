@@ -2,7 +2,7 @@
 //! dispatches deliveries lives in [`crate::transport`].
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use mas_core::envelope::Envelope;
@@ -118,21 +118,20 @@ impl AgentBuilder {
     pub async fn start(self) -> Result<Agent, AgentError> {
         let config = self.config;
         let instance_id = config.instance_id.clone().unwrap_or_else(random_instance_id);
-        let channel = connect(&config).await?;
-        let client = runtime_client(channel, &config.agent_id);
+        let client = runtime_client(connect(&config, &config.endpoint).await?, &config.agent_id);
         let first = open_transport(&config, &instance_id, client.clone()).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let agent = Agent {
             inner: Arc::new(Inner {
                 agent_id: config.agent_id.clone(),
                 instance_id: instance_id.clone(),
-                client: client.clone(),
+                client: RwLock::new(client.clone()),
                 correlations: Correlations::default(),
                 stop: stop_tx,
                 transport: Mutex::new(None),
             }),
         };
-        let transport = Transport::new(agent.clone(), Arc::new(self.handlers), config, instance_id, client, stop_rx);
+        let transport = Transport::new(agent.clone(), Arc::new(self.handlers), config, instance_id, stop_rx);
         let task = tokio::spawn(transport.run(first));
         *agent.inner.transport.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         Ok(agent)
@@ -148,7 +147,8 @@ pub struct Agent {
 struct Inner {
     agent_id: AgentId,
     instance_id: InstanceId,
-    client: RuntimeClient,
+    /// Replaced when the transport reconnects to another broker.
+    client: RwLock<RuntimeClient>,
     correlations: Correlations,
     stop: watch::Sender<bool>,
     transport: Mutex<Option<JoinHandle<()>>>,
@@ -185,7 +185,11 @@ impl Agent {
     }
 
     pub(crate) fn client(&self) -> RuntimeClient {
-        self.inner.client.clone()
+        self.inner.client.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn set_client(&self, client: RuntimeClient) {
+        *self.inner.client.write().unwrap_or_else(PoisonError::into_inner) = client;
     }
 
     pub(crate) fn correlations(&self) -> &Correlations {
@@ -320,15 +324,17 @@ fn random_instance_id() -> InstanceId {
     InstanceId::new(&text).unwrap_or_else(|_| unreachable!("hex is a valid instance id"))
 }
 
+/// Connects to the broker at `url` (TLS files are re-read, so rotated certificates apply).
 #[cfg(not(madsim))]
-async fn connect(config: &AgentConfig) -> Result<Channel, AgentError> {
+pub(crate) async fn connect(config: &AgentConfig, url: &str) -> Result<Channel, AgentError> {
     mas_net::tls::install_crypto_provider();
     let pem = config.tls.load()?;
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())?.tls_config(pem.client_config(&config.server_name))?;
+    let endpoint = Endpoint::from_shared(url.to_string())?.tls_config(pem.client_config(&config.server_name))?;
     Ok(endpoint.connect().await?)
 }
 
+/// Connects to the broker at `url` on the simulated network.
 #[cfg(madsim)]
-async fn connect(config: &AgentConfig) -> Result<Channel, AgentError> {
-    Ok(Endpoint::from_shared(config.endpoint.clone())?.connect().await?)
+pub(crate) async fn connect(_config: &AgentConfig, url: &str) -> Result<Channel, AgentError> {
+    Ok(Endpoint::from_shared(url.to_string())?.connect().await?)
 }

@@ -13,6 +13,8 @@ pub struct AgentConfig {
     pub instance_id: Option<InstanceId>,
     /// Broker URL, e.g. `https://127.0.0.1:50051` (`http://` under simulation).
     pub endpoint: String,
+    /// Other brokers sharing the same store, tried in turn when the transport must be reopened.
+    pub fallback_endpoints: Vec<String>,
     /// Name expected in the broker's certificate.
     pub server_name: String,
     /// CA, certificate and key files (production only; simulation has no TLS).
@@ -29,6 +31,11 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Every broker endpoint, the primary first.
+    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.endpoint.as_str()).chain(self.fallback_endpoints.iter().map(String::as_str))
+    }
+
     /// Settings with the reference's defaults (Welcome 10 s, handler drain 5 s, ack flush 2 s).
     pub fn new(
         agent_id: AgentId,
@@ -39,6 +46,7 @@ impl AgentConfig {
             agent_id,
             instance_id: None,
             endpoint: endpoint.into(),
+            fallback_endpoints: Vec::new(),
             server_name: "localhost".to_string(),
             #[cfg(not(madsim))]
             tls,

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::{Agent, AgentError, connect};
 use crate::config::AgentConfig;
 use crate::handler::{Handlers, Outcome};
 
@@ -64,7 +64,6 @@ pub(crate) struct Transport {
     handlers: Arc<Handlers>,
     config: AgentConfig,
     instance_id: InstanceId,
-    client: RuntimeClient,
     stop: watch::Receiver<bool>,
 }
 
@@ -74,10 +73,21 @@ impl Transport {
         handlers: Arc<Handlers>,
         config: AgentConfig,
         instance_id: InstanceId,
-        client: RuntimeClient,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        Transport { agent, handlers, config, instance_id, client, stop }
+        Transport { agent, handlers, config, instance_id, stop }
+    }
+
+    /// Opens a transport on the `attempt`-th endpoint (round robin over all configured), and
+    /// makes the agent's RPCs use that broker too.
+    async fn reopen(&self, attempt: usize) -> Result<Connection, AgentError> {
+        let endpoints: Vec<&str> = self.config.endpoints().collect();
+        let url = endpoints[attempt % endpoints.len()];
+        let client = mas_net::client::runtime_client(connect(&self.config, url).await?, &self.config.agent_id);
+        let connection = open_transport(&self.config, &self.instance_id, client.clone()).await?;
+        self.agent.set_client(client);
+        tracing::info!(instance = %self.instance_id, broker = url, "transport reopened");
+        Ok(connection)
     }
 
     /// Serves `first`, then keeps reconnecting until stopped. Pending requests survive a
@@ -85,12 +95,12 @@ impl Transport {
     pub(crate) async fn run(mut self, first: Connection) {
         let mut connection = Some(first);
         let mut backoff = RECONNECT_BACKOFF_INITIAL;
+        let mut attempt = 0usize;
         loop {
             let current = match connection.take() {
                 Some(c) => c,
-                None => match open_transport(&self.config, &self.instance_id, self.client.clone()).await {
+                None => match self.reopen(attempt).await {
                     Ok(c) => {
-                        tracing::info!(instance = %self.instance_id, "transport reopened");
                         backoff = RECONNECT_BACKOFF_INITIAL;
                         c
                     }
@@ -101,6 +111,7 @@ impl Transport {
                             _ = tokio::time::sleep(backoff) => {}
                         }
                         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                        attempt += 1;
                         continue;
                     }
                 },

@@ -1,0 +1,305 @@
+//! End-to-end over mTLS against a real `redis-server` (started per test on a free port):
+//! request/reply, reply spoofing, late replies, state compare-and-set, load sharing with
+//! per-instance replies, redelivery from a dead consumer, dead-lettering.
+
+#![cfg(not(madsim))]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mas_agent::{AgentError, HandlerError, Message, TypedState};
+use mas_core::envelope::Envelope;
+use mas_proto::v1::{ClientEvent, Hello, client_event, server_event};
+use mas_server::config::DeliverySettings;
+use mas_tests::redis_server::RedisServer;
+use mas_tests::{TestBroker, eventually, eventually_async};
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+async fn broker(redis: &RedisServer, grants: mas_tests::Grants<'_>) -> TestBroker {
+    TestBroker::start_on_redis(grants, &redis.url).await
+}
+
+/// bob answers `add` requests with the sum.
+async fn adder(tb: &TestBroker, instance: &str) -> mas_agent::Agent {
+    let mut config = tb.agent_config("bob");
+    config.instance_id = Some(instance.parse().unwrap());
+    mas_agent::AgentBuilder::new(config)
+        .on("add", |agent, msg: Message<Add>| async move {
+            agent.reply(&msg.envelope, "sum", &serde_json::json!({"sum": msg.payload.a + msg.payload.b, "by": agent.instance_id().to_string()})).await?;
+            Ok::<(), HandlerError>(())
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn request_reply_round_trip() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[])]).await;
+    let bob = adder(&tb, "b1").await;
+    let alice = tb.agent("alice").start().await.unwrap();
+    let reply = alice.request("bob", "add", &Add { a: 2, b: 3 }, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(reply.data["sum"], 5);
+    assert_eq!(reply.sender_id, "bob");
+    assert!(reply.meta.is_reply);
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn spoofed_reply_is_refused_and_the_real_reply_still_accepted() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[]), ("carol", &[])]).await;
+    // bob parks the request so that carol can try to answer it first.
+    let parked: Arc<Mutex<Option<Envelope>>> = Arc::default();
+    let p = parked.clone();
+    let bob = tb
+        .agent("bob")
+        .on("add", move |_, msg: Message<Add>| {
+            *p.lock().unwrap() = Some(msg.envelope);
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let carol = tb.agent("carol").start().await.unwrap();
+    let alice = tb.agent("alice").start().await.unwrap();
+    let waiting = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.request("bob", "add", &Add { a: 1, b: 1 }, Duration::from_secs(10)).await }
+    });
+    assert!(eventually(Duration::from_secs(5), || parked.lock().unwrap().is_some()).await);
+    let request = parked.lock().unwrap().clone().unwrap();
+    let spoof = carol.reply(&request, "sum", &serde_json::json!({"sum": 666})).await.expect_err("spoof refused");
+    let status = spoof.status().unwrap();
+    assert_eq!((status.code(), status.message()), (Code::PermissionDenied, "reply_sender_mismatch"));
+    let id = bob.reply(&request, "sum", &serde_json::json!({"sum": 2})).await.unwrap();
+    let again = bob.reply(&request, "sum", &serde_json::json!({"sum": 2})).await.unwrap();
+    assert_eq!(id, again, "an identical retried reply returns the original id");
+    let different = bob.reply(&request, "sum", &serde_json::json!({"sum": 3})).await.expect_err("second answer");
+    assert_eq!(different.status().map(|s| s.message()), Some("unknown_or_completed_correlation_id"));
+    let reply = waiting.await.unwrap().unwrap();
+    assert_eq!(reply.data["sum"], 2);
+    assert_eq!(reply.message_id, id);
+    for a in [alice, bob, carol] {
+        a.stop().await;
+    }
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn late_reply_is_refused_as_expired() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[])]).await;
+    let late: Arc<Mutex<Option<Result<String, (Code, String)>>>> = Arc::default();
+    let l = late.clone();
+    let bob = tb
+        .agent("bob")
+        .on("add", move |agent, msg: Message<Add>| {
+            let l = l.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let r = agent.reply(&msg.envelope, "sum", &serde_json::json!({"sum": 0})).await;
+                *l.lock().unwrap() = Some(r.map_err(|e| e.status().map(|s| (s.code(), s.message().to_string())).unwrap_or((Code::Unknown, e.to_string()))));
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let alice = tb.agent("alice").start().await.unwrap();
+    let started = Instant::now();
+    let err = alice.request("bob", "add", &Add { a: 1, b: 1 }, Duration::from_millis(300)).await.expect_err("timeout");
+    assert!(matches!(err, AgentError::RequestTimeout(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(1000), "the whole request is bounded by its timeout");
+    assert!(eventually(Duration::from_secs(5), || late.lock().unwrap().is_some()).await);
+    let outcome = late.lock().unwrap().clone().unwrap();
+    assert_eq!(outcome, Err((Code::FailedPrecondition, "correlation_id_expired".to_string())));
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Counter {
+    count: u64,
+    label: String,
+}
+
+#[tokio::test]
+async fn state_compare_and_set_conflict_leaves_local_state_unchanged() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = broker(&redis, &[("bob", &[])]).await;
+    let b1 = tb.agent("bob").start().await.unwrap();
+    let b2 = tb.agent("bob").start().await.unwrap();
+    let mut s1 = TypedState::<Counter>::load(&b1).await.unwrap();
+    let mut s2 = TypedState::<Counter>::load(&b2).await.unwrap();
+    assert_eq!((s1.get().clone(), s1.revision()), (Counter::default(), 0));
+    let bad = s1.update(serde_json::json!({"count": "not a number"}).as_object().unwrap().clone()).await;
+    assert!(matches!(bad, Err(AgentError::State(_))), "out-of-type update rejected before sending");
+    let unknown = s1.update(serde_json::json!({"colour": 1}).as_object().unwrap().clone()).await;
+    assert!(matches!(unknown, Err(AgentError::State(_))));
+    assert_eq!(s1.update(serde_json::json!({"count": 1}).as_object().unwrap().clone()).await.unwrap(), 1);
+    let conflict = s2.update(serde_json::json!({"label": "x"}).as_object().unwrap().clone()).await.expect_err("stale");
+    assert_eq!(conflict.status().map(|s| (s.code(), s.message())), Some((Code::Aborted, "state_revision_conflict")));
+    assert_eq!((s2.get().clone(), s2.revision()), (Counter::default(), 0), "local copy unchanged");
+    s2.refresh().await.unwrap();
+    assert_eq!(s2.get().count, 1);
+    assert_eq!(s2.update(serde_json::json!({"label": "x"}).as_object().unwrap().clone()).await.unwrap(), 2);
+    s1.refresh().await.unwrap();
+    assert_eq!(s1.get(), &Counter { count: 1, label: "x".into() });
+    assert_eq!(s1.reset().await.unwrap(), 3);
+    s2.refresh().await.unwrap();
+    assert_eq!(s2.get(), &Counter::default());
+    b1.stop().await;
+    b2.stop().await;
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn instances_share_work_and_each_requester_instance_gets_its_own_replies() {
+    let Some(redis) = RedisServer::start() else { return };
+    let small_window = DeliverySettings { max_in_flight: 2, ..DeliverySettings::default() };
+    let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {
+        c.redis = Some(mas_server::store::redis::RedisSettings::new(&redis.url));
+        c.delivery = small_window;
+    })
+    .await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut bobs = Vec::new();
+    for instance in ["b1", "b2"] {
+        let seen = seen.clone();
+        let mut config = tb.agent_config("bob");
+        config.instance_id = Some(instance.parse().unwrap());
+        let bob = mas_agent::AgentBuilder::new(config)
+            .on("add", move |agent, msg: Message<Add>| {
+                let seen = seen.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    seen.lock().unwrap().push(agent.instance_id().to_string());
+                    agent.reply(&msg.envelope, "sum", &serde_json::json!({"sum": msg.payload.a + msg.payload.b})).await?;
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+        bobs.push(bob);
+    }
+    let mut alices = Vec::new();
+    for instance in ["a1", "a2"] {
+        let mut config = tb.agent_config("alice");
+        config.instance_id = Some(instance.parse().unwrap());
+        alices.push(mas_agent::AgentBuilder::new(config).start().await.unwrap());
+    }
+    let mut calls = Vec::new();
+    for i in 0..20i64 {
+        for (k, alice) in alices.iter().enumerate() {
+            let alice = alice.clone();
+            let a = i * 10 + k as i64;
+            calls.push(tokio::spawn(async move {
+                let reply = alice.request("bob", "add", &Add { a, b: 1 }, Duration::from_secs(10)).await.unwrap();
+                (reply.meta.reply_to_instance_id.clone(), alice.instance_id().to_string(), reply.data["sum"].clone(), a)
+            }));
+        }
+    }
+    for call in calls {
+        let (reply_to, asker, sum, a) = call.await.unwrap();
+        assert_eq!(reply_to.as_deref(), Some(asker.as_str()), "the reply reached the instance that asked");
+        assert_eq!(sum, a + 1, "the reply answers this request");
+    }
+    let by: BTreeSet<String> = seen.lock().unwrap().iter().cloned().collect();
+    assert_eq!(by, BTreeSet::from(["b1".to_string(), "b2".to_string()]), "both instances took work");
+    for a in alices.into_iter().chain(bobs) {
+        a.stop().await;
+    }
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn deliveries_held_by_a_dead_consumer_go_to_its_sibling_within_two_seconds() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[])]).await;
+    // A raw consumer takes deliveries and dies without acking.
+    let cert = tb.ca.agent_cert(&mas_tests::id("bob")).unwrap();
+    let mut raw = tb.raw_client(Some(&cert)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ClientEvent { event: Some(client_event::Event::Hello(Hello { instance_id: "doomed".into() })) }).await.unwrap();
+    let mut events = raw.transport(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    events.message().await.unwrap().expect("welcome");
+    let alice = tb.agent("alice").start().await.unwrap();
+    for n in 0..5 {
+        alice.send("bob", "add", &Add { a: n, b: 0 }).await.unwrap();
+    }
+    let mut held = 0;
+    while held < 5 {
+        if let Some(mas_proto::v1::ServerEvent { event: Some(server_event::Event::Delivery(_)) }) = events.message().await.unwrap() {
+            held += 1;
+        }
+    }
+    drop(events);
+    drop(tx);
+    drop(raw);
+    let died = Instant::now();
+    let handled = Arc::new(AtomicU32::new(0));
+    let h = handled.clone();
+    let sibling = tb
+        .agent("bob")
+        .on("add", move |_, _msg: Message<Add>| {
+            h.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(2), || handled.load(Ordering::SeqCst) == 5).await);
+    eprintln!("redelivered to the sibling {:?} after the consumer died", died.elapsed());
+    assert!(eventually_async(Duration::from_secs(2), || async { tb.queue_len("bob").await == 0 }).await);
+    alice.stop().await;
+    sibling.stop().await;
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn always_failing_handler_is_dead_lettered_after_the_attempt_limit() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {
+        c.redis = Some(mas_server::store::redis::RedisSettings::new(&redis.url));
+        c.delivery = DeliverySettings { max_delivery_attempts: 3, retry_backoff_initial_ms: 100, retry_backoff_max_ms: 1000, ..Default::default() };
+    })
+    .await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let bob = tb
+        .agent("bob")
+        .on("add", move |_, _msg: Message<Add>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), HandlerError>("boom".into()) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let alice = tb.agent("alice").start().await.unwrap();
+    alice.send("bob", "add", &Add { a: 1, b: 1 }).await.unwrap();
+    assert!(eventually_async(Duration::from_secs(5), || async { tb.dead_letters("bob").await.len() == 1 }).await);
+    let letter = &tb.dead_letters("bob").await[0];
+    assert_eq!((letter.reason.as_str(), letter.attempts), ("handler_error:boom; retry_limit_exceeded", 3));
+    assert!(letter.envelope.contains("\"a\":1"), "the full envelope is kept");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert!(eventually_async(Duration::from_secs(2), || async { tb.queue_len("bob").await == 0 }).await);
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}
