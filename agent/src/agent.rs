@@ -213,8 +213,15 @@ impl Agent {
     /// Sends a request and waits for its reply. The whole operation (RPC and wait) is bounded
     /// by `timeout`, which is also the broker's deadline for the reply. Only a reply from
     /// `target` is accepted. Returns the reply envelope.
-    pub async fn request(&self, target: &str, message_type: &str, data: &impl Serialize, timeout: Duration) -> Result<Envelope, AgentError> {
-        let timeout_ms = i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).map_err(|_| AgentError::InvalidTimeout)?;
+    pub async fn request(
+        &self,
+        target: &str,
+        message_type: &str,
+        data: &impl Serialize,
+        timeout: Duration,
+    ) -> Result<Envelope, AgentError> {
+        let timeout_ms =
+            i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).map_err(|_| AgentError::InvalidTimeout)?;
         if timeout.is_zero() {
             return Err(AgentError::InvalidTimeout);
         }
@@ -228,7 +235,8 @@ impl Agent {
         let mut registered = None;
         let exchange = async {
             let response = self.client().request(request).await.map_err(AgentError::Rpc)?.into_inner();
-            let reply = self.correlations().register(&response.correlation_id, target).map_err(|_| AgentError::Stopped)?;
+            let reply =
+                self.correlations().register(&response.correlation_id, target).map_err(|_| AgentError::Stopped)?;
             registered = Some(response.correlation_id);
             reply.await.map_err(|_| AgentError::Stopped)
         };
@@ -242,7 +250,12 @@ impl Agent {
     /// Replies to `request` (a message that carries a correlation id). An identical retry
     /// returns the original reply's message id; a late one fails with
     /// `FAILED_PRECONDITION correlation_id_expired`.
-    pub async fn reply(&self, request: &Envelope, message_type: &str, data: &impl Serialize) -> Result<String, AgentError> {
+    pub async fn reply(
+        &self,
+        request: &Envelope,
+        message_type: &str,
+        data: &impl Serialize,
+    ) -> Result<String, AgentError> {
         let correlation_id = request.meta.correlation_id.clone().ok_or(AgentError::NotARequest)?;
         let reply = ReplyRequest {
             correlation_id,

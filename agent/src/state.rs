@@ -62,7 +62,8 @@ impl<T: Serialize + DeserializeOwned + Default> TypedState<T> {
         merged.extend(updates.clone());
         let value: T = serde_json::from_value(Value::Object(merged)).map_err(|e| AgentError::State(e.to_string()))?;
         let encoded: BTreeMap<String, String> = updates.into_iter().map(|(k, v)| (k, v.to_string())).collect();
-        let request = UpdateStateRequest { updates: encoded.into_iter().collect(), expected_revision: Some(self.revision) };
+        let request =
+            UpdateStateRequest { updates: encoded.into_iter().collect(), expected_revision: Some(self.revision) };
         let mut client = self.agent.client();
         let revision = client.update_state(request).await.map_err(AgentError::Rpc)?.into_inner().revision;
         self.value = value;
@@ -90,8 +91,8 @@ async fn read<T: Serialize + DeserializeOwned + Default>(agent: &Agent) -> Resul
         _ => return Err(AgentError::State("the state type must serialise to a JSON object".into())),
     };
     for (field, text) in response.state {
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| AgentError::State(format!("stored field {field:?} is not JSON: {e}")))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| AgentError::State(format!("stored field {field:?} is not JSON: {e}")))?;
         fields.insert(field, value);
     }
     let value = serde_json::from_value(Value::Object(fields)).map_err(|e| AgentError::State(e.to_string()))?;

@@ -27,7 +27,11 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) type Connection = (mpsc::Sender<ClientEvent>, Streaming<ServerEvent>);
 
 /// Says Hello and waits for Welcome.
-pub(crate) async fn open_transport(config: &AgentConfig, instance_id: &InstanceId, mut client: RuntimeClient) -> Result<Connection, AgentError> {
+pub(crate) async fn open_transport(
+    config: &AgentConfig,
+    instance_id: &InstanceId,
+    mut client: RuntimeClient,
+) -> Result<Connection, AgentError> {
     let (outgoing, rx) = mpsc::channel(OUTGOING_CAPACITY);
     let hello = ClientEvent { event: Some(client_event::Event::Hello(Hello { instance_id: instance_id.to_string() })) };
     // Cannot fail: the channel is fresh and its receiver alive.
@@ -199,7 +203,10 @@ impl Transport {
         let all_slots = u32::try_from(limit).unwrap_or(u32::MAX);
         if tokio::time::timeout(self.config.handler_drain_timeout, permits.acquire_many(all_slots)).await.is_err() {
             let still = running.iter().filter(|t| !t.is_finished()).count();
-            tracing::warn!(still_running = still, "handlers did not finish in time; their messages will be redelivered");
+            tracing::warn!(
+                still_running = still,
+                "handlers did not finish in time; their messages will be redelivered"
+            );
             for task in &running {
                 task.abort();
             }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mas_core::delivery::{Output, SessionDelivery, StoreEffect};
+use mas_core::delivery::{Output, QueuedMessage, SessionDelivery, StoreEffect};
 use mas_core::ids::DeliveryId;
 use mas_core::store::{SessionRef, StoreError};
 use mas_net::status::detail;
@@ -22,6 +22,8 @@ const CLAIM_WAIT: Duration = Duration::from_secs(1);
 /// Sends events to the agent. Its capacity exceeds the delivery window, so a send never waits
 /// for the agent: deliveries are bounded by the window, not by this channel.
 pub type Outbound = mpsc::Sender<Result<ServerEvent, Status>>;
+
+type ClaimFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<QueuedMessage>, StoreError>> + Send>>;
 
 /// What ended a session's loop.
 enum End {
@@ -63,6 +65,10 @@ impl Session {
         // The lease is ours until this instant unless renewed; past it we must stop delivering.
         let mut lease_valid_until = tokio::time::Instant::now() + lease.ttl();
         let mut draining = false;
+        // A claim in progress. It lives across loop turns and is never dropped half-way: with
+        // Redis, a claim that was sent has claimed its entries whether or not we read the
+        // answer, so abandoning it would strand them until the session ends.
+        let mut claim: Option<ClaimFuture> = None;
         loop {
             if let Some(end) = self.flush().await {
                 return end;
@@ -73,10 +79,10 @@ impl Session {
                 self.machine.handle_drain(now, now.mono + self.broker.config().delivery.drain_timeout());
                 continue;
             }
+            if claim.is_none() && self.machine.capacity() > 0 && !draining {
+                claim = Some(self.start_claim());
+            }
             let timer = self.machine.poll_timeout().map(|(at, _)| self.broker.clock().to_tokio(at));
-            let capacity = self.machine.capacity();
-            let store = self.broker.store().clone();
-            let session = self.session.clone();
             let outbound = self.outbound.clone();
             tokio::select! {
                 biased;
@@ -89,11 +95,11 @@ impl Session {
                     }
                     Ok(None) | Err(_) => return End::Disconnected,
                 },
-                _ = renew.tick() => match store.renew_lease(&session, lease.ttl()).await {
+                _ = renew.tick() => match self.broker.store().renew_lease(&self.session, lease.ttl()).await {
                     Ok(true) => lease_valid_until = tokio::time::Instant::now() + lease.ttl(),
                     Ok(false) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
                     Err(err) => {
-                        tracing::warn!(agent = %session.agent, error = %err, "lease renewal failed");
+                        tracing::warn!(agent = %self.session.agent, error = %err, "lease renewal failed");
                         if tokio::time::Instant::now() + lease.renewal() >= lease_valid_until {
                             return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
                         }
@@ -102,22 +108,33 @@ impl Session {
                 _ = sleep_until(timer), if timer.is_some() => {
                     self.machine.handle_timeout(self.broker.clock().now());
                 }
-                batch = store.claim(&session, capacity, CLAIM_WAIT), if capacity > 0 && !draining => match batch {
-                    Ok(batch) => {
-                        let now = self.broker.clock().now();
-                        for message in batch {
-                            self.machine.handle_queued(now, message);
+                batch = async { claim.as_mut().expect("guarded by is_some").await }, if claim.is_some() => {
+                    claim = None;
+                    match batch {
+                        Ok(batch) => {
+                            let now = self.broker.clock().now();
+                            for message in batch {
+                                // Beyond the window (or while draining) the machine hands it back.
+                                self.machine.handle_queued(now, message);
+                            }
+                        }
+                        Err(StoreError::NotOwner) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
+                        Err(err) => {
+                            tracing::warn!(agent = %self.session.agent, error = %err, "claim failed");
+                            return End::Abort(Status::unavailable(detail::STORAGE_UNAVAILABLE));
                         }
                     }
-                    Err(StoreError::NotOwner) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
-                    Err(err) => {
-                        tracing::warn!(agent = %session.agent, error = %err, "claim failed");
-                        return End::Abort(Status::unavailable(detail::STORAGE_UNAVAILABLE));
-                    }
-                },
+                }
                 _ = outbound.closed() => return End::Disconnected,
             }
         }
+    }
+
+    fn start_claim(&self) -> ClaimFuture {
+        let store = self.broker.store().clone();
+        let session = self.session.clone();
+        let capacity = self.machine.capacity();
+        Box::pin(async move { store.claim(&session, capacity, CLAIM_WAIT).await })
     }
 
     fn on_client_event(&mut self, event: ClientEvent) -> Result<(), Status> {

@@ -35,7 +35,13 @@ async fn adder(tb: &TestBroker, instance: &str) -> mas_agent::Agent {
     config.instance_id = Some(instance.parse().unwrap());
     mas_agent::AgentBuilder::new(config)
         .on("add", |agent, msg: Message<Add>| async move {
-            agent.reply(&msg.envelope, "sum", &serde_json::json!({"sum": msg.payload.a + msg.payload.b, "by": agent.instance_id().to_string()})).await?;
+            agent
+                .reply(
+                    &msg.envelope,
+                    "sum",
+                    &serde_json::json!({"sum": msg.payload.a + msg.payload.b, "by": agent.instance_id().to_string()}),
+                )
+                .await?;
             Ok::<(), HandlerError>(())
         })
         .start()
@@ -112,7 +118,9 @@ async fn late_reply_is_refused_as_expired() {
             async move {
                 tokio::time::sleep(Duration::from_millis(600)).await;
                 let r = agent.reply(&msg.envelope, "sum", &serde_json::json!({"sum": 0})).await;
-                *l.lock().unwrap() = Some(r.map_err(|e| e.status().map(|s| (s.code(), s.message().to_string())).unwrap_or((Code::Unknown, e.to_string()))));
+                *l.lock().unwrap() = Some(r.map_err(|e| {
+                    e.status().map(|s| (s.code(), s.message().to_string())).unwrap_or((Code::Unknown, e.to_string()))
+                }));
                 Ok::<(), HandlerError>(())
             }
         })
@@ -189,7 +197,9 @@ async fn instances_share_work_and_each_requester_instance_gets_its_own_replies()
                 async move {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     seen.lock().unwrap().push(agent.instance_id().to_string());
-                    agent.reply(&msg.envelope, "sum", &serde_json::json!({"sum": msg.payload.a + msg.payload.b})).await?;
+                    agent
+                        .reply(&msg.envelope, "sum", &serde_json::json!({"sum": msg.payload.a + msg.payload.b}))
+                        .await?;
                     Ok::<(), HandlerError>(())
                 }
             })
@@ -236,7 +246,9 @@ async fn deliveries_held_by_a_dead_consumer_go_to_its_sibling_within_two_seconds
     let cert = tb.ca.agent_cert(&mas_tests::id("bob")).unwrap();
     let mut raw = tb.raw_client(Some(&cert)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(ClientEvent { event: Some(client_event::Event::Hello(Hello { instance_id: "doomed".into() })) }).await.unwrap();
+    tx.send(ClientEvent { event: Some(client_event::Event::Hello(Hello { instance_id: "doomed".into() })) })
+        .await
+        .unwrap();
     let mut events = raw.transport(ReceiverStream::new(rx)).await.unwrap().into_inner();
     events.message().await.unwrap().expect("welcome");
     let alice = tb.agent("alice").start().await.unwrap();
@@ -245,7 +257,9 @@ async fn deliveries_held_by_a_dead_consumer_go_to_its_sibling_within_two_seconds
     }
     let mut held = 0;
     while held < 5 {
-        if let Some(mas_proto::v1::ServerEvent { event: Some(server_event::Event::Delivery(_)) }) = events.message().await.unwrap() {
+        if let Some(mas_proto::v1::ServerEvent { event: Some(server_event::Event::Delivery(_)) }) =
+            events.message().await.unwrap()
+        {
             held += 1;
         }
     }
@@ -277,7 +291,12 @@ async fn always_failing_handler_is_dead_lettered_after_the_attempt_limit() {
     let Some(redis) = RedisServer::start() else { return };
     let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {
         c.redis = Some(mas_server::store::redis::RedisSettings::new(&redis.url));
-        c.delivery = DeliverySettings { max_delivery_attempts: 3, retry_backoff_initial_ms: 100, retry_backoff_max_ms: 1000, ..Default::default() };
+        c.delivery = DeliverySettings {
+            max_delivery_attempts: 3,
+            retry_backoff_initial_ms: 100,
+            retry_backoff_max_ms: 1000,
+            ..Default::default()
+        };
     })
     .await;
     let calls = Arc::new(AtomicU32::new(0));
