@@ -16,4 +16,5 @@
 
 pub mod seeds;
 pub mod trace;
+pub mod workload;
 pub mod world;

@@ -70,7 +70,14 @@ pub fn start_broker(handle: &Handle, store: Store, config: BrokerConfig) -> Node
 
 /// Agent settings for the simulated broker.
 pub fn agent_config(agent: &str, instance: &str) -> AgentConfig {
-    let mut config = AgentConfig::new(id(agent), format!("http://{BROKER_ADDR}"));
+    agent_config_for(agent, instance, &[BROKER_ADDR])
+}
+
+/// Agent settings with a list of broker addresses, the first preferred.
+pub fn agent_config_for(agent: &str, instance: &str, brokers: &[&str]) -> AgentConfig {
+    let mut urls = brokers.iter().map(|b| format!("http://{b}"));
+    let mut config = AgentConfig::new(id(agent), urls.next().expect("at least one broker"));
+    config.fallback_endpoints = urls.collect();
     config.instance_id = Some(instance.parse().expect("scenario instance id"));
     config
 }

@@ -109,7 +109,8 @@ async fn spoofed_reply_is_refused_and_the_real_reply_still_accepted() {
 async fn late_reply_is_refused_as_expired() {
     let Some(redis) = RedisServer::start() else { return };
     let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[])]).await;
-    let late: Arc<Mutex<Option<Result<String, (Code, String)>>>> = Arc::default();
+    type Outcome = Result<String, (Code, String)>;
+    let late: Arc<Mutex<Option<Outcome>>> = Arc::default();
     let l = late.clone();
     let bob = tb
         .agent("bob")
