@@ -35,6 +35,24 @@ pub struct Broker {
     shutdown: watch::Sender<bool>,
     /// Counts live session tasks; `shutdown` waits for it to reach zero.
     live_tasks: watch::Sender<usize>,
+    stats: Counters,
+}
+
+/// Event counters of one broker, for operators and for the simulation's checkers.
+#[derive(Debug, Default)]
+struct Counters {
+    fenced_effects: AtomicU64,
+    leases_lost: AtomicU64,
+}
+
+/// A snapshot of a broker's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Acks, requeues or dead-letterings refused because the session no longer held the entry
+    /// (another session had reclaimed it): fencing at work.
+    pub fenced_effects: u64,
+    /// Sessions ended because their lease could not be renewed.
+    pub leases_lost: u64,
 }
 
 /// Why a session could not be opened.
@@ -71,7 +89,7 @@ impl Broker {
 
     /// A broker over an existing store (shared by several brokers in one process, or tests).
     pub fn with_store(config: BrokerConfig, store: Store) -> Arc<Self> {
-        let seed = config.seed.unwrap_or_else(entropy_seed);
+        let seed = start_seed(&config);
         let mut ids = ChaCha8Rng::seed_from_u64(seed);
         let broker_tag = ids.next_u64();
         Arc::new(Broker {
@@ -84,6 +102,7 @@ impl Broker {
             broker_tag,
             shutdown: watch::channel(false).0,
             live_tasks: watch::channel(0).0,
+            stats: Counters::default(),
         })
     }
 
@@ -100,6 +119,22 @@ impl Broker {
     /// The broker's clock (deadlines of its sessions; the store keeps its own).
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// The broker's counters.
+    pub fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            fenced_effects: self.stats.fenced_effects.load(Ordering::Relaxed),
+            leases_lost: self.stats.leases_lost.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_fenced(&self, n: u64) {
+        self.stats.fenced_effects.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_lease_lost(&self) {
+        self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The allowlist entry of `agent`, if it is allowlisted.
@@ -209,9 +244,25 @@ impl Broker {
     }
 }
 
-/// A seed for production runs without a configured one: wall-clock nanoseconds mixed with the
-/// process id. (Under simulation the clock is virtual, so this is deterministic there too.)
-fn entropy_seed() -> u64 {
+/// The seed of this broker start: the configured seed mixed with the wall clock, the process id
+/// and the listen address, so that a restarted broker, or two brokers started at once, never
+/// repeat ids. Under simulation clock and pid are virtual and fixed, so runs stay reproducible.
+fn start_seed(config: &BrokerConfig) -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ u64::from(std::process::id()).rotate_left(40)
+    let addr = config
+        .listen_addr
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    [config.seed.unwrap_or(0), nanos, u64::from(std::process::id()), addr]
+        .into_iter()
+        .fold(0, |acc, x| splitmix(acc ^ x))
+}
+
+/// One step of splitmix64: a cheap, well-mixing bijection for combining seed material.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

@@ -141,8 +141,10 @@ pub struct BrokerConfig {
     /// Delivery settings.
     #[serde(default)]
     pub delivery: DeliverySettings,
-    /// Seed for message ids, delivery ids and jitter; random when absent. Set it to make a run
-    /// reproducible.
+    /// Extra seed material for message ids, delivery ids and jitter. It is always mixed with
+    /// the start time, the process id and the listen address, because ids must never repeat
+    /// across restarts or between brokers; under simulation those are virtual and fixed, so a
+    /// simulated run is reproducible.
     #[serde(default)]
     pub seed: Option<u64>,
     /// Bound of each agent's queue in the embedded store (default 100 000 entries).

@@ -193,6 +193,7 @@ impl Session {
         let results = self.broker.store().apply(&self.session, effects, self.broker.clock().now()).await?;
         let fenced = results.iter().filter(|r| r.is_err()).count();
         if fenced > 0 {
+            self.broker.count_fenced(fenced as u64);
             tracing::debug!(agent = %self.session.agent, fenced, "store effects fenced off");
         }
         Ok(())
@@ -214,6 +215,9 @@ impl Session {
         }
         tracing::debug!(stats = ?self.machine.stats(), agent = %self.session.agent, instance = %self.session.instance, "session ended");
         if let End::Abort(status) = end {
+            if status.message() == detail::SESSION_LEASE_LOST {
+                self.broker.count_lease_lost();
+            }
             tracing::info!(agent = %self.session.agent, instance = %self.session.instance, status = %status.message(), "session aborted");
             let _ = self.outbound.send(Err(status)).await;
         }

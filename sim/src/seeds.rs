@@ -48,6 +48,9 @@ pub fn run_each(test_name: &str, mut scenario: impl FnMut(u64)) {
 
 /// Runs `body` in a fresh madsim runtime seeded with `seed`.
 pub fn simulate<F: std::future::Future>(seed: u64, config: madsim::Config, body: impl FnOnce() -> F) -> F::Output {
+    if std::env::var_os("RUST_LOG").is_some() {
+        madsim::runtime::init_logger();
+    }
     let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, config);
     runtime.block_on(body())
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use madsim::runtime::{Handle, NodeHandle};
@@ -51,16 +52,40 @@ fn addr(s: &str) -> SocketAddr {
 /// Starts the broker on its own node. The store lives outside the node, so it survives a
 /// broker crash (as Redis would); the broker reaches it by shared memory, without faults.
 pub fn start_broker(handle: &Handle, store: Store, config: BrokerConfig) -> NodeHandle {
-    let ip: IpAddr = addr(BROKER_ADDR).ip();
+    start_broker_at(handle, "broker", BROKER_ADDR, store, config)
+}
+
+/// Every broker a scenario started (including each restart), for checkers that read counters.
+pub type Brokers = Arc<Mutex<Vec<Arc<Broker>>>>;
+
+/// Starts a broker named `name` listening on `listen` (several brokers may share `store`).
+/// A restarted node runs a fresh broker over the same store.
+pub fn start_broker_at(handle: &Handle, name: &str, listen: &str, store: Store, config: BrokerConfig) -> NodeHandle {
+    start_observed_broker(handle, name, listen, store, config, &Brokers::default())
+}
+
+/// Like [`start_broker_at`], recording every broker instance in `brokers`.
+pub fn start_observed_broker(
+    handle: &Handle,
+    name: &str,
+    listen: &str,
+    store: Store,
+    mut config: BrokerConfig,
+    brokers: &Brokers,
+) -> NodeHandle {
+    let brokers = brokers.clone();
+    let listen = addr(listen);
+    config.listen_addr = listen;
+    let ip: IpAddr = listen.ip();
     handle
         .create_node()
-        .name("broker")
+        .name(name)
         .ip(ip)
         .init(move || {
             let broker = Broker::with_store(config.clone(), store.clone());
+            brokers.lock().unwrap_or_else(PoisonError::into_inner).push(broker.clone());
             async move {
-                if let Err(err) = mas_server::serve::serve_sim(broker, addr(BROKER_ADDR), std::future::pending()).await
-                {
+                if let Err(err) = mas_server::serve::serve_sim(broker, listen, std::future::pending()).await {
                     panic!("broker failed: {err}");
                 }
             }
@@ -125,9 +150,12 @@ pub async fn send_with_retry(
     }
 }
 
+/// Transport failures, and `session_not_connected` while the sender's own transport is being
+/// re-established on another broker after a failover.
 fn retryable(err: &AgentError) -> bool {
     err.status().is_some_and(|s| {
         matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+            || s.message() == "session_not_connected"
     })
 }
 
