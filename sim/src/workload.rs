@@ -158,14 +158,11 @@ pub async fn settle(
         trace.record("checker", "settle limit reached");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    Outcome {
-        trace: trace.snapshot(),
-        accepted: accepted.lock().unwrap().clone(),
-        handled: handled.lock().unwrap().clone(),
-        crash,
-        queue_left: store.queue_len(&QueueKey::Work(id("bob"))).await.expect("memory store"),
-        dead_letters: store.dead_letters(&id("bob"), 1000).await.expect("memory store").len(),
-    }
+    let queue_left = store.queue_len(&QueueKey::Work(id("bob"))).await.expect("memory store");
+    let dead_letters = store.dead_letters(&id("bob"), 1000).await.expect("memory store").len();
+    let accepted = accepted.lock().unwrap().clone();
+    let handled = handled.lock().unwrap().clone();
+    Outcome { trace: trace.snapshot(), accepted, handled, crash, queue_left, dead_letters }
 }
 
 impl Outcome {
