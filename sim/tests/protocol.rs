@@ -135,8 +135,7 @@ fn request_reply_under_faults(seed: u64) -> Vec<(String, i64, Ended)> {
         let done =
             wait_until(Duration::from_secs(120), || outcomes.lock().unwrap().len() as i64 == 2 * (REQUESTS + 1)).await;
         assert!(done, "seed {seed}: requesters did not finish\n{}", trace.snapshot().join("\n"));
-        let outcomes = outcomes.lock().unwrap().clone();
-        outcomes
+        outcomes.lock().unwrap().clone()
     })
 }
 
