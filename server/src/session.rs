@@ -19,6 +19,9 @@ use crate::broker::Broker;
 /// idle wake-ups; new work wakes the claim at once.
 const CLAIM_WAIT: Duration = Duration::from_secs(1);
 
+/// Most inbound events taken in one turn before their store effects are applied.
+const ACK_BATCH_MAX: usize = 256;
+
 /// Sends events to the agent. Its capacity exceeds the delivery window, so a send never waits
 /// for the agent: deliveries are bounded by the window, not by this channel.
 pub type Outbound = mpsc::Sender<Result<ServerEvent, Status>>;
@@ -87,14 +90,11 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if !draining => {}
-                event = inbound.message() => match event {
-                    Ok(Some(event)) => {
-                        if let Err(violation) = self.on_client_event(event) {
-                            return End::Abort(violation);
-                        }
+                event = inbound.message() => {
+                    if let Some(end) = self.on_inbound(event, &mut inbound).await {
+                        return end;
                     }
-                    Ok(None) | Err(_) => return End::Disconnected,
-                },
+                }
                 _ = renew.tick() => match self.broker.store().renew_lease(&self.session, lease.ttl()).await {
                     Ok(true) => lease_valid_until = tokio::time::Instant::now() + lease.ttl(),
                     Ok(false) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
@@ -135,6 +135,32 @@ impl Session {
         let session = self.session.clone();
         let capacity = self.machine.capacity();
         Box::pin(async move { store.claim(&session, capacity, CLAIM_WAIT).await })
+    }
+
+    /// Handles one inbound event and then every further event already received, so that a
+    /// burst of acks becomes one batch of store effects (one round trip), not one each.
+    async fn on_inbound(
+        &mut self,
+        first: Result<Option<ClientEvent>, Status>,
+        inbound: &mut Streaming<ClientEvent>,
+    ) -> Option<End> {
+        let mut event = first;
+        for _ in 0..ACK_BATCH_MAX {
+            match event {
+                Ok(Some(e)) => {
+                    if let Err(violation) = self.on_client_event(e) {
+                        return Some(End::Abort(violation));
+                    }
+                }
+                Ok(None) | Err(_) => return Some(End::Disconnected),
+            }
+            // A zero timeout polls once: it takes what has arrived and never waits.
+            match tokio::time::timeout(Duration::ZERO, inbound.message()).await {
+                Ok(next) => event = next,
+                Err(_) => break,
+            }
+        }
+        None
     }
 
     fn on_client_event(&mut self, event: ClientEvent) -> Result<(), Status> {

@@ -120,11 +120,14 @@ for i = 3, #ARGV, 6 do
   if #p == 0 or p[1][2] ~= owner then
     results[#results + 1] = 0
   else
-    local entry = redis.call('XRANGE', stream, id, id)
+    -- Only a requeue or a dead letter needs the envelope back; an ack does not read it.
     local envelope = ''
-    if #entry == 1 then
-      for j = 1, #entry[1][2], 2 do
-        if entry[1][2][j] == 'e' then envelope = entry[1][2][j + 1] end
+    if op ~= 'ack' then
+      local entry = redis.call('XRANGE', stream, id, id)
+      if #entry == 1 then
+        for j = 1, #entry[1][2], 2 do
+          if entry[1][2][j] == 'e' then envelope = entry[1][2][j + 1] end
+        end
       end
     end
     if op == 'requeue' then
