@@ -21,8 +21,46 @@ impl RedisServer {
     /// Starts a server, or returns `None` (outside CI only) when `redis-server` is unavailable.
     pub fn start() -> Option<RedisServer> {
         let port = free_port();
+        Self::spawn(port, &["--port", &port.to_string()], format!("redis://127.0.0.1:{port}"))
+    }
+
+    /// Starts a TLS-only server (`rediss://`) with the given PEM files; clients need no
+    /// certificate of their own.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Option<RedisServer> {
+        let port = free_port();
+        let (port_s, cert, key, ca) =
+            (port.to_string(), cert.display().to_string(), key.display().to_string(), ca.display().to_string());
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port_s,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ];
+        Self::spawn(port, &args, format!("rediss://127.0.0.1:{port}"))
+    }
+
+    /// Stops the server process (SIGSTOP) so that every request to it times out.
+    pub fn freeze(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
+    fn spawn(port: u16, args: &[&str], url: String) -> Option<RedisServer> {
         let spawned = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -38,7 +76,7 @@ impl RedisServer {
                 return None;
             }
         };
-        let server = RedisServer { child, url: format!("redis://127.0.0.1:{port}"), port };
+        let server = RedisServer { child, url, port };
         server.wait_ready();
         Some(server)
     }
@@ -60,6 +98,11 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn signal(pid: u32, which: &str) {
+    let status = Command::new("kill").args([which, &pid.to_string()]).status().expect("run kill");
+    assert!(status.success(), "kill {which} {pid} failed");
 }
 
 fn free_port() -> u16 {

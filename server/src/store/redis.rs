@@ -42,8 +42,12 @@ const SCRIPTS: &str = include_str!("redis_scripts.lua");
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS.
     pub url: String,
+    /// For `rediss://`: the CA (PEM) the server's certificate must chain to; the system's
+    /// roots when absent.
+    #[serde(default)]
+    pub tls_ca_path: Option<std::path::PathBuf>,
     /// Multiplexed connections used round-robin (default 4).
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
@@ -76,6 +80,7 @@ impl RedisSettings {
     pub fn new(url: impl Into<String>) -> Self {
         RedisSettings {
             url: url.into(),
+            tls_ca_path: None,
             pool_size: default_pool_size(),
             connect_timeout_ms: default_connect_timeout_ms(),
             response_timeout_ms: default_response_timeout_ms(),
@@ -129,6 +134,20 @@ impl Scripts {
             state_get: get("state_get"),
             state_update: get("state_update"),
             state_reset: get("state_reset"),
+        }
+    }
+}
+
+/// A client for the configured URL; with `tls_ca_path`, TLS trusts exactly that CA.
+fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
+    mas_net::tls::install_crypto_provider();
+    match &settings.tls_ca_path {
+        None => redis::Client::open(settings.url.as_str()).map_err(unavailable),
+        Some(path) => {
+            let root_cert = std::fs::read(path)
+                .map_err(|e| StoreError::Unavailable(format!("cannot read Redis CA {}: {e}", path.display())))?;
+            let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
+            redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(unavailable)
         }
     }
 }
@@ -191,7 +210,7 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 impl RedisBackend {
     /// Connects, checks the server answers `PING`, and starts listening for wake-ups.
     pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
+        let client = client(settings)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
             .set_response_timeout(Some(Duration::from_millis(settings.response_timeout_ms)));
