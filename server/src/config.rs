@@ -27,6 +27,15 @@ pub struct AgentDefinition {
 }
 
 impl AgentDefinition {
+    /// An agent allowed to send to `targets`, with no capabilities or metadata.
+    pub fn allowing<T: AsRef<str>>(targets: &[T]) -> Self {
+        AgentDefinition {
+            capabilities: Vec::new(),
+            metadata: serde_json::Map::new(),
+            allowed_targets: targets.iter().map(|t| t.as_ref().to_string()).collect(),
+        }
+    }
+
     /// Whether this agent's grants name `target` (or `*`).
     pub fn may_send_to(&self, target: &AgentId) -> bool {
         self.allowed_targets.iter().any(|t| t == "*" || t == target.as_str())

@@ -36,8 +36,8 @@ pub async fn run(
     println!("dev certificates written to {}", certs_dir.display());
 
     let agents = BTreeMap::from([
-        (alice.clone(), AgentDefinition { allowed_targets: vec![bob.to_string()], ..definition() }),
-        (bob.clone(), definition()),
+        (alice.clone(), AgentDefinition::allowing(&[bob.as_str()])),
+        (bob.clone(), AgentDefinition::allowing::<&str>(&[])),
     ]);
     let broker = Broker::connect(BrokerConfig::new(listen, agents)).await?;
     let bound = serve::bind(listen).await?;
@@ -103,8 +103,4 @@ pub async fn run(
     server.await.context("broker task")??;
     println!("stopped cleanly ({sent} sent, {received} delivered)");
     Ok(())
-}
-
-fn definition() -> AgentDefinition {
-    AgentDefinition { capabilities: Vec::new(), metadata: serde_json::Map::new(), allowed_targets: Vec::new() }
 }

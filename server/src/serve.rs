@@ -9,6 +9,21 @@ use mas_proto::v1::runtime_service_server::RuntimeServiceServer;
 use crate::broker::Broker;
 use crate::service::{Service, authenticate};
 
+/// The authentication interceptor, bound to `broker`'s allowlist.
+fn interceptor(
+    broker: &Arc<Broker>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<> {
+    let broker = broker.clone();
+    move |req| authenticate(&broker, req)
+}
+
+/// Resolves after `shutdown` and then a full drain of `broker`'s sessions: the listener stops
+/// only once every session has handed its work back.
+async fn drain_after(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
+    shutdown.await;
+    broker.shutdown().await;
+}
+
 #[cfg(not(madsim))]
 pub use real::*;
 #[cfg(madsim)]
@@ -66,14 +81,8 @@ mod real {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         mas_net::tls::install_crypto_provider();
-        let interceptor_broker = broker.clone();
-        let svc = RuntimeServiceServer::with_interceptor(Service::new(broker.clone()), move |req| {
-            authenticate(&interceptor_broker, req)
-        });
-        let drained = async move {
-            shutdown.await;
-            broker.shutdown().await;
-        };
+        let svc = RuntimeServiceServer::with_interceptor(Service::new(broker.clone()), interceptor(&broker));
+        let drained = drain_after(broker, shutdown);
         Server::builder()
             .tls_config(tls.server_config())
             .map_err(ServeError::Tls)?
@@ -98,14 +107,8 @@ mod sim {
         addr: SocketAddr,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        let interceptor_broker = broker.clone();
-        let svc = RuntimeServiceServer::with_interceptor(Service::new(broker.clone()), move |req| {
-            authenticate(&interceptor_broker, req)
-        });
-        let drained = async move {
-            shutdown.await;
-            broker.shutdown().await;
-        };
+        let svc = RuntimeServiceServer::with_interceptor(Service::new(broker.clone()), interceptor(&broker));
+        let drained = drain_after(broker, shutdown);
         Server::builder().add_service(svc).serve_with_shutdown(addr, drained).await
     }
 }

@@ -27,17 +27,8 @@ pub fn id(s: &str) -> AgentId {
 
 /// A broker configuration with `(agent, allowed targets)` grants and a fixed seed.
 pub fn broker_config(grants: &[(&str, &[&str])], seed: u64, delivery: DeliverySettings) -> BrokerConfig {
-    let agents: BTreeMap<_, _> = grants
-        .iter()
-        .map(|(agent, targets)| {
-            let def = AgentDefinition {
-                capabilities: Vec::new(),
-                metadata: serde_json::Map::new(),
-                allowed_targets: targets.iter().map(|t| t.to_string()).collect(),
-            };
-            (id(agent), def)
-        })
-        .collect();
+    let agents: BTreeMap<_, _> =
+        grants.iter().map(|(agent, targets)| (id(agent), AgentDefinition::allowing(targets))).collect();
     let mut config = BrokerConfig::new(addr(BROKER_ADDR), agents);
     config.delivery = delivery;
     config.seed = Some(seed);

@@ -19,6 +19,7 @@ use mas_server::config::DeliverySettings;
 use mas_server::{AgentDefinition, Broker, BrokerConfig, serve};
 
 pub mod redis_server;
+pub mod scenarios;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Endpoint;
@@ -71,17 +72,8 @@ impl TestBroker {
 
     /// Starts a broker whose configuration `adjust` may change.
     pub async fn start_custom(grants: Grants<'_>, adjust: impl FnOnce(&mut BrokerConfig)) -> Self {
-        let agents: BTreeMap<_, _> = grants
-            .iter()
-            .map(|(agent, targets)| {
-                let def = AgentDefinition {
-                    capabilities: Vec::new(),
-                    metadata: serde_json::Map::new(),
-                    allowed_targets: targets.iter().map(|t| t.to_string()).collect(),
-                };
-                (id(agent), def)
-            })
-            .collect();
+        let agents: BTreeMap<_, _> =
+            grants.iter().map(|(agent, targets)| (id(agent), AgentDefinition::allowing(targets))).collect();
         let mut config = BrokerConfig::new("127.0.0.1:0".parse().expect("addr"), agents);
         config.seed = Some(7);
         adjust(&mut config);

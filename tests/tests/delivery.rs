@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mas_agent::{HandlerError, Message};
-use mas_server::config::DeliverySettings;
+use mas_tests::scenarios::{self, fast_retries};
 use mas_tests::{TestBroker, eventually, eventually_async};
 use serde::Deserialize;
 
@@ -16,15 +16,6 @@ use serde::Deserialize;
 struct Job {
     #[allow(dead_code)]
     n: u32,
-}
-
-fn fast_retries() -> DeliverySettings {
-    DeliverySettings {
-        max_delivery_attempts: 3,
-        retry_backoff_initial_ms: 100,
-        retry_backoff_max_ms: 1_000,
-        ..DeliverySettings::default()
-    }
 }
 
 #[tokio::test]
@@ -84,27 +75,7 @@ async fn undecodable_payload_is_dead_lettered_without_running_the_handler() {
 #[tokio::test]
 async fn always_failing_handler_is_dead_lettered_after_the_attempt_limit() {
     let tb = TestBroker::start_with(&[("alice", &["bob"]), ("bob", &[])], fast_retries()).await;
-    let calls = Arc::new(AtomicU32::new(0));
-    let c = calls.clone();
-    let bob = tb
-        .agent("bob")
-        .on("job", move |_, _msg: Message<Job>| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Err::<(), HandlerError>("boom".into()) }
-        })
-        .start()
-        .await
-        .unwrap();
-    let alice = tb.agent("alice").start().await.unwrap();
-    alice.send("bob", "job", &serde_json::json!({"n": 1})).await.unwrap();
-    assert!(eventually_async(Duration::from_secs(5), || async { tb.dead_letters("bob").await.len() == 1 }).await);
-    let letter = &tb.dead_letters("bob").await[0];
-    assert_eq!(letter.reason, "handler_error:boom; retry_limit_exceeded");
-    assert_eq!(letter.attempts, 3);
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
-    alice.stop().await;
-    bob.stop().await;
-    tb.stop().await;
+    scenarios::always_failing_handler_is_dead_lettered(tb).await;
 }
 
 #[tokio::test]

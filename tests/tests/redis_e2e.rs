@@ -292,36 +292,10 @@ async fn always_failing_handler_is_dead_lettered_after_the_attempt_limit() {
     let Some(redis) = RedisServer::start() else { return };
     let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {
         c.redis = Some(mas_server::store::redis::RedisSettings::new(&redis.url));
-        c.delivery = DeliverySettings {
-            max_delivery_attempts: 3,
-            retry_backoff_initial_ms: 100,
-            retry_backoff_max_ms: 1000,
-            ..Default::default()
-        };
+        c.delivery = mas_tests::scenarios::fast_retries();
     })
     .await;
-    let calls = Arc::new(AtomicU32::new(0));
-    let c = calls.clone();
-    let bob = tb
-        .agent("bob")
-        .on("add", move |_, _msg: Message<Add>| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Err::<(), HandlerError>("boom".into()) }
-        })
-        .start()
-        .await
-        .unwrap();
-    let alice = tb.agent("alice").start().await.unwrap();
-    alice.send("bob", "add", &Add { a: 1, b: 1 }).await.unwrap();
-    assert!(eventually_async(Duration::from_secs(5), || async { tb.dead_letters("bob").await.len() == 1 }).await);
-    let letter = &tb.dead_letters("bob").await[0];
-    assert_eq!((letter.reason.as_str(), letter.attempts), ("handler_error:boom; retry_limit_exceeded", 3));
-    assert!(letter.envelope.contains("\"a\":1"), "the full envelope is kept");
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
-    assert!(eventually_async(Duration::from_secs(2), || async { tb.queue_len("bob").await == 0 }).await);
-    alice.stop().await;
-    bob.stop().await;
-    tb.stop().await;
+    mas_tests::scenarios::always_failing_handler_is_dead_lettered(tb).await;
 }
 
 #[tokio::test]

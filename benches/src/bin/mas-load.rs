@@ -69,21 +69,9 @@ mod load {
         let mut all = producers.clone();
         all.push(consumer.clone());
         let pki = mas_net::pki::write_dev_pki(&dir, &all)?;
-        let mut agents: BTreeMap<AgentId, AgentDefinition> = producers
-            .iter()
-            .map(|p| {
-                let def = AgentDefinition {
-                    capabilities: vec![],
-                    metadata: Default::default(),
-                    allowed_targets: vec!["sink".into()],
-                };
-                (p.clone(), def)
-            })
-            .collect();
-        agents.insert(
-            consumer.clone(),
-            AgentDefinition { capabilities: vec![], metadata: Default::default(), allowed_targets: vec![] },
-        );
+        let mut agents: BTreeMap<AgentId, AgentDefinition> =
+            producers.iter().map(|p| (p.clone(), AgentDefinition::allowing(&["sink"]))).collect();
+        agents.insert(consumer.clone(), AgentDefinition::allowing::<&str>(&[]));
         let mut config = BrokerConfig::new("127.0.0.1:0".parse()?, agents);
         config.delivery = DeliverySettings::default();
         config.max_queue_len = 10_000_000;
