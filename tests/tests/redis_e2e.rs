@@ -379,3 +379,40 @@ async fn rediss_with_a_private_ca() {
     tb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn discover_lists_live_permitted_agents_by_capability_sorted() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = TestBroker::start_custom(&[("alice", &["*"]), ("bob", &[]), ("carol", &[]), ("dave", &[])], |c| {
+        c.redis = Some(mas_server::store::redis::RedisSettings::new(&redis.url));
+        for (agent, caps) in [("bob", vec!["math"]), ("carol", vec!["math", "text"]), ("dave", vec!["math"])] {
+            let def = c.agents.get_mut(&mas_tests::id(agent)).unwrap();
+            def.capabilities = caps.into_iter().map(String::from).collect();
+            def.metadata = serde_json::json!({"owner": agent}).as_object().unwrap().clone();
+        }
+    })
+    .await;
+    let carol = tb.agent("carol").start().await.unwrap();
+    let bob = tb.agent("bob").start().await.unwrap();
+    let alice = tb.agent("alice").start().await.unwrap();
+    // dave is allowlisted but not connected: not listed. alice itself is not a math agent.
+    let math: Vec<String> = alice.discover(&["math"]).await.unwrap().into_iter().map(|a| a.agent_id).collect();
+    assert_eq!(math, ["bob", "carol"]);
+    let text = alice.discover(&["text"]).await.unwrap();
+    assert_eq!(text.len(), 1);
+    assert_eq!((text[0].agent_id.as_str(), text[0].status.as_str()), ("carol", "ACTIVE"));
+    assert_eq!(text[0].metadata["owner"], "carol");
+    // bob may message nobody, so he discovers nobody.
+    assert!(bob.discover(&[]).await.unwrap().is_empty());
+    carol.stop().await;
+    assert!(
+        eventually_async(Duration::from_secs(3), || async {
+            alice.discover(&["text"]).await.map(|v| v.is_empty()).unwrap_or(false)
+        })
+        .await,
+        "a stopped agent leaves discovery"
+    );
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}
