@@ -74,7 +74,12 @@ pub struct MemoryStore {
     states: BTreeMap<AgentId, StateSnapshot>,
     dead_letters: VecDeque<DeadLetter>,
     dead_letters_dropped: u64,
+    requests_since_prune: usize,
 }
+
+/// Expired correlations are swept every this many new requests (and on every lookup), so the
+/// sweep's cost is amortised and unanswered requests cannot accumulate.
+const PRUNE_EVERY_REQUESTS: usize = 256;
 
 impl MemoryStore {
     /// An empty store.
@@ -306,6 +311,11 @@ impl MemoryStore {
     ) -> Result<EntryId, StoreError> {
         let target = QueueKey::Work(pending.target.clone());
         let entry = self.insert(&target, envelope, 1, Instant::ZERO)?;
+        self.requests_since_prune += 1;
+        if self.requests_since_prune >= PRUNE_EVERY_REQUESTS {
+            self.requests_since_prune = 0;
+            self.forget_expired_correlations(now);
+        }
         self.pending.insert(correlation_id.to_string(), Expiring { value: pending, expires_at: now + ttl });
         Ok(entry)
     }
@@ -313,8 +323,7 @@ impl MemoryStore {
     /// What `correlation_id` refers to now. A request past its deadline reads as
     /// [`Correlation::Expired`] for [`REQUEST_EXPIRED_GRACE`] afterwards, then as unknown.
     pub fn correlation(&mut self, correlation_id: &str, now: Instant) -> Correlation {
-        self.receipts.retain(|_, r| r.expires_at > now);
-        self.pending.retain(|_, p| p.expires_at + REQUEST_EXPIRED_GRACE > now);
+        self.forget_expired_correlations(now);
         if let Some(receipt) = self.receipts.get(correlation_id) {
             return Correlation::Answered(receipt.value.clone());
         }
@@ -323,6 +332,13 @@ impl MemoryStore {
             Some(_) => Correlation::Expired,
             None => Correlation::Unknown,
         }
+    }
+
+    /// Drops receipts past their request's deadline and requests past their grace period, so
+    /// unanswered requests cannot accumulate.
+    fn forget_expired_correlations(&mut self, now: Instant) {
+        self.receipts.retain(|_, r| r.expires_at > now);
+        self.pending.retain(|_, p| p.expires_at + REQUEST_EXPIRED_GRACE > now);
     }
 
     /// Commits a reply as one step: if an identical reply was committed, returns its id and

@@ -319,6 +319,9 @@ impl RedisBackend {
             let now = tokio::time::Instant::now();
             let due = last.get(session.owner.as_str()).is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
             if due {
+                // One entry per live session: entries of sessions that stopped claiming long
+                // ago are dropped, so the map cannot grow with every session ever opened.
+                last.retain(|_, at| now.duration_since(*at) < RECLAIM_EVERY * 20);
                 last.insert(session.owner.to_string(), now);
             }
             due
