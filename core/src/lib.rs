@@ -13,6 +13,7 @@
 
 pub mod delivery;
 pub mod envelope;
+pub mod policy;
 pub mod ids;
 pub mod store;
 pub mod time;

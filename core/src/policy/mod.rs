@@ -1,0 +1,8 @@
+//! Policy engines of the admission pipeline, as pure code with time passed in:
+//! authorization ([`authz`]), rate limiting ([`ratelimit`]) and circuit breaking
+//! ([`circuit`]). Their state is plain data the broker keeps in its store; every decision is a
+//! function of that state, the message and `now`.
+
+pub mod authz;
+pub mod circuit;
+pub mod ratelimit;
