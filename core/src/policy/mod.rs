@@ -3,6 +3,7 @@
 //! ([`circuit`]). Their state is plain data the broker keeps in its store; every decision is a
 //! function of that state, the message and `now`.
 
+pub mod audit;
 pub mod authz;
 pub mod circuit;
 pub mod ratelimit;
