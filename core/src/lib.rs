@@ -13,7 +13,7 @@
 
 pub mod delivery;
 pub mod envelope;
-pub mod policy;
 pub mod ids;
+pub mod policy;
 pub mod store;
 pub mod time;

@@ -133,12 +133,8 @@ impl AuthzPolicy {
         }
         if self.rbac {
             let permission = format!("send:{target}");
-            let granted = grants
-                .roles
-                .iter()
-                .filter_map(|r| self.roles.get(r))
-                .flatten()
-                .any(|p| p.matches(&permission));
+            let granted =
+                grants.roles.iter().filter_map(|r| self.roles.get(r)).flatten().any(|p| p.matches(&permission));
             if granted {
                 return Ok(Allowance::Role);
             }
@@ -266,7 +262,8 @@ mod tests {
         match pattern.split_once('*') {
             None => pattern == text,
             Some((head, tail)) => {
-                text.starts_with(head) && (head.len()..=text.len()).any(|i| text.is_char_boundary(i) && brute(tail, &text[i..]))
+                text.starts_with(head)
+                    && (head.len()..=text.len()).any(|i| text.is_char_boundary(i) && brute(tail, &text[i..]))
             }
         }
     }

@@ -6,4 +6,5 @@
 pub mod audit;
 pub mod authz;
 pub mod circuit;
+pub mod dlp;
 pub mod ratelimit;

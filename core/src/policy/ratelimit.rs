@@ -130,7 +130,10 @@ mod tests {
     #[test]
     fn zero_always_denies() {
         let limits = Limits { per_minute: 0, per_hour: 1000 };
-        assert_eq!(admit(limits, RateState::default(), at_ms(1)).unwrap_err(), Limited { window: Window::Minute, retry_after: None });
+        assert_eq!(
+            admit(limits, RateState::default(), at_ms(1)).unwrap_err(),
+            Limited { window: Window::Minute, retry_after: None }
+        );
     }
 
     proptest! {

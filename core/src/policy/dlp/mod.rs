@@ -1,0 +1,226 @@
+//! Data-loss prevention: find sensitive data in a payload and block, redact or flag it.
+//!
+//! The scan is structure-aware: every key is scanned; every string value is scanned alone and
+//! again with its key as context (`"password: hunter22"`); numbers and booleans are scanned as
+//! their JSON text (with their key as context too); list items inherit their parent's key. One
+//! `RegexSet` pass per text selects the few rules worth running, so clean text costs one scan.
+//!
+//! The most restrictive action among the violations wins (block > redact > alert). Redaction
+//! masks only the matches whose own policy is redact, in keys and string values; if masking
+//! makes two keys collide, the decision escalates to block rather than lose a field.
+
+mod rules;
+
+pub use rules::{CustomRule, DlpSettings, MergeStrategy, RuleError, luhn_valid};
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use regex::{Regex, RegexSet};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::envelope::Payload;
+
+/// What a violation does to the message. Ordered: a later variant is more restrictive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Deliver unchanged, audit as an alert.
+    Alert,
+    /// Deliver with the match masked.
+    Redact,
+    /// Refuse the message (`dlp_blocked`).
+    Block,
+}
+
+/// How bad a violation is (reported, not acted on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Low.
+    Low,
+    /// Medium (the default for custom rules).
+    #[default]
+    Medium,
+    /// High.
+    High,
+    /// Critical.
+    Critical,
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Violation {
+    /// Its type, e.g. `credit_card`.
+    pub kind: String,
+    /// The matched sensitive text.
+    pub matched: String,
+    /// Its type's action.
+    pub action: Action,
+    /// Its type's severity.
+    pub severity: Severity,
+}
+
+/// The outcome of scanning one payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scan {
+    /// Findings, de-duplicated, ordered by type then text.
+    pub violations: Vec<Violation>,
+    /// The most restrictive action; `None` when the payload is clean.
+    pub action: Option<Action>,
+    /// With `action == Some(Redact)`: the payload to deliver instead.
+    pub redacted: Option<Payload>,
+}
+
+impl Scan {
+    /// The violation types, de-duplicated and sorted (what the audit records).
+    pub fn kinds(&self) -> Vec<String> {
+        self.violations.iter().map(|v| v.kind.clone()).collect::<BTreeSet<_>>().into_iter().collect()
+    }
+}
+
+struct Rule {
+    kind: String,
+    regex: Regex,
+    luhn: bool,
+}
+
+/// A compiled scanner. Build once (from configuration), share, scan many payloads.
+pub struct Dlp {
+    rules: Vec<Rule>,
+    set: RegexSet,
+    policies: BTreeMap<String, (Action, Severity)>,
+}
+
+impl std::fmt::Debug for Dlp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dlp").field("rules", &self.rules.len()).field("policies", &self.policies).finish()
+    }
+}
+
+impl Dlp {
+    /// The action configured for a violation type.
+    pub fn policy(&self, kind: &str) -> Option<Action> {
+        self.policies.get(kind).map(|p| p.0)
+    }
+
+    /// Scans `payload`.
+    pub fn scan(&self, payload: &Payload) -> Scan {
+        let mut found = BTreeSet::new();
+        for (key, value) in payload {
+            self.scan_text(key, &mut found);
+            self.walk(value, Some(key), &mut found);
+        }
+        let violations: Vec<Violation> = found.into_iter().collect();
+        let action = violations.iter().map(|v| v.action).max();
+        let mut scan = Scan { violations, action, redacted: None };
+        if scan.action == Some(Action::Redact) {
+            match redact(payload, &scan.violations) {
+                Some(redacted) => scan.redacted = Some(redacted),
+                None => scan.action = Some(Action::Block),
+            }
+        }
+        scan
+    }
+
+    fn walk(&self, value: &Value, key: Option<&str>, found: &mut BTreeSet<Violation>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    self.scan_text(k, found);
+                    self.walk(v, Some(k), found);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| self.walk(item, key, found)),
+            Value::String(s) => self.scan_with_context(s, key, found),
+            Value::Number(_) | Value::Bool(_) => self.scan_with_context(&value.to_string(), key, found),
+            Value::Null => {}
+        }
+    }
+
+    fn scan_with_context(&self, text: &str, key: Option<&str>, found: &mut BTreeSet<Violation>) {
+        self.scan_text(text, found);
+        if let Some(key) = key {
+            self.scan_text(&format!("{key}: {text}"), found);
+        }
+    }
+
+    fn scan_text(&self, text: &str, found: &mut BTreeSet<Violation>) {
+        for index in self.set.matches(text).iter() {
+            let rule = &self.rules[index];
+            let Some(&(action, severity)) = self.policies.get(&rule.kind) else { continue };
+            for caps in rule.regex.captures_iter(text) {
+                let Some(m) = caps.name("s").or_else(|| caps.get(0)) else { continue };
+                if rule.luhn && !luhn_valid(m.as_str()) {
+                    continue;
+                }
+                found.insert(Violation { kind: rule.kind.clone(), matched: m.as_str().to_string(), action, severity });
+            }
+        }
+    }
+}
+
+/// The mask that replaces a redacted match (the reference's formats).
+pub fn mask(kind: &str, matched: &str) -> String {
+    let last = |n: usize| -> String {
+        let chars: Vec<char> = matched.chars().collect();
+        chars[chars.len().saturating_sub(n)..].iter().collect()
+    };
+    match kind {
+        "ssn" => format!("XXX-XX-{}", last(4)),
+        "credit_card" => {
+            let digits: String = matched.chars().filter(char::is_ascii_digit).collect();
+            format!("**** **** **** {}", &digits[digits.len().saturating_sub(4)..])
+        }
+        "email" => match matched.split_once('@') {
+            Some((local, domain)) => format!("{}***@{domain}", local.chars().next().unwrap_or('*')),
+            None => "[REDACTED EMAIL]".to_string(),
+        },
+        "phone" => {
+            let digits: String = matched.chars().filter(char::is_ascii_digit).collect();
+            format!("(XXX) XXX-{}", &digits[digits.len().saturating_sub(4)..])
+        }
+        other => format!("[REDACTED {}]", other.to_uppercase()),
+    }
+}
+
+/// Masks every match whose own policy is redact, longest first, in keys and string values;
+/// numbers and booleans whose text changes become strings. `None` if two keys collide.
+fn redact(payload: &Payload, violations: &[Violation]) -> Option<Payload> {
+    let mut targets: Vec<(&str, String)> = violations
+        .iter()
+        .filter(|v| v.action == Action::Redact)
+        .map(|v| (v.matched.as_str(), mask(&v.kind, &v.matched)))
+        .collect();
+    targets.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(b.0)));
+    let replace = |text: &str| targets.iter().fold(text.to_string(), |acc, (from, to)| acc.replace(from, to));
+    redact_map(payload, &replace)
+}
+
+fn redact_map(map: &Payload, replace: &impl Fn(&str) -> String) -> Option<Payload> {
+    let mut out = Payload::new();
+    for (key, value) in map {
+        let new_key = replace(key);
+        if out.insert(new_key, redact_value(value, replace)?).is_some() {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+fn redact_value(value: &Value, replace: &impl Fn(&str) -> String) -> Option<Value> {
+    Some(match value {
+        Value::Object(map) => Value::Object(redact_map(map, replace)?),
+        Value::Array(items) => Value::Array(items.iter().map(|v| redact_value(v, replace)).collect::<Option<_>>()?),
+        Value::String(s) => Value::String(replace(s)),
+        Value::Number(_) | Value::Bool(_) => {
+            let text = value.to_string();
+            let masked = replace(&text);
+            if masked == text { value.clone() } else { Value::String(masked) }
+        }
+        Value::Null => Value::Null,
+    })
+}
+
+#[cfg(test)]
+mod tests;
