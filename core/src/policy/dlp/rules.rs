@@ -19,7 +19,7 @@ pub fn luhn_valid(text: &str) -> bool {
         .enumerate()
         .map(|(i, d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { *d })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// (type, pattern, action, severity, Luhn-validated). A named group `s` marks the sensitive
