@@ -56,14 +56,16 @@ fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of a payload's canonical JSON.
+/// SHA-256 of a payload's canonical JSON (serialised straight from the map: its keys are
+/// already ordered, so no copy into a `Value` is needed).
 pub fn payload_hash(payload: &serde_json::Map<String, Value>) -> String {
-    sha256_hex(canonical_json(&Value::Object(payload.clone())).as_bytes())
+    sha256_hex(serde_json::to_string(payload).unwrap_or_default().as_bytes())
 }
 
 impl AuditRecord {
     /// The record's hash: SHA-256 of its canonical JSON, `previous_hash` included.
     pub fn hash(&self) -> String {
+        // Field order in canonical JSON is by key; `to_value` sorts them (its map is ordered).
         let value = serde_json::to_value(self).unwrap_or(Value::Null);
         sha256_hex(canonical_json(&value).as_bytes())
     }
@@ -162,6 +164,13 @@ mod tests {
         let mut chain = Chain::default();
         let records = (0..n).map(|i| chain.append(record(i))).collect();
         (records, chain.head().map(str::to_string))
+    }
+
+    #[test]
+    fn payload_hash_is_the_hash_of_canonical_json() {
+        let v: Value = serde_json::from_str(r#"{"b":1,"a":[true,null]}"#).unwrap();
+        let expected = sha256_hex(br#"{"a":[true,null],"b":1}"#);
+        assert_eq!(payload_hash(v.as_object().unwrap()), expected);
     }
 
     #[test]

@@ -89,6 +89,10 @@ struct Rule {
 pub struct Dlp {
     rules: Vec<Rule>,
     set: RegexSet,
+    /// Keys worth a context scan.
+    labels: RegexSet,
+    /// Custom rules may look for any context, so with them every value gets one.
+    always_with_context: bool,
     policies: BTreeMap<String, (Action, Severity)>,
 }
 
@@ -106,6 +110,21 @@ impl Dlp {
 
     /// Scans `payload`.
     pub fn scan(&self, payload: &Payload) -> Scan {
+        // Fast path for the common clean payload: one pass of the whole rule set over all its
+        // texts joined by newlines. The built-in rules have no anchors, so anything the
+        // per-text walk would find is found here too (a match straddling two texts only costs
+        // the walk below). Custom rules may use anchors, so with them the walk always runs.
+        if !self.always_with_context {
+            let mut joined = String::new();
+            for (key, value) in payload {
+                joined.push_str(key);
+                joined.push('\n');
+                self.join_texts(value, Some((key, self.labels.is_match(key))), &mut joined);
+            }
+            if !self.set.is_match(&joined) {
+                return Scan { violations: Vec::new(), action: None, redacted: None };
+            }
+        }
         let mut found = BTreeSet::new();
         for (key, value) in payload {
             self.scan_text(key, &mut found);
@@ -138,9 +157,29 @@ impl Dlp {
         }
     }
 
+    /// Appends every text the walk would scan, one per line. `labelled` says whether the
+    /// enclosing key carries a label (then the `key: text` context line is added too).
+    fn join_texts(&self, value: &Value, key: Option<(&str, bool)>, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    out.push_str(k);
+                    out.push('\n');
+                    self.join_texts(v, Some((k, self.labels.is_match(k))), out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| self.join_texts(item, key, out)),
+            Value::String(s) => push_line(s, key, out),
+            Value::Number(_) | Value::Bool(_) => push_line(&value.to_string(), key, out),
+            Value::Null => {}
+        }
+    }
+
     fn scan_with_context(&self, text: &str, key: Option<&str>, found: &mut BTreeSet<Violation>) {
         self.scan_text(text, found);
-        if let Some(key) = key {
+        if let Some(key) = key
+            && (self.always_with_context || self.labels.is_match(key))
+        {
             self.scan_text(&format!("{key}: {text}"), found);
         }
     }
@@ -157,6 +196,17 @@ impl Dlp {
                 found.insert(Violation { kind: rule.kind.clone(), matched: m.as_str().to_string(), action, severity });
             }
         }
+    }
+}
+
+fn push_line(text: &str, key: Option<(&str, bool)>, out: &mut String) {
+    out.push_str(text);
+    out.push('\n');
+    if let Some((key, true)) = key {
+        out.push_str(key);
+        out.push_str(": ");
+        out.push_str(text);
+        out.push('\n');
     }
 }
 

@@ -63,7 +63,7 @@ const BUILT_IN: &[(&str, &str, Action, Severity, bool)] = &[
     ("cvv", r"(?i)\b(?:CVV|CVC)2?\s*[:=]?\s*(?P<s>\d{3,4})\b", Action::Block, Severity::Critical, false),
     (
         "api_key",
-        r#"(?i)\bapi[_-]?key\b\s*[:=]?\s*["']?(?P<s>[A-Za-z0-9_-]{32,})"#,
+        r#"(?i)api[_-]?key\b\s*[:=]?\s*["']?(?P<s>[A-Za-z0-9_-]{32,})"#,
         Action::Block,
         Severity::Critical,
         false,
@@ -73,11 +73,23 @@ const BUILT_IN: &[(&str, &str, Action, Severity, bool)] = &[
     ("jwt", r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", Action::Block, Severity::High, false),
     (
         "password",
-        r#"(?i)\b(?:password|passwd|pwd)\b\s*[:=]?\s*["']?(?P<s>[^\s"']{6,})"#,
+        r#"(?i)(?:password|passwd|pwd)\b\s*[:=]?\s*["']?(?P<s>[^\s"']{6,})"#,
         Action::Block,
         Severity::Critical,
         false,
     ),
+];
+
+/// Labels that the labelled rules look for. A value is scanned again with its key as context
+/// only if the key carries one of them (or custom rules exist): for any other key the context
+/// string cannot match anything the value alone did not.
+const CONTEXT_LABELS: &[&str] = &[
+    r"(?i)\b(?:ssn|social[ _-]?security)",
+    r"(?i)(?:password|passwd|pwd)",
+    r"(?i)\b(?:mrn|medical record)",
+    r"(?i)\b(?:health insurance|policy)",
+    r"(?i)\b(?:cvv|cvc)",
+    r"(?i)api[_-]?key",
 ];
 
 /// Types with a policy but no built-in detector (the reference has `address` this way).
@@ -179,7 +191,10 @@ impl Dlp {
         }
         let set = RegexSet::new(rules.iter().map(|r| r.regex.as_str()))
             .map_err(|e| RuleError { id: "*".into(), reason: e.to_string() })?;
-        Ok(Dlp { rules, set, policies })
+        let labels =
+            RegexSet::new(CONTEXT_LABELS).map_err(|e| RuleError { id: "labels".into(), reason: e.to_string() })?;
+        let always_with_context = settings.rules.iter().any(|r| r.enabled);
+        Ok(Dlp { rules, set, labels, always_with_context, policies })
     }
 }
 
