@@ -41,6 +41,8 @@ pub mod detail {
     pub const REPLY_SENDER_MISMATCH: &str = "reply_sender_mismatch";
     /// A compare-and-set state write with a stale revision.
     pub const STATE_REVISION_CONFLICT: &str = "state_revision_conflict";
+    /// DLP found data that must not leave the sender.
+    pub const DLP_BLOCKED: &str = "dlp_blocked";
     /// The store could not be reached.
     pub const STORAGE_UNAVAILABLE: &str = "storage_unavailable";
     /// The target's queue is at its bound (ours; the reference has no bound).

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mas_core::ids::{AgentId, InstanceId, random_uuid_v4};
+use mas_core::policy::dlp::Dlp;
 use mas_core::store::{MemoryStoreConfig, OwnerToken, SessionRef, StoreError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -23,6 +24,8 @@ pub type SessionKey = (AgentId, InstanceId);
 #[derive(Debug)]
 pub struct Broker {
     config: BrokerConfig,
+    /// The compiled DLP scanner; `None` when the feature is off.
+    dlp: Option<Dlp>,
     store: Store,
     clock: Clock,
     /// This broker's live sessions and their owner tokens. Touched on connect, disconnect and
@@ -72,6 +75,9 @@ pub enum StartError {
     /// The configured store could not be reached.
     #[error("cannot reach the store: {0}")]
     Store(StoreError),
+    /// A DLP rule does not compile.
+    #[error("invalid DLP configuration: {0}")]
+    Dlp(mas_core::policy::dlp::RuleError),
 }
 
 impl Broker {
@@ -81,18 +87,24 @@ impl Broker {
         #[cfg(not(madsim))]
         if let Some(settings) = &config.redis {
             let backend = crate::store::redis::RedisBackend::connect(settings).await.map_err(StartError::Store)?;
-            return Ok(Self::with_store(config, Store::Redis(backend)));
+            return Self::with_store(config, Store::Redis(backend));
         }
         let store = MemoryBackend::new(MemoryStoreConfig { max_queue_len: config.max_queue_len, ..Default::default() });
-        Ok(Self::with_store(config, Store::Memory(store)))
+        Self::with_store(config, Store::Memory(store))
     }
 
     /// A broker over an existing store (shared by several brokers in one process, or tests).
-    pub fn with_store(config: BrokerConfig, store: Store) -> Arc<Self> {
+    /// Compiles the policy engines once; fails on a DLP rule that does not compile.
+    pub fn with_store(config: BrokerConfig, store: Store) -> Result<Arc<Self>, StartError> {
         let seed = start_seed(&config);
         let mut ids = ChaCha8Rng::seed_from_u64(seed);
         let broker_tag = ids.next_u64();
-        Arc::new(Broker {
+        let dlp = match config.gateway.features.dlp {
+            true => Some(Dlp::new(&config.gateway.dlp).map_err(StartError::Dlp)?),
+            false => None,
+        };
+        Ok(Arc::new(Broker {
+            dlp,
             config,
             store,
             clock: Clock::new(),
@@ -103,7 +115,7 @@ impl Broker {
             shutdown: watch::channel(false).0,
             live_tasks: watch::channel(0).0,
             stats: Counters::default(),
-        })
+        }))
     }
 
     /// The configuration.
@@ -119,6 +131,11 @@ impl Broker {
     /// The broker's clock (deadlines of its sessions; the store keeps its own).
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// The DLP scanner, if DLP is on.
+    pub fn dlp(&self) -> Option<&Dlp> {
+        self.dlp.as_ref()
     }
 
     /// The broker's counters.

@@ -166,6 +166,33 @@ pub struct BrokerConfig {
     #[cfg(not(madsim))]
     #[serde(default)]
     pub redis: Option<crate::store::redis::RedisSettings>,
+    /// Governance settings (the reference's `gateway` section).
+    #[serde(default)]
+    pub gateway: GatewaySettings,
+}
+
+/// Which governance features run (authorization is always on).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeatureSettings {
+    /// Data-loss prevention (default on).
+    pub dlp: bool,
+}
+
+impl Default for FeatureSettings {
+    fn default() -> Self {
+        FeatureSettings { dlp: true }
+    }
+}
+
+/// The `gateway` section: one settings object, read once and handed down.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Feature switches.
+    pub features: FeatureSettings,
+    /// DLP rules and policies.
+    pub dlp: mas_core::policy::dlp::DlpSettings,
 }
 
 fn default_max_queue_len() -> usize {
@@ -209,6 +236,7 @@ impl BrokerConfig {
             session_lease: LeaseSettings::default(),
             #[cfg(not(madsim))]
             redis: None,
+            gateway: GatewaySettings::default(),
         }
     }
 
@@ -237,6 +265,9 @@ impl BrokerConfig {
             return Err(ConfigError::Invalid(
                 "delivery.retry_backoff_initial_ms must not exceed delivery.retry_backoff_max_ms".into(),
             ));
+        }
+        if let Err(err) = mas_core::policy::dlp::Dlp::new(&self.gateway.dlp) {
+            return Err(ConfigError::Invalid(format!("gateway.dlp: {err}")));
         }
         let lease = &self.session_lease;
         if lease.renewal_ms == 0 || lease.renewal_ms.saturating_mul(2) >= lease.ttl_ms {

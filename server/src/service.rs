@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
+use mas_core::policy::dlp::Action;
 use mas_core::store::{Correlation, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt, StateError};
 use mas_net::identity::peer_agent;
 use mas_net::status::{self, detail};
@@ -96,6 +97,29 @@ impl Service {
         Ok(instance)
     }
 
+    /// Data-loss prevention: a blocking finding refuses the message (`PERMISSION_DENIED
+    /// dlp_blocked`), a redacting one replaces the payload by its redacted copy, an alert lets
+    /// it through unchanged.
+    fn screen(&self, sender: &AgentId, data: Payload) -> Result<Payload, Status> {
+        let Some(dlp) = self.broker.dlp() else { return Ok(data) };
+        let scan = dlp.scan(&data);
+        match scan.action {
+            None => Ok(data),
+            Some(Action::Alert) => {
+                tracing::info!(%sender, violations = ?scan.kinds(), "DLP alert");
+                Ok(data)
+            }
+            Some(Action::Redact) => {
+                tracing::info!(%sender, violations = ?scan.kinds(), "DLP redacted");
+                Ok(scan.redacted.unwrap_or_default())
+            }
+            Some(Action::Block) => {
+                tracing::info!(%sender, violations = ?scan.kinds(), "DLP blocked");
+                Err(Status::permission_denied(detail::DLP_BLOCKED))
+            }
+        }
+    }
+
     /// Deny by default: the target must be allowlisted and named by the sender's grants.
     fn authorize(&self, sender: &AgentId, target_id: &str) -> Result<AgentId, Status> {
         let denied = || {
@@ -156,6 +180,7 @@ impl RuntimeService for Service {
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         let target = self.authorize(&sender, &req.target_id)?;
+        let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
         let now = self.broker.clock().now().wall;
         let envelope =
@@ -179,6 +204,7 @@ impl RuntimeService for Service {
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         let target = self.authorize(&sender, &req.target_id)?;
+        let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
         let correlation_id = self.broker.next_correlation_id(&sender);
         let now = self.broker.clock().now().wall;
@@ -233,7 +259,9 @@ impl RuntimeService for Service {
             return Err(Status::permission_denied(detail::REPLY_SENDER_MISMATCH));
         }
         // The request authorized this exchange: a reply needs no grant of its own (the
-        // reference requires one, which breaks one-way grants).
+        // reference requires one, which breaks one-way grants). It is still screened, and a
+        // refusal leaves the request pending for a better answer.
+        let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
         let envelope = Envelope::new_reply(
             &sender,
@@ -307,7 +335,7 @@ impl RuntimeService for Service {
     ) -> Result<Response<UpdateStateResponse>, Status> {
         let agent = caller(&request)?;
         let req = request.into_inner();
-        let updates: BTreeMap<String, String> = req.updates.into_iter().collect();
+        let updates = self.screen_state(&agent, req.updates.into_iter().collect())?;
         let written =
             self.broker.store().update_state(&agent, updates, req.expected_revision).await.map_err(store_failed)?;
         Ok(Response::new(UpdateStateResponse { revision: revision_or_conflict(written)? }))
@@ -318,6 +346,29 @@ impl RuntimeService for Service {
         let req = request.into_inner();
         let written = self.broker.store().reset_state(&agent, req.expected_revision).await.map_err(store_failed)?;
         Ok(Response::new(ResetStateResponse { revision: revision_or_conflict(written)? }))
+    }
+}
+
+impl Service {
+    /// State values are JSON texts; they are screened like a payload of their decoded values
+    /// (a value that is not JSON is screened as a string) and stored re-encoded if redacted.
+    fn screen_state(
+        &self,
+        agent: &AgentId,
+        updates: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, Status> {
+        if self.broker.dlp().is_none() || updates.is_empty() {
+            return Ok(updates);
+        }
+        let decoded: Payload = updates
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()))))
+            .collect();
+        let screened = self.screen(agent, decoded.clone())?;
+        if screened == decoded {
+            return Ok(updates);
+        }
+        Ok(screened.into_iter().map(|(k, v)| (k, v.to_string())).collect())
     }
 }
 

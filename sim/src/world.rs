@@ -73,7 +73,7 @@ pub fn start_observed_broker(
         .name(name)
         .ip(ip)
         .init(move || {
-            let broker = Broker::with_store(config.clone(), store.clone());
+            let broker = Broker::with_store(config.clone(), store.clone()).expect("scenario config is valid");
             brokers.lock().unwrap_or_else(PoisonError::into_inner).push(broker.clone());
             async move {
                 if let Err(err) = mas_server::serve::serve_sim(broker, listen, std::future::pending()).await {
