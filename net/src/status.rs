@@ -41,6 +41,8 @@ pub mod detail {
     pub const REPLY_SENDER_MISMATCH: &str = "reply_sender_mismatch";
     /// A compare-and-set state write with a stale revision.
     pub const STATE_REVISION_CONFLICT: &str = "state_revision_conflict";
+    /// The sender is over its rate limit.
+    pub const RATE_LIMITED: &str = "rate_limited";
     /// DLP found data that must not leave the sender.
     pub const DLP_BLOCKED: &str = "dlp_blocked";
     /// The store could not be reached.

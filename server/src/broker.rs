@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mas_core::ids::{AgentId, InstanceId, random_uuid_v4};
-use mas_core::policy::dlp::Dlp;
+use mas_core::policy::dlp::{Dlp, DlpSettings};
 use mas_core::store::{MemoryStoreConfig, OwnerToken, SessionRef, StoreError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -25,7 +25,7 @@ pub type SessionKey = (AgentId, InstanceId);
 pub struct Broker {
     config: BrokerConfig,
     /// The compiled DLP scanner; `None` when the feature is off.
-    dlp: Option<Dlp>,
+    dlp: Option<Arc<Dlp>>,
     store: Store,
     clock: Clock,
     /// This broker's live sessions and their owner tokens. Touched on connect, disconnect and
@@ -100,7 +100,7 @@ impl Broker {
         let mut ids = ChaCha8Rng::seed_from_u64(seed);
         let broker_tag = ids.next_u64();
         let dlp = match config.gateway.features.dlp {
-            true => Some(Dlp::new(&config.gateway.dlp).map_err(StartError::Dlp)?),
+            true => Some(compiled_dlp(&config.gateway.dlp)?),
             false => None,
         };
         Ok(Arc::new(Broker {
@@ -135,7 +135,7 @@ impl Broker {
 
     /// The DLP scanner, if DLP is on.
     pub fn dlp(&self) -> Option<&Dlp> {
-        self.dlp.as_ref()
+        self.dlp.as_deref()
     }
 
     /// The broker's counters.
@@ -259,6 +259,21 @@ impl Broker {
             tracing::warn!("sessions still open after the drain limit; stopping anyway");
         }
     }
+}
+
+/// Compiles the DLP rules. The default rule set is compiled once per process and shared:
+/// compiling a few dozen regexes is milliseconds of work that every broker start (and every
+/// simulated broker restart) would otherwise repeat.
+fn compiled_dlp(settings: &DlpSettings) -> Result<Arc<Dlp>, StartError> {
+    static DEFAULT: std::sync::OnceLock<Arc<Dlp>> = std::sync::OnceLock::new();
+    if *settings == DlpSettings::default() {
+        if let Some(dlp) = DEFAULT.get() {
+            return Ok(dlp.clone());
+        }
+        let dlp = Arc::new(Dlp::new(settings).map_err(StartError::Dlp)?);
+        return Ok(DEFAULT.get_or_init(|| dlp).clone());
+    }
+    Ok(Arc::new(Dlp::new(settings).map_err(StartError::Dlp)?))
 }
 
 /// The seed of this broker start: the configured seed mixed with the wall clock, the process id

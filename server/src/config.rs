@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mas_core::delivery::DeliveryConfig;
 use mas_core::ids::AgentId;
+use mas_core::policy::ratelimit::Limits;
 use mas_core::store::MemoryStoreConfig;
 use serde::Deserialize;
 
@@ -185,12 +186,59 @@ impl Default for FeatureSettings {
     }
 }
 
+/// Per-sender rate limits (always on).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Messages per minute per sender agent (default 100; 0 = always deny).
+    pub per_minute: u64,
+    /// Messages per hour per sender agent (default 1 000; 0 = always deny).
+    pub per_hour: u64,
+    /// Per-agent limits replacing the defaults (a missing field keeps the default).
+    pub overrides: BTreeMap<AgentId, RateOverride>,
+}
+
+/// One agent's limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateOverride {
+    /// Messages per minute.
+    pub per_minute: Option<u64>,
+    /// Messages per hour.
+    pub per_hour: Option<u64>,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        let limits = Limits::default();
+        RateLimitSettings { per_minute: limits.per_minute, per_hour: limits.per_hour, overrides: BTreeMap::new() }
+    }
+}
+
+impl RateLimitSettings {
+    /// The limits of `sender`.
+    pub fn limits_for(&self, sender: &AgentId) -> Limits {
+        let o = self.overrides.get(sender);
+        Limits {
+            per_minute: o.and_then(|o| o.per_minute).unwrap_or(self.per_minute),
+            per_hour: o.and_then(|o| o.per_hour).unwrap_or(self.per_hour),
+        }
+    }
+
+    /// Limits so high they never bind; for load tests.
+    pub fn unlimited() -> Self {
+        RateLimitSettings { per_minute: u64::MAX / 4, per_hour: u64::MAX / 4, overrides: BTreeMap::new() }
+    }
+}
+
 /// The `gateway` section: one settings object, read once and handed down.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewaySettings {
     /// Feature switches.
     pub features: FeatureSettings,
+    /// Rate limits.
+    pub rate_limit: RateLimitSettings,
     /// DLP rules and policies.
     pub dlp: mas_core::policy::dlp::DlpSettings,
 }

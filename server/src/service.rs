@@ -97,6 +97,18 @@ impl Service {
         Ok(instance)
     }
 
+    /// Rate limit per sender agent (all its instances share the quota; replies count too).
+    async fn rate_limit(&self, sender: &AgentId) -> Result<(), Status> {
+        let limits = self.broker.config().gateway.rate_limit.limits_for(sender);
+        match self.broker.store().admit_rate(sender, limits).await.map_err(store_failed)? {
+            Ok(()) => Ok(()),
+            Err(limited) => {
+                tracing::info!(%sender, window = ?limited.window, "rate limited");
+                Err(Status::resource_exhausted(detail::RATE_LIMITED))
+            }
+        }
+    }
+
     /// Data-loss prevention: a blocking finding refuses the message (`PERMISSION_DENIED
     /// dlp_blocked`), a redacting one replaces the payload by its redacted copy, an alert lets
     /// it through unchanged.
@@ -180,6 +192,7 @@ impl RuntimeService for Service {
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         let target = self.authorize(&sender, &req.target_id)?;
+        self.rate_limit(&sender).await?;
         let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
         let now = self.broker.clock().now().wall;
@@ -204,6 +217,7 @@ impl RuntimeService for Service {
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         let target = self.authorize(&sender, &req.target_id)?;
+        self.rate_limit(&sender).await?;
         let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
         let correlation_id = self.broker.next_correlation_id(&sender);
@@ -261,6 +275,7 @@ impl RuntimeService for Service {
         // The request authorized this exchange: a reply needs no grant of its own (the
         // reference requires one, which breaks one-way grants). It is still screened, and a
         // refusal leaves the request pending for a better answer.
+        self.rate_limit(&sender).await?;
         let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
         let envelope = Envelope::new_reply(

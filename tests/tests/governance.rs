@@ -120,3 +120,25 @@ async fn dlp_can_be_switched_off() {
     bob.stop().await;
     tb.stop().await;
 }
+
+#[tokio::test]
+async fn the_second_message_over_one_per_minute_is_rate_limited() {
+    let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {
+        c.gateway
+            .rate_limit
+            .overrides
+            .insert(mas_tests::id("alice"), mas_server::config::RateOverride { per_minute: Some(1), per_hour: None });
+    })
+    .await;
+    let inbox = Inbox::default();
+    let bob = bob_recording(&tb, &inbox).await;
+    let alice = tb.agent("alice").start().await.unwrap();
+    alice.send("bob", "t", &serde_json::json!({"n": 1})).await.unwrap();
+    let err = alice.send("bob", "t", &serde_json::json!({"n": 2})).await.expect_err("over the limit");
+    assert_eq!(denial(&err), (Code::ResourceExhausted, "rate_limited".to_string()));
+    // bob has no override: his default 100/min is untouched by alice's.
+    assert!(eventually(Duration::from_secs(5), || inbox.lock().unwrap().len() == 1).await);
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}

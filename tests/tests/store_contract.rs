@@ -254,3 +254,25 @@ async fn state_compare_and_set() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn rate_limits_admit_a_burst_then_refuse_without_consuming() {
+    use mas_core::policy::ratelimit::Limits;
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let two_per_minute = Limits { per_minute: 2, per_hour: 100 };
+        for _ in 0..3 {
+            let r = store.admit_rate(&agent("alice"), two_per_minute).await.unwrap();
+            log.push(format!("{:?}", r.map_err(|l| l.window)));
+        }
+        let one_per_hour = Limits { per_minute: 100, per_hour: 1 };
+        for _ in 0..2 {
+            let r = store.admit_rate(&agent("bob"), one_per_hour).await.unwrap();
+            log.push(format!("{:?}", r.map_err(|l| l.window)));
+        }
+        let never = store.admit_rate(&agent("carol"), Limits { per_minute: 0, per_hour: 100 }).await.unwrap();
+        log.push(format!("{never:?}"));
+        log
+    })
+    .await;
+}

@@ -75,6 +75,7 @@ mod load {
         let mut config = BrokerConfig::new("127.0.0.1:0".parse()?, agents);
         config.delivery = DeliverySettings::default();
         config.max_queue_len = 10_000_000;
+        config.gateway.rate_limit = mas_server::config::RateLimitSettings::unlimited();
         config.redis = args.redis.as_ref().map(|url| {
             let mut s = mas_server::store::redis::RedisSettings::new(url);
             s.max_queue_len = 10_000_000;

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::delivery::{EntryId, QueuedMessage, StoreEffect};
 use crate::ids::{AgentId, InstanceId};
+use crate::policy::ratelimit::{self, Limited, Limits, RateState};
 use crate::time::Instant;
 
 /// Bounds of the in-memory store.
@@ -72,6 +73,7 @@ pub struct MemoryStore {
     pending: BTreeMap<String, Expiring<PendingRequest>>,
     receipts: BTreeMap<String, Expiring<ReplyReceipt>>,
     states: BTreeMap<AgentId, StateSnapshot>,
+    rates: BTreeMap<AgentId, RateState>,
     dead_letters: VecDeque<DeadLetter>,
     dead_letters_dropped: u64,
     requests_since_prune: usize,
@@ -377,6 +379,17 @@ impl MemoryStore {
     /// Drops a pending request (its envelope could not be admitted).
     pub fn cancel_request(&mut self, correlation_id: &str) {
         self.pending.remove(correlation_id);
+    }
+
+    // ---- rate limits ----------------------------------------------------------------------
+
+    /// Admits one message of `sender` under `limits` (GCRA, both windows); a refusal
+    /// consumes nothing.
+    pub fn admit_rate(&mut self, sender: &AgentId, limits: Limits, now: Instant) -> Result<(), Limited> {
+        let state = self.rates.get(sender).copied().unwrap_or_default();
+        let next = ratelimit::admit(limits, state, now)?;
+        self.rates.insert(sender.clone(), next);
+        Ok(())
     }
 
     // ---- state ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
+use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
     Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueKey, ReplyCommit, ReplyError,
     ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
@@ -202,6 +203,10 @@ impl MemoryBackend {
             inner.waker(&expected.requester).notify_waiters();
         }
         Ok(result)
+    }
+
+    pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {
+        Ok(self.lock().store.admit_rate(sender, limits, self.clock.now().mono))
     }
 
     pub(super) async fn get_state(&self, agent: &AgentId) -> Result<StateSnapshot, StoreError> {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
+use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
     Correlation, DeadLetter, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
     StateSnapshot, StoreError,
@@ -143,6 +144,12 @@ impl Store {
         envelope: Arc<str>,
     ) -> Result<Result<ReplyCommit, ReplyError>, StoreError> {
         dispatch!(self, b => b.commit_reply(correlation_id, expected, receipt, envelope).await)
+    }
+
+    /// Admits one message of `sender` under `limits` (GCRA over the store's clock, one step);
+    /// a refusal consumes nothing.
+    pub async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {
+        dispatch!(self, b => b.admit_rate(sender, limits).await)
     }
 
     /// The agent's state and revision, read atomically.

@@ -12,6 +12,7 @@
 //! | `mas:{A}:owners` | zset | owner token → lease deadline; decides whose claimed work is dead |
 //! | `mas:{A}:dlq` | stream | dead letters: `e`, `reason`, `attempts`, `at` |
 //! | `mas:{A}:state`, `mas:{A}:state:rev` | hash, string | agent state and its revision |
+//! | `mas:{A}:rate` | hash `m`, `h` | GCRA arrival times (µs, Redis clock) of sender A's minute and hour windows |
 //! | `mas:{A}:pending:{C}` | string JSON, PX ttl+60 s | a request of A awaiting its reply |
 //! | `mas:{A}:receipt:{C}` | string JSON, PX remaining | the committed reply, for idempotent retries |
 //! | channel `mas:notify:{A}` | pub/sub | "A has new ready work": wakes waiting sessions |
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
+use mas_core::policy::ratelimit::{Limited, Limits, Window};
 use mas_core::store::{
     Correlation, DeadLetter, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt,
     SessionRef, StateError, StateSnapshot, StoreError,
@@ -104,6 +106,7 @@ struct Scripts {
     state_get: Script,
     state_update: Script,
     state_reset: Script,
+    rate_admit: Script,
 }
 
 impl Scripts {
@@ -134,6 +137,7 @@ impl Scripts {
             state_get: get("state_get"),
             state_update: get("state_update"),
             state_reset: get("state_reset"),
+            rate_admit: get("rate_admit"),
         }
     }
 }
@@ -573,6 +577,26 @@ impl RedisBackend {
             (Some("expired"), _) => Err(ReplyError::Expired),
             (Some("unknown"), _) => Err(ReplyError::Unknown),
             _ => Err(ReplyError::Completed),
+        })
+    }
+
+    pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {
+        let reply: Vec<i64> = self
+            .scripts
+            .rate_admit
+            .key(key(sender, "rate"))
+            .arg(limits.per_minute)
+            .arg(limits.per_hour)
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(match reply.as_slice() {
+            [1] => Ok(()),
+            [0, window, retry_us] => Err(Limited {
+                window: if *window == 0 { Window::Minute } else { Window::Hour },
+                retry_after: u64::try_from(*retry_us).ok().map(Duration::from_micros),
+            }),
+            _ => return Err(StoreError::Unavailable("malformed rate limit reply".into())),
         })
     }
 

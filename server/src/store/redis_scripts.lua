@@ -279,3 +279,23 @@ local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= current then return {0, current} end
 redis.call('DEL', KEYS[1])
 return {1, redis.call('INCR', KEYS[2])}
+
+--@rate_admit
+-- KEYS: rate hash. ARGV: per_minute, per_hour. GCRA per window (times in µs, Redis clock):
+-- admit if max(tat, now) + I - now <= T with I = T / limit; a refusal writes nothing.
+-- Returns {1} or {0, window (0 minute, 1 hour), retry_after_us (-1: limit 0)}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function step(limit, period, tat)
+  if limit == 0 then return nil, -1 end
+  local new = math.max(tat, now) + math.floor(period / limit)
+  if new - now > period then return nil, new - now - period end
+  return new, 0
+end
+local m, retry_m = step(tonumber(ARGV[1]), 60000000, tonumber(redis.call('HGET', KEYS[1], 'm') or '0'))
+if not m then return {0, 0, retry_m} end
+local h, retry_h = step(tonumber(ARGV[2]), 3600000000, tonumber(redis.call('HGET', KEYS[1], 'h') or '0'))
+if not h then return {0, 1, retry_h} end
+redis.call('HSET', KEYS[1], 'm', string.format('%.0f', m), 'h', string.format('%.0f', h))
+redis.call('PEXPIRE', KEYS[1], 3601000)
+return {1}
