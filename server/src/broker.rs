@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use mas_core::ids::{AgentId, InstanceId, random_uuid_v4};
+use mas_core::policy::authz::{Allowance, AuthzPolicy, Denial};
 use mas_core::policy::dlp::{Dlp, DlpSettings};
 use mas_core::store::{MemoryStoreConfig, OwnerToken, SessionRef, StoreError};
 use rand_chacha::ChaCha8Rng;
@@ -24,6 +25,8 @@ pub type SessionKey = (AgentId, InstanceId);
 #[derive(Debug)]
 pub struct Broker {
     config: BrokerConfig,
+    /// Authorization; read on every message, changed through [`Broker::change_authz`].
+    authz: RwLock<AuthzPolicy>,
     /// The compiled DLP scanner; `None` when the feature is off.
     dlp: Option<Arc<Dlp>>,
     store: Store,
@@ -104,6 +107,7 @@ impl Broker {
             false => None,
         };
         Ok(Arc::new(Broker {
+            authz: RwLock::new(config.authz_policy()),
             dlp,
             config,
             store,
@@ -131,6 +135,20 @@ impl Broker {
     /// The broker's clock (deadlines of its sessions; the store keeps its own).
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// Decides `sender → target` under the current policy.
+    pub fn authorize(&self, sender: &AgentId, target: &AgentId, target_live: bool) -> Result<Allowance, Denial> {
+        self.authz.read().unwrap_or_else(PoisonError::into_inner).authorize(sender, target, target_live)
+    }
+
+    /// Management API: changes grants, blocks or roles at run time; the change applies to the
+    /// next message. (Per broker: brokers sharing a store must each be told.)
+    pub fn change_authz<T>(&self, change: impl FnOnce(&mut AuthzPolicy) -> T) -> T {
+        let mut policy = self.authz.write().unwrap_or_else(PoisonError::into_inner);
+        let result = change(&mut policy);
+        tracing::info!("authorization policy changed");
+        result
     }
 
     /// The DLP scanner, if DLP is on.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mas_core::delivery::DeliveryConfig;
 use mas_core::ids::AgentId;
+use mas_core::policy::authz::AuthzPolicy;
 use mas_core::policy::ratelimit::Limits;
 use mas_core::store::MemoryStoreConfig;
 use serde::Deserialize;
@@ -25,6 +26,12 @@ pub struct AgentDefinition {
     /// Empty means none (deny by default).
     #[serde(default)]
     pub allowed_targets: Vec<String>,
+    /// Targets this agent may never send to, whatever else allows it.
+    #[serde(default)]
+    pub blocked_targets: Vec<String>,
+    /// RBAC roles (see `gateway.roles`; used when `gateway.features.rbac` is on).
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 impl AgentDefinition {
@@ -34,13 +41,52 @@ impl AgentDefinition {
             capabilities: Vec::new(),
             metadata: serde_json::Map::new(),
             allowed_targets: targets.iter().map(|t| t.as_ref().to_string()).collect(),
+            blocked_targets: Vec::new(),
+            roles: Vec::new(),
         }
     }
+}
 
-    /// Whether this agent's grants name `target` (or `*`).
-    pub fn may_send_to(&self, target: &AgentId) -> bool {
-        self.allowed_targets.iter().any(|t| t == "*" || t == target.as_str())
-    }
+/// A permission preset (the reference runner's `permissions`), applied at start in order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PermissionPreset {
+    /// `sender` may message each of `targets`.
+    Allow {
+        /// Sender.
+        sender: AgentId,
+        /// Targets.
+        targets: Vec<AgentId>,
+    },
+    /// Both agents may message each other.
+    AllowBidirectional {
+        /// Exactly two agents.
+        agents: [AgentId; 2],
+    },
+    /// Bidirectional: everyone may message everyone else; otherwise a chain a → b → c.
+    AllowNetwork {
+        /// The agents.
+        agents: Vec<AgentId>,
+        /// Full mesh (default) or chain.
+        #[serde(default = "yes")]
+        bidirectional: bool,
+    },
+    /// `sender` may message exactly `receivers`.
+    AllowBroadcast {
+        /// Sender.
+        sender: AgentId,
+        /// Receivers.
+        receivers: Vec<AgentId>,
+    },
+    /// `agent_id` may message everyone.
+    AllowWildcard {
+        /// The agent.
+        agent_id: AgentId,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Delivery settings in configuration units (milliseconds).
@@ -172,17 +218,19 @@ pub struct BrokerConfig {
     pub gateway: GatewaySettings,
 }
 
-/// Which governance features run (authorization is always on).
+/// Which governance features run (authorization and rate limits are always on).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FeatureSettings {
     /// Data-loss prevention (default on).
     pub dlp: bool,
+    /// Role-based permissions in addition to per-agent grants (default off).
+    pub rbac: bool,
 }
 
 impl Default for FeatureSettings {
     fn default() -> Self {
-        FeatureSettings { dlp: true }
+        FeatureSettings { dlp: true, rbac: false }
     }
 }
 
@@ -239,6 +287,10 @@ pub struct GatewaySettings {
     pub features: FeatureSettings,
     /// Rate limits.
     pub rate_limit: RateLimitSettings,
+    /// RBAC roles: name → permission patterns such as `send:worker-*`.
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Permission presets applied at start, after the per-agent grants.
+    pub permissions: Vec<PermissionPreset>,
     /// DLP rules and policies.
     pub dlp: mas_core::policy::dlp::DlpSettings,
 }
@@ -272,6 +324,37 @@ pub enum ConfigError {
 }
 
 impl BrokerConfig {
+    /// The authorization policy this configuration describes: per-agent grants and blocks,
+    /// roles, then the presets in order.
+    pub fn authz_policy(&self) -> AuthzPolicy {
+        let mut policy = AuthzPolicy::new(self.gateway.features.rbac);
+        for (name, permissions) in &self.gateway.roles {
+            let patterns: Vec<&str> = permissions.iter().map(String::as_str).collect();
+            policy.set_role(name, &patterns);
+        }
+        for (agent, def) in &self.agents {
+            policy.set_allowed(agent, def.allowed_targets.iter().cloned());
+            for blocked in def.blocked_targets.iter().filter_map(|b| AgentId::new(b).ok()) {
+                policy.block(agent, &blocked);
+            }
+            for role in &def.roles {
+                policy.assign_role(agent, role);
+            }
+        }
+        for preset in &self.gateway.permissions {
+            match preset {
+                PermissionPreset::Allow { sender, targets } => policy.allow(sender, targets),
+                PermissionPreset::AllowBidirectional { agents: [a, b] } => policy.allow_bidirectional(a, b),
+                PermissionPreset::AllowNetwork { agents, bidirectional } => {
+                    policy.allow_network(agents, *bidirectional)
+                }
+                PermissionPreset::AllowBroadcast { sender, receivers } => policy.allow_broadcast(sender, receivers),
+                PermissionPreset::AllowWildcard { agent_id } => policy.allow_wildcard(agent_id),
+            }
+        }
+        policy
+    }
+
     /// A configuration with defaults for everything but the address and the allowlist.
     pub fn new(listen_addr: SocketAddr, agents: BTreeMap<AgentId, AgentDefinition>) -> Self {
         BrokerConfig {
@@ -327,7 +410,7 @@ impl BrokerConfig {
             return Err(ConfigError::Invalid("agents: the allowlist is empty, nobody could connect".into()));
         }
         for (agent, def) in &self.agents {
-            for target in &def.allowed_targets {
+            for target in def.allowed_targets.iter().chain(&def.blocked_targets) {
                 let known = target == "*" || AgentId::new(target).is_ok_and(|t| self.agents.contains_key(&t));
                 if !known {
                     return Err(ConfigError::Invalid(format!(
@@ -351,8 +434,10 @@ mod tests {
         let c: BrokerConfig = serde_json::from_str(json).unwrap();
         c.validate().unwrap();
         assert_eq!(c.delivery, DeliverySettings::default());
-        assert!(c.agents[&AgentId::new("alice").unwrap()].may_send_to(&AgentId::new("bob").unwrap()));
-        assert!(!c.agents[&AgentId::new("bob").unwrap()].may_send_to(&AgentId::new("alice").unwrap()));
+        let policy = c.authz_policy();
+        let (alice, bob) = (AgentId::new("alice").unwrap(), AgentId::new("bob").unwrap());
+        assert!(policy.visible(&alice, &bob));
+        assert!(!policy.visible(&bob, &alice));
     }
 
     #[test]
@@ -364,6 +449,24 @@ mod tests {
         let dangling = r#"{"listen_addr":"127.0.0.1:0","agents":{"a":{"allowed_targets":["zed"]}}}"#;
         let c: BrokerConfig = serde_json::from_str(dangling).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("zed"));
+    }
+
+    #[test]
+    fn presets_roles_and_blocks_build_the_policy() {
+        let json = r#"{"listen_addr":"127.0.0.1:0","agents":{
+              "a":{"blocked_targets":["c"],"roles":["ops"]},"b":{},"c":{},"d":{}},
+            "gateway":{"features":{"rbac":true},"roles":{"ops":["send:d"]},
+              "permissions":[{"type":"allow_wildcard","agent_id":"a"},
+                             {"type":"allow_bidirectional","agents":["b","c"]},
+                             {"type":"allow_network","agents":["b","c","d"],"bidirectional":false}]}}"#;
+        let c: BrokerConfig = serde_json::from_str(json).unwrap();
+        c.validate().unwrap();
+        let p = c.authz_policy();
+        let id = |s: &str| AgentId::new(s).unwrap();
+        assert!(p.visible(&id("a"), &id("b")), "wildcard");
+        assert!(!p.visible(&id("a"), &id("c")), "a block beats the wildcard");
+        assert!(p.visible(&id("c"), &id("b")) && p.visible(&id("b"), &id("c")) && p.visible(&id("c"), &id("d")));
+        assert!(!p.visible(&id("d"), &id("c")));
     }
 
     #[test]

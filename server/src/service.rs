@@ -132,16 +132,24 @@ impl Service {
         }
     }
 
-    /// Deny by default: the target must be allowlisted and named by the sender's grants.
-    fn authorize(&self, sender: &AgentId, target_id: &str) -> Result<AgentId, Status> {
-        let denied = || {
-            tracing::info!(%sender, target = target_id, "message not authorized");
+    /// Deny by default: the target must be allowlisted and hold a live session, must not be
+    /// blocked for the sender, and must be granted (per-agent grant or RBAC role).
+    async fn authorize(&self, sender: &AgentId, target_id: &str) -> Result<AgentId, Status> {
+        let denied = |why: &str| {
+            tracing::info!(%sender, target = target_id, why, "message not authorized");
             Status::permission_denied(detail::NOT_AUTHORIZED)
         };
-        let target = AgentId::new(target_id).map_err(|_| denied())?;
-        let grants = self.broker.agent(sender).ok_or_else(denied)?;
-        if self.broker.agent(&target).is_none() || !grants.may_send_to(&target) {
-            return Err(denied());
+        let target = AgentId::new(target_id).map_err(|_| denied("invalid target id"))?;
+        if self.broker.agent(&target).is_none() {
+            return Err(denied("target not allowlisted"));
+        }
+        // Policy first: a denied message costs no store round trip.
+        if let Err(denial) = self.broker.authorize(sender, &target, true) {
+            return Err(denied(&format!("{denial:?}")));
+        }
+        let live = self.broker.store().live_agents(std::slice::from_ref(&target)).await.map_err(store_failed)?;
+        if !live.first().copied().unwrap_or(false) {
+            return Err(denied("target has no live session"));
         }
         Ok(target)
     }
@@ -191,7 +199,7 @@ impl RuntimeService for Service {
         let req = request.into_inner();
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
-        let target = self.authorize(&sender, &req.target_id)?;
+        let target = self.authorize(&sender, &req.target_id).await?;
         self.rate_limit(&sender).await?;
         let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
@@ -216,7 +224,7 @@ impl RuntimeService for Service {
         };
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
-        let target = self.authorize(&sender, &req.target_id)?;
+        let target = self.authorize(&sender, &req.target_id).await?;
         self.rate_limit(&sender).await?;
         let data = self.screen(&sender, data)?;
         let message_id = self.broker.next_message_id();
@@ -309,14 +317,13 @@ impl RuntimeService for Service {
     async fn discover(&self, request: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
         let sender = caller(&request)?;
         let wanted = request.into_inner().capabilities;
-        let grants = self.broker.agent(&sender).ok_or_else(|| Status::permission_denied(detail::NOT_AUTHORIZED))?;
-        // The allowlist is a BTreeMap, so candidates come sorted by id.
+        // Exactly what authorization allows; the allowlist is a BTreeMap, so sorted by id.
         let candidates: Vec<_> = self
             .broker
             .config()
             .agents
             .iter()
-            .filter(|(id, _)| grants.may_send_to(id))
+            .filter(|(id, _)| self.broker.authorize(&sender, id, true).is_ok())
             .filter(|(_, def)| wanted.is_empty() || def.capabilities.iter().any(|c| wanted.contains(c)))
             .collect();
         let ids: Vec<AgentId> = candidates.iter().map(|(id, _)| (*id).clone()).collect();

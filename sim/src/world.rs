@@ -141,12 +141,14 @@ pub async fn send_with_retry(
     }
 }
 
-/// Transport failures, and `session_not_connected` while the sender's own transport is being
-/// re-established on another broker after a failover.
+/// Transport failures; `session_not_connected` while the sender's own transport is being
+/// re-established on another broker after a failover; and `not_authorized` while the target
+/// is down (authorization requires a live target; the scenarios grant everything they send).
 fn retryable(err: &AgentError) -> bool {
     err.status().is_some_and(|s| {
         matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
             || s.message() == "session_not_connected"
+            || s.message() == "not_authorized"
     })
 }
 

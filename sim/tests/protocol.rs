@@ -159,9 +159,12 @@ fn every_request_ends_in_one_reply_or_one_timeout_and_replies_reach_only_the_ask
                         replied += 1;
                     }
                     Ended::TimedOut => timed_out += 1,
-                    Ended::Refused(code) => {
-                        assert_eq!(*code, tonic::Code::Unavailable, "seed {seed}: unexpected refusal")
-                    }
+                    // Transport failures under loss, or `not_authorized` while bob has no live
+                    // session yet (authorization requires a live target).
+                    Ended::Refused(code) => assert!(
+                        matches!(code, tonic::Code::Unavailable | tonic::Code::PermissionDenied),
+                        "seed {seed}: unexpected refusal {code:?}"
+                    ),
                 }
             }
             assert!(matches!(mine.last(), Some((_, _, Ended::Replied { .. }))), "seed {seed}: no answer after heal");

@@ -142,3 +142,39 @@ async fn the_second_message_over_one_per_minute_is_rate_limited() {
     bob.stop().await;
     tb.stop().await;
 }
+
+#[tokio::test]
+async fn a_blocked_target_stays_blocked_with_a_wildcard_grant_and_revocation_applies_to_the_next_message() {
+    let tb = TestBroker::start_custom(&[("alice", &["*"]), ("bob", &[]), ("carol", &[])], |c| {
+        c.agents.get_mut(&mas_tests::id("alice")).unwrap().blocked_targets = vec!["carol".into()];
+    })
+    .await;
+    let inbox = Inbox::default();
+    let bob = bob_recording(&tb, &inbox).await;
+    let carol = tb.agent("carol").start().await.unwrap();
+    let alice = tb.agent("alice").start().await.unwrap();
+    let err = alice.send("carol", "t", &serde_json::json!({})).await.expect_err("blocked");
+    assert_eq!(denial(&err), (Code::PermissionDenied, "not_authorized".to_string()));
+    let peers: Vec<String> = alice.discover(&[]).await.unwrap().into_iter().map(|a| a.agent_id).collect();
+    // Exactly what authorization allows: the wildcard includes alice herself, the block hides carol.
+    assert_eq!(peers, ["alice", "bob"], "discovery shows exactly what authorization allows");
+    alice.send("bob", "t", &serde_json::json!({"n": 1})).await.unwrap();
+    tb.broker.change_authz(|p| p.set_allowed(&mas_tests::id("alice"), Vec::new()));
+    let err = alice.send("bob", "t", &serde_json::json!({"n": 2})).await.expect_err("revoked");
+    assert_eq!(denial(&err), (Code::PermissionDenied, "not_authorized".to_string()));
+    assert!(eventually(Duration::from_secs(5), || inbox.lock().unwrap().len() == 1).await);
+    alice.stop().await;
+    bob.stop().await;
+    carol.stop().await;
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn a_target_without_a_live_session_is_not_authorized() {
+    let tb = TestBroker::start(&[("alice", &["bob"]), ("bob", &[])]).await;
+    let alice = tb.agent("alice").start().await.unwrap();
+    let err = alice.send("bob", "t", &serde_json::json!({})).await.expect_err("bob is not connected");
+    assert_eq!(denial(&err), (Code::PermissionDenied, "not_authorized".to_string()));
+    alice.stop().await;
+    tb.stop().await;
+}
