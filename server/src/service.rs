@@ -97,6 +97,24 @@ impl Service {
         Ok(instance)
     }
 
+    /// The admission pipeline of a send or request, in order: the sender's session, the
+    /// payload's form, authorization, rate limit, DLP. Returns the sender's instance, the
+    /// target, and the payload to deliver (redacted if DLP says so).
+    async fn admit(
+        &self,
+        sender: &AgentId,
+        instance_id: &str,
+        target_id: &str,
+        data_json: &str,
+    ) -> Result<(InstanceId, AgentId, Payload), Status> {
+        let sender_instance = self.connected_instance(sender, instance_id).await?;
+        let data = parse_payload(data_json).map_err(status::payload_invalid)?;
+        let target = self.authorize(sender, target_id).await?;
+        self.rate_limit(sender).await?;
+        let data = self.screen(sender, data)?;
+        Ok((sender_instance, target, data))
+    }
+
     /// Rate limit per sender agent (all its instances share the quota; replies count too).
     async fn rate_limit(&self, sender: &AgentId) -> Result<(), Status> {
         let limits = self.broker.config().gateway.rate_limit.limits_for(sender);
@@ -197,11 +215,8 @@ impl RuntimeService for Service {
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let sender = caller(&request)?;
         let req = request.into_inner();
-        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
-        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
-        let target = self.authorize(&sender, &req.target_id).await?;
-        self.rate_limit(&sender).await?;
-        let data = self.screen(&sender, data)?;
+        let (sender_instance, target, data) =
+            self.admit(&sender, &req.instance_id, &req.target_id, &req.data_json).await?;
         let message_id = self.broker.next_message_id();
         let now = self.broker.clock().now().wall;
         let envelope =
@@ -222,11 +237,8 @@ impl RuntimeService for Service {
             0 => DEFAULT_REQUEST_TIMEOUT,
             ms => Duration::from_millis(ms.unsigned_abs().into()),
         };
-        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
-        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
-        let target = self.authorize(&sender, &req.target_id).await?;
-        self.rate_limit(&sender).await?;
-        let data = self.screen(&sender, data)?;
+        let (sender_instance, target, data) =
+            self.admit(&sender, &req.instance_id, &req.target_id, &req.data_json).await?;
         let message_id = self.broker.next_message_id();
         let correlation_id = self.broker.next_correlation_id(&sender);
         let now = self.broker.clock().now().wall;
