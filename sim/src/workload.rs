@@ -35,6 +35,8 @@ pub struct Handled {
     pub instance: String,
     /// Virtual time of completion.
     pub at_ms: f64,
+    /// The envelope's timestamp: wall-clock seconds (virtual) when the broker admitted it.
+    pub admitted_at: f64,
 }
 
 /// Every handler run, in order.
@@ -93,6 +95,7 @@ pub fn start_consumer(handle: &Handle, trace: &Trace, handled: &HandledLog, spec
                                     seq: msg.payload.seq,
                                     instance,
                                     at_ms,
+                                    admitted_at: msg.envelope.timestamp,
                                 });
                                 Ok::<(), HandlerError>(())
                             }
