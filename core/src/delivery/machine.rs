@@ -5,8 +5,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use super::{
-    Delivery, DeliveryConfig, DeliveryStats, EntryId, Output, Phase, QueuedMessage, RequeueReason, StoreEffect,
-    TimerKind,
+    Delivery, DeliveryConfig, DeliveryStats, Output, Phase, QueuedMessage, RequeueReason, StoreEffect, TimerKind,
 };
 use crate::ids::DeliveryId;
 use crate::time::{Instant, Now};
@@ -263,12 +262,5 @@ impl SessionDelivery {
             self.phase = Phase::Closed;
             self.outputs.push_back(Output::Drained);
         }
-    }
-}
-
-impl EntryId {
-    /// For tests and fixtures: an entry id from a number.
-    pub fn from_seq(seq: u64) -> Self {
-        EntryId::new(seq.to_string())
     }
 }

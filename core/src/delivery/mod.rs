@@ -67,6 +67,11 @@ impl EntryId {
     pub fn new(id: impl Into<Arc<str>>) -> Self {
         EntryId(id.into())
     }
+
+    /// An entry id from a sequence number (the memory store's ids).
+    pub fn from_seq(seq: u64) -> Self {
+        EntryId::new(seq.to_string())
+    }
 }
 
 impl std::fmt::Display for EntryId {
