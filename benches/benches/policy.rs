@@ -1,6 +1,6 @@
 //! Each policy engine alone, on in-memory state: DLP scans (the reference's 2.1 KB test
 //! string, 256 B and 2 KB payloads, all default rules), authorization, rate limiting, the
-//! circuit breaker, and an audit append (hash over canonical JSON).
+//! circuit breaker, and an audit append (hash over canonical JSON); then all of them in a row.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -117,5 +117,51 @@ fn engines(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, dlp, engines);
+/// The whole admission pipeline on in-memory state, in the order: authorization → rate
+/// limit → circuit breaker → DLP (all default rules) → audit record appended to its chain.
+fn pipeline(c: &mut Criterion) {
+    let scanner = Dlp::new(&DlpSettings::default()).expect("default rules compile");
+    let (alice, bob) = (AgentId::new("alice").expect("id"), AgentId::new("bob").expect("id"));
+    let mut policy = AuthzPolicy::new(false);
+    policy.allow(&alice, std::slice::from_ref(&bob));
+    let limits = Limits { per_minute: u64::MAX / 4, per_hour: u64::MAX / 4 };
+    let config = CircuitConfig::default();
+    let mut group = c.benchmark_group("admission_pipeline");
+    for size in [256usize, 2048] {
+        let payload = business_payload(size);
+        let mut rate = RateState::default();
+        let mut circuit = Circuit::default();
+        let mut chain = Chain::default();
+        let mut now = Instant::from_nanos(1_000_000_000_000);
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::new("payload", size), &payload, |b, payload| {
+            b.iter(|| {
+                now = now + Duration::from_micros(1);
+                policy.authorize(&alice, &bob, true).expect("granted");
+                rate = admit(limits, rate, now).expect("within limits");
+                circuit.admit(&config, now).expect("closed");
+                let scan = scanner.scan(black_box(payload));
+                let delivered = scan.redacted.as_ref().unwrap_or(payload);
+                chain.append(AuditRecord {
+                    message_id: "6f1c0e8e-1d4b-4c3a-9a57-6a0f6f1b2c3d".into(),
+                    timestamp: 1_700_000_000.25,
+                    sender_id: alice.to_string(),
+                    sender_instance_id: Some("a1".into()),
+                    target_id: bob.to_string(),
+                    message_type: Some("order".into()),
+                    correlation_id: None,
+                    decision: "ALLOWED".into(),
+                    latency_ms: 0.02,
+                    payload_hash: payload_hash(delivered),
+                    violations: scan.kinds(),
+                    previous_hash: None,
+                    hash_version: 0,
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, dlp, engines, pipeline);
 criterion_main!(benches);
