@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use mas_agent::{AgentBuilder, AgentConfig};
@@ -122,6 +122,26 @@ impl TestBroker {
     /// A builder for `agent`.
     pub fn agent(&self, agent: &str) -> AgentBuilder {
         AgentBuilder::new(self.agent_config(agent))
+    }
+
+    /// Starts `agent` with a handler for `message_type` that only counts its runs; the payload
+    /// must decode into `T` for the handler to run.
+    pub async fn counting_agent<T>(&self, agent: &str, message_type: &str) -> (mas_agent::Agent, Arc<AtomicU32>)
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let runs = Arc::new(AtomicU32::new(0));
+        let counter = runs.clone();
+        let started = self
+            .agent(agent)
+            .on(message_type, move |_, _msg: mas_agent::Message<T>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<(), mas_agent::HandlerError>(()) }
+            })
+            .start()
+            .await
+            .expect("agent starts");
+        (started, runs)
     }
 
     /// A raw gRPC client presenting `pair` (or no certificate), for protocol-level tests.

@@ -48,17 +48,7 @@ async fn failing_handler_is_retried_with_backoff_then_succeeds() {
 #[tokio::test]
 async fn undecodable_payload_is_dead_lettered_without_running_the_handler() {
     let tb = TestBroker::start_with(&[("alice", &["bob"]), ("bob", &[])], fast_retries()).await;
-    let calls = Arc::new(AtomicU32::new(0));
-    let c = calls.clone();
-    let bob = tb
-        .agent("bob")
-        .on("job", move |_, _msg: Message<Job>| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<(), HandlerError>(()) }
-        })
-        .start()
-        .await
-        .unwrap();
+    let (bob, calls) = tb.counting_agent::<Job>("bob", "job").await;
     let alice = tb.agent("alice").start().await.unwrap();
     alice.send("bob", "job", &serde_json::json!({"n": "not a number"})).await.unwrap();
     assert!(eventually_async(Duration::from_secs(5), || async { tb.dead_letters("bob").await.len() == 1 }).await);
@@ -102,17 +92,7 @@ async fn stopped_instance_hands_unacked_work_to_its_sibling() {
     assert!(eventually(Duration::from_secs(5), || slow_calls.load(Ordering::SeqCst) == 1).await);
     bob1.stop().await;
 
-    let done = Arc::new(AtomicU32::new(0));
-    let d = done.clone();
-    let bob2 = tb
-        .agent("bob")
-        .on("job", move |_, _msg: Message<Job>| {
-            d.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<(), HandlerError>(()) }
-        })
-        .start()
-        .await
-        .unwrap();
+    let (bob2, done) = tb.counting_agent::<Job>("bob", "job").await;
     // Handed back at once on disconnect, not after the 30 s ack deadline.
     assert!(eventually(Duration::from_secs(2), || done.load(Ordering::SeqCst) == 1).await);
     alice.stop().await;

@@ -5,7 +5,7 @@
 #![cfg(not(madsim))]
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -268,17 +268,7 @@ async fn deliveries_held_by_a_dead_consumer_go_to_its_sibling_within_two_seconds
     drop(tx);
     drop(raw);
     let died = Instant::now();
-    let handled = Arc::new(AtomicU32::new(0));
-    let h = handled.clone();
-    let sibling = tb
-        .agent("bob")
-        .on("add", move |_, _msg: Message<Add>| {
-            h.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<(), HandlerError>(()) }
-        })
-        .start()
-        .await
-        .unwrap();
+    let (sibling, handled) = tb.counting_agent::<Add>("bob", "add").await;
     assert!(eventually(Duration::from_secs(2), || handled.load(Ordering::SeqCst) == 5).await);
     eprintln!("redelivered to the sibling {:?} after the consumer died", died.elapsed());
     assert!(eventually_async(Duration::from_secs(2), || async { tb.queue_len("bob").await == 0 }).await);
