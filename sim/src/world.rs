@@ -171,6 +171,33 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
     done()
 }
 
+/// A fresh embedded store, shared by whichever broker nodes a scenario starts.
+pub fn memory_store() -> Store {
+    Store::Memory(mas_server::store::MemoryBackend::new(mas_core::store::MemoryStoreConfig::default()))
+}
+
+/// After `after`, cuts the link between `a` and `b` both ways for `duration`, then heals it.
+/// (madsim delays, rather than drops, stream traffic over a clogged link.)
+/// `label` names the link in the trace.
+pub async fn partition(
+    trace: &Trace,
+    label: &str,
+    a: &NodeHandle,
+    b: &NodeHandle,
+    after: Duration,
+    duration: Duration,
+) {
+    let net = madsim::net::NetSim::current();
+    tokio::time::sleep(after).await;
+    trace.record("nemesis", format_args!("partition {label}"));
+    net.clog_link(a.id(), b.id());
+    net.clog_link(b.id(), a.id());
+    tokio::time::sleep(duration).await;
+    net.unclog_link(a.id(), b.id());
+    net.unclog_link(b.id(), a.id());
+    trace.record("nemesis", "heal partition");
+}
+
 /// Runs `future` on a new node named `name` at `ip`.
 pub fn spawn_node<F>(handle: &Handle, name: &str, ip: &str, future: F) -> NodeHandle
 where

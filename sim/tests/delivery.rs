@@ -9,13 +9,11 @@ use std::time::Duration;
 
 use madsim::rand::{Rng, thread_rng};
 use madsim::runtime::Handle;
-use mas_core::store::MemoryStoreConfig;
 use mas_server::config::DeliverySettings;
-use mas_server::store::{MemoryBackend, Store};
 use sim::seeds::{run_each, simulate};
 use sim::trace::Trace;
 use sim::workload::{Accepted, ConsumerSpec, HandledLog, Outcome, settle, start_consumer, start_producer};
-use sim::world::{BROKER_ADDR, broker_config, start_broker};
+use sim::world::{BROKER_ADDR, broker_config, memory_store, partition, start_broker};
 
 /// Messages the producer sends per run.
 const MESSAGES: u32 = 40;
@@ -33,7 +31,7 @@ fn crash_and_restart(seed: u64) -> Outcome {
     simulate(seed, madsim::Config::default(), || async move {
         let handle = Handle::current();
         let trace = Trace::new();
-        let store = Store::Memory(MemoryBackend::new(MemoryStoreConfig::default()));
+        let store = memory_store();
         start_broker(&handle, store.clone(), broker_config(&grants(), seed, DeliverySettings::default()));
         let (handled, accepted) = (HandledLog::default(), Accepted::default());
         let bob = start_consumer(&handle, &trace, &handled, BOB);
@@ -71,20 +69,13 @@ fn loss_and_partition(seed: u64) -> Outcome {
         };
         net.update_config(|c| c.packet_loss_rate = loss);
         trace.record("nemesis", format_args!("packet loss {loss:.3}"));
-        let store = Store::Memory(MemoryBackend::new(MemoryStoreConfig::default()));
+        let store = memory_store();
         let broker = start_broker(&handle, store.clone(), broker_config(&grants(), seed, DeliverySettings::default()));
         let (handled, accepted) = (HandledLog::default(), Accepted::default());
         let bob = start_consumer(&handle, &trace, &handled, BOB);
         start_producer(&handle, &trace, &accepted, &[BROKER_ADDR], MESSAGES);
 
-        tokio::time::sleep(cut_after).await;
-        trace.record("nemesis", "partition bob <-> broker");
-        net.clog_link(bob.id(), broker.id());
-        net.clog_link(broker.id(), bob.id());
-        tokio::time::sleep(cut_for).await;
-        net.unclog_link(bob.id(), broker.id());
-        net.unclog_link(broker.id(), bob.id());
-        trace.record("nemesis", "heal partition");
+        partition(&trace, "bob <-> broker", &bob, &broker, cut_after, cut_for).await;
         net.update_config(|c| c.packet_loss_rate = 0.0);
         trace.record("nemesis", "loss off");
         settle(trace, &accepted, &handled, MESSAGES, None, &store).await

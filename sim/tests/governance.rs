@@ -10,14 +10,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use madsim::rand::{Rng, thread_rng};
 use madsim::runtime::Handle;
 use mas_agent::AgentBuilder;
-use mas_core::store::MemoryStoreConfig;
 use mas_server::config::{DeliverySettings, RateLimitSettings};
-use mas_server::store::{MemoryBackend, Store};
 use sim::seeds::{run_each, simulate};
 use sim::trace::Trace;
 use sim::workload::{ConsumerSpec, HandledLog, start_consumer};
 use sim::world::{
-    BROKER_ADDR, Brokers, agent_config, broker_config, id, spawn_node, start_agent, start_observed_broker, wait_until,
+    BROKER_ADDR, Brokers, agent_config, broker_config, id, memory_store, spawn_node, start_agent,
+    start_observed_broker, wait_until,
 };
 
 /// What the producer saw for one send: virtual wall-clock seconds when it was issued, and
@@ -39,7 +38,7 @@ fn policy_change_under_load(seed: u64) -> Run {
     simulate(seed, madsim::Config::default(), || async move {
         let handle = Handle::current();
         let trace = Trace::new();
-        let store = Store::Memory(MemoryBackend::new(MemoryStoreConfig::default()));
+        let store = memory_store();
         let brokers = Brokers::default();
         let mut config = broker_config(&[("alice", &["bob"]), ("bob", &[])], seed, DeliverySettings::default());
         config.gateway.rate_limit = RateLimitSettings::unlimited();

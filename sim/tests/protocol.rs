@@ -11,17 +11,15 @@ use std::time::Duration;
 use madsim::rand::{Rng, thread_rng};
 use madsim::runtime::Handle;
 use mas_agent::{AgentBuilder, AgentError, HandlerError, Message};
-use mas_core::store::MemoryStoreConfig;
 use mas_server::broker::BrokerStats;
 use mas_server::config::{DeliverySettings, LeaseSettings};
-use mas_server::store::{MemoryBackend, Store};
 use serde::Deserialize;
 use sim::seeds::{run_each, simulate};
 use sim::trace::Trace;
 use sim::workload::{Accepted, ConsumerSpec, HandledLog, Outcome, settle, start_consumer, start_producer};
 use sim::world::{
-    BROKER_ADDR, Brokers, agent_config, broker_config, id, spawn_node, start_agent, start_broker, start_broker_at,
-    start_observed_broker, wait_until,
+    BROKER_ADDR, Brokers, agent_config, broker_config, id, memory_store, partition, spawn_node, start_agent,
+    start_broker, start_broker_at, start_observed_broker, wait_until,
 };
 
 const MESSAGES: u32 = 30;
@@ -29,10 +27,6 @@ const BROKER_2: &str = "10.0.0.9:50051";
 
 fn grants() -> [(&'static str, &'static [&'static str]); 2] {
     [("alice", &["bob"]), ("bob", &[])]
-}
-
-fn memory_store() -> Store {
-    Store::Memory(MemoryBackend::new(MemoryStoreConfig::default()))
 }
 
 /// Short leases, so broker failover happens within a couple of simulated seconds.
@@ -125,12 +119,7 @@ fn request_reply_under_faults(seed: u64) -> Vec<(String, i64, Ended)> {
                 }
             });
         }
-        tokio::time::sleep(cut_after).await;
-        net.clog_link(bob.id(), broker.id());
-        net.clog_link(broker.id(), bob.id());
-        tokio::time::sleep(cut_for).await;
-        net.unclog_link(bob.id(), broker.id());
-        net.unclog_link(broker.id(), bob.id());
+        partition(&trace, "bob <-> broker", &bob, &broker, cut_after, cut_for).await;
         net.update_config(|c| c.packet_loss_rate = 0.0);
         let done =
             wait_until(Duration::from_secs(120), || outcomes.lock().unwrap().len() as i64 == 2 * (REQUESTS + 1)).await;
