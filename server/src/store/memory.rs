@@ -18,7 +18,7 @@ use mas_core::store::{
 use mas_core::time::Now;
 use tokio::sync::Notify;
 
-use super::requeue_delay;
+use super::{claim_waiting, requeue_delay};
 use crate::clock::Clock;
 
 #[derive(Debug, Default)]
@@ -68,39 +68,17 @@ impl MemoryBackend {
         max: usize,
         max_wait: Duration,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        let give_up = tokio::time::Instant::now() + max_wait;
-        loop {
-            let (waker, wake_at) = {
-                let mut inner = self.lock();
-                let batch = inner.store.claim(session, max, self.clock.now().mono);
-                if !batch.is_empty() {
-                    return Ok(batch);
-                }
-                let wake_at = inner.store.next_ready_at(session).map(|at| self.clock.to_tokio(at));
-                (inner.waker(&session.agent), wake_at)
-            };
-            // Register interest, then re-check: work enqueued between the claim and this point
-            // would otherwise wait for the next wake-up.
-            let notified = waker.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let now = tokio::time::Instant::now();
-            if wake_at.is_some_and(|at| at <= now)
-                || self.lock().store.next_ready_at(session).is_some_and(|at| self.clock.to_tokio(at) <= now)
-            {
-                continue;
-            }
-            // Leases of other sessions may expire while we wait; look again at least every
-            // half second so their work moves on promptly.
-            let until = wake_at.map_or(give_up, |at| at.min(give_up)).min(now + Duration::from_millis(500));
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(until) => {}
-            }
-            if tokio::time::Instant::now() >= give_up {
-                return Ok(self.lock().store.claim(session, max, self.clock.now().mono));
-            }
-        }
+        let waker = self.lock().waker(&session.agent);
+        // Leases of other sessions may expire while we wait; look again at least every half
+        // second so their work moves on promptly.
+        claim_waiting(&waker, max_wait, Duration::from_millis(500), || async {
+            let mut inner = self.lock();
+            let now = self.clock.now().mono;
+            let batch = inner.store.claim(session, max, now);
+            let next_ready = inner.store.next_ready_at(session).map(|at| at.saturating_duration_since(now));
+            Ok((batch, next_ready))
+        })
+        .await
     }
 
     pub(super) async fn apply(

@@ -187,6 +187,42 @@ impl Store {
     }
 }
 
+/// The claim loop both backends share: register for wake-ups *before* each attempt (so work
+/// arriving during the attempt is not missed), return the first non-empty batch, and between
+/// attempts sleep until a wake-up, the earliest delayed entry (`attempt`'s hint), `poll` or
+/// `max_wait`, whichever comes first. Returns an empty batch once `max_wait` has passed.
+/// Cancel-safe as long as `attempt` is (each backend's attempt is one atomic step).
+pub(crate) async fn claim_waiting<F, Fut>(
+    waker: &tokio::sync::Notify,
+    max_wait: Duration,
+    poll: Duration,
+    mut attempt: F,
+) -> Result<Vec<QueuedMessage>, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<QueuedMessage>, Option<Duration>), StoreError>>,
+{
+    let give_up = tokio::time::Instant::now() + max_wait;
+    loop {
+        let notified = waker.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (batch, next_ready) = attempt().await?;
+        let now = tokio::time::Instant::now();
+        if !batch.is_empty() || now >= give_up {
+            return Ok(batch);
+        }
+        let mut until = (now + poll).min(give_up);
+        if let Some(delay) = next_ready {
+            until = until.min(now + delay);
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+}
+
 /// The delay a requeue asks for, measured on the broker's clock.
 pub(crate) fn requeue_delay(effect: &StoreEffect, now: Now) -> Duration {
     match effect {

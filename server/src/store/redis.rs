@@ -36,7 +36,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 use tokio::sync::Notify;
 
-use super::requeue_delay;
+use super::{claim_waiting, requeue_delay};
 
 const SCRIPTS: &str = include_str!("redis_scripts.lua");
 
@@ -288,29 +288,8 @@ impl RedisBackend {
         max: usize,
         max_wait: Duration,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        let give_up = tokio::time::Instant::now() + max_wait;
         let waker = self.wakers.get(&session.agent);
-        loop {
-            let notified = waker.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (batch, next_delayed) = self.claim_once(session, max).await?;
-            if !batch.is_empty() {
-                return Ok(batch);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= give_up {
-                return Ok(batch);
-            }
-            let mut until = (now + IDLE_POLL).min(give_up);
-            if let Some(delay) = next_delayed {
-                until = until.min(now + delay);
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(until) => {}
-            }
-        }
+        claim_waiting(&waker, max_wait, IDLE_POLL, || self.claim_once(session, max)).await
     }
 
     async fn claim_once(
