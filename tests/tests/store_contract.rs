@@ -101,6 +101,7 @@ async fn queue_claim_settle_and_dead_letters() {
                 envelope: rest[0].envelope.clone(),
                 attempts: 5,
                 reason: "boom".into(),
+                nacked: true,
             },
         ];
         log.push(format!("apply {:?}", store.apply(&b1, effects, now()).await));

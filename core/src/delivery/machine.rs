@@ -82,7 +82,7 @@ impl SessionDelivery {
     pub fn handle_queued(&mut self, now: Now, message: QueuedMessage) {
         if message.attempt == 0 || message.attempt > self.config.max_delivery_attempts {
             let attempts = message.attempt;
-            self.dead_letter(message, attempts, "invalid_delivery_attempt".to_string());
+            self.dead_letter(message, attempts, "invalid_delivery_attempt".to_string(), false);
             return;
         }
         if self.capacity() == 0 {
@@ -123,9 +123,9 @@ impl SessionDelivery {
         self.stats.nacked += 1;
         let attempt = done.message.attempt;
         if !retryable {
-            self.dead_letter(done.message, attempt, reason.to_string());
+            self.dead_letter(done.message, attempt, reason.to_string(), true);
         } else if attempt >= self.config.max_delivery_attempts {
-            self.dead_letter(done.message, attempt, format!("{reason}; retry_limit_exceeded"));
+            self.dead_letter(done.message, attempt, format!("{reason}; retry_limit_exceeded"), true);
         } else {
             let not_before = now.mono + self.retry_backoff(attempt);
             self.requeue(done.message, not_before, RequeueReason::RetryableNack);
@@ -171,7 +171,7 @@ impl SessionDelivery {
             self.stats.ack_timeouts += 1;
             let attempt = done.message.attempt;
             if attempt >= self.config.max_delivery_attempts {
-                self.dead_letter(done.message, attempt, "ack_timeout; retry_limit_exceeded".into());
+                self.dead_letter(done.message, attempt, "ack_timeout; retry_limit_exceeded".into(), false);
             } else {
                 self.requeue(done.message, now.mono, RequeueReason::AckTimeout);
             }
@@ -247,13 +247,14 @@ impl SessionDelivery {
         }));
     }
 
-    fn dead_letter(&mut self, message: QueuedMessage, attempts: u32, reason: String) {
+    fn dead_letter(&mut self, message: QueuedMessage, attempts: u32, reason: String, nacked: bool) {
         self.stats.dead_lettered += 1;
         self.outputs.push_back(Output::Store(StoreEffect::DeadLetter {
             entry: message.entry,
             envelope: message.envelope,
             attempts,
             reason,
+            nacked,
         }));
     }
 

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ids::DeliveryId;
+pub use crate::policy::circuit::Outcome;
 use crate::time::Instant;
 
 /// Limits and timings of one session's delivery. Defaults follow the reference where it has
@@ -157,10 +158,26 @@ pub enum StoreEffect {
         attempts: u32,
         /// Why, e.g. `handler_error:Timeout; retry_limit_exceeded`.
         reason: String,
+        /// The agent refused it (a NACK), as opposed to never answering.
+        nacked: bool,
     },
 }
 
 impl StoreEffect {
+    /// What this effect says about the health of the agent that consumed the message, for its
+    /// circuit breaker. An ack is a success. A *message* counts as one failure when its first
+    /// delivery attempt is NACKed: later attempts of the same message do not count again, so
+    /// one poison message retried to its limit is one failure, not five. Ack timeouts and
+    /// hand-backs are not failures (as in the reference): they say nothing about the handler.
+    pub fn circuit_outcome(&self) -> Option<Outcome> {
+        match self {
+            StoreEffect::Ack { .. } => Some(Outcome::Success),
+            StoreEffect::Requeue { reason: RequeueReason::RetryableNack, attempt: 2, .. }
+            | StoreEffect::DeadLetter { nacked: true, attempts: 1, .. } => Some(Outcome::Failure),
+            StoreEffect::Requeue { .. } | StoreEffect::DeadLetter { .. } => None,
+        }
+    }
+
     /// The entry this effect settles.
     pub fn entry(&self) -> &EntryId {
         match self {

@@ -78,7 +78,31 @@ impl Default for Circuit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitOpen;
 
+/// What a delivery said about the target's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The target acknowledged a message.
+    Success,
+    /// The target failed a message.
+    Failure,
+}
+
 impl Circuit {
+    /// Whether [`Circuit::admit`] would admit a message at `now`, without taking a probe.
+    /// Used where the pipeline must know the circuit's verdict before it decides to route.
+    pub fn would_admit(&self, config: &CircuitConfig, now: Instant) -> bool {
+        let mut copy = *self;
+        copy.admit(config, now).is_ok()
+    }
+
+    /// Records one outcome.
+    pub fn record(&mut self, config: &CircuitConfig, outcome: Outcome, now: Instant) {
+        match outcome {
+            Outcome::Success => self.record_success(config, now),
+            Outcome::Failure => self.record_failure(config, now),
+        }
+    }
+
     /// Admission of one message at `now`; may move open → half-open.
     pub fn admit(&mut self, config: &CircuitConfig, now: Instant) -> Result<(), CircuitOpen> {
         if let Circuit::Open { until } = *self {
@@ -180,6 +204,22 @@ mod tests {
         circuit.record_failure(&c, at(61));
         assert_eq!(circuit.admit(&c, at(62)), Err(CircuitOpen));
         assert!(circuit.admit(&c, at(121)).is_ok());
+    }
+
+    #[test]
+    fn would_admit_takes_no_probe() {
+        let c = CircuitConfig { failure_threshold: 1, max_probes: 1, ..CircuitConfig::default() };
+        let mut circuit = Circuit::default();
+        assert!(circuit.would_admit(&c, at(0)));
+        circuit.record(&c, Outcome::Failure, at(0));
+        assert!(!circuit.would_admit(&c, at(59)));
+        assert!(circuit.would_admit(&c, at(60)));
+        assert!(circuit.would_admit(&c, at(60)), "peeking twice takes nothing");
+        assert!(circuit.admit(&c, at(60)).is_ok());
+        assert!(!circuit.would_admit(&c, at(60)), "the one probe is out");
+        circuit.record(&c, Outcome::Success, at(61));
+        circuit.record(&c, Outcome::Success, at(61));
+        assert!(matches!(circuit, Circuit::Closed { .. }));
     }
 
     #[test]

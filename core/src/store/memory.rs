@@ -3,11 +3,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
+    Admission, Admitted, Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
     ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
 };
 use crate::delivery::{EntryId, QueuedMessage, StoreEffect};
 use crate::ids::{AgentId, InstanceId};
+use crate::policy::audit::{AuditRecord, SecurityEvent};
+use crate::policy::circuit::{Circuit, CircuitConfig};
 use crate::policy::ratelimit::{self, Limited, Limits, RateState};
 use crate::time::Instant;
 
@@ -18,11 +20,14 @@ pub struct MemoryStoreConfig {
     pub max_queue_len: usize,
     /// Most dead letters kept; the oldest are dropped past it (and counted).
     pub max_dead_letters: usize,
+    /// Most records one audit chain holds; beyond it admissions recorded in that chain are
+    /// refused ([`StoreError::AuditFull`]) rather than silently unaudited.
+    pub max_audit_records: usize,
 }
 
 impl Default for MemoryStoreConfig {
     fn default() -> Self {
-        MemoryStoreConfig { max_queue_len: 100_000, max_dead_letters: 10_000 }
+        MemoryStoreConfig { max_queue_len: 100_000, max_dead_letters: 10_000, max_audit_records: 1_000_000 }
     }
 }
 
@@ -74,10 +79,16 @@ pub struct MemoryStore {
     receipts: BTreeMap<String, Expiring<ReplyReceipt>>,
     states: BTreeMap<AgentId, StateSnapshot>,
     rates: BTreeMap<AgentId, RateState>,
+    circuits: BTreeMap<AgentId, Circuit>,
+    /// One audit chain per agent that receives messages.
+    audit: BTreeMap<AgentId, governance::AuditLog<AuditRecord>>,
+    security: governance::AuditLog<SecurityEvent>,
     dead_letters: VecDeque<DeadLetter>,
     dead_letters_dropped: u64,
     requests_since_prune: usize,
 }
+
+mod governance;
 
 /// Expired correlations are swept every this many new requests (and on every lookup), so the
 /// sweep's cost is amortised and unanswered requests cannot accumulate.
@@ -301,25 +312,28 @@ impl MemoryStore {
 
     // ---- request / reply ------------------------------------------------------------------
 
-    /// Records a pending request (deadline `now + ttl`) and queues its envelope to `target` as
-    /// one step: both happen or neither.
+    /// Admits a request (see [`MemoryStore::admit`]) and, if its envelope was queued, records
+    /// the pending request (deadline `now + ttl`) in the same step: a request is pending
+    /// exactly when it was queued.
     pub fn open_request(
         &mut self,
         correlation_id: &str,
         pending: PendingRequest,
         ttl: Duration,
-        envelope: Arc<str>,
+        admission: Admission,
+        circuit: Option<&CircuitConfig>,
         now: Instant,
-    ) -> Result<EntryId, StoreError> {
-        let target = QueueKey::Work(pending.target.clone());
-        let entry = self.insert(&target, envelope, 1, Instant::ZERO)?;
-        self.requests_since_prune += 1;
-        if self.requests_since_prune >= PRUNE_EVERY_REQUESTS {
-            self.requests_since_prune = 0;
-            self.forget_expired_correlations(now);
+    ) -> Result<Admitted, StoreError> {
+        let admitted = self.admit(admission, circuit, now)?;
+        if admitted.entry.is_some() {
+            self.requests_since_prune += 1;
+            if self.requests_since_prune >= PRUNE_EVERY_REQUESTS {
+                self.requests_since_prune = 0;
+                self.forget_expired_correlations(now);
+            }
+            self.pending.insert(correlation_id.to_string(), Expiring { value: pending, expires_at: now + ttl });
         }
-        self.pending.insert(correlation_id.to_string(), Expiring { value: pending, expires_at: now + ttl });
-        Ok(entry)
+        Ok(admitted)
     }
 
     /// What `correlation_id` refers to now. A request past its deadline reads as
@@ -345,35 +359,44 @@ impl MemoryStore {
 
     /// Commits a reply as one step: if an identical reply was committed, returns its id and
     /// queues nothing; else, if the request is still pending exactly as `expected` and not
-    /// expired, queues `envelope` to the requester instance's reply queue, keeps a receipt
-    /// until the request's deadline, and removes the pending request.
+    /// expired, queues `envelope` to the requester instance's reply queue, records `record`
+    /// in the requester's audit chain, keeps a receipt until the request's deadline, and
+    /// removes the pending request. Returns the linked record when it queued the reply.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit_reply(
         &mut self,
         correlation_id: &str,
         expected: &PendingRequest,
         receipt: ReplyReceipt,
         envelope: Arc<str>,
+        record: AuditRecord,
         now: Instant,
-    ) -> Result<ReplyCommit, ReplyError> {
-        match self.correlation(correlation_id, now) {
+    ) -> Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError> {
+        Ok(match self.correlation(correlation_id, now) {
             Correlation::Answered(prior)
                 if prior.sender == receipt.sender && prior.fingerprint == receipt.fingerprint =>
             {
-                Ok(ReplyCommit::AlreadyQueued { message_id: prior.message_id })
+                Ok((ReplyCommit::AlreadyQueued { message_id: prior.message_id }, None))
             }
             Correlation::Answered(_) => Err(ReplyError::Completed),
             Correlation::Expired => Err(ReplyError::Expired),
             Correlation::Unknown => Err(ReplyError::Unknown),
             Correlation::Pending(current) if current != *expected => Err(ReplyError::Completed),
             Correlation::Pending(current) => {
+                if !self.audit_has_room(&current.requester) {
+                    return Err(StoreError::AuditFull);
+                }
                 let queue = QueueKey::Replies(current.requester.clone(), current.requester_instance.clone());
-                self.insert(&queue, envelope, 1, Instant::ZERO).map_err(|_| ReplyError::Completed)?;
+                if self.insert(&queue, envelope, 1, Instant::ZERO).is_err() {
+                    return Ok(Err(ReplyError::Completed));
+                }
+                let record = self.append_audit(&current.requester, record);
                 let expires_at = self.pending.remove(correlation_id).map_or(now, |p| p.expires_at);
                 let message_id = receipt.message_id.clone();
                 self.receipts.insert(correlation_id.to_string(), Expiring { value: receipt, expires_at });
-                Ok(ReplyCommit::Queued { message_id })
+                Ok((ReplyCommit::Queued { message_id }, Some(record)))
             }
-        }
+        })
     }
 
     /// Drops a pending request (its envelope could not be admitted).

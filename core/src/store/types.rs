@@ -2,7 +2,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::delivery::EntryId;
 use crate::ids::{AgentId, InstanceId};
+use crate::policy::audit::AuditRecord;
 
 /// Identifies who holds claimed entries: one per session, never reused, so a session that
 /// lost ownership can never settle a successor's work (fencing). Also the lease's token.
@@ -172,6 +174,40 @@ pub enum LeaseError {
     Held,
 }
 
+/// One admission decision to record, and for a routable one the message to queue, as one
+/// store step ("append to the agent's audit chain and its queue, or neither").
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// Whose chain records the decision: the agent that receives the message. A message to a
+    /// target that is not an allowlisted agent is recorded in the sender's chain.
+    pub chain: AgentId,
+    /// The decision as the policy engines made it, not yet linked.
+    pub record: AuditRecord,
+    /// For a routable decision: the envelope for `chain`'s work queue. Queued only if
+    /// `chain`'s circuit admits it and its queue has room; otherwise the decision recorded
+    /// becomes `CIRCUIT_OPEN` or `QUEUE_FULL` and nothing is queued.
+    pub envelope: Option<Arc<str>>,
+}
+
+/// What an admission step recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admitted {
+    /// The record as linked into its chain, with the final decision.
+    pub record: AuditRecord,
+    /// The queue entry, when the message was queued.
+    pub entry: Option<EntryId>,
+}
+
+/// What the pipeline must know about a target before it decides: whether any instance holds a
+/// live session, and whether its circuit would admit a message now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetGate {
+    /// Some instance of the target holds a live lease.
+    pub live: bool,
+    /// The target's circuit would admit a message (closed, or half-open with a probe free).
+    pub circuit_admits: bool,
+}
+
 /// Why a store step was refused. Nothing changes when a step fails.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -181,6 +217,10 @@ pub enum StoreError {
     /// The entry is not held by this owner (settled already, or reclaimed by another session).
     #[error("not_owner")]
     NotOwner,
+    /// The audit chain that must record this decision is at its configured bound; nothing was
+    /// recorded or queued. Operators must archive (or raise the bound) before it takes more.
+    #[error("audit_capacity_exceeded")]
+    AuditFull,
     /// The backend could not be reached or failed; the step may or may not have happened.
     #[error("storage_unavailable: {0}")]
     Unavailable(String),

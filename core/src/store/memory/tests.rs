@@ -1,7 +1,8 @@
 use std::time::Duration;
 
 use super::*;
-use crate::delivery::RequeueReason;
+use crate::delivery::{Outcome, RequeueReason};
+use crate::policy::audit::{Chained, Decision};
 
 fn agent(s: &str) -> AgentId {
     AgentId::new(s).unwrap()
@@ -20,6 +21,32 @@ fn at(ms: u64) -> Instant {
 }
 
 const TTL: Duration = Duration::from_secs(6);
+
+fn record(target: &str, decision: Decision) -> AuditRecord {
+    AuditRecord {
+        correlation_id: None,
+        decision,
+        hash_version: 0,
+        latency_ms: 0.0,
+        message_id: "m".into(),
+        message_type: Some("t".into()),
+        payload_hash: String::new(),
+        previous_hash: None,
+        sender_id: "alice".into(),
+        sender_instance_id: None,
+        target_id: target.into(),
+        timestamp: 0.0,
+        violations: Vec::new(),
+    }
+}
+
+fn routed(target: &str, envelope: &str) -> Admission {
+    Admission {
+        chain: agent(target),
+        record: record(target, Decision::Allowed),
+        envelope: Some(Arc::from(envelope)),
+    }
+}
 
 #[test]
 fn claim_is_fifo_exclusive_and_replies_come_first() {
@@ -111,16 +138,18 @@ fn reply_commit_is_idempotent_for_identical_replies_only() {
         requester_instance: InstanceId::new("a1").unwrap(),
         target: agent("bob"),
     };
-    s.open_request("c1", pending.clone(), Duration::from_secs(10), Arc::from("req"), at(0)).unwrap();
+    s.open_request("c1", pending.clone(), Duration::from_secs(10), routed("bob", "req"), None, at(0)).unwrap();
     assert_eq!(s.correlation("c1", at(1)), Correlation::Pending(pending.clone()));
     let receipt =
         |fp: &str, id: &str| ReplyReceipt { sender: agent("bob"), fingerprint: fp.into(), message_id: id.into() };
-    let first = s.commit_reply("c1", &pending, receipt("f", "m1"), Arc::from("rep"), at(2));
-    assert_eq!(first, Ok(ReplyCommit::Queued { message_id: "m1".into() }));
-    let retry = s.commit_reply("c1", &pending, receipt("f", "m2"), Arc::from("rep"), at(3));
-    assert_eq!(retry, Ok(ReplyCommit::AlreadyQueued { message_id: "m1".into() }));
-    let other = s.commit_reply("c1", &pending, receipt("g", "m3"), Arc::from("rep2"), at(3));
-    assert_eq!(other, Err(ReplyError::Completed));
+    let mut reply = |fp: &str, id: &str, at| {
+        let record = record("alice", Decision::Allowed);
+        s.commit_reply("c1", &pending, receipt(fp, id), Arc::from("rep"), record, at).unwrap().map(|(c, r)| (c, r.is_some()))
+    };
+    assert_eq!(reply("f", "m1", at(2)), Ok((ReplyCommit::Queued { message_id: "m1".into() }, true)));
+    assert_eq!(reply("f", "m2", at(3)), Ok((ReplyCommit::AlreadyQueued { message_id: "m1".into() }, false)));
+    assert_eq!(reply("g", "m3", at(3)), Err(ReplyError::Completed));
+    assert_eq!(s.audit_chain(&agent("alice")).0.len(), 1, "the reply is audited in the requester's chain");
     assert_eq!(s.queue_len(&QueueKey::Replies(agent("alice"), InstanceId::new("a1").unwrap())), 1);
     assert_eq!(s.correlation("c1", at(10_000)), Correlation::Unknown, "receipt lives until the deadline");
 }
@@ -133,7 +162,7 @@ fn expired_request_cannot_be_answered() {
         requester_instance: InstanceId::new("a1").unwrap(),
         target: agent("bob"),
     };
-    s.open_request("c1", pending, Duration::from_millis(100), Arc::from("req"), at(0)).unwrap();
+    s.open_request("c1", pending, Duration::from_millis(100), routed("bob", "req"), None, at(0)).unwrap();
     assert_eq!(s.correlation("c1", at(100)), Correlation::Expired);
     assert_eq!(s.correlation("c1", at(60_099)), Correlation::Expired);
     assert_eq!(s.correlation("c1", at(60_100)), Correlation::Unknown);
@@ -155,13 +184,14 @@ fn state_revisions_compare_and_set() {
 
 #[test]
 fn dead_letters_keep_the_envelope_and_are_bounded() {
-    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 10, max_dead_letters: 1 });
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 10, max_dead_letters: 1, ..Default::default() });
     let a = session("bob", "b1", "o1");
     s.acquire_lease(&a, TTL, at(0)).unwrap();
     for i in 0..2 {
         s.enqueue(&work("bob"), Arc::from(format!("m{i}"))).unwrap();
         let m = s.claim(&a, 1, at(0)).remove(0);
-        let effect = StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 5, reason: "r".into() };
+        let effect =
+            StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 5, reason: "r".into(), nacked: true };
         s.apply(&a, effect).unwrap();
     }
     let kept: Vec<_> = s.dead_letters().map(|d| d.envelope.to_string()).collect();
@@ -171,8 +201,90 @@ fn dead_letters_keep_the_envelope_and_are_bounded() {
 
 #[test]
 fn queue_bound_refuses_without_change() {
-    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 1, max_dead_letters: 1 });
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 1, max_dead_letters: 1, ..Default::default() });
     s.enqueue(&work("bob"), Arc::from("a")).unwrap();
     assert_eq!(s.enqueue(&work("bob"), Arc::from("b")), Err(StoreError::QueueFull));
     assert_eq!(s.queue_len(&work("bob")), 1);
+}
+
+#[test]
+fn admission_audits_and_queues_as_one_step() {
+    let mut s = MemoryStore::default();
+    let first = s.admit(routed("bob", "e1"), None, at(0)).unwrap();
+    assert!(first.entry.is_some());
+    let denial = Admission { chain: agent("bob"), record: record("bob", Decision::DlpBlocked), envelope: None };
+    assert_eq!(s.admit(denial, None, at(1)).unwrap().entry, None, "a denial is recorded, not queued");
+    let not_routable =
+        Admission { chain: agent("bob"), record: record("bob", Decision::RateLimited), envelope: Some(Arc::from("x")) };
+    assert_eq!(s.admit(not_routable, None, at(1)).unwrap().entry, None, "only routable decisions queue");
+    assert_eq!(s.queue_len(&work("bob")), 1);
+    let (records, head) = s.audit_chain(&agent("bob"));
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[1].previous_hash.as_deref(), Some(first.record.hash().as_str()));
+    assert_eq!(crate::policy::audit::verify(&records, head.as_deref()), Ok(()));
+    assert_eq!(s.audit_chains(), vec![agent("bob")]);
+}
+
+#[test]
+fn a_full_queue_is_recorded_as_queue_full_and_a_full_chain_refuses() {
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 1, max_audit_records: 3, ..Default::default() });
+    assert!(s.admit(routed("bob", "e1"), None, at(0)).unwrap().entry.is_some());
+    let full = s.admit(routed("bob", "e2"), None, at(0)).unwrap();
+    assert_eq!((full.entry, full.record.decision), (None, Decision::QueueFull));
+    assert_eq!(full.record.violations, vec!["queue_full".to_string()]);
+    s.admit(routed("bob", "e3"), None, at(0)).unwrap();
+    assert_eq!(s.admit(routed("bob", "e4"), None, at(0)), Err(StoreError::AuditFull));
+    assert_eq!(s.audit_chain(&agent("bob")).0.len(), 3, "nothing recorded by the refused step");
+    assert!(s.admit(routed("carol", "e5"), None, at(0)).is_ok(), "other chains are unaffected");
+}
+
+#[test]
+fn circuit_gates_admission_and_half_open_takes_bounded_probes() {
+    let config = CircuitConfig {
+        failure_threshold: 2,
+        window: Duration::from_secs(10),
+        open_for: Duration::from_secs(5),
+        success_threshold: 1,
+        max_probes: 1,
+    };
+    let mut s = MemoryStore::default();
+    let bob = agent("bob");
+    assert!(s.gate(&bob, Some(&config), at(0)).circuit_admits);
+    s.record_outcome(&bob, Outcome::Failure, &config, at(0));
+    s.record_outcome(&bob, Outcome::Failure, &config, at(1));
+    assert!(!s.gate(&bob, Some(&config), at(2)).circuit_admits);
+    assert!(s.gate(&bob, None, at(2)).circuit_admits, "breakers off");
+    let refused = s.admit(routed("bob", "e"), Some(&config), at(2)).unwrap();
+    assert_eq!((refused.entry, refused.record.decision), (None, Decision::CircuitOpen));
+    // Half-open after 5 s: one probe, then refusals until it answers.
+    assert!(s.gate(&bob, Some(&config), at(1001 + 5000)).circuit_admits);
+    assert!(s.admit(routed("bob", "p1"), Some(&config), at(6001)).unwrap().entry.is_some());
+    assert!(!s.gate(&bob, Some(&config), at(6002)).circuit_admits);
+    assert_eq!(s.admit(routed("bob", "p2"), Some(&config), at(6002)).unwrap().record.decision, Decision::CircuitOpen);
+    s.record_outcome(&bob, Outcome::Success, &config, at(6003));
+    assert!(matches!(s.circuit(&bob), Circuit::Closed { failures: 0, .. }));
+    assert!(s.admit(routed("bob", "after"), Some(&config), at(6004)).unwrap().entry.is_some());
+}
+
+#[test]
+fn security_events_form_their_own_chain_and_tampering_is_detectable() {
+    let mut s = MemoryStore::default();
+    for n in 0..3 {
+        let event = SecurityEvent {
+            details: serde_json::json!({ "n": n }),
+            event_type: "authz_changed".into(),
+            hash_version: 0,
+            previous_hash: None,
+            timestamp: f64::from(n),
+        };
+        s.append_security(event).unwrap();
+    }
+    let (events, head) = s.security_chain();
+    assert_eq!(crate::policy::audit::verify(&events, head.as_deref()), Ok(()));
+    for n in 0..3 {
+        s.admit(routed("bob", &format!("e{n}")), None, at(n)).unwrap();
+    }
+    assert!(s.tamper_with_audit(&agent("bob"), 1, |r| r.decision = Decision::Alert));
+    let (records, head) = s.audit_chain(&agent("bob"));
+    assert!(crate::policy::audit::verify(&records, head.as_deref()).is_err());
 }

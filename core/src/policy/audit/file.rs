@@ -1,0 +1,110 @@
+//! The JSONL form of the audit trail (the broker's optional file sink) and its verification.
+//!
+//! One line per record: `{"chain": …, "hash": …, "record": {…}}`. Lines of different chains
+//! interleave; within a chain they are in append order. A file that was rotated starts some
+//! chains in the middle: their first record's link cannot be checked from the file alone,
+//! every later one can, and so can every record's own hash.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{AuditRecord, Chained, SecurityEvent};
+
+/// One line of the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLine {
+    /// Which chain: `agent:{id}` or `security`.
+    pub chain: String,
+    /// The record's hash.
+    pub hash: String,
+    /// The record.
+    pub record: FileRecord,
+}
+
+/// A record of either chain kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FileRecord {
+    /// An admission decision.
+    Message(AuditRecord),
+    /// A security event.
+    Security(SecurityEvent),
+}
+
+impl FileRecord {
+    fn hash(&self) -> String {
+        match self {
+            FileRecord::Message(r) => r.hash(),
+            FileRecord::Security(e) => e.hash(),
+        }
+    }
+
+    fn previous_hash(&self) -> Option<&str> {
+        match self {
+            FileRecord::Message(r) => r.previous_hash(),
+            FileRecord::Security(e) => e.previous_hash(),
+        }
+    }
+}
+
+/// What verifying a file found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FileReport {
+    /// Per chain: records seen, whether the file starts it mid-way (rotation), and its last hash.
+    pub chains: BTreeMap<String, ChainSummary>,
+    /// Every problem, with its line number (1-based).
+    pub errors: Vec<String>,
+}
+
+/// One chain as seen in a file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChainSummary {
+    /// Records of this chain in the file.
+    pub records: usize,
+    /// The first record links to one that is not in the file (an older, rotated-away part).
+    pub starts_mid_chain: bool,
+    /// The last record's hash.
+    pub head: Option<String>,
+}
+
+impl FileReport {
+    /// True when no problem was found.
+    pub fn is_intact(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Verifies JSONL lines (oldest first): each record's stored hash must be its real hash, and
+/// each record must link to the previous record of its chain.
+pub fn verify_lines<'a>(lines: impl IntoIterator<Item = &'a str>) -> FileReport {
+    let mut report = FileReport::default();
+    for (n, line) in lines.into_iter().enumerate().map(|(i, l)| (i + 1, l)) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: FileLine = match serde_json::from_str(line) {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                report.errors.push(format!("line {n}: unreadable record ({err})"));
+                continue;
+            }
+        };
+        let actual = parsed.record.hash();
+        if actual != parsed.hash {
+            report.errors.push(format!("line {n}: record of chain {} was edited (hash mismatch)", parsed.chain));
+        }
+        let summary = report.chains.entry(parsed.chain.clone()).or_default();
+        match (&summary.head, parsed.record.previous_hash()) {
+            (None, Some(_)) if summary.records == 0 => summary.starts_mid_chain = true,
+            (expected, link) if expected.as_deref() != link => report
+                .errors
+                .push(format!("line {n}: record of chain {} does not link to its predecessor", parsed.chain)),
+            _ => {}
+        }
+        summary.records += 1;
+        summary.head = Some(actual);
+    }
+    report
+}
