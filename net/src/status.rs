@@ -51,6 +51,11 @@ pub mod detail {
     pub const QUEUE_FULL: &str = "queue_full";
     /// The broker is shutting down and takes no new sessions or messages (ours).
     pub const BROKER_SHUTTING_DOWN: &str = "broker_shutting_down";
+    /// The target's circuit breaker is open.
+    pub const CIRCUIT_OPEN: &str = "circuit_open";
+    /// The audit chain that must record the decision is full (the reference's
+    /// `audit_capacity_exceeded`); nothing is delivered unaudited.
+    pub const AUDIT_CAPACITY_EXCEEDED: &str = "audit_capacity_exceeded";
 }
 
 /// `UNAUTHENTICATED` with the identity failure's detail.
@@ -63,11 +68,16 @@ pub fn payload_invalid(err: PayloadError) -> Status {
     Status::invalid_argument(err.to_string())
 }
 
-/// Store failures: a full queue is `RESOURCE_EXHAUSTED queue_full`; anything else is
-/// `UNAVAILABLE storage_unavailable` (backend text is logged, never sent to the peer).
+/// Store failures: a full queue is `RESOURCE_EXHAUSTED queue_full`, a full audit chain
+/// `RESOURCE_EXHAUSTED audit_capacity_exceeded`; anything else is `UNAVAILABLE
+/// storage_unavailable` (backend text is logged, never sent to the peer).
 pub fn store_failed(err: &StoreError) -> Status {
     match err {
         StoreError::QueueFull => Status::resource_exhausted(detail::QUEUE_FULL),
+        StoreError::AuditFull => {
+            tracing::error!("audit chain full: refusing messages it would record until it is archived");
+            Status::resource_exhausted(detail::AUDIT_CAPACITY_EXCEEDED)
+        }
         StoreError::NotOwner | StoreError::Unavailable(_) => {
             tracing::warn!(error = %err, "store step failed");
             Status::unavailable(detail::STORAGE_UNAVAILABLE)
@@ -92,5 +102,6 @@ mod tests {
         assert!(is(&s, Code::InvalidArgument, "payload_must_be_object"));
         let s = store_failed(&StoreError::Unavailable("connection reset".into()));
         assert!(is(&s, Code::Unavailable, "storage_unavailable"), "backend text must not leak");
+        assert!(is(&store_failed(&StoreError::AuditFull), Code::ResourceExhausted, "audit_capacity_exceeded"));
     }
 }

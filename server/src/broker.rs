@@ -7,13 +7,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use mas_core::ids::{AgentId, InstanceId, random_uuid_v4};
+use mas_core::policy::audit::{AuditFilter, AuditRecord};
 use mas_core::policy::authz::{Allowance, AuthzPolicy, Denial};
+use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::dlp::{Dlp, DlpSettings};
 use mas_core::store::{MemoryStoreConfig, OwnerToken, SessionRef, StoreError};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use tokio::sync::watch;
 
+use crate::audit::{AuditReport, AuditTrail};
 use crate::clock::Clock;
 use crate::config::{AgentDefinition, BrokerConfig};
 use crate::store::{MemoryBackend, Store};
@@ -29,6 +32,10 @@ pub struct Broker {
     authz: RwLock<AuthzPolicy>,
     /// The compiled DLP scanner; `None` when the feature is off.
     dlp: Option<Arc<Dlp>>,
+    /// Circuit breaker settings; `None` when breakers are off.
+    circuit: Option<CircuitConfig>,
+    /// File sink and security events.
+    audit: AuditTrail,
     store: Store,
     clock: Clock,
     /// This broker's live sessions and their owner tokens. Touched on connect, disconnect and
@@ -89,15 +96,23 @@ impl Broker {
     pub async fn connect(config: BrokerConfig) -> Result<Arc<Self>, StartError> {
         #[cfg(not(madsim))]
         if let Some(settings) = &config.redis {
-            let backend = crate::store::redis::RedisBackend::connect(settings).await.map_err(StartError::Store)?;
+            let backend = crate::store::redis::RedisBackend::connect(settings)
+                .await
+                .map_err(StartError::Store)?
+                .with_max_audit_records(config.gateway.audit.max_records_per_chain);
             return Self::with_store(config, Store::Redis(backend));
         }
-        let store = MemoryBackend::new(MemoryStoreConfig { max_queue_len: config.max_queue_len, ..Default::default() });
+        let store = MemoryBackend::new(MemoryStoreConfig {
+            max_queue_len: config.max_queue_len,
+            max_audit_records: config.gateway.audit.max_records_per_chain,
+            ..Default::default()
+        });
         Self::with_store(config, Store::Memory(store))
     }
 
     /// A broker over an existing store (shared by several brokers in one process, or tests).
-    /// Compiles the policy engines once; fails on a DLP rule that does not compile.
+    /// Compiles the policy engines once; fails on a DLP rule that does not compile. Starts
+    /// the audit writer tasks, so it must be called inside a runtime.
     pub fn with_store(config: BrokerConfig, store: Store) -> Result<Arc<Self>, StartError> {
         let seed = start_seed(&config);
         let mut ids = ChaCha8Rng::seed_from_u64(seed);
@@ -109,6 +124,8 @@ impl Broker {
         Ok(Arc::new(Broker {
             authz: RwLock::new(config.authz_policy()),
             dlp,
+            circuit: config.gateway.circuit(),
+            audit: AuditTrail::start(store.clone(), &config.gateway.audit),
             config,
             store,
             clock: Clock::new(),
@@ -143,12 +160,40 @@ impl Broker {
     }
 
     /// Management API: changes grants, blocks or roles at run time; the change applies to the
-    /// next message. (Per broker: brokers sharing a store must each be told.)
-    pub fn change_authz<T>(&self, change: impl FnOnce(&mut AuthzPolicy) -> T) -> T {
-        let mut policy = self.authz.write().unwrap_or_else(PoisonError::into_inner);
-        let result = change(&mut policy);
-        tracing::info!("authorization policy changed");
+    /// next message and is recorded in the security chain with `description`. (Per broker:
+    /// brokers sharing a store must each be told.)
+    pub fn change_authz<T>(&self, description: &str, change: impl FnOnce(&mut AuthzPolicy) -> T) -> T {
+        let result = {
+            let mut policy = self.authz.write().unwrap_or_else(PoisonError::into_inner);
+            change(&mut policy)
+        };
+        tracing::info!(change = description, "authorization policy changed");
+        self.audit.security_event(
+            "authz_changed",
+            serde_json::json!({ "change": description }),
+            self.clock.now().wall,
+        );
         result
+    }
+
+    /// Circuit breaker settings, when breakers are on.
+    pub fn circuit(&self) -> Option<&CircuitConfig> {
+        self.circuit.as_ref()
+    }
+
+    /// The audit trail (file sink, security events).
+    pub fn audit(&self) -> &AuditTrail {
+        &self.audit
+    }
+
+    /// Verifies every audit chain in the store (see [`crate::audit::verify`]).
+    pub async fn verify_audit(&self) -> Result<AuditReport, StoreError> {
+        crate::audit::verify(&self.store, self.config.agents.keys()).await
+    }
+
+    /// Audit records matching `filter`, oldest first, at most `limit`.
+    pub async fn query_audit(&self, filter: &AuditFilter, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        crate::audit::query(&self.store, self.config.agents.keys(), filter, limit).await
     }
 
     /// The DLP scanner, if DLP is on.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use mas_core::delivery::DeliveryConfig;
 use mas_core::ids::AgentId;
 use mas_core::policy::authz::AuthzPolicy;
+use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::Limits;
 use mas_core::store::MemoryStoreConfig;
 use serde::Deserialize;
@@ -226,11 +227,82 @@ pub struct FeatureSettings {
     pub dlp: bool,
     /// Role-based permissions in addition to per-agent grants (default off).
     pub rbac: bool,
+    /// Circuit breakers per target agent (default on).
+    pub circuit_breaker: bool,
 }
 
 impl Default for FeatureSettings {
     fn default() -> Self {
-        FeatureSettings { dlp: true, rbac: false }
+        FeatureSettings { dlp: true, rbac: false, circuit_breaker: true }
+    }
+}
+
+/// Circuit breaker settings (reference names and defaults, plus the half-open probe bound).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitSettings {
+    /// Failed messages within `window_seconds` that open a target's circuit (default 5).
+    pub failure_threshold: u32,
+    /// Successes while half-open that close it (default 2).
+    pub success_threshold: u32,
+    /// How long it stays open (default 60 s).
+    pub timeout_seconds: f64,
+    /// The window failures are counted in (default 300 s).
+    pub window_seconds: f64,
+    /// Messages admitted while half-open (default 2; the reference admits everything).
+    pub max_probes: u32,
+}
+
+impl Default for CircuitSettings {
+    fn default() -> Self {
+        let c = CircuitConfig::default();
+        CircuitSettings {
+            failure_threshold: c.failure_threshold,
+            success_threshold: c.success_threshold,
+            timeout_seconds: c.open_for.as_secs_f64(),
+            window_seconds: c.window.as_secs_f64(),
+            max_probes: c.max_probes,
+        }
+    }
+}
+
+impl CircuitSettings {
+    /// The engine's configuration (validated values: positive, finite).
+    pub fn config(&self) -> CircuitConfig {
+        CircuitConfig {
+            failure_threshold: self.failure_threshold,
+            window: Duration::try_from_secs_f64(self.window_seconds).unwrap_or(Duration::MAX),
+            open_for: Duration::try_from_secs_f64(self.timeout_seconds).unwrap_or(Duration::MAX),
+            success_threshold: self.success_threshold,
+            max_probes: self.max_probes,
+        }
+    }
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Optional JSONL copy of every record (one line each), written after the store commit.
+    pub file_path: Option<PathBuf>,
+    /// Rotate the file when a line would take it past this size (default 10 000 000 bytes).
+    pub max_bytes: u64,
+    /// Rotated files kept: `file.1` … `file.N` (default 5; 0 truncates instead).
+    pub backup_count: u32,
+    /// Most records one chain holds in the store (default 1 000 000). A full chain refuses
+    /// the messages it would record with `RESOURCE_EXHAUSTED audit_capacity_exceeded` and the
+    /// broker logs an error: nothing is ever delivered unaudited.
+    pub max_records_per_chain: usize,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            file_path: None,
+            max_bytes: 10_000_000,
+            backup_count: 5,
+            max_records_per_chain: MemoryStoreConfig::default().max_audit_records,
+        }
     }
 }
 
@@ -280,7 +352,7 @@ impl RateLimitSettings {
 }
 
 /// The `gateway` section: one settings object, read once and handed down.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewaySettings {
     /// Feature switches.
@@ -293,6 +365,17 @@ pub struct GatewaySettings {
     pub permissions: Vec<PermissionPreset>,
     /// DLP rules and policies.
     pub dlp: mas_core::policy::dlp::DlpSettings,
+    /// Circuit breakers.
+    pub circuit_breaker: CircuitSettings,
+    /// The audit trail.
+    pub audit: AuditSettings,
+}
+
+impl GatewaySettings {
+    /// The circuit configuration, or `None` when breakers are off.
+    pub fn circuit(&self) -> Option<CircuitConfig> {
+        self.features.circuit_breaker.then(|| self.circuit_breaker.config())
+    }
 }
 
 fn default_max_queue_len() -> usize {
@@ -395,6 +478,26 @@ impl BrokerConfig {
         if d.retry_backoff_initial_ms > d.retry_backoff_max_ms {
             return Err(ConfigError::Invalid(
                 "delivery.retry_backoff_initial_ms must not exceed delivery.retry_backoff_max_ms".into(),
+            ));
+        }
+        let c = &self.gateway.circuit_breaker;
+        let circuit_counts = [
+            ("failure_threshold", c.failure_threshold),
+            ("success_threshold", c.success_threshold),
+            ("max_probes", c.max_probes),
+        ];
+        if let Some((name, _)) = circuit_counts.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("gateway.circuit_breaker.{name} must be greater than 0")));
+        }
+        for (name, seconds) in [("timeout_seconds", c.timeout_seconds), ("window_seconds", c.window_seconds)] {
+            if !(seconds.is_finite() && seconds > 0.0) {
+                return Err(ConfigError::Invalid(format!("gateway.circuit_breaker.{name} must be a positive number")));
+            }
+        }
+        let audit = &self.gateway.audit;
+        if audit.max_records_per_chain == 0 || audit.max_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "gateway.audit.max_records_per_chain and gateway.audit.max_bytes must be greater than 0".into(),
             ));
         }
         if let Err(err) = mas_core::policy::dlp::Dlp::new(&self.gateway.dlp) {

@@ -216,7 +216,8 @@ impl Session {
         if effects.is_empty() {
             return Ok(());
         }
-        let results = self.broker.store().apply(&self.session, effects, self.broker.clock().now()).await?;
+        let now = self.broker.clock().now();
+        let results = self.broker.store().apply(&self.session, effects, now, self.broker.circuit()).await?;
         let fenced = results.iter().filter(|r| r.is_err()).count();
         if fenced > 0 {
             self.broker.count_fenced(fenced as u64);

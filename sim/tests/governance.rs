@@ -70,10 +70,10 @@ fn policy_change_under_load(seed: u64) -> Run {
         let changed_at = wall_secs();
         if block {
             trace.record("nemesis", "block alice -> bob");
-            broker.change_authz(|p| p.block(&id("alice"), &id("bob")));
+            broker.change_authz("block alice → bob", |p| p.block(&id("alice"), &id("bob")));
         } else {
             trace.record("nemesis", "revoke alice -> bob");
-            broker.change_authz(|p| p.revoke(&id("alice"), &id("bob")));
+            broker.change_authz("revoke alice → bob", |p| p.revoke(&id("alice"), &id("bob")));
         }
         let done = wait_until(Duration::from_secs(60), || sends.lock().unwrap().len() == 200).await;
         assert!(done, "seed {seed}: the producer did not finish");

@@ -159,7 +159,7 @@ async fn a_blocked_target_stays_blocked_with_a_wildcard_grant_and_revocation_app
     // Exactly what authorization allows: the wildcard includes alice herself, the block hides carol.
     assert_eq!(peers, ["alice", "bob"], "discovery shows exactly what authorization allows");
     alice.send("bob", "t", &serde_json::json!({"n": 1})).await.unwrap();
-    tb.broker.change_authz(|p| p.set_allowed(&mas_tests::id("alice"), Vec::new()));
+    tb.broker.change_authz("revoke all of alice", |p| p.set_allowed(&mas_tests::id("alice"), Vec::new()));
     let err = alice.send("bob", "t", &serde_json::json!({"n": 2})).await.expect_err("revoked");
     assert_eq!(denial(&err), (Code::PermissionDenied, "not_authorized".to_string()));
     assert!(eventually(Duration::from_secs(5), || inbox.lock().unwrap().len() == 1).await);

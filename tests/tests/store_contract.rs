@@ -13,7 +13,11 @@ use std::time::Duration;
 
 use mas_core::delivery::{QueuedMessage, RequeueReason, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
-use mas_core::store::{MemoryStoreConfig, OwnerToken, PendingRequest, QueueKey, ReplyReceipt, SessionRef};
+use mas_core::policy::audit::{AuditRecord, Decision, SecurityEvent, verify};
+use mas_core::policy::circuit::CircuitConfig;
+use mas_core::store::{
+    Admission, Admitted, MemoryStoreConfig, OwnerToken, PendingRequest, QueueKey, ReplyReceipt, SessionRef, StoreError,
+};
 use mas_core::time::Now;
 use mas_server::store::redis::{RedisBackend, RedisSettings};
 use mas_server::store::{MemoryBackend, Store};
@@ -60,18 +64,59 @@ where
     Fut: Future<Output = Vec<String>>,
 {
     let memory =
-        sequence(Store::Memory(MemoryBackend::new(MemoryStoreConfig { max_queue_len: 3, max_dead_letters: 100 })))
+        sequence(Store::Memory(MemoryBackend::new(MemoryStoreConfig { max_queue_len: 3, max_dead_letters: 100, max_audit_records: 6 })))
             .await;
     let Some(redis) = RedisServer::start() else { return };
     let mut settings = RedisSettings::new(&redis.url);
     settings.max_queue_len = 3;
-    let backend = RedisBackend::connect(&settings).await.expect("connect to the test redis-server");
+    let backend =
+        RedisBackend::connect(&settings).await.expect("connect to the test redis-server").with_max_audit_records(6);
     let on_redis = sequence(Store::Redis(backend)).await;
     if std::env::var_os("CONTRACT_LOG").is_some() {
         eprintln!("{}", memory.join("\n"));
     }
     assert_eq!(memory, on_redis, "memory (left) and Redis (right) disagree");
     assert!(!memory.is_empty());
+}
+
+fn record(target: &str, decision: Decision) -> AuditRecord {
+    AuditRecord {
+        correlation_id: None,
+        decision,
+        hash_version: 0,
+        latency_ms: 0.5,
+        message_id: format!("m-{target}"),
+        message_type: Some("t".into()),
+        payload_hash: "00".into(),
+        previous_hash: None,
+        sender_id: "alice".into(),
+        sender_instance_id: Some("a1".into()),
+        target_id: target.into(),
+        timestamp: 1_700_000_000.125,
+        violations: Vec::new(),
+    }
+}
+
+fn routed(target: &str, envelope: &str) -> Admission {
+    Admission { chain: agent(target), record: record(target, Decision::Allowed), envelope: Some(Arc::from(envelope)) }
+}
+
+fn denied(chain: &str, decision: Decision) -> Admission {
+    Admission { chain: agent(chain), record: record(chain, decision), envelope: None }
+}
+
+fn admitted(result: Result<Admitted, StoreError>) -> String {
+    match result {
+        Ok(a) => format!("{} queued={}", a.record.decision.as_str(), a.entry.is_some()),
+        Err(err) => format!("{err:?}"),
+    }
+}
+
+/// A chain's decisions, and whether it verifies against its head.
+async fn chain(store: &Store, agent_id: &str) -> String {
+    let (records, head) = store.audit_chain(&agent(agent_id)).await.unwrap();
+    let decisions: Vec<&str> = records.iter().map(|r| r.decision.as_str()).collect();
+    format!("{decisions:?} verify={:?} head={}", verify(&records, head.as_deref()), head.unwrap_or_default())
 }
 
 fn now() -> Now {
@@ -104,11 +149,11 @@ async fn queue_claim_settle_and_dead_letters() {
                 nacked: true,
             },
         ];
-        log.push(format!("apply {:?}", store.apply(&b1, effects, now()).await));
-        log.push(format!("again {:?}", store.apply(&b1, vec![ack(&first[0])], now()).await));
+        log.push(format!("apply {:?}", store.apply(&b1, effects, now(), None).await));
+        log.push(format!("again {:?}", store.apply(&b1, vec![ack(&first[0])], now(), None).await));
         let retried = store.claim(&b1, 5, NO_WAIT).await.unwrap();
         log.push(format!("claim {}", show(&retried)));
-        log.push(format!("apply {:?}", store.apply(&b1, vec![ack(&retried[0])], now()).await));
+        log.push(format!("apply {:?}", store.apply(&b1, vec![ack(&retried[0])], now(), None).await));
         log.push(format!("len {:?}", store.queue_len(&work("bob")).await));
         let dead = store.dead_letters(&agent("bob"), 10).await.unwrap();
         log.push(format!(
@@ -130,13 +175,13 @@ async fn settling_is_fenced_and_released_work_moves_to_a_sibling() {
         store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
         let held = store.claim(&b1, 1, NO_WAIT).await.unwrap();
         log.push(format!("b1 {}", show(&held)));
-        log.push(format!("b2 acks b1's {:?}", store.apply(&b2, vec![ack(&held[0])], now()).await));
+        log.push(format!("b2 acks b1's {:?}", store.apply(&b2, vec![ack(&held[0])], now(), None).await));
         log.push(format!("b2 claim {}", show(&store.claim(&b2, 1, NO_WAIT).await.unwrap())));
         log.push(format!("release {:?}", store.release(&b1).await));
         let moved = store.claim(&b2, 1, NO_WAIT).await.unwrap();
         log.push(format!("b2 claim {}", show(&moved)));
-        log.push(format!("b1 late ack {:?}", store.apply(&b1, vec![ack(&moved[0])], now()).await));
-        log.push(format!("b2 ack {:?}", store.apply(&b2, vec![ack(&moved[0])], now()).await));
+        log.push(format!("b1 late ack {:?}", store.apply(&b1, vec![ack(&moved[0])], now(), None).await));
+        log.push(format!("b2 ack {:?}", store.apply(&b2, vec![ack(&moved[0])], now(), None).await));
         log
     })
     .await;
@@ -150,7 +195,7 @@ async fn delayed_requeue_waits_for_its_backoff() {
         store.acquire_lease(&b1, LEASE).await.unwrap();
         store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
         let m = store.claim(&b1, 1, NO_WAIT).await.unwrap();
-        store.apply(&b1, vec![requeue(&m[0], 2, Duration::from_millis(300), now())], now()).await.unwrap();
+        store.apply(&b1, vec![requeue(&m[0], 2, Duration::from_millis(300), now())], now(), None).await.unwrap();
         log.push(format!("at once {}", show(&store.claim(&b1, 1, NO_WAIT).await.unwrap())));
         log.push(format!("len {:?}", store.queue_len(&work("bob")).await));
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -209,27 +254,43 @@ async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
         let cid = "0123.alice";
         log.push(format!(
             "open ok={}",
-            store.open_request(cid, pending.clone(), Duration::from_secs(10), Arc::from("req")).await.is_ok()
+            store
+                .open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", "req"), None)
+                .await
+                .is_ok()
         ));
         log.push(format!("bob queue {:?}", store.queue_len(&work("bob")).await));
         log.push(format!("lookup {:?}", store.correlation(&agent("alice"), cid).await));
         let receipt =
             |fp: &str, id: &str| ReplyReceipt { sender: agent("bob"), fingerprint: fp.into(), message_id: id.into() };
-        log.push(format!("commit {:?}", store.commit_reply(cid, &pending, receipt("f", "m1"), Arc::from("rep")).await));
-        log.push(format!("retry {:?}", store.commit_reply(cid, &pending, receipt("f", "m2"), Arc::from("rep")).await));
-        log.push(format!("other {:?}", store.commit_reply(cid, &pending, receipt("g", "m3"), Arc::from("x")).await));
+        let reply = |fp: &'static str, id: &'static str, envelope: &'static str| {
+            let (store, pending) = (store.clone(), pending.clone());
+            async move {
+                let record = record("alice", Decision::Allowed);
+                store.commit_reply(cid, &pending, receipt(fp, id), Arc::from(envelope), record).await
+            }
+        };
+        log.push(format!("commit {:?}", reply("f", "m1", "rep").await));
+        log.push(format!("retry {:?}", reply("f", "m2", "rep").await));
+        log.push(format!("other {:?}", reply("g", "m3", "x").await));
+        log.push(format!("alice's chain {}", chain(&store, "alice").await));
         log.push(format!("lookup {:?}", store.correlation(&agent("alice"), cid).await));
         log.push(format!("a2 gets {}", show(&store.claim(&a2, 5, NO_WAIT).await.unwrap())));
         log.push(format!("a1 gets {}", show(&store.claim(&a1, 5, NO_WAIT).await.unwrap())));
         log.push(format!("unknown {:?}", store.correlation(&agent("alice"), "9999.alice").await));
         let short =
             PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
-        store.open_request("7777.alice", short.clone(), Duration::from_millis(100), Arc::from("req2")).await.unwrap();
+        store
+            .open_request("7777.alice", short.clone(), Duration::from_millis(100), routed("bob", "req2"), None)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         log.push(format!("expired lookup {:?}", store.correlation(&agent("alice"), "7777.alice").await));
         log.push(format!(
             "expired commit {:?}",
-            store.commit_reply("7777.alice", &short, receipt("f", "m9"), Arc::from("late")).await
+            store
+                .commit_reply("7777.alice", &short, receipt("f", "m9"), Arc::from("late"), record("alice", Decision::Allowed))
+                .await
         ));
         log
     })
@@ -273,6 +334,89 @@ async fn rate_limits_admit_a_burst_then_refuse_without_consuming() {
         }
         let never = store.admit_rate(&agent("carol"), Limits { per_minute: 0, per_hour: 100 }).await.unwrap();
         log.push(format!("{never:?}"));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn audited_admission_records_every_decision_and_queues_only_routable_ones() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        for n in 0..3 {
+            log.push(format!("route {n}: {}", admitted(store.admit(routed("bob", &format!("m{n}")), None).await)));
+        }
+        log.push(format!("queue full: {}", admitted(store.admit(routed("bob", "m3"), None).await)));
+        log.push(format!("denial: {}", admitted(store.admit(denied("bob", Decision::DlpBlocked), None).await)));
+        log.push(format!("queue {:?}", store.queue_len(&work("bob")).await));
+        log.push(format!("chain {}", chain(&store, "bob").await));
+        log.push(format!("sixth: {}", admitted(store.admit(denied("bob", Decision::RateLimited), None).await)));
+        log.push(format!("chain full: {}", admitted(store.admit(denied("bob", Decision::RateLimited), None).await)));
+        log.push(format!("other chain: {}", admitted(store.admit(denied("carol", Decision::AuthzDenied), None).await)));
+        log.push(format!("chain {}", chain(&store, "bob").await));
+        for n in 0..2 {
+            let event = SecurityEvent {
+                details: serde_json::json!({ "n": n }),
+                event_type: "authz_changed".into(),
+                hash_version: 0,
+                previous_hash: None,
+                timestamp: 1.0,
+            };
+            log.push(format!("security {:?}", store.append_security(event).await.map(|e| e.previous_hash.is_some())));
+        }
+        let (events, head) = store.security_chain().await.unwrap();
+        log.push(format!("security chain {} verify={:?}", events.len(), verify(&events, head.as_deref())));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn circuit_opens_on_failed_messages_and_recovers_through_bounded_probes() {
+    let config = CircuitConfig {
+        failure_threshold: 2,
+        window: Duration::from_secs(60),
+        open_for: Duration::from_millis(300),
+        success_threshold: 1,
+        max_probes: 1,
+    };
+    contract(move |store| async move {
+        let mut log = Vec::new();
+        let circuit = Some(&config);
+        let b1 = session("bob", "b1", "o1");
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        let gate = |label: &'static str| {
+            let store = store.clone();
+            async move { format!("{label} {:?}", store.gate(&agent("bob"), Some(&config)).await) }
+        };
+        log.push(gate("fresh").await);
+        for n in 0..3 {
+            store.admit(routed("bob", &format!("m{n}")), circuit).await.unwrap();
+        }
+        let claimed = store.claim(&b1, 3, NO_WAIT).await.unwrap();
+        // A message failing its first attempt counts; one failing a later attempt does not.
+        let fail = |m: &QueuedMessage, attempts| StoreEffect::DeadLetter {
+            entry: m.entry.clone(),
+            envelope: m.envelope.clone(),
+            attempts,
+            reason: "handler_error".into(),
+            nacked: true,
+        };
+        let effects = vec![fail(&claimed[0], 1), fail(&claimed[1], 3)];
+        log.push(format!("settle {:?}", store.apply(&b1, effects, now(), circuit).await));
+        log.push(gate("one failed message").await);
+        log.push(format!("settle {:?}", store.apply(&b1, vec![fail(&claimed[2], 1)], now(), circuit).await));
+        log.push(gate("two failed messages").await);
+        log.push(format!("while open: {}", admitted(store.admit(routed("bob", "x"), circuit).await)));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        log.push(gate("after open_for").await);
+        log.push(format!("probe: {}", admitted(store.admit(routed("bob", "p1"), circuit).await)));
+        log.push(gate("probe out").await);
+        log.push(format!("second probe: {}", admitted(store.admit(routed("bob", "p2"), circuit).await)));
+        let probe = store.claim(&b1, 1, NO_WAIT).await.unwrap();
+        log.push(format!("probe acked {:?}", store.apply(&b1, vec![ack(&probe[0])], now(), circuit).await));
+        log.push(gate("closed again").await);
+        log.push(format!("chain {}", chain(&store, "bob").await));
         log
     })
     .await;

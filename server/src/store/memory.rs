@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
+use mas_core::policy::audit::{AuditRecord, SecurityEvent};
+use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
-    Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueKey, ReplyCommit, ReplyError,
-    ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
+    Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueKey, ReplyCommit, ReplyError,
+    ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
 use tokio::sync::Notify;
@@ -86,6 +88,7 @@ impl MemoryBackend {
         session: &SessionRef,
         effects: Vec<StoreEffect>,
         now: Now,
+        circuit: Option<&CircuitConfig>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let store_now = self.clock.now().mono;
         let mut inner = self.lock();
@@ -98,7 +101,13 @@ impl MemoryBackend {
                     *not_before = store_now + delay;
                     wake = true;
                 }
-                inner.store.apply(session, effect)
+                let outcome = effect.circuit_outcome();
+                let applied = inner.store.apply(session, effect);
+                // Fenced-off effects say nothing: another session owns the message now.
+                if let (Ok(()), Some(outcome), Some(config)) = (&applied, outcome, circuit) {
+                    inner.store.record_outcome(&session.agent, outcome, config, store_now);
+                }
+                applied
             })
             .collect();
         if wake {
@@ -146,18 +155,44 @@ impl MemoryBackend {
         Ok(agents.iter().map(|a| inner.store.agent_is_live(a, now)).collect())
     }
 
+    pub(super) async fn gate(
+        &self,
+        target: &AgentId,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<TargetGate, StoreError> {
+        Ok(self.lock().store.gate(target, circuit, self.clock.now().mono))
+    }
+
+    pub(super) async fn admit(
+        &self,
+        admission: Admission,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<Admitted, StoreError> {
+        let chain = admission.chain.clone();
+        let mut inner = self.lock();
+        let admitted = inner.store.admit(admission, circuit, self.clock.now().mono)?;
+        if admitted.entry.is_some() {
+            inner.waker(&chain).notify_waiters();
+        }
+        Ok(admitted)
+    }
+
     pub(super) async fn open_request(
         &self,
         correlation_id: &str,
         pending: PendingRequest,
         ttl: Duration,
-        envelope: Arc<str>,
-    ) -> Result<EntryId, StoreError> {
+        admission: Admission,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<Admitted, StoreError> {
         let target = pending.target.clone();
         let mut inner = self.lock();
-        let entry = inner.store.open_request(correlation_id, pending, ttl, envelope, self.clock.now().mono)?;
-        inner.waker(&target).notify_waiters();
-        Ok(entry)
+        let now = self.clock.now().mono;
+        let admitted = inner.store.open_request(correlation_id, pending, ttl, admission, circuit, now)?;
+        if admitted.entry.is_some() {
+            inner.waker(&target).notify_waiters();
+        }
+        Ok(admitted)
     }
 
     pub(super) async fn correlation(
@@ -174,13 +209,33 @@ impl MemoryBackend {
         expected: &PendingRequest,
         receipt: ReplyReceipt,
         envelope: Arc<str>,
-    ) -> Result<Result<ReplyCommit, ReplyError>, StoreError> {
+        record: AuditRecord,
+    ) -> Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError> {
         let mut inner = self.lock();
-        let result = inner.store.commit_reply(correlation_id, expected, receipt, envelope, self.clock.now().mono);
-        if matches!(result, Ok(ReplyCommit::Queued { .. })) {
+        let now = self.clock.now().mono;
+        let result = inner.store.commit_reply(correlation_id, expected, receipt, envelope, record, now)?;
+        if matches!(result, Ok((ReplyCommit::Queued { .. }, _))) {
             inner.waker(&expected.requester).notify_waiters();
         }
         Ok(result)
+    }
+
+    pub(super) async fn append_security(&self, event: SecurityEvent) -> Result<SecurityEvent, StoreError> {
+        self.lock().store.append_security(event)
+    }
+
+    pub(super) async fn audit_chain(&self, chain: &AgentId) -> Result<(Vec<AuditRecord>, Option<String>), StoreError> {
+        Ok(self.lock().store.audit_chain(chain))
+    }
+
+    pub(super) async fn security_chain(&self) -> Result<(Vec<SecurityEvent>, Option<String>), StoreError> {
+        Ok(self.lock().store.security_chain())
+    }
+
+    /// Edits a stored audit record in place (see `MemoryStore::tamper_with_audit`); for tests
+    /// and tamper drills.
+    pub fn tamper_with_audit(&self, chain: &AgentId, index: usize, edit: impl FnOnce(&mut AuditRecord)) -> bool {
+        self.lock().store.tamper_with_audit(chain, index, edit)
     }
 
     pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {

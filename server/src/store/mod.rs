@@ -17,10 +17,12 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
+use mas_core::policy::audit::{AuditRecord, SecurityEvent};
+use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
-    Correlation, DeadLetter, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
-    StateSnapshot, StoreError,
+    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
+    StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
 
@@ -72,16 +74,19 @@ impl Store {
         dispatch!(self, b => b.claim(session, max, max_wait).await)
     }
 
-    /// Applies delivery effects, each fenced by `session` still holding the entry. A
-    /// requeue's `not_before` is on the broker's clock (`now` is that clock's reading); it is
-    /// turned into a delay here. Returns one result per effect, in order.
+    /// Applies delivery effects, each fenced by `session` still holding the entry, and feeds
+    /// the outcomes of the applied ones to the session agent's circuit (when `circuit` is set;
+    /// see `StoreEffect::circuit_outcome`). A requeue's `not_before` is on the broker's clock
+    /// (`now` is that clock's reading); it is turned into a delay here. Returns one result per
+    /// effect, in order.
     pub async fn apply(
         &self,
         session: &SessionRef,
         effects: Vec<StoreEffect>,
         now: Now,
+        circuit: Option<&CircuitConfig>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        dispatch!(self, b => b.apply(session, effects, now).await)
+        dispatch!(self, b => b.apply(session, effects, now, circuit).await)
     }
 
     /// Makes everything `session` still holds ready again (attempt unchanged).
@@ -118,16 +123,33 @@ impl Store {
         dispatch!(self, b => b.live_agents(agents).await)
     }
 
-    /// Records a pending request, then queues its envelope to the target. The pending record
-    /// exists before the request is visible; if queueing fails it is removed again.
+    /// Whether `target` has a live instance, and whether its circuit would admit a message
+    /// now (no probe taken). One step on the target's keys.
+    pub async fn gate(&self, target: &AgentId, circuit: Option<&CircuitConfig>) -> Result<TargetGate, StoreError> {
+        dispatch!(self, b => b.gate(target, circuit).await)
+    }
+
+    /// Records an admission decision in the chain of `admission.chain` and, for a routable
+    /// one, queues the envelope to that agent's work queue: one atomic step, so nothing is
+    /// delivered unaudited and nothing audited as allowed is lost. The circuit and the queue
+    /// bound are checked in the same step; a refusal is recorded as `CIRCUIT_OPEN` or
+    /// `QUEUE_FULL`. A full chain refuses the step (`StoreError::AuditFull`).
+    pub async fn admit(&self, admission: Admission, circuit: Option<&CircuitConfig>) -> Result<Admitted, StoreError> {
+        dispatch!(self, b => b.admit(admission, circuit).await)
+    }
+
+    /// Admits a request as [`Store::admit`] does and records it as pending exactly when it
+    /// was queued (memory: one step; Redis: the pending record lives in the requester's slot,
+    /// is written first and removed again if the request was not queued).
     pub async fn open_request(
         &self,
         correlation_id: &str,
         pending: PendingRequest,
         ttl: Duration,
-        envelope: Arc<str>,
-    ) -> Result<EntryId, StoreError> {
-        dispatch!(self, b => b.open_request(correlation_id, pending, ttl, envelope).await)
+        admission: Admission,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<Admitted, StoreError> {
+        dispatch!(self, b => b.open_request(correlation_id, pending, ttl, admission, circuit).await)
     }
 
     /// What a correlation id refers to (`requester` is encoded in the correlation id).
@@ -135,15 +157,33 @@ impl Store {
         dispatch!(self, b => b.correlation(requester, correlation_id).await)
     }
 
-    /// Commits a reply atomically; see [`mas_core::store::MemoryStore::commit_reply`].
+    /// Commits a reply and its audit record (in the requester's chain) atomically; see
+    /// [`mas_core::store::MemoryStore::commit_reply`]. Returns the linked record when the
+    /// reply was queued now.
     pub async fn commit_reply(
         &self,
         correlation_id: &str,
         expected: &PendingRequest,
         receipt: ReplyReceipt,
         envelope: Arc<str>,
-    ) -> Result<Result<ReplyCommit, ReplyError>, StoreError> {
-        dispatch!(self, b => b.commit_reply(correlation_id, expected, receipt, envelope).await)
+        record: AuditRecord,
+    ) -> Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError> {
+        dispatch!(self, b => b.commit_reply(correlation_id, expected, receipt, envelope, record).await)
+    }
+
+    /// Appends a security event to the security chain.
+    pub async fn append_security(&self, event: SecurityEvent) -> Result<SecurityEvent, StoreError> {
+        dispatch!(self, b => b.append_security(event).await)
+    }
+
+    /// The records of `chain` (oldest first) and its head. For verification and queries.
+    pub async fn audit_chain(&self, chain: &AgentId) -> Result<(Vec<AuditRecord>, Option<String>), StoreError> {
+        dispatch!(self, b => b.audit_chain(chain).await)
+    }
+
+    /// The security chain (oldest first) and its head.
+    pub async fn security_chain(&self) -> Result<(Vec<SecurityEvent>, Option<String>), StoreError> {
+        dispatch!(self, b => b.security_chain().await)
     }
 
     /// Admits one message of `sender` under `limits` (GCRA over the store's clock, one step);

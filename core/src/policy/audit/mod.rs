@@ -11,7 +11,7 @@
 //! events. Verification walks every chain.
 
 mod export;
-mod file;
+pub mod file;
 
 pub use export::{AuditFilter, to_csv, to_json};
 pub use file::{FileLine, FileReport, verify_lines};
@@ -113,6 +113,15 @@ pub struct AuditRecord {
     pub timestamp: f64,
     /// Violation types (DLP) or denial reasons.
     pub violations: Vec<String>,
+}
+
+impl AuditRecord {
+    /// Turns a routable decision into a refusal, recorded with its reason (the store does
+    /// this when the target's circuit or queue refuses at the moment of enqueueing).
+    pub fn refuse(&mut self, decision: Decision, reason: &str) {
+        self.decision = decision;
+        self.violations = vec![reason.to_string()];
+    }
 }
 
 /// A security event: an authentication denial or a change made through the management API.

@@ -68,12 +68,12 @@ impl MemoryStore {
         let envelope = envelope.filter(|_| record.decision.is_routable());
         let envelope = match envelope {
             Some(_) if self.queue_len(&queue) >= self.config.max_queue_len => {
-                refuse(&mut record, Decision::QueueFull, "queue_full");
+                record.refuse(Decision::QueueFull, "queue_full");
                 None
             }
             Some(envelope) => match circuit {
                 Some(config) if self.circuits.entry(chain.clone()).or_default().admit(config, now).is_err() => {
-                    refuse(&mut record, Decision::CircuitOpen, "circuit_open");
+                    record.refuse(Decision::CircuitOpen, "circuit_open");
                     None
                 }
                 _ => Some(envelope),
@@ -145,8 +145,3 @@ impl MemoryStore {
     }
 }
 
-/// Turns a routable decision into a refusal recorded with its reason.
-pub(crate) fn refuse(record: &mut AuditRecord, decision: Decision, reason: &str) {
-    record.decision = decision;
-    record.violations = vec![reason.to_string()];
-}

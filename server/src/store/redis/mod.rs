@@ -26,9 +26,12 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
+use mas_core::delivery::Outcome;
+use mas_core::policy::audit::{AuditRecord, Chain, Chained};
+use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits, Window};
 use mas_core::store::{
-    Correlation, DeadLetter, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt,
+    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt,
     SessionRef, StateError, StateSnapshot, StoreError,
 };
 use mas_core::time::Now;
@@ -38,7 +41,9 @@ use tokio::sync::Notify;
 
 use super::{claim_waiting, requeue_delay};
 
-const SCRIPTS: &str = include_str!("redis_scripts.lua");
+mod audit;
+
+const SCRIPTS: &str = include_str!("scripts.lua");
 
 /// Redis connection settings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -107,6 +112,10 @@ struct Scripts {
     state_update: Script,
     state_reset: Script,
     rate_admit: Script,
+    gate: Script,
+    admit: Script,
+    audit_append: Script,
+    audit_tail: Script,
 }
 
 impl Scripts {
@@ -121,7 +130,18 @@ impl Scripts {
             }
         }
         // The file is compiled in; a missing section is a build defect caught by every test.
-        let get = |n: &str| Script::new(sections.get(n).unwrap_or_else(|| panic!("script {n} missing")));
+        let section = |n: &str| sections.get(n).cloned().unwrap_or_else(|| panic!("script {n} missing"));
+        // `--#include _lib` lines pull in a library section (Lua scripts cannot share functions).
+        let get = |n: &str| {
+            let body: String = section(n)
+                .lines()
+                .map(|line| match line.strip_prefix("--#include ") {
+                    Some(lib) => section(lib.trim()),
+                    None => format!("{line}\n"),
+                })
+                .collect();
+            Script::new(&body)
+        };
         Scripts {
             enqueue: get("enqueue"),
             claim: get("claim"),
@@ -138,6 +158,10 @@ impl Scripts {
             state_update: get("state_update"),
             state_reset: get("state_reset"),
             rate_admit: get("rate_admit"),
+            gate: get("gate"),
+            admit: get("admit"),
+            audit_append: get("audit_append"),
+            audit_tail: get("audit_tail"),
         }
     }
 }
@@ -202,6 +226,9 @@ pub struct RedisBackend {
     scripts: Arc<Scripts>,
     wakers: Arc<Wakers>,
     max_queue_len: usize,
+    /// Most records one audit chain may hold.
+    max_audit_records: usize,
+    writers: Arc<audit::ChainWriters>,
     /// When each session last asked Redis to reclaim dead owners' work.
     last_reclaim: Arc<Mutex<BTreeMap<String, tokio::time::Instant>>>,
 }
@@ -234,8 +261,16 @@ impl RedisBackend {
             scripts: Arc::new(Scripts::load()),
             wakers,
             max_queue_len: settings.max_queue_len,
+            max_audit_records: mas_core::store::MemoryStoreConfig::default().max_audit_records,
+            writers: Arc::default(),
             last_reclaim: Arc::default(),
         })
+    }
+
+    /// Sets the bound of each audit chain (`gateway.audit.max_records_per_chain`).
+    pub fn with_max_audit_records(mut self, max: usize) -> Self {
+        self.max_audit_records = max;
+        self
     }
 
     fn con(&self) -> ConnectionManager {
@@ -351,6 +386,7 @@ impl RedisBackend {
         session: &SessionRef,
         effects: Vec<StoreEffect>,
         now: Now,
+        circuit: Option<&CircuitConfig>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         if effects.is_empty() {
             return Ok(Vec::new());
@@ -358,7 +394,11 @@ impl RedisBackend {
         let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
         let mut invocation = self.scripts.settle.prepare_invoke();
         invocation.key(work).key(work_delayed).key(replies).key(replies_delayed).key(key(&session.agent, "dlq"));
+        invocation.key(key(&session.agent, "circuit"));
         invocation.arg(session.owner.as_str()).arg(channel(&session.agent));
+        for arg in audit::circuit_args(circuit) {
+            invocation.arg(arg);
+        }
         for effect in &effects {
             let delay_ms = u64::try_from(requeue_delay(effect, now).as_millis()).unwrap_or(u64::MAX);
             let (tag, id) = effect.entry().0.split_once(':').unwrap_or(("w", &effect.entry().0));
@@ -367,7 +407,12 @@ impl RedisBackend {
                 StoreEffect::Requeue { attempt, .. } => ("requeue", *attempt, ""),
                 StoreEffect::DeadLetter { attempts, reason, .. } => ("dead", *attempts, reason.as_str()),
             };
-            invocation.arg(op).arg(tag).arg(id).arg(attempt).arg(delay_ms).arg(reason);
+            let outcome = match effect.circuit_outcome() {
+                Some(Outcome::Success) => "s",
+                Some(Outcome::Failure) => "f",
+                None => "",
+            };
+            invocation.arg(op).arg(tag).arg(id).arg(attempt).arg(delay_ms).arg(reason).arg(outcome);
         }
         let applied: Vec<i64> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
         Ok(applied.into_iter().map(|ok| if ok == 1 { Ok(()) } else { Err(StoreError::NotOwner) }).collect())
@@ -458,8 +503,9 @@ impl RedisBackend {
         correlation_id: &str,
         pending: PendingRequest,
         ttl: Duration,
-        envelope: Arc<str>,
-    ) -> Result<EntryId, StoreError> {
+        admission: Admission,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<Admitted, StoreError> {
         let pending_key = key(&pending.requester, &format!("pending:{correlation_id}"));
         let _: i64 = self
             .scripts
@@ -473,15 +519,13 @@ impl RedisBackend {
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
-        match self.enqueue(&QueueKey::Work(pending.target.clone()), envelope).await {
-            Ok(entry) => Ok(entry),
-            Err(err) => {
-                // The request was not queued: nobody can answer it. Best effort; the record
-                // expires on its own if this fails too.
-                let _: Result<i64, _> = redis::cmd("DEL").arg(&pending_key).query_async(&mut self.con()).await;
-                Err(err)
-            }
+        let admitted = self.admit(admission, circuit).await;
+        if !matches!(admitted, Ok(Admitted { entry: Some(_), .. })) {
+            // The request was not queued: nobody can answer it. Best effort; the record
+            // expires on its own if this fails too.
+            let _: Result<i64, _> = redis::cmd("DEL").arg(&pending_key).query_async(&mut self.con()).await;
         }
+        admitted
     }
 
     pub(super) async fn correlation(
@@ -527,36 +571,62 @@ impl RedisBackend {
         expected: &PendingRequest,
         receipt: ReplyReceipt,
         envelope: Arc<str>,
-    ) -> Result<Result<ReplyCommit, ReplyError>, StoreError> {
+        record: AuditRecord,
+    ) -> Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError> {
         let requester = &expected.requester;
         let (replies, replies_delayed) =
             Self::queue_keys(&QueueKey::Replies(requester.clone(), expected.requester_instance.clone()));
-        let reply: Vec<String> = self
-            .scripts
-            .commit_reply
-            .key(key(requester, &format!("pending:{correlation_id}")))
-            .key(key(requester, &format!("receipt:{correlation_id}")))
-            .key(replies)
-            .key(replies_delayed)
-            .arg(requester.as_str())
-            .arg(expected.requester_instance.as_str())
-            .arg(expected.target.as_str())
-            .arg(receipt.sender.as_str())
-            .arg(&receipt.fingerprint)
-            .arg(&receipt.message_id)
-            .arg(&*envelope)
-            .arg(self.max_queue_len)
-            .arg(channel(requester))
-            .invoke_async(&mut self.con())
-            .await
-            .map_err(unavailable)?;
-        Ok(match (reply.first().map(String::as_str), reply.get(1)) {
-            (Some("queued"), Some(id)) => Ok(ReplyCommit::Queued { message_id: id.clone() }),
-            (Some("already"), Some(id)) => Ok(ReplyCommit::AlreadyQueued { message_id: id.clone() }),
-            (Some("expired"), _) => Err(ReplyError::Expired),
-            (Some("unknown"), _) => Err(ReplyError::Unknown),
-            _ => Err(ReplyError::Completed),
+        let chain = self.chain_head(requester);
+        Self::with_chain_head(&chain, |head| {
+            let linked = Chain::resume(head.clone().flatten()).append(record.clone());
+            let keys = [
+                key(requester, &format!("pending:{correlation_id}")),
+                key(requester, &format!("receipt:{correlation_id}")),
+                replies.clone(),
+                replies_delayed.clone(),
+                key(requester, "audit"),
+                key(requester, "audit:head"),
+            ];
+            let receipt = receipt.clone();
+            let envelope = envelope.clone();
+            async move {
+                let new_head = linked.hash();
+                let json = serde_json::to_string(&linked).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let mut invocation = self.scripts.commit_reply.prepare_invoke();
+                for k in keys {
+                    invocation.key(k);
+                }
+                invocation
+                    .arg(requester.as_str())
+                    .arg(expected.requester_instance.as_str())
+                    .arg(expected.target.as_str())
+                    .arg(receipt.sender.as_str())
+                    .arg(&receipt.fingerprint)
+                    .arg(&receipt.message_id)
+                    .arg(&*envelope)
+                    .arg(self.max_queue_len)
+                    .arg(channel(requester))
+                    .arg(audit::expected_arg(&head))
+                    .arg(json)
+                    .arg(&new_head)
+                    .arg(self.max_audit_records);
+                let reply: Vec<String> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
+                let done = |value| Ok(audit::Linked::Done { value, new_head: None });
+                match (reply.first().map(String::as_str), reply.get(1)) {
+                    (Some("queued"), Some(id)) => Ok(audit::Linked::Done {
+                        value: Ok((ReplyCommit::Queued { message_id: id.clone() }, Some(linked))),
+                        new_head: Some(new_head),
+                    }),
+                    (Some("already"), Some(id)) => done(Ok((ReplyCommit::AlreadyQueued { message_id: id.clone() }, None))),
+                    (Some("head"), actual) => Ok(audit::Linked::Moved(actual.filter(|h| !h.is_empty()).cloned())),
+                    (Some("full"), _) => Err(StoreError::AuditFull),
+                    (Some("expired"), _) => done(Err(ReplyError::Expired)),
+                    (Some("unknown"), _) => done(Err(ReplyError::Unknown)),
+                    _ => done(Err(ReplyError::Completed)),
+                }
+            }
         })
+        .await
     }
 
     pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {

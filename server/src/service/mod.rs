@@ -9,7 +9,7 @@ use std::time::Duration;
 use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::dlp::Action;
-use mas_core::store::{Correlation, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt, StateError};
+use mas_core::store::{Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, StateError};
 use mas_net::identity::peer_agent;
 use mas_net::status::{self, detail};
 use mas_proto::v1::runtime_service_server::RuntimeService;
@@ -27,6 +27,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::broker::{Broker, OpenError};
 use crate::session;
 
+mod admission;
+
+use admission::{Exchange, Ingress};
+
 /// A request's pending lifetime when the client gives `timeout_ms = 0` (reference default).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -37,12 +41,17 @@ pub struct Caller(pub AgentId);
 /// Interceptor run before every RPC: identity from the peer certificate (or the simulated
 /// identity header), then the allowlist. Denials carry the reference's details.
 pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>, Status> {
+    let denied = |details: serde_json::Value| {
+        broker.audit().security_event("authentication_denied", details, broker.clock().now().wall);
+    };
     let agent = peer_agent(&req).map_err(|err| {
         tracing::info!(reason = %err, "authentication denied");
+        denied(serde_json::json!({ "reason": err.to_string() }));
         status::identity_denied(err)
     })?;
     if broker.agent(&agent).is_none() {
         tracing::info!(%agent, "agent not allowlisted");
+        denied(serde_json::json!({ "agent": agent.as_str(), "reason": detail::AGENT_NOT_ALLOWLISTED }));
         return Err(Status::unauthenticated(detail::AGENT_NOT_ALLOWLISTED));
     }
     req.extensions_mut().insert(Caller(agent));
@@ -97,80 +106,6 @@ impl Service {
         Ok(instance)
     }
 
-    /// The admission pipeline of a send or request, in order: the sender's session, the
-    /// payload's form, authorization, rate limit, DLP. Returns the sender's instance, the
-    /// target, and the payload to deliver (redacted if DLP says so).
-    async fn admit(
-        &self,
-        sender: &AgentId,
-        instance_id: &str,
-        target_id: &str,
-        data_json: &str,
-    ) -> Result<(InstanceId, AgentId, Payload), Status> {
-        let sender_instance = self.connected_instance(sender, instance_id).await?;
-        let data = parse_payload(data_json).map_err(status::payload_invalid)?;
-        let target = self.authorize(sender, target_id).await?;
-        self.rate_limit(sender).await?;
-        let data = self.screen(sender, data)?;
-        Ok((sender_instance, target, data))
-    }
-
-    /// Rate limit per sender agent (all its instances share the quota; replies count too).
-    async fn rate_limit(&self, sender: &AgentId) -> Result<(), Status> {
-        let limits = self.broker.config().gateway.rate_limit.limits_for(sender);
-        match self.broker.store().admit_rate(sender, limits).await.map_err(store_failed)? {
-            Ok(()) => Ok(()),
-            Err(limited) => {
-                tracing::info!(%sender, window = ?limited.window, "rate limited");
-                Err(Status::resource_exhausted(detail::RATE_LIMITED))
-            }
-        }
-    }
-
-    /// Data-loss prevention: a blocking finding refuses the message (`PERMISSION_DENIED
-    /// dlp_blocked`), a redacting one replaces the payload by its redacted copy, an alert lets
-    /// it through unchanged.
-    fn screen(&self, sender: &AgentId, data: Payload) -> Result<Payload, Status> {
-        let Some(dlp) = self.broker.dlp() else { return Ok(data) };
-        let scan = dlp.scan(&data);
-        match scan.action {
-            None => Ok(data),
-            Some(Action::Alert) => {
-                tracing::info!(%sender, violations = ?scan.kinds(), "DLP alert");
-                Ok(data)
-            }
-            Some(Action::Redact) => {
-                tracing::info!(%sender, violations = ?scan.kinds(), "DLP redacted");
-                Ok(scan.redacted.unwrap_or_default())
-            }
-            Some(Action::Block) => {
-                tracing::info!(%sender, violations = ?scan.kinds(), "DLP blocked");
-                Err(Status::permission_denied(detail::DLP_BLOCKED))
-            }
-        }
-    }
-
-    /// Deny by default: the target must be allowlisted and hold a live session, must not be
-    /// blocked for the sender, and must be granted (per-agent grant or RBAC role).
-    async fn authorize(&self, sender: &AgentId, target_id: &str) -> Result<AgentId, Status> {
-        let denied = |why: &str| {
-            tracing::info!(%sender, target = target_id, why, "message not authorized");
-            Status::permission_denied(detail::NOT_AUTHORIZED)
-        };
-        let target = AgentId::new(target_id).map_err(|_| denied("invalid target id"))?;
-        if self.broker.agent(&target).is_none() {
-            return Err(denied("target not allowlisted"));
-        }
-        // Policy first: a denied message costs no store round trip.
-        if let Err(denial) = self.broker.authorize(sender, &target, true) {
-            return Err(denied(&format!("{denial:?}")));
-        }
-        let live = self.broker.store().live_agents(std::slice::from_ref(&target)).await.map_err(store_failed)?;
-        if !live.first().copied().unwrap_or(false) {
-            return Err(denied("target has no live session"));
-        }
-        Ok(target)
-    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ServerEvent, Status>> + Send + 'static>>;
@@ -213,23 +148,43 @@ impl RuntimeService for Service {
     }
 
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
-        let (sender_instance, target, data) =
-            self.admit(&sender, &req.instance_id, &req.target_id, &req.data_json).await?;
+        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
+        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         let message_id = self.broker.next_message_id();
+        let ingress = Ingress {
+            sender: &sender,
+            sender_instance: &sender_instance,
+            target_id: &req.target_id,
+            message_type: &req.message_type,
+            correlation_id: None,
+            message_id: &message_id,
+            started,
+        };
+        let passed = self.pass_policies(&ingress, Exchange::Message, data).await?;
         let now = self.broker.clock().now().wall;
-        let envelope =
-            Envelope::new_send(&sender, &sender_instance, &target, req.message_type, data, message_id.clone(), now);
-        self.broker
-            .store()
-            .enqueue(&QueueKey::Work(target), Arc::from(envelope.to_json()))
-            .await
-            .map_err(store_failed)?;
-        Ok(Response::new(SendResponse { message_id }))
+        let envelope = Envelope::new_send(
+            &sender,
+            &sender_instance,
+            &passed.target,
+            req.message_type,
+            passed.payload,
+            message_id.clone(),
+            now,
+        );
+        let admission =
+            Admission { chain: passed.target, record: passed.record, envelope: Some(Arc::from(envelope.to_json())) };
+        let admitted = self.commit(admission).await?;
+        match admission::refused(&admitted) {
+            Some(status) => Err(status),
+            None => Ok(Response::new(SendResponse { message_id })),
+        }
     }
 
     async fn request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
+        let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
         let timeout = match req.timeout_ms {
@@ -237,31 +192,50 @@ impl RuntimeService for Service {
             0 => DEFAULT_REQUEST_TIMEOUT,
             ms => Duration::from_millis(ms.unsigned_abs().into()),
         };
-        let (sender_instance, target, data) =
-            self.admit(&sender, &req.instance_id, &req.target_id, &req.data_json).await?;
+        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
+        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         let message_id = self.broker.next_message_id();
         let correlation_id = self.broker.next_correlation_id(&sender);
+        let ingress = Ingress {
+            sender: &sender,
+            sender_instance: &sender_instance,
+            target_id: &req.target_id,
+            message_type: &req.message_type,
+            correlation_id: Some(&correlation_id),
+            message_id: &message_id,
+            started,
+        };
+        let passed = self.pass_policies(&ingress, Exchange::Message, data).await?;
         let now = self.broker.clock().now().wall;
         let envelope = Envelope::new_request(
             &sender,
             &sender_instance,
-            &target,
+            &passed.target,
             req.message_type,
-            data,
+            passed.payload,
             message_id.clone(),
             correlation_id.clone(),
             now,
         );
-        let pending = PendingRequest { requester: sender, requester_instance: sender_instance, target };
-        self.broker
+        let target = passed.target;
+        let pending = PendingRequest { requester: sender, requester_instance: sender_instance, target: target.clone() };
+        let admission =
+            Admission { chain: target.clone(), record: passed.record, envelope: Some(Arc::from(envelope.to_json())) };
+        let admitted = self
+            .broker
             .store()
-            .open_request(&correlation_id, pending, timeout, Arc::from(envelope.to_json()))
+            .open_request(&correlation_id, pending, timeout, admission, self.broker.circuit())
             .await
             .map_err(store_failed)?;
-        Ok(Response::new(RequestResponse { message_id, correlation_id }))
+        self.broker.audit().recorded(&target, &admitted.record);
+        match admission::refused(&admitted) {
+            Some(status) => Err(status),
+            None => Ok(Response::new(RequestResponse { message_id, correlation_id })),
+        }
     }
 
     async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+        let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
@@ -293,18 +267,26 @@ impl RuntimeService for Service {
             return Err(Status::permission_denied(detail::REPLY_SENDER_MISMATCH));
         }
         // The request authorized this exchange: a reply needs no grant of its own (the
-        // reference requires one, which breaks one-way grants). It is still screened, and a
-        // refusal leaves the request pending for a better answer.
-        self.rate_limit(&sender).await?;
-        let data = self.screen(&sender, data)?;
+        // reference requires one, which breaks one-way grants). It is still rate-limited and
+        // screened, and a refusal leaves the request pending for a better answer.
         let message_id = self.broker.next_message_id();
+        let ingress = Ingress {
+            sender: &sender,
+            sender_instance: &sender_instance,
+            target_id: pending.requester.as_str(),
+            message_type: &req.message_type,
+            correlation_id: Some(&req.correlation_id),
+            message_id: &message_id,
+            started,
+        };
+        let passed = self.pass_policies(&ingress, Exchange::Reply(&pending.requester), data).await?;
         let envelope = Envelope::new_reply(
             &sender,
             &sender_instance,
             &pending.requester,
             &pending.requester_instance,
             req.message_type,
-            data,
+            passed.payload,
             message_id.clone(),
             req.correlation_id.clone(),
             self.broker.clock().now().wall,
@@ -313,11 +295,15 @@ impl RuntimeService for Service {
         let committed = self
             .broker
             .store()
-            .commit_reply(&req.correlation_id, &pending, receipt, Arc::from(envelope.to_json()))
+            .commit_reply(&req.correlation_id, &pending, receipt, Arc::from(envelope.to_json()), passed.record)
             .await
             .map_err(store_failed)?;
         match committed {
-            Ok(ReplyCommit::Queued { message_id } | ReplyCommit::AlreadyQueued { message_id }) => {
+            Ok((commit, record)) => {
+                if let Some(record) = record {
+                    self.broker.audit().recorded(&pending.requester, &record);
+                }
+                let (ReplyCommit::Queued { message_id } | ReplyCommit::AlreadyQueued { message_id }) = commit;
                 Ok(Response::new(ReplyResponse { message_id }))
             }
             Err(ReplyError::Expired) => Err(Status::failed_precondition(detail::CORRELATION_ID_EXPIRED)),
@@ -386,23 +372,32 @@ impl RuntimeService for Service {
 impl Service {
     /// State values are JSON texts; they are screened like a payload of their decoded values
     /// (a value that is not JSON is screened as a string) and stored re-encoded if redacted.
+    /// A blocking finding refuses the write (`PERMISSION_DENIED dlp_blocked`).
     fn screen_state(
         &self,
         agent: &AgentId,
         updates: BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, String>, Status> {
-        if self.broker.dlp().is_none() || updates.is_empty() {
+        let Some(dlp) = self.broker.dlp() else { return Ok(updates) };
+        if updates.is_empty() {
             return Ok(updates);
         }
         let decoded: Payload = updates
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()))))
             .collect();
-        let screened = self.screen(agent, decoded.clone())?;
-        if screened == decoded {
-            return Ok(updates);
+        let scan = dlp.scan(&decoded);
+        let kinds = scan.kinds();
+        match (scan.action, scan.redacted) {
+            (Some(Action::Block), _) => {
+                tracing::info!(%agent, violations = ?kinds, "DLP blocked a state write");
+                Err(Status::permission_denied(detail::DLP_BLOCKED))
+            }
+            (Some(Action::Redact), Some(redacted)) => {
+                Ok(redacted.into_iter().map(|(k, v)| (k, v.to_string())).collect())
+            }
+            _ => Ok(updates),
         }
-        Ok(screened.into_iter().map(|(k, v)| (k, v.to_string())).collect())
     }
 }
 

@@ -3,6 +3,58 @@
 -- only ({agent} hash tag), so Redis Cluster can run it.
 -- Time is Redis TIME (milliseconds), so every broker sharing the store agrees on deadlines.
 
+--@_circuit
+-- Library (included by "--#include _circuit"): the circuit breaker of mas_core::policy::circuit
+-- in Lua, over the hash mas:{A}:circuit (s state c|o|h, f failures, w window start, u open
+-- until, p probes, k successes, pu probes until; times in ms on the Redis clock). The contract
+-- tests run the same sequences against this and the memory store.
+local function circuit_config(argv, i)
+  return {threshold = tonumber(argv[i]), window = tonumber(argv[i + 1]), open = tonumber(argv[i + 2]),
+          successes = tonumber(argv[i + 3]), probes = tonumber(argv[i + 4])}
+end
+local function circuit_load(key)
+  local v = redis.call('HMGET', key, 's', 'f', 'w', 'u', 'p', 'k', 'pu')
+  return {s = v[1] or 'c', f = tonumber(v[2] or '0'), w = tonumber(v[3] or '0'), u = tonumber(v[4] or '0'),
+          p = tonumber(v[5] or '0'), k = tonumber(v[6] or '0'), pu = tonumber(v[7] or '0')}
+end
+local function circuit_repr(c)
+  return string.format('%s:%d:%.0f:%.0f:%d:%d:%.0f', c.s, c.f, c.w, c.u, c.p, c.k, c.pu)
+end
+local function circuit_save(key, c, cfg)
+  redis.call('HSET', key, 's', c.s, 'f', c.f, 'w', string.format('%.0f', c.w), 'u', string.format('%.0f', c.u),
+             'p', c.p, 'k', c.k, 'pu', string.format('%.0f', c.pu))
+  redis.call('PEXPIRE', key, math.max(cfg.window, 2 * cfg.open) + 1000)
+end
+-- Admits one message (may move open -> half-open, takes a probe); false when refused.
+local function circuit_admit(c, cfg, now)
+  if c.s == 'o' then
+    if now < c.u then return false end
+    c.s = 'h'; c.p = 0; c.k = 0; c.pu = now + cfg.open
+  end
+  if c.s == 'h' then
+    if now >= c.pu then c.p = 0; c.pu = now + cfg.open end
+    if c.p >= cfg.probes then return false end
+    c.p = c.p + 1
+  end
+  return true
+end
+local function circuit_record(c, cfg, success, now)
+  if success then
+    if c.s == 'h' then
+      c.k = c.k + 1
+      if c.k >= cfg.successes then c.s = 'c'; c.f = 0; c.w = now; c.p = 0; c.k = 0 end
+    elseif c.s == 'c' then
+      c.f = 0
+    end
+  elseif c.s == 'c' then
+    if c.f == 0 or now - c.w > cfg.window then c.f = 0; c.w = now end
+    c.f = c.f + 1
+    if c.f >= cfg.threshold then c.s = 'o'; c.u = now + cfg.open end
+  elseif c.s == 'h' then
+    c.s = 'o'; c.u = now + cfg.open
+  end
+end
+
 --@enqueue
 -- KEYS: stream, delayed. ARGV: envelope, max_len, notify channel.
 if redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
@@ -103,17 +155,25 @@ if next_at >= 0 then out[2] = math.max(0, next_at - now) end
 return out
 
 --@settle
--- KEYS: work, work_delayed, replies, replies_delayed, dlq.
--- ARGV: owner, notify channel, then per effect: op (ack|requeue|dead), tag (w|r), id, attempt,
--- delay_ms, reason. Each effect is fenced: applied only if `owner` holds the entry.
+-- KEYS: work, work_delayed, replies, replies_delayed, dlq, circuit.
+-- ARGV: owner, notify channel, circuit on (1|0), failure_threshold, window_ms, open_ms,
+-- success_threshold, max_probes, then per effect: op (ack|requeue|dead), tag (w|r), id,
+-- attempt, delay_ms, reason, outcome (s success | f failure | '' none). Each effect is fenced:
+-- applied only if `owner` holds the entry; only applied effects feed the circuit.
 -- Returns one 1 (applied) or 0 (not owner) per effect.
+--#include _circuit
 local owner = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local on = ARGV[3] == '1'
+local cfg = circuit_config(ARGV, 4)
+local circuit, before = nil, nil
+if on then circuit = circuit_load(KEYS[6]); before = circuit_repr(circuit) end
 local results = {}
 local wake = false
-for i = 3, #ARGV, 6 do
+for i = 9, #ARGV, 7 do
   local op, tag, id, attempt, delay, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
+  local outcome = ARGV[i + 6]
   local stream, delayed = KEYS[1], KEYS[2]
   if tag == 'r' then stream, delayed = KEYS[3], KEYS[4] end
   local p = redis.call('XPENDING', stream, 'mas', id, id, 1)
@@ -142,9 +202,11 @@ for i = 3, #ARGV, 6 do
     end
     redis.call('XACK', stream, 'mas', id)
     redis.call('XDEL', stream, id)
+    if on and outcome ~= '' then circuit_record(circuit, cfg, outcome == 's', now) end
     results[#results + 1] = 1
   end
 end
+if on and circuit_repr(circuit) ~= before then circuit_save(KEYS[6], circuit, cfg) end
 if wake then redis.call('PUBLISH', ARGV[2], '1') end
 return results
 
@@ -232,10 +294,13 @@ if now >= p.expires_at then return {'expired'} end
 return {'pending', p.requester, p.requester_instance, p.target}
 
 --@commit_reply
--- KEYS: pending, receipt, replies stream, replies delayed.
+-- KEYS: pending, receipt, replies stream, replies delayed, audit stream, audit head (all the
+-- requester's).
 -- ARGV: requester, requester_instance, target, sender, fingerprint, message_id, envelope,
--- max_len, notify channel.
--- Returns {'queued', id} | {'already', id} | {'completed'} | {'expired'} | {'unknown'}.
+-- max_len, notify channel, expected audit head ('' empty chain, '?' unknown), audit record,
+-- new audit head, max audit records.
+-- Returns {'queued', id} | {'already', id} | {'completed'} | {'expired'} | {'unknown'} |
+-- {'head', actual head} (nothing written; re-link and retry) | {'full'} (audit chain full).
 local receipt = redis.call('GET', KEYS[2])
 if receipt then
   local r = cjson.decode(receipt)
@@ -250,7 +315,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if now >= p.expires_at then return {'expired'} end
 if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[8]) then return {'completed'} end
+local head = redis.call('GET', KEYS[6]) or ''
+if head ~= ARGV[10] then return {'head', head} end
+if redis.call('XLEN', KEYS[5]) >= tonumber(ARGV[13]) then return {'full'} end
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[7], 'a', '1')
+redis.call('XADD', KEYS[5], '*', 'r', ARGV[11])
+redis.call('SET', KEYS[6], ARGV[12])
 local remaining = math.max(1, p.expires_at - now)
 redis.call('SET', KEYS[2], cjson.encode({sender = ARGV[4], fingerprint = ARGV[5], message_id = ARGV[6]}), 'PX', remaining)
 redis.call('DEL', KEYS[1])
@@ -299,3 +369,86 @@ if not h then return {0, 1, retry_h} end
 redis.call('HSET', KEYS[1], 'm', string.format('%.0f', m), 'h', string.format('%.0f', h))
 redis.call('PEXPIRE', KEYS[1], 3601000)
 return {1}
+
+--@gate
+-- KEYS: owners, circuit. ARGV: circuit on (1|0), failure_threshold, window_ms, open_ms,
+-- success_threshold, max_probes. Returns {live owners, 1 if the circuit would admit now}.
+-- Reads only: no probe is taken.
+--#include _circuit
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+local admits = 1
+if ARGV[1] == '1' and not circuit_admit(circuit_load(KEYS[2]), circuit_config(ARGV, 2), now) then admits = 0 end
+return {live, admits}
+
+--@admit
+-- Audited admission of a batch of decisions recorded in one agent's chain (group commit).
+-- KEYS: audit stream, audit head, circuit, work stream, work delayed (all of one agent).
+-- ARGV: expected head ('' empty chain, '?' unknown), max_queue_len, max audit records, notify
+-- channel, circuit on (1|0), failure_threshold, window_ms, open_ms, success_threshold,
+-- max_probes, new head, then per item: routable (1|0), record JSON, envelope.
+-- Pass 1 writes nothing: the head must be the expected one and the chain must have room; each
+-- routable item needs queue room and the circuit's admission (probes counted across the
+-- batch). Any refusal returns {'refused', index, reason, ...}: the broker records those items
+-- as refused, re-links the batch and retries. Pass 2 appends every record, queues every
+-- routable envelope and moves the head.
+-- Returns {'ok', entry id or '' per item} | {'head', actual} | {'full'} | {'refused', ...}.
+--#include _circuit
+local head = redis.call('GET', KEYS[2]) or ''
+if ARGV[1] ~= head then return {'head', head} end
+local items = (#ARGV - 11) / 3
+if redis.call('XLEN', KEYS[1]) + items > tonumber(ARGV[3]) then return {'full'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local on = ARGV[5] == '1'
+local cfg = circuit_config(ARGV, 6)
+local circuit, before = nil, nil
+if on then circuit = circuit_load(KEYS[3]); before = circuit_repr(circuit) end
+local room = tonumber(ARGV[2]) - redis.call('XLEN', KEYS[4]) - redis.call('ZCARD', KEYS[5])
+local refused = {'refused'}
+for i = 1, items do
+  if ARGV[9 + 3 * i] == '1' then
+    if room <= 0 then
+      refused[#refused + 1] = i; refused[#refused + 1] = 'queue_full'
+    elseif on and not circuit_admit(circuit, cfg, now) then
+      refused[#refused + 1] = i; refused[#refused + 1] = 'circuit_open'
+    else
+      room = room - 1
+    end
+  end
+end
+if #refused > 1 then return refused end
+local out = {'ok'}
+local routed = false
+for i = 1, items do
+  redis.call('XADD', KEYS[1], '*', 'r', ARGV[10 + 3 * i])
+  if ARGV[9 + 3 * i] == '1' then
+    out[#out + 1] = redis.call('XADD', KEYS[4], '*', 'e', ARGV[11 + 3 * i], 'a', '1')
+    routed = true
+  else
+    out[#out + 1] = ''
+  end
+end
+redis.call('SET', KEYS[2], ARGV[11])
+if on and circuit_repr(circuit) ~= before then circuit_save(KEYS[3], circuit, cfg) end
+if routed then redis.call('PUBLISH', ARGV[4], '1') end
+return out
+
+--@audit_append
+-- Compare-and-append to a chain (the security chain). KEYS: stream, head. ARGV: expected head
+-- ('' empty, '?' unknown), record JSON, new head, max records.
+-- Returns {'ok'} | {'head', actual} | {'full'}.
+local head = redis.call('GET', KEYS[2]) or ''
+if head ~= ARGV[1] then return {'head', head} end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {'full'} end
+redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3])
+return {'ok'}
+
+--@audit_tail
+-- A consistent snapshot point of a chain. KEYS: stream, head. Returns {head or '', last id or ''}.
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local id = ''
+if #last == 1 then id = last[1][1] end
+return {redis.call('GET', KEYS[2]) or '', id}

@@ -1,0 +1,196 @@
+//! The admission pipeline of sends, requests and replies, in the reference's order:
+//! authorization → rate limit → circuit breaker → DLP → audit + enqueue.
+//!
+//! Every decision is audited: a denial is recorded in the store before its error returns, and
+//! an admitted message is recorded in the same store step that queues it (the store may still
+//! turn it into `CIRCUIT_OPEN` or `QUEUE_FULL` at that moment, and records that instead).
+
+use mas_core::envelope::Payload;
+use mas_core::ids::{AgentId, InstanceId};
+use mas_core::policy::audit::{AuditRecord, Decision, payload_hash};
+use mas_core::policy::dlp::Action;
+use mas_core::store::{Admission, Admitted, TargetGate};
+use mas_core::time::Instant;
+use mas_net::status::{self, detail};
+use tonic::Status;
+
+use super::Service;
+
+/// A message entering the pipeline: everything its audit record needs.
+pub(super) struct Ingress<'a> {
+    pub sender: &'a AgentId,
+    pub sender_instance: &'a InstanceId,
+    /// The target as the sender named it (possibly not a valid agent id).
+    pub target_id: &'a str,
+    pub message_type: &'a str,
+    pub correlation_id: Option<&'a str>,
+    pub message_id: &'a str,
+    /// When the RPC began (broker's monotonic clock), for `latency_ms`.
+    pub started: Instant,
+}
+
+/// Which checks apply: a reply was authorized by its request and is not gated by the
+/// requester's circuit (the requester is waiting for it); it is still rate-limited and screened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Exchange<'a> {
+    /// A send or a request: every check.
+    Message,
+    /// A reply to a request of this agent.
+    Reply(&'a AgentId),
+}
+
+/// A message the policy engines let through.
+pub(super) struct Passed {
+    /// The agent that receives it (its chain records the decision).
+    pub target: AgentId,
+    /// The payload to deliver (redacted when DLP said so).
+    pub payload: Payload,
+    /// The decision record (`ALLOWED`, `ALERT` or `DLP_REDACTED`), not yet linked.
+    pub record: AuditRecord,
+}
+
+impl Service {
+    /// Runs authorization, rate limit, circuit and DLP. A denial is audited, then returned as
+    /// its reference status.
+    pub(super) async fn pass_policies(
+        &self,
+        ingress: &Ingress<'_>,
+        exchange: Exchange<'_>,
+        payload: Payload,
+    ) -> Result<Passed, Status> {
+        let (target, gate) = match exchange {
+            Exchange::Reply(requester) => (requester.clone(), TargetGate { live: true, circuit_admits: true }),
+            Exchange::Message => match self.authorize(ingress.sender, ingress.target_id).await? {
+                Ok(authorized) => authorized,
+                Err(chain) => {
+                    let denial = Status::permission_denied(detail::NOT_AUTHORIZED);
+                    let violations = vec!["authorization_denied".to_string()];
+                    return Err(self.deny(ingress, &chain, &payload, Decision::AuthzDenied, violations, denial).await);
+                }
+            },
+        };
+        let limits = self.broker.config().gateway.rate_limit.limits_for(ingress.sender);
+        if let Err(limited) = self.broker.store().admit_rate(ingress.sender, limits).await.map_err(|e| status::store_failed(&e))? {
+            tracing::info!(sender = %ingress.sender, window = ?limited.window, "rate limited");
+            let denial = Status::resource_exhausted(detail::RATE_LIMITED);
+            let violations = vec!["rate_limit_exceeded".to_string()];
+            return Err(self.deny(ingress, &target, &payload, Decision::RateLimited, violations, denial).await);
+        }
+        if !gate.circuit_admits {
+            tracing::info!(sender = %ingress.sender, %target, "circuit open");
+            let denial = Status::failed_precondition(detail::CIRCUIT_OPEN);
+            let violations = vec!["circuit_open".to_string()];
+            return Err(self.deny(ingress, &target, &payload, Decision::CircuitOpen, violations, denial).await);
+        }
+        let (decision, violations, payload) = match self.broker.dlp() {
+            None => (Decision::Allowed, Vec::new(), payload),
+            Some(dlp) => {
+                let scan = dlp.scan(&payload);
+                let kinds = scan.kinds();
+                match scan.action {
+                    None => (Decision::Allowed, kinds, payload),
+                    Some(Action::Alert) => (Decision::Alert, kinds, payload),
+                    Some(Action::Redact) => (Decision::DlpRedacted, kinds, scan.redacted.unwrap_or(payload)),
+                    Some(Action::Block) => {
+                        tracing::info!(sender = %ingress.sender, violations = ?kinds, "DLP blocked");
+                        let denial = Status::permission_denied(detail::DLP_BLOCKED);
+                        return Err(self.deny(ingress, &target, &payload, Decision::DlpBlocked, kinds, denial).await);
+                    }
+                }
+            }
+        };
+        let record = self.record(ingress, &payload, decision, violations);
+        Ok(Passed { target, payload, record })
+    }
+
+    /// The audit record of a decision about `payload`.
+    pub(super) fn record(
+        &self,
+        ingress: &Ingress<'_>,
+        payload: &Payload,
+        decision: Decision,
+        violations: Vec<String>,
+    ) -> AuditRecord {
+        let now = self.broker.clock().now();
+        AuditRecord {
+            correlation_id: ingress.correlation_id.map(str::to_string),
+            decision,
+            hash_version: 0,
+            latency_ms: now.mono.saturating_duration_since(ingress.started).as_secs_f64() * 1000.0,
+            message_id: ingress.message_id.to_string(),
+            message_type: Some(ingress.message_type.to_string()),
+            payload_hash: payload_hash(payload),
+            previous_hash: None,
+            sender_id: ingress.sender.to_string(),
+            sender_instance_id: Some(ingress.sender_instance.to_string()),
+            target_id: ingress.target_id.to_string(),
+            timestamp: now.wall.0 as f64 / 1000.0,
+            violations,
+        }
+    }
+
+    /// Audits a denial in `chain`, then returns `denial` — or the store's error if the denial
+    /// could not be recorded (nothing is refused unaudited either).
+    async fn deny(
+        &self,
+        ingress: &Ingress<'_>,
+        chain: &AgentId,
+        payload: &Payload,
+        decision: Decision,
+        violations: Vec<String>,
+        denial: Status,
+    ) -> Status {
+        let record = self.record(ingress, payload, decision, violations);
+        match self.commit(Admission { chain: chain.clone(), record, envelope: None }).await {
+            Ok(_) => denial,
+            Err(status) => status,
+        }
+    }
+
+    /// One audited admission step; the committed record goes to the file sink.
+    pub(super) async fn commit(&self, admission: Admission) -> Result<Admitted, Status> {
+        let chain = admission.chain.clone();
+        let admitted =
+            self.broker.store().admit(admission, self.broker.circuit()).await.map_err(|e| status::store_failed(&e))?;
+        self.broker.audit().recorded(&chain, &admitted.record);
+        Ok(admitted)
+    }
+
+    /// Deny by default: the target must be allowlisted and hold a live session, must not be
+    /// blocked for the sender, and must be granted (per-agent grant or RBAC role). Returns the
+    /// target and its gate, or the chain the denial is recorded in (the target's when it is an
+    /// allowlisted agent, else the sender's).
+    async fn authorize(
+        &self,
+        sender: &AgentId,
+        target_id: &str,
+    ) -> Result<Result<(AgentId, TargetGate), AgentId>, Status> {
+        let denied = |why: &str, chain: &AgentId| {
+            tracing::info!(%sender, target = target_id, why, "message not authorized");
+            Ok(Err(chain.clone()))
+        };
+        let Some(target) = AgentId::new(target_id).ok().filter(|t| self.broker.agent(t).is_some()) else {
+            return denied("target not an allowlisted agent", sender);
+        };
+        // Policy first: a denied message costs no store round trip.
+        if let Err(denial) = self.broker.authorize(sender, &target, true) {
+            return denied(&format!("{denial:?}"), &target);
+        }
+        let gate = self.broker.store().gate(&target, self.broker.circuit()).await.map_err(|e| status::store_failed(&e))?;
+        if !gate.live {
+            return denied("target has no live session", &target);
+        }
+        Ok(Ok((target, gate)))
+    }
+}
+
+/// The status of an admission the store refused at enqueue time.
+pub(super) fn refused(admitted: &Admitted) -> Option<Status> {
+    if admitted.entry.is_some() {
+        return None;
+    }
+    Some(match admitted.record.decision {
+        Decision::QueueFull => Status::resource_exhausted(detail::QUEUE_FULL),
+        _ => Status::failed_precondition(detail::CIRCUIT_OPEN),
+    })
+}

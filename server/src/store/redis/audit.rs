@@ -1,0 +1,367 @@
+//! Governance steps of the Redis backend: the target gate, audited admission with group
+//! commit per chain, the security chain, and reading chains back for verification.
+//!
+//! A chain's hash links are computed here (Redis Lua has no SHA-256), so every append is a
+//! compare-and-append: the script writes only if the chain's stored head is the one the
+//! records were linked to, and otherwise returns the actual head for a re-link. Within one
+//! broker, appends to a chain go through its [`ChainWriter`]: whoever takes the chain's commit
+//! lock commits every decision queued for that chain so far in one script (group commit), so
+//! concurrent messages to one agent cost one round trip together, and a broker never races
+//! itself. Brokers sharing the store race only at the head check, and the loser re-links.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use mas_core::ids::AgentId;
+use mas_core::policy::audit::{AuditRecord, Chain, Chained, Decision, SecurityEvent};
+use mas_core::policy::circuit::CircuitConfig;
+use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
+use mas_core::delivery::EntryId;
+use redis::Value;
+use tokio::sync::{Mutex as AsyncMutex, oneshot};
+
+use super::{RedisBackend, channel, key, text, unavailable};
+
+/// Most decisions one admission script carries.
+const MAX_BATCH: usize = 256;
+/// Re-links after which a commit gives up (each one means another broker appended first, or
+/// the batch had refusals to record).
+const MAX_RELINKS: usize = 16;
+
+/// The head this broker believes a chain has: `None` until first learned from Redis.
+type KnownHead = Option<Option<String>>;
+
+/// The expected-head argument of the scripts: `?` (never a stored head) when unknown.
+pub(super) fn expected_arg(head: &KnownHead) -> String {
+    match head {
+        None => "?".to_string(),
+        Some(None) => String::new(),
+        Some(Some(hash)) => hash.clone(),
+    }
+}
+
+/// The stored head as the scripts return it (`''` for an empty chain).
+fn stored_head(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+struct Waiting {
+    admission: Admission,
+    done: oneshot::Sender<Result<Admitted, StoreError>>,
+}
+
+/// Per chain: decisions waiting to be committed, and the commit lock guarding the known head.
+#[derive(Default)]
+pub(super) struct ChainWriter {
+    waiting: Mutex<Vec<Waiting>>,
+    head: Arc<AsyncMutex<KnownHead>>,
+}
+
+/// The chain writers of one backend, one per chain ever written (bounded by the allowlist).
+#[derive(Default)]
+pub(super) struct ChainWriters {
+    by_chain: Mutex<BTreeMap<AgentId, Arc<ChainWriter>>>,
+    security: AsyncMutex<KnownHead>,
+}
+
+impl ChainWriters {
+    fn get(&self, chain: &AgentId) -> Arc<ChainWriter> {
+        let mut map = self.by_chain.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry(chain.clone()).or_default().clone()
+    }
+}
+
+pub(super) fn circuit_args(circuit: Option<&CircuitConfig>) -> [String; 6] {
+    let c = circuit.copied().unwrap_or_default();
+    [
+        if circuit.is_some() { "1" } else { "0" }.to_string(),
+        c.failure_threshold.to_string(),
+        c.window.as_millis().to_string(),
+        c.open_for.as_millis().to_string(),
+        c.success_threshold.to_string(),
+        c.max_probes.to_string(),
+    ]
+}
+
+impl RedisBackend {
+    pub(in crate::store) async fn gate(
+        &self,
+        target: &AgentId,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<TargetGate, StoreError> {
+        let mut invocation = self.scripts.gate.prepare_invoke();
+        invocation.key(key(target, "owners")).key(key(target, "circuit"));
+        for arg in circuit_args(circuit) {
+            invocation.arg(arg);
+        }
+        let reply: (i64, i64) = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
+        Ok(TargetGate { live: reply.0 > 0, circuit_admits: reply.1 == 1 })
+    }
+
+    /// Queues `admission` for its chain and commits everything queued for that chain. The
+    /// commit runs in its own task, so a caller that goes away (a cancelled RPC) cannot cut a
+    /// batch of other callers' decisions in half.
+    pub(in crate::store) async fn admit(
+        &self,
+        admission: Admission,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<Admitted, StoreError> {
+        let writer = self.writers.get(&admission.chain);
+        let chain = admission.chain.clone();
+        let (done, outcome) = oneshot::channel();
+        writer.waiting.lock().unwrap_or_else(PoisonError::into_inner).push(Waiting { admission, done });
+        let head = writer.head.clone().lock_owned().await;
+        let batch: Vec<Waiting> = {
+            let mut waiting = writer.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            let take = waiting.len().min(MAX_BATCH);
+            waiting.drain(..take).collect()
+        };
+        if !batch.is_empty() {
+            let backend = self.clone();
+            let circuit = circuit.copied();
+            tokio::spawn(async move {
+                let mut head = head;
+                backend.commit_batch(&chain, &mut head, batch, circuit.as_ref()).await;
+            });
+        }
+        outcome.await.unwrap_or_else(|_| Err(StoreError::Unavailable("audit commit abandoned".into())))
+    }
+
+    async fn commit_batch(
+        &self,
+        chain: &AgentId,
+        head: &mut KnownHead,
+        batch: Vec<Waiting>,
+        circuit: Option<&CircuitConfig>,
+    ) {
+        let (mut items, senders): (Vec<Admission>, Vec<_>) = batch.into_iter().map(|w| (w.admission, w.done)).unzip();
+        for item in &mut items {
+            if !item.record.decision.is_routable() {
+                item.envelope = None;
+            }
+        }
+        let result = self.commit_admissions(chain, head, &mut items, circuit).await;
+        if result.is_err() {
+            // The script may or may not have run: learn the head afresh next time.
+            *head = None;
+        }
+        match result {
+            Ok(results) => {
+                for (sender, admitted) in senders.into_iter().zip(results) {
+                    let _ = sender.send(Ok(admitted));
+                }
+            }
+            Err(err) => {
+                if err == StoreError::AuditFull {
+                    tracing::error!(%chain, "audit chain full: messages recorded in it are refused until it is archived");
+                }
+                for sender in senders {
+                    let _ = sender.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    async fn commit_admissions(
+        &self,
+        chain: &AgentId,
+        head: &mut KnownHead,
+        items: &mut [Admission],
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<Vec<Admitted>, StoreError> {
+        for _ in 0..MAX_RELINKS {
+            let mut links = Chain::resume(head.clone().flatten());
+            let linked: Vec<AuditRecord> = items.iter().map(|i| links.append(i.record.clone())).collect();
+            let new_head = links.head().unwrap_or_default().to_string();
+            let mut invocation = self.scripts.admit.prepare_invoke();
+            invocation
+                .key(key(chain, "audit"))
+                .key(key(chain, "audit:head"))
+                .key(key(chain, "circuit"))
+                .key(key(chain, "work"))
+                .key(key(chain, "work:delayed"));
+            invocation.arg(expected_arg(head)).arg(self.max_queue_len).arg(self.max_audit_records).arg(channel(chain));
+            for arg in circuit_args(circuit) {
+                invocation.arg(arg);
+            }
+            invocation.arg(&new_head);
+            for (item, record) in items.iter().zip(&linked) {
+                let json = serde_json::to_string(record).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let envelope = item.envelope.as_deref().unwrap_or("");
+                invocation.arg(if item.envelope.is_some() { "1" } else { "0" }).arg(json).arg(envelope);
+            }
+            let reply: Vec<Value> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
+            let mut reply = reply.into_iter().map(text);
+            match reply.next().as_deref() {
+                Some("ok") => {
+                    *head = Some(Some(new_head));
+                    return Ok(linked
+                        .into_iter()
+                        .zip(reply)
+                        .map(|(record, id)| Admitted {
+                            record,
+                            entry: (!id.is_empty()).then(|| EntryId::new(format!("w:{id}"))),
+                        })
+                        .collect());
+                }
+                Some("head") => *head = Some(stored_head(reply.next().unwrap_or_default())),
+                Some("full") => return Err(StoreError::AuditFull),
+                Some("refused") => {
+                    let rest: Vec<String> = reply.collect();
+                    for pair in rest.chunks_exact(2) {
+                        let Some(item) = pair[0].parse::<usize>().ok().and_then(|i| items.get_mut(i.wrapping_sub(1)))
+                        else {
+                            continue;
+                        };
+                        let decision = if pair[1] == "queue_full" { Decision::QueueFull } else { Decision::CircuitOpen };
+                        item.record.refuse(decision, &pair[1]);
+                        item.envelope = None;
+                    }
+                }
+                _ => return Err(StoreError::Unavailable("malformed admission reply".into())),
+            }
+        }
+        Err(StoreError::Unavailable("audit chain kept moving; commit abandoned".into()))
+    }
+
+    /// Runs `attempt` (a compare-and-append against `head`) until the head it linked to is
+    /// the stored one; returns what the successful attempt returned.
+    pub(super) async fn with_chain_head<T, F, Fut>(chain: &AsyncMutex<KnownHead>, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut(KnownHead) -> Fut,
+        Fut: std::future::Future<Output = Result<Linked<T>, StoreError>>,
+    {
+        let mut head = chain.lock().await;
+        for _ in 0..MAX_RELINKS {
+            match attempt(head.clone()).await {
+                Ok(Linked::Done { value, new_head }) => {
+                    if let Some(new_head) = new_head {
+                        *head = Some(Some(new_head));
+                    }
+                    return Ok(value);
+                }
+                Ok(Linked::Moved(actual)) => *head = Some(actual),
+                Err(err) => {
+                    *head = None;
+                    return Err(err);
+                }
+            }
+        }
+        Err(StoreError::Unavailable("audit chain kept moving; commit abandoned".into()))
+    }
+
+    pub(in crate::store) async fn append_security(&self, event: SecurityEvent) -> Result<SecurityEvent, StoreError> {
+        let (stream, head_key) = security_keys();
+        Self::with_chain_head(&self.writers.security, |head| {
+            let linked = Chain::resume(head.clone().flatten()).append(event.clone());
+            let (stream, head_key) = (stream.clone(), head_key.clone());
+            async move {
+                let new_head = linked.hash();
+                let json = serde_json::to_string(&linked).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let reply: Vec<String> = self
+                    .scripts
+                    .audit_append
+                    .key(stream)
+                    .key(head_key)
+                    .arg(expected_arg(&head))
+                    .arg(json)
+                    .arg(&new_head)
+                    .arg(self.max_audit_records)
+                    .invoke_async(&mut self.con())
+                    .await
+                    .map_err(unavailable)?;
+                match reply.first().map(String::as_str) {
+                    Some("ok") => Ok(Linked::Done { value: linked, new_head: Some(new_head) }),
+                    Some("head") => Ok(Linked::Moved(stored_head(reply.get(1).cloned().unwrap_or_default()))),
+                    Some("full") => Err(StoreError::AuditFull),
+                    _ => Err(StoreError::Unavailable("malformed audit reply".into())),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The chain writer's head lock of `chain`, for steps that append to it outside a batch
+    /// (reply commits).
+    pub(super) fn chain_head(&self, chain: &AgentId) -> Arc<AsyncMutex<KnownHead>> {
+        self.writers.get(chain).head.clone()
+    }
+
+    pub(in crate::store) async fn audit_chain(
+        &self,
+        chain: &AgentId,
+    ) -> Result<(Vec<AuditRecord>, Option<String>), StoreError> {
+        self.read_chain(key(chain, "audit"), key(chain, "audit:head")).await
+    }
+
+    pub(in crate::store) async fn security_chain(&self) -> Result<(Vec<SecurityEvent>, Option<String>), StoreError> {
+        let (stream, head) = security_keys();
+        self.read_chain(stream, head).await
+    }
+
+    /// Reads a chain up to a consistent point (its head and last entry, taken together), in
+    /// pages. A record that does not parse is an error: verification must not skip it.
+    async fn read_chain<T: serde::de::DeserializeOwned>(
+        &self,
+        stream: String,
+        head_key: String,
+    ) -> Result<(Vec<T>, Option<String>), StoreError> {
+        let tail: Vec<String> = self
+            .scripts
+            .audit_tail
+            .key(&stream)
+            .key(&head_key)
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        let head = stored_head(tail.first().cloned().unwrap_or_default());
+        let last = tail.get(1).cloned().unwrap_or_default();
+        let mut records = Vec::new();
+        if last.is_empty() {
+            return Ok((records, head));
+        }
+        let mut from = "-".to_string();
+        loop {
+            let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(&from)
+                .arg(&last)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.con())
+                .await
+                .map_err(unavailable)?;
+            let Some((last_id, _)) = page.last() else { break };
+            from = format!("({last_id}");
+            let done = *last_id == last;
+            for (id, fields) in page {
+                let json = fields.into_iter().find(|(k, _)| k == "r").map(|(_, v)| v).unwrap_or_default();
+                let record = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Unavailable(format!("audit entry {id} of {stream} is unreadable: {e}")))?;
+                records.push(record);
+            }
+            if done {
+                break;
+            }
+        }
+        Ok((records, head))
+    }
+}
+
+/// What one compare-and-append attempt found.
+pub(super) enum Linked<T> {
+    /// Appended; the chain's head is now `new_head` (`None`: the step appended nothing).
+    Done {
+        /// The step's result.
+        value: T,
+        /// The new head.
+        new_head: Option<String>,
+    },
+    /// The chain's head was not the expected one; it is this.
+    Moved(Option<String>),
+}
+
+/// The security chain's keys. `#` cannot appear in an agent id, so no agent's keys collide.
+fn security_keys() -> (String, String) {
+    ("mas:{#security}:audit".to_string(), "mas:{#security}:audit:head".to_string())
+}
