@@ -8,7 +8,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mas_core::envelope::{Payload, parse_payload};
 use mas_core::ids::AgentId;
-use mas_core::policy::audit::{AuditRecord, Chain, payload_hash};
+use mas_core::policy::audit::{AuditRecord, Chain, Decision, payload_hash};
 use mas_core::policy::authz::AuthzPolicy;
 use mas_core::policy::circuit::{Circuit, CircuitConfig};
 use mas_core::policy::dlp::{Dlp, DlpSettings};
@@ -105,7 +105,7 @@ fn engines(c: &mut Criterion) {
                 target_id: "bob".into(),
                 message_type: Some("order".into()),
                 correlation_id: None,
-                decision: "ALLOWED".into(),
+                decision: Decision::Allowed,
                 latency_ms: 0.02,
                 payload_hash: payload_hash(black_box(&payload)),
                 violations: Vec::new(),
@@ -150,7 +150,7 @@ fn pipeline(c: &mut Criterion) {
                     target_id: bob.to_string(),
                     message_type: Some("order".into()),
                     correlation_id: None,
-                    decision: "ALLOWED".into(),
+                    decision: Decision::Allowed,
                     latency_ms: 0.02,
                     payload_hash: payload_hash(delivered),
                     violations: scan.kinds(),

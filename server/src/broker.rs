@@ -168,11 +168,7 @@ impl Broker {
             change(&mut policy)
         };
         tracing::info!(change = description, "authorization policy changed");
-        self.audit.security_event(
-            "authz_changed",
-            serde_json::json!({ "change": description }),
-            self.clock.now().wall,
-        );
+        self.audit.security_event("authz_changed", serde_json::json!({ "change": description }), self.clock.now().wall);
         result
     }
 

@@ -63,9 +63,12 @@ where
     F: Fn(Store) -> Fut,
     Fut: Future<Output = Vec<String>>,
 {
-    let memory =
-        sequence(Store::Memory(MemoryBackend::new(MemoryStoreConfig { max_queue_len: 3, max_dead_letters: 100, max_audit_records: 6 })))
-            .await;
+    let memory = sequence(Store::Memory(MemoryBackend::new(MemoryStoreConfig {
+        max_queue_len: 3,
+        max_dead_letters: 100,
+        max_audit_records: 6,
+    })))
+    .await;
     let Some(redis) = RedisServer::start() else { return };
     let mut settings = RedisSettings::new(&redis.url);
     settings.max_queue_len = 3;
@@ -254,10 +257,7 @@ async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
         let cid = "0123.alice";
         log.push(format!(
             "open ok={}",
-            store
-                .open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", "req"), None)
-                .await
-                .is_ok()
+            store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", "req"), None).await.is_ok()
         ));
         log.push(format!("bob queue {:?}", store.queue_len(&work("bob")).await));
         log.push(format!("lookup {:?}", store.correlation(&agent("alice"), cid).await));
@@ -289,7 +289,13 @@ async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
         log.push(format!(
             "expired commit {:?}",
             store
-                .commit_reply("7777.alice", &short, receipt("f", "m9"), Arc::from("late"), record("alice", Decision::Allowed))
+                .commit_reply(
+                    "7777.alice",
+                    &short,
+                    receipt("f", "m9"),
+                    Arc::from("late"),
+                    record("alice", Decision::Allowed)
+                )
                 .await
         ));
         log

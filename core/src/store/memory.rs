@@ -3,8 +3,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Admission, Admitted, Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
-    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
+    Admission, Admitted, Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueKey,
+    REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
 };
 use crate::delivery::{EntryId, QueuedMessage, StoreEffect};
 use crate::ids::{AgentId, InstanceId};

@@ -70,7 +70,9 @@ impl Service {
             },
         };
         let limits = self.broker.config().gateway.rate_limit.limits_for(ingress.sender);
-        if let Err(limited) = self.broker.store().admit_rate(ingress.sender, limits).await.map_err(|e| status::store_failed(&e))? {
+        if let Err(limited) =
+            self.broker.store().admit_rate(ingress.sender, limits).await.map_err(|e| status::store_failed(&e))?
+        {
             tracing::info!(sender = %ingress.sender, window = ?limited.window, "rate limited");
             let denial = Status::resource_exhausted(detail::RATE_LIMITED);
             let violations = vec!["rate_limit_exceeded".to_string()];
@@ -176,7 +178,8 @@ impl Service {
         if let Err(denial) = self.broker.authorize(sender, &target, true) {
             return denied(&format!("{denial:?}"), &target);
         }
-        let gate = self.broker.store().gate(&target, self.broker.circuit()).await.map_err(|e| status::store_failed(&e))?;
+        let gate =
+            self.broker.store().gate(&target, self.broker.circuit()).await.map_err(|e| status::store_failed(&e))?;
         if !gate.live {
             return denied("target has no live session", &target);
         }

@@ -105,7 +105,6 @@ impl Service {
         }
         Ok(instance)
     }
-
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ServerEvent, Status>> + Send + 'static>>;

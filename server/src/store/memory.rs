@@ -14,8 +14,8 @@ use mas_core::policy::audit::{AuditRecord, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueKey, ReplyCommit, ReplyError,
-    ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
+    Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueKey,
+    ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
 use tokio::sync::Notify;

@@ -68,11 +68,7 @@ pub fn to_csv(records: &[AuditRecord]) -> String {
 
 /// Quotes a cell that holds a separator, a quote or a line break (RFC 4180).
 fn csv_cell(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
-    }
+    if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text.to_string() }
 }
 
 /// Records as a JSON array (keys sorted); `pretty` indents by two spaces.

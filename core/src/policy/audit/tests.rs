@@ -143,7 +143,8 @@ fn file_lines(records: &[AuditRecord]) -> Vec<String> {
     records
         .iter()
         .map(|r| {
-            let line = FileLine { chain: "agent:bob".into(), hash: r.hash(), record: file::FileRecord::Message(r.clone()) };
+            let line =
+                FileLine { chain: "agent:bob".into(), hash: r.hash(), record: file::FileRecord::Message(r.clone()) };
             serde_json::to_string(&line).unwrap()
         })
         .collect()

@@ -41,11 +41,7 @@ fn record(target: &str, decision: Decision) -> AuditRecord {
 }
 
 fn routed(target: &str, envelope: &str) -> Admission {
-    Admission {
-        chain: agent(target),
-        record: record(target, Decision::Allowed),
-        envelope: Some(Arc::from(envelope)),
-    }
+    Admission { chain: agent(target), record: record(target, Decision::Allowed), envelope: Some(Arc::from(envelope)) }
 }
 
 #[test]
@@ -144,7 +140,9 @@ fn reply_commit_is_idempotent_for_identical_replies_only() {
         |fp: &str, id: &str| ReplyReceipt { sender: agent("bob"), fingerprint: fp.into(), message_id: id.into() };
     let mut reply = |fp: &str, id: &str, at| {
         let record = record("alice", Decision::Allowed);
-        s.commit_reply("c1", &pending, receipt(fp, id), Arc::from("rep"), record, at).unwrap().map(|(c, r)| (c, r.is_some()))
+        s.commit_reply("c1", &pending, receipt(fp, id), Arc::from("rep"), record, at)
+            .unwrap()
+            .map(|(c, r)| (c, r.is_some()))
     };
     assert_eq!(reply("f", "m1", at(2)), Ok((ReplyCommit::Queued { message_id: "m1".into() }, true)));
     assert_eq!(reply("f", "m2", at(3)), Ok((ReplyCommit::AlreadyQueued { message_id: "m1".into() }, false)));
@@ -190,8 +188,13 @@ fn dead_letters_keep_the_envelope_and_are_bounded() {
     for i in 0..2 {
         s.enqueue(&work("bob"), Arc::from(format!("m{i}"))).unwrap();
         let m = s.claim(&a, 1, at(0)).remove(0);
-        let effect =
-            StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 5, reason: "r".into(), nacked: true };
+        let effect = StoreEffect::DeadLetter {
+            entry: m.entry,
+            envelope: m.envelope,
+            attempts: 5,
+            reason: "r".into(),
+            nacked: true,
+        };
         s.apply(&a, effect).unwrap();
     }
     let kept: Vec<_> = s.dead_letters().map(|d| d.envelope.to_string()).collect();

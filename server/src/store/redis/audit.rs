@@ -12,11 +12,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use mas_core::delivery::EntryId;
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::{AuditRecord, Chain, Chained, Decision, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
-use mas_core::delivery::EntryId;
 use redis::Value;
 use tokio::sync::{Mutex as AsyncMutex, oneshot};
 
@@ -213,7 +213,8 @@ impl RedisBackend {
                         else {
                             continue;
                         };
-                        let decision = if pair[1] == "queue_full" { Decision::QueueFull } else { Decision::CircuitOpen };
+                        let decision =
+                            if pair[1] == "queue_full" { Decision::QueueFull } else { Decision::CircuitOpen };
                         item.record.refuse(decision, &pair[1]);
                         item.envelope = None;
                     }
@@ -226,7 +227,10 @@ impl RedisBackend {
 
     /// Runs `attempt` (a compare-and-append against `head`) until the head it linked to is
     /// the stored one; returns what the successful attempt returned.
-    pub(super) async fn with_chain_head<T, F, Fut>(chain: &AsyncMutex<KnownHead>, mut attempt: F) -> Result<T, StoreError>
+    pub(super) async fn with_chain_head<T, F, Fut>(
+        chain: &AsyncMutex<KnownHead>,
+        mut attempt: F,
+    ) -> Result<T, StoreError>
     where
         F: FnMut(KnownHead) -> Fut,
         Fut: std::future::Future<Output = Result<Linked<T>, StoreError>>,

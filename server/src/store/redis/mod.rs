@@ -24,15 +24,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use mas_core::delivery::Outcome;
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
-use mas_core::delivery::Outcome;
 use mas_core::policy::audit::{AuditRecord, Chain, Chained};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits, Window};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt,
-    SessionRef, StateError, StateSnapshot, StoreError,
+    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
+    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
 };
 use mas_core::time::Now;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -617,7 +617,9 @@ impl RedisBackend {
                         value: Ok((ReplyCommit::Queued { message_id: id.clone() }, Some(linked))),
                         new_head: Some(new_head),
                     }),
-                    (Some("already"), Some(id)) => done(Ok((ReplyCommit::AlreadyQueued { message_id: id.clone() }, None))),
+                    (Some("already"), Some(id)) => {
+                        done(Ok((ReplyCommit::AlreadyQueued { message_id: id.clone() }, None)))
+                    }
                     (Some("head"), actual) => Ok(audit::Linked::Moved(actual.filter(|h| !h.is_empty()).cloned())),
                     (Some("full"), _) => Err(StoreError::AuditFull),
                     (Some("expired"), _) => done(Err(ReplyError::Expired)),
