@@ -18,7 +18,9 @@ mod cli {
     use anyhow::Context;
     use clap::{Parser, Subcommand};
     use mas_core::ids::AgentId;
+    use mas_core::policy::audit::{AuditFilter, Decision, to_csv, to_json};
     use mas_net::tls::TlsFiles;
+    use mas_server::audit::offline;
     use mas_server::{Broker, BrokerConfig, serve};
 
     #[derive(Parser)]
@@ -57,6 +59,61 @@ mod cli {
             /// Stop after this many greetings were delivered (default: run until Ctrl-C).
             #[arg(long)]
             messages: Option<u64>,
+        },
+        /// Verify or query the audit trail.
+        Audit {
+            #[command(subcommand)]
+            action: AuditCommand,
+        },
+    }
+
+    /// Where the audit records are read from: the store of a configuration (Redis), or the
+    /// JSONL file sink with its rotated backups.
+    #[derive(clap::Args)]
+    #[group(required = true, multiple = false)]
+    struct Source {
+        /// Broker configuration whose Redis store holds the chains.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// JSONL audit file (`gateway.audit.file_path`); rotated `.1`, `.2`, … are included.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    }
+
+    #[derive(Subcommand)]
+    enum AuditCommand {
+        /// Check every hash chain: exit code 1 if a record was edited, deleted, re-linked or
+        /// the tail cut off.
+        Verify {
+            #[command(flatten)]
+            source: Source,
+        },
+        /// Print matching records, oldest first.
+        Query {
+            #[command(flatten)]
+            source: Source,
+            /// Only this sender.
+            #[arg(long)]
+            sender: Option<String>,
+            /// Only this target.
+            #[arg(long)]
+            target: Option<String>,
+            /// Only this decision (ALLOWED, ALERT, DLP_REDACTED, AUTHZ_DENIED, RATE_LIMITED,
+            /// CIRCUIT_OPEN, DLP_BLOCKED, QUEUE_FULL).
+            #[arg(long)]
+            decision: Option<String>,
+            /// Only records at or after this time (seconds since the Unix epoch).
+            #[arg(long)]
+            since: Option<f64>,
+            /// Only records at or before this time (seconds since the Unix epoch).
+            #[arg(long)]
+            until: Option<f64>,
+            /// At most this many records.
+            #[arg(long, default_value_t = 100)]
+            limit: usize,
+            /// `json` or `csv`.
+            #[arg(long, default_value = "json")]
+            format: String,
         },
     }
 
@@ -107,7 +164,63 @@ mod cli {
             Command::Demo { certs_dir, listen, messages } => {
                 mas_server::demo::run(&certs_dir, listen, messages, ctrl_c()).await
             }
+            Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
+            Command::Audit {
+                action: AuditCommand::Query { source, sender, target, decision, since, until, limit, format },
+            } => {
+                let decision = match decision {
+                    Some(d) => Some(Decision::parse(&d).with_context(|| format!("unknown decision {d:?}"))?),
+                    None => None,
+                };
+                let filter = AuditFilter { sender, target, decision, since, until };
+                let records = match (&source.config, &source.file) {
+                    (Some(config), _) => {
+                        offline::query_store(&BrokerConfig::from_file(config)?, &filter, limit).await?
+                    }
+                    (None, Some(file)) => offline::query_file(file, &filter, limit)?,
+                    (None, None) => anyhow::bail!("give --config or --file"),
+                };
+                match format.as_str() {
+                    "json" => println!("{}", to_json(&records, true)),
+                    "csv" => print!("{}", to_csv(&records)),
+                    other => anyhow::bail!("unsupported format: {other} (json or csv)"),
+                }
+                Ok(())
+            }
         }
+    }
+
+    async fn verify(source: Source) -> anyhow::Result<()> {
+        let intact = match (&source.config, &source.file) {
+            (Some(config), _) => {
+                let report = offline::verify_store(&BrokerConfig::from_file(config)?).await?;
+                for chain in &report.chains {
+                    let verdict = match &chain.result {
+                        Ok(()) => "ok".to_string(),
+                        Err(err) => format!("BROKEN: {err}"),
+                    };
+                    println!("{:<32} {:>9} records  {verdict}", chain.chain, chain.records);
+                }
+                report.is_intact()
+            }
+            (None, Some(file)) => {
+                let report = offline::verify_file(file)?;
+                for (chain, summary) in &report.chains {
+                    let note = if summary.starts_mid_chain { " (starts after rotated-away records)" } else { "" };
+                    println!("{chain:<32} {:>9} records{note}", summary.records);
+                }
+                for error in &report.errors {
+                    println!("BROKEN: {error}");
+                }
+                report.is_intact()
+            }
+            (None, None) => anyhow::bail!("give --config or --file"),
+        };
+        if !intact {
+            anyhow::bail!("audit verification failed");
+        }
+        println!("audit trail intact");
+        Ok(())
     }
 
     async fn serve_from(path: PathBuf) -> anyhow::Result<()> {

@@ -113,7 +113,10 @@ fn no_message_is_admitted_after_a_grant_is_revoked_or_a_block_added() {
         // The audit trail tells the same story: intact chains, one record per send, every
         // routable decision before the change and every one after it a denial.
         assert!(run.report.is_intact(), "seed {seed}: {:?}", run.report);
-        assert!(run.report.chains.iter().any(|c| c.chain == "security" && c.records == 1), "seed {seed}: change unrecorded");
+        assert!(
+            run.report.chains.iter().any(|c| c.chain == "security" && c.records == 1),
+            "seed {seed}: change unrecorded"
+        );
         let routable: Vec<&AuditRecord> = run.audit.iter().filter(|r| r.decision.is_routable()).collect();
         assert_eq!(routable.len(), run.sends.iter().filter(|(_, ok)| *ok).count(), "seed {seed}: routable records");
         assert!(routable.iter().all(|r| r.timestamp <= run.changed_at), "seed {seed}: allowed after the change");
@@ -142,7 +145,8 @@ fn failing_target_behind_its_circuit(seed: u64) -> CircuitRun {
         let trace = Trace::new();
         let store = memory_store();
         let brokers = Brokers::default();
-        let delivery = DeliverySettings { retry_backoff_initial_ms: 200, retry_backoff_max_ms: 2_000, ..Default::default() };
+        let delivery =
+            DeliverySettings { retry_backoff_initial_ms: 200, retry_backoff_max_ms: 2_000, ..Default::default() };
         let mut config = broker_config(&[("alice", &["bob"]), ("bob", &[])], seed, delivery);
         config.gateway.rate_limit = RateLimitSettings::unlimited();
         let cb = &mut config.gateway.circuit_breaker;
@@ -183,7 +187,8 @@ fn failing_target_behind_its_circuit(seed: u64) -> CircuitRun {
             }
             for seq in 0..300u32 {
                 let outcome = alice.send("bob", "job", &serde_json::json!({ "seq": seq })).await;
-                let outcome = outcome.map_err(|e| e.status().map_or_else(|| e.to_string(), |s| s.message().to_string()));
+                let outcome =
+                    outcome.map_err(|e| e.status().map_or_else(|| e.to_string(), |s| s.message().to_string()));
                 t.record("alice", format_args!("send {seq}: {outcome:?}"));
                 s.lock().unwrap().push(outcome);
                 tokio::time::sleep(Duration::from_millis(thread_rng().gen_range(5..40))).await;
@@ -231,7 +236,11 @@ fn a_failing_target_trips_its_circuit_recovers_and_every_decision_is_audited() {
         }
         let circuit_refusals = run.sends.iter().filter(|s| s.is_err()).count();
         assert!(circuit_refusals > 0, "seed {seed}: the circuit never opened\n{}", context());
-        assert!(run.sends.iter().rev().take(10).all(Result::is_ok), "seed {seed}: it never closed again\n{}", context());
+        assert!(
+            run.sends.iter().rev().take(10).all(Result::is_ok),
+            "seed {seed}: it never closed again\n{}",
+            context()
+        );
         // Nothing accepted is lost: handled once healed, or dead-lettered after its attempts.
         for id in run.sends.iter().filter_map(|s| s.as_ref().ok()) {
             assert!(

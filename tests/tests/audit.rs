@@ -104,11 +104,11 @@ async fn verify_passes_on_a_real_run_and_fails_after_one_record_is_edited() {
         .await
     );
     let text = std::fs::read_to_string(&file).unwrap();
-    let report = verify_lines(text.lines());
+    let report = verify_lines(text.lines().enumerate());
     assert!(report.is_intact(), "{:?}", report.errors);
     assert_eq!(report.chains["agent:bob"].records, 21);
     let edited = text.replacen("\"ALLOWED\"", "\"ALERT\"", 1);
-    let report = verify_lines(edited.lines());
+    let report = verify_lines(edited.lines().enumerate());
     assert!(!report.is_intact());
     alice.stop().await;
     bob.stop().await;

@@ -4,6 +4,7 @@
 //! events (raised in places that cannot wait for the store, such as the authentication
 //! interceptor), and verification and queries over all chains.
 
+pub mod offline;
 pub mod sink;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -54,7 +54,7 @@ impl FileRecord {
 pub struct FileReport {
     /// Per chain: records seen, whether the file starts it mid-way (rotation), and its last hash.
     pub chains: BTreeMap<String, ChainSummary>,
-    /// Every problem, with its line number (1-based).
+    /// Every problem, with the location of its line.
     pub errors: Vec<String>,
 }
 
@@ -76,31 +76,32 @@ impl FileReport {
     }
 }
 
-/// Verifies JSONL lines (oldest first): each record's stored hash must be its real hash, and
-/// each record must link to the previous record of its chain.
-pub fn verify_lines<'a>(lines: impl IntoIterator<Item = &'a str>) -> FileReport {
+/// Verifies JSONL lines (oldest first), each with its location for error messages (such as
+/// `audit.jsonl.1:17`): each record's stored hash must be its real hash, and each record must
+/// link to the previous record of its chain.
+pub fn verify_lines<'a, L: std::fmt::Display>(lines: impl IntoIterator<Item = (L, &'a str)>) -> FileReport {
     let mut report = FileReport::default();
-    for (n, line) in lines.into_iter().enumerate().map(|(i, l)| (i + 1, l)) {
+    for (n, line) in lines {
         if line.trim().is_empty() {
             continue;
         }
         let parsed: FileLine = match serde_json::from_str(line) {
             Ok(parsed) => parsed,
             Err(err) => {
-                report.errors.push(format!("line {n}: unreadable record ({err})"));
+                report.errors.push(format!("{n}: unreadable record ({err})"));
                 continue;
             }
         };
         let actual = parsed.record.hash();
         if actual != parsed.hash {
-            report.errors.push(format!("line {n}: record of chain {} was edited (hash mismatch)", parsed.chain));
+            report.errors.push(format!("{n}: record of chain {} was edited (hash mismatch)", parsed.chain));
         }
         let summary = report.chains.entry(parsed.chain.clone()).or_default();
         match (&summary.head, parsed.record.previous_hash()) {
             (None, Some(_)) if summary.records == 0 => summary.starts_mid_chain = true,
-            (expected, link) if expected.as_deref() != link => report
-                .errors
-                .push(format!("line {n}: record of chain {} does not link to its predecessor", parsed.chain)),
+            (expected, link) if expected.as_deref() != link => {
+                report.errors.push(format!("{n}: record of chain {} does not link to its predecessor", parsed.chain))
+            }
             _ => {}
         }
         summary.records += 1;

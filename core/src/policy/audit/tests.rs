@@ -6,7 +6,7 @@ fn record(n: u32) -> AuditRecord {
         timestamp: 1_700_000_000.5 + f64::from(n),
         sender_id: "alice".into(),
         sender_instance_id: Some("a1".into()),
-        target_id: if n % 2 == 0 { "bob".into() } else { "carol".into() },
+        target_id: if n.is_multiple_of(2) { "bob".into() } else { "carol".into() },
         message_type: Some("t".into()),
         correlation_id: None,
         decision: if n == 3 { Decision::DlpBlocked } else { Decision::Allowed },
@@ -150,26 +150,30 @@ fn file_lines(records: &[AuditRecord]) -> Vec<String> {
         .collect()
 }
 
+fn numbered(lines: &[String]) -> impl Iterator<Item = (String, &str)> {
+    lines.iter().enumerate().map(|(i, l)| (format!("line {}", i + 1), l.as_str()))
+}
+
 #[test]
 fn a_jsonl_file_verifies_and_an_edited_line_is_found() {
     let (records, head) = chain(4);
     let lines = file_lines(&records);
-    let report = verify_lines(lines.iter().map(String::as_str));
+    let report = verify_lines(numbered(&lines));
     assert!(report.is_intact(), "{:?}", report.errors);
     assert_eq!(report.chains["agent:bob"].records, 4);
     assert_eq!(report.chains["agent:bob"].head, head);
 
     let mut edited = lines.clone();
     edited[1] = edited[1].replace("ALLOWED", "DLP_BLOCKED");
-    let report = verify_lines(edited.iter().map(String::as_str));
+    let report = verify_lines(numbered(&edited));
     assert!(!report.is_intact());
     assert!(report.errors.iter().any(|e| e.starts_with("line 2:") && e.contains("edited")), "{:?}", report.errors);
 
     let mut deleted = lines.clone();
     deleted.remove(1);
-    let report = verify_lines(deleted.iter().map(String::as_str));
+    let report = verify_lines(numbered(&deleted));
     assert!(report.errors.iter().any(|e| e.contains("does not link")), "{:?}", report.errors);
 
-    let rotated = verify_lines(lines[2..].iter().map(String::as_str));
+    let rotated = verify_lines(numbered(&lines[2..]));
     assert!(rotated.is_intact() && rotated.chains["agent:bob"].starts_mid_chain);
 }
