@@ -11,10 +11,10 @@ use mas_core::policy::audit::{AuditRecord, Decision, payload_hash};
 use mas_core::policy::dlp::Action;
 use mas_core::store::{Admission, Admitted, TargetGate};
 use mas_core::time::Instant;
-use mas_net::status::{self, detail};
+use mas_net::status::detail;
 use tonic::Status;
 
-use super::Service;
+use super::{Service, store_failed};
 
 /// A message entering the pipeline: everything its audit record needs.
 pub(super) struct Ingress<'a> {
@@ -70,9 +70,7 @@ impl Service {
             },
         };
         let limits = self.broker.config().gateway.rate_limit.limits_for(ingress.sender);
-        if let Err(limited) =
-            self.broker.store().admit_rate(ingress.sender, limits).await.map_err(|e| status::store_failed(&e))?
-        {
+        if let Err(limited) = self.broker.store().admit_rate(ingress.sender, limits).await.map_err(store_failed)? {
             tracing::info!(sender = %ingress.sender, window = ?limited.window, "rate limited");
             let denial = Status::resource_exhausted(detail::RATE_LIMITED);
             let violations = vec!["rate_limit_exceeded".to_string()];
@@ -152,8 +150,7 @@ impl Service {
     /// One audited admission step; the committed record goes to the file sink.
     pub(super) async fn commit(&self, admission: Admission) -> Result<Admitted, Status> {
         let chain = admission.chain.clone();
-        let admitted =
-            self.broker.store().admit(admission, self.broker.circuit()).await.map_err(|e| status::store_failed(&e))?;
+        let admitted = self.broker.store().admit(admission, self.broker.circuit()).await.map_err(store_failed)?;
         self.broker.audit().recorded(&chain, &admitted.record);
         Ok(admitted)
     }
@@ -178,8 +175,7 @@ impl Service {
         if let Err(denial) = self.broker.authorize(sender, &target, true) {
             return denied(&format!("{denial:?}"), &target);
         }
-        let gate =
-            self.broker.store().gate(&target, self.broker.circuit()).await.map_err(|e| status::store_failed(&e))?;
+        let gate = self.broker.store().gate(&target, self.broker.circuit()).await.map_err(store_failed)?;
         if !gate.live {
             return denied("target has no live session", &target);
         }

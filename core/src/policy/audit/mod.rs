@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::ids::hex;
+
 /// The hash format version written by this code.
 pub const HASH_VERSION: u32 = 2;
 
@@ -156,31 +158,25 @@ pub trait Chained: Serialize {
     }
 }
 
-impl Chained for AuditRecord {
-    fn previous_hash(&self) -> Option<&str> {
-        self.previous_hash.as_deref()
-    }
-    fn hash_version(&self) -> u32 {
-        self.hash_version
-    }
-    fn link(&mut self, previous: Option<String>) {
-        self.previous_hash = previous;
-        self.hash_version = HASH_VERSION;
-    }
+/// Both record kinds link the same way: through their `previous_hash` and `hash_version`.
+macro_rules! chained {
+    ($($record:ty),*) => {$(
+        impl Chained for $record {
+            fn previous_hash(&self) -> Option<&str> {
+                self.previous_hash.as_deref()
+            }
+            fn hash_version(&self) -> u32 {
+                self.hash_version
+            }
+            fn link(&mut self, previous: Option<String>) {
+                self.previous_hash = previous;
+                self.hash_version = HASH_VERSION;
+            }
+        }
+    )*};
 }
 
-impl Chained for SecurityEvent {
-    fn previous_hash(&self) -> Option<&str> {
-        self.previous_hash.as_deref()
-    }
-    fn hash_version(&self) -> u32 {
-        self.hash_version
-    }
-    fn link(&mut self, previous: Option<String>) {
-        self.previous_hash = previous;
-        self.hash_version = HASH_VERSION;
-    }
-}
+chained!(AuditRecord, SecurityEvent);
 
 /// Canonical JSON: object keys sorted, compact separators, nulls kept.
 pub fn canonical_json(value: &Value) -> String {
@@ -208,16 +204,6 @@ fn hash_of<T: Serialize + ?Sized>(value: &T) -> String {
     // Serialising plain data into an infallible writer cannot fail.
     let _ = serde_json::to_writer(&mut writer, value);
     hex(&writer.0.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
 }
 
 /// SHA-256 (hex) of a payload's canonical JSON (its map is ordered by key).

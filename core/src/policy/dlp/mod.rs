@@ -115,16 +115,21 @@ impl Dlp {
         // per-text walk would find is found here too (a match straddling two texts only costs
         // the walk below). Custom rules may use anchors, so with them the walk always runs.
         if !self.always_with_context {
-            let mut joined = String::new();
+            let mut joined = String::with_capacity(4096);
             for (key, value) in payload {
                 joined.push_str(key);
                 joined.push('\n');
-                self.join_texts(value, Some((key, self.labels.is_match(key))), &mut joined);
+                self.join_texts(value, Some(key), &mut joined);
             }
             if !self.set.is_match(&joined) {
                 return Scan { violations: Vec::new(), action: None, redacted: None };
             }
         }
+        self.scan_walking(payload)
+    }
+
+    /// The full structure-aware scan, without the clean fast path.
+    fn scan_walking(&self, payload: &Payload) -> Scan {
         let mut found = BTreeSet::new();
         for (key, value) in payload {
             self.scan_text(key, &mut found);
@@ -157,20 +162,35 @@ impl Dlp {
         }
     }
 
-    /// Appends every text the walk would scan, one per line. `labelled` says whether the
-    /// enclosing key carries a label (then the `key: text` context line is added too).
-    fn join_texts(&self, value: &Value, key: Option<(&str, bool)>, out: &mut String) {
+    /// Appends every text the walk would scan, one per line, so that one pass over the result
+    /// finds whatever the walk would. A scalar directly under its key follows the key's own
+    /// line, which the built-in labelled rules match as they match `key: text` (their label and
+    /// value may be separated by any white space or up to three non-word characters); array
+    /// items are not next to their key, so under a labelled key each gets its `key: item` line.
+    fn join_texts(&self, value: &Value, key: Option<&str>, out: &mut String) {
         match value {
             Value::Object(map) => {
                 for (k, v) in map {
                     out.push_str(k);
                     out.push('\n');
-                    self.join_texts(v, Some((k, self.labels.is_match(k))), out);
+                    self.join_texts(v, Some(k), out);
                 }
             }
-            Value::Array(items) => items.iter().for_each(|item| self.join_texts(item, key, out)),
-            Value::String(s) => push_line(s, key, out),
-            Value::Number(_) | Value::Bool(_) => push_line(&value.to_string(), key, out),
+            Value::Array(items) => {
+                let labelled = key.filter(|k| self.labels.is_match(k));
+                for item in items {
+                    match (labelled, item) {
+                        (Some(k), Value::String(_) | Value::Number(_) | Value::Bool(_)) => {
+                            push_scalar(item, out);
+                            out.push_str(k);
+                            out.push_str(": ");
+                            push_scalar(item, out);
+                        }
+                        _ => self.join_texts(item, key, out),
+                    }
+                }
+            }
+            Value::String(_) | Value::Number(_) | Value::Bool(_) => push_scalar(value, out),
             Value::Null => {}
         }
     }
@@ -199,15 +219,15 @@ impl Dlp {
     }
 }
 
-fn push_line(text: &str, key: Option<(&str, bool)>, out: &mut String) {
-    out.push_str(text);
-    out.push('\n');
-    if let Some((key, true)) = key {
-        out.push_str(key);
-        out.push_str(": ");
-        out.push_str(text);
-        out.push('\n');
+/// Appends a string's text, or a number's or boolean's JSON text, and a line break.
+fn push_scalar(value: &Value, out: &mut String) {
+    use std::fmt::Write;
+    match value {
+        Value::String(s) => out.push_str(s),
+        // Writing into a String cannot fail.
+        other => drop(write!(out, "{other}")),
     }
+    out.push('\n');
 }
 
 /// The mask that replaces a redacted match (the reference's formats).

@@ -160,3 +160,61 @@ fn settings_parse_from_json() {
             .is_err()
     );
 }
+
+#[test]
+fn labelled_list_items_after_a_clean_one_are_found() {
+    assert!(kinds(json!({"ssn": ["x", 123456789]})).contains(&"ssn".to_string()));
+    assert!(kinds(json!({"cvv": ["n/a", "123"]})).contains(&"cvv".to_string()));
+}
+
+mod fast_path {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const KEYS: &[&str] =
+        &["ssn", "password", "cvv", "api_key", "mrn", "policy", "note", "id", "Medical Record", "pwd"];
+    const TEXTS: &[&str] = &[
+        "123456789",
+        "123-45-6789",
+        "hunter2222",
+        "123",
+        "x",
+        "4111 1111 1111 1111",
+        "0123456789abcdef0123456789abcdef01",
+        "jane@example.com",
+        "A12.3",
+        "plain words",
+        "AKIAABCDEFGHIJKLMNOP",
+        "",
+    ];
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            prop::sample::select(TEXTS).prop_map(|t| Value::String(t.to_string())),
+            prop_oneof![Just(123456789u64), Just(123), Just(4111111111111111), Just(7)].prop_map(Value::from),
+            any::<bool>().prop_map(Value::Bool),
+            Just(Value::Null),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(prop::sample::select(KEYS).prop_map(str::to_string), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The clean fast path never hides a finding: whenever the full walk finds something,
+        /// the one-pass pre-check must not call the payload clean.
+        #[test]
+        fn never_misses_what_the_walk_finds(
+            entries in prop::collection::btree_map(prop::sample::select(KEYS).prop_map(str::to_string), value(), 0..5)
+        ) {
+            let dlp = dlp();
+            let payload: Payload = entries.into_iter().collect();
+            prop_assert_eq!(dlp.scan(&payload), dlp.scan_walking(&payload));
+        }
+    }
+}

@@ -98,9 +98,12 @@ impl RedisBackend {
         Ok(TargetGate { live: reply.0 > 0, circuit_admits: reply.1 == 1 })
     }
 
-    /// Queues `admission` for its chain and commits everything queued for that chain. The
-    /// commit runs in its own task, so a caller that goes away (a cancelled RPC) cannot cut a
-    /// batch of other callers' decisions in half.
+    /// Queues `admission` for its chain, then, holding the chain's commit lock, commits
+    /// everything queued for that chain in batches until none is left. Whoever holds the lock
+    /// commits for everyone who queued meanwhile, so a decision never waits for more than the
+    /// batches ahead of it. Taking the lock and committing run in their own task, so a caller
+    /// that goes away (a cancelled RPC) neither strands its queued decision nor cuts a batch of
+    /// other callers' decisions in half.
     pub(in crate::store) async fn admit(
         &self,
         admission: Admission,
@@ -110,20 +113,22 @@ impl RedisBackend {
         let chain = admission.chain.clone();
         let (done, outcome) = oneshot::channel();
         writer.waiting.lock().unwrap_or_else(PoisonError::into_inner).push(Waiting { admission, done });
-        let head = writer.head.clone().lock_owned().await;
-        let batch: Vec<Waiting> = {
-            let mut waiting = writer.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-            let take = waiting.len().min(MAX_BATCH);
-            waiting.drain(..take).collect()
-        };
-        if !batch.is_empty() {
-            let backend = self.clone();
-            let circuit = circuit.copied();
-            tokio::spawn(async move {
-                let mut head = head;
+        let backend = self.clone();
+        let circuit = circuit.copied();
+        tokio::spawn(async move {
+            let mut head = writer.head.clone().lock_owned().await;
+            loop {
+                let batch: Vec<Waiting> = {
+                    let mut waiting = writer.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                    let take = waiting.len().min(MAX_BATCH);
+                    waiting.drain(..take).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
                 backend.commit_batch(&chain, &mut head, batch, circuit.as_ref()).await;
-            });
-        }
+            }
+        });
         outcome.await.unwrap_or_else(|_| Err(StoreError::Unavailable("audit commit abandoned".into())))
     }
 

@@ -15,6 +15,9 @@
 //! | `mas:{A}:rate` | hash `m`, `h` | GCRA arrival times (µs, Redis clock) of sender A's minute and hour windows |
 //! | `mas:{A}:pending:{C}` | string JSON, PX ttl+60 s | a request of A awaiting its reply |
 //! | `mas:{A}:receipt:{C}` | string JSON, PX remaining | the committed reply, for idempotent retries |
+//! | `mas:{A}:circuit` | hash | A's circuit breaker (state, failures, window start, open until, probes, successes) |
+//! | `mas:{A}:audit`, `mas:{A}:audit:head` | stream (`r` = record JSON), string | A's audit chain and its head hash |
+//! | `mas:{#security}:audit`, `…:audit:head` | stream, string | the security-event chain (`#` is never in an agent id) |
 //! | channel `mas:notify:{A}` | pub/sub | "A has new ready work": wakes waiting sessions |
 //!
 //! Settled entries are XACKed and XDELed at once, so streams hold only live work.
