@@ -184,7 +184,7 @@ impl Broker {
 
     /// Verifies every audit chain in the store (see [`crate::audit::verify`]).
     pub async fn verify_audit(&self) -> Result<AuditReport, StoreError> {
-        crate::audit::verify(&self.store, self.config.agents.keys()).await
+        crate::audit::verify(&self.store, self.config.agents.keys(), self.audit.archive_dir()).await
     }
 
     /// Audit records matching `filter`, oldest first, at most `limit`.

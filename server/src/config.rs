@@ -293,6 +293,12 @@ pub struct AuditSettings {
     /// the messages it would record with `RESOURCE_EXHAUSTED audit_capacity_exceeded` and the
     /// broker logs an error: nothing is ever delivered unaudited.
     pub max_records_per_chain: usize,
+    /// Where to archive the oldest records of a chain nearing `max_records_per_chain`
+    /// (segment files, fsynced before the records leave the store). Without it a full chain
+    /// refuses messages.
+    pub archive_dir: Option<PathBuf>,
+    /// Records moved per segment (default 10 000; at most half of `max_records_per_chain`).
+    pub archive_batch: usize,
 }
 
 impl Default for AuditSettings {
@@ -302,6 +308,8 @@ impl Default for AuditSettings {
             max_bytes: 10_000_000,
             backup_count: 5,
             max_records_per_chain: MemoryStoreConfig::default().max_audit_records,
+            archive_dir: None,
+            archive_batch: 10_000,
         }
     }
 }
@@ -498,6 +506,11 @@ impl BrokerConfig {
         if audit.max_records_per_chain == 0 || audit.max_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "gateway.audit.max_records_per_chain and gateway.audit.max_bytes must be greater than 0".into(),
+            ));
+        }
+        if audit.archive_batch == 0 || audit.archive_batch.saturating_mul(2) > audit.max_records_per_chain {
+            return Err(ConfigError::Invalid(
+                "gateway.audit.archive_batch must be positive and at most half of max_records_per_chain".into(),
             ));
         }
         if let Err(err) = mas_core::policy::dlp::Dlp::new(&self.gateway.dlp) {

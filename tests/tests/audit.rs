@@ -54,7 +54,7 @@ async fn every_decision_is_audited_and_an_email_alert_names_email() {
     let mut targets: Vec<&str> = denied.iter().map(|r| r.target_id.as_str()).collect();
     targets.sort_unstable();
     assert_eq!(targets, ["carol", "nobody"]);
-    let (alices, _) = tb.broker.store().audit_chain(&id("alice")).await.unwrap();
+    let alices = tb.broker.store().audit_chain(&id("alice")).await.unwrap().records;
     assert_eq!(alices.len(), 1, "a denial to an unknown target is recorded in the sender's chain");
     assert_eq!(alices[0].target_id, "nobody");
 
@@ -128,7 +128,7 @@ async fn authentication_denials_are_security_events() {
     assert_eq!(status_of(&err).1, "agent_not_allowlisted");
     assert!(
         eventually_async(Duration::from_secs(5), || async {
-            let (events, _) = tb.broker.store().security_chain().await.unwrap();
+            let events = tb.broker.store().security_chain().await.unwrap().records;
             events.iter().any(|e| e.event_type == "authentication_denied" && e.details["agent"] == "mallory")
         })
         .await
@@ -278,4 +278,80 @@ where
         out.push(handle.await.expect("task"));
     }
     out
+}
+
+/// Sends `n` messages alice → bob, retrying while bob's chain is full (refused until archived).
+/// Returns how many sends were refused with `audit_capacity_exceeded` on the way.
+async fn send_through_archiving(alice: &mas_agent::Agent, n: u32) -> u32 {
+    let mut refused = 0;
+    for i in 0..n {
+        loop {
+            match alice.send("bob", "n", &serde_json::json!({ "i": i })).await {
+                Ok(_) => break,
+                Err(err) if status_of(&err) == (Code::ResourceExhausted, "audit_capacity_exceeded".into()) => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("send {i}: {err}"),
+            }
+        }
+    }
+    refused
+}
+
+async fn archiving_keeps_chains_open_and_verifiable(redis: Option<&str>) {
+    let dir = std::env::temp_dir().join(format!("mas-archive-e2e-{}-{}", std::process::id(), redis.is_some()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let archive = dir.clone();
+    let redis = redis.map(mas_server::store::redis::RedisSettings::new);
+    let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {
+        c.redis = redis;
+        c.gateway.rate_limit = mas_server::config::RateLimitSettings::unlimited();
+        (c.gateway.audit.max_records_per_chain, c.gateway.audit.archive_batch) = (40, 10);
+        c.gateway.audit.archive_dir = Some(archive);
+    })
+    .await;
+    let (bob, handled) = tb.counting_agent::<serde_json::Value>("bob", "n").await;
+    let alice = tb.agent("alice").start().await.unwrap();
+    let refused = send_through_archiving(&alice, 150).await;
+    assert!(eventually_async(Duration::from_secs(10), || async { handled.load(Ordering::SeqCst) == 150 }).await);
+    eprintln!("150 messages through a 40-record chain: {refused} sends had to wait for the archiver");
+
+    let report = tb.broker.verify_audit().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    let bob_chain = report.chains.iter().find(|c| c.chain == "agent:bob").unwrap();
+    assert!(bob_chain.archive_checked && bob_chain.archived >= 110, "{bob_chain:?}");
+    assert_eq!(bob_chain.archived + bob_chain.records as u64, 150, "every accepted send, none of the refused");
+    let epoch_dir = tb.broker.audit().archive_dir().unwrap().to_path_buf();
+    let segments = mas_server::audit::archive::verify_segments(&epoch_dir.join("bob")).unwrap();
+    assert!(segments.errors.is_empty() && segments.records == bob_chain.archived, "{segments:?}");
+
+    // An edited archived record is found, and so is a missing newest segment.
+    let mut files: Vec<_> = std::fs::read_dir(epoch_dir.join("bob")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let original = std::fs::read_to_string(&files[1]).unwrap();
+    std::fs::write(&files[1], original.replacen("\"ALLOWED\"", "\"ALERT\"", 1)).unwrap();
+    assert!(!tb.broker.verify_audit().await.unwrap().is_intact(), "edited segment");
+    std::fs::write(&files[1], &original).unwrap();
+    assert!(tb.broker.verify_audit().await.unwrap().is_intact());
+    let newest = files.last().unwrap();
+    let kept = std::fs::read_to_string(newest).unwrap();
+    std::fs::remove_file(newest).unwrap();
+    assert!(!tb.broker.verify_audit().await.unwrap().is_intact(), "missing newest segment");
+    std::fs::write(newest, kept).unwrap();
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn archiving_keeps_a_full_chain_open_and_verifiable() {
+    archiving_keeps_chains_open_and_verifiable(None).await;
+}
+
+#[tokio::test]
+async fn archiving_on_redis_keeps_a_full_chain_open_and_verifiable() {
+    let Some(redis) = mas_tests::redis_server::RedisServer::start() else { return };
+    archiving_keeps_chains_open_and_verifiable(Some(&redis.url)).await;
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use mas_core::delivery::{QueuedMessage, RequeueReason, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
-use mas_core::policy::audit::{AuditRecord, Decision, SecurityEvent, verify};
+use mas_core::policy::audit::{AuditRecord, Decision, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::store::{
     Admission, Admitted, MemoryStoreConfig, OwnerToken, PendingRequest, QueueKey, ReplyReceipt, SessionRef, StoreError,
@@ -117,9 +117,10 @@ fn admitted(result: Result<Admitted, StoreError>) -> String {
 
 /// A chain's decisions, and whether it verifies against its head.
 async fn chain(store: &Store, agent_id: &str) -> String {
-    let (records, head) = store.audit_chain(&agent(agent_id)).await.unwrap();
-    let decisions: Vec<&str> = records.iter().map(|r| r.decision.as_str()).collect();
-    format!("{decisions:?} verify={:?} head={}", verify(&records, head.as_deref()), head.unwrap_or_default())
+    let chain = store.audit_chain(&agent(agent_id)).await.unwrap();
+    let decisions: Vec<&str> = chain.records.iter().map(|r| r.decision.as_str()).collect();
+    let head = chain.head.clone().unwrap_or_default();
+    format!("{decisions:?} verify={:?} head={head} checkpoint={:?}", chain.verify(), chain.checkpoint)
 }
 
 fn now() -> Now {
@@ -370,8 +371,8 @@ async fn audited_admission_records_every_decision_and_queues_only_routable_ones(
             };
             log.push(format!("security {:?}", store.append_security(event).await.map(|e| e.previous_hash.is_some())));
         }
-        let (events, head) = store.security_chain().await.unwrap();
-        log.push(format!("security chain {} verify={:?}", events.len(), verify(&events, head.as_deref())));
+        let events = store.security_chain().await.unwrap();
+        log.push(format!("security chain {} verify={:?}", events.records.len(), events.verify()));
         log
     })
     .await;
@@ -422,6 +423,38 @@ async fn circuit_opens_on_failed_messages_and_recovers_through_bounded_probes() 
         let probe = store.claim(&b1, 1, NO_WAIT).await.unwrap();
         log.push(format!("probe acked {:?}", store.apply(&b1, vec![ack(&probe[0])], now(), circuit).await));
         log.push(gate("closed again").await);
+        log.push(format!("chain {}", chain(&store, "bob").await));
+        log
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn archiving_trims_the_oldest_records_behind_a_checkpoint() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        for n in 0..5 {
+            store
+                .admit(denied("bob", if n == 2 { Decision::Alert } else { Decision::RateLimited }), None)
+                .await
+                .unwrap();
+        }
+        let oldest = store.audit_oldest(&agent("bob"), 3).await.unwrap();
+        let decisions: Vec<&str> = oldest.records.iter().map(|r| r.decision.as_str()).collect();
+        log.push(format!(
+            "oldest {decisions:?} checkpoint={:?} len={:?}",
+            oldest.checkpoint,
+            store.audit_len(&agent("bob")).await
+        ));
+        let last = oldest.records.last().unwrap();
+        log.push(format!("wrong record {:?}", store.trim_audit(&agent("bob"), 3, &oldest.records[0]).await));
+        log.push(format!("trim {:?}", store.trim_audit(&agent("bob"), 3, last).await));
+        log.push(format!("again {:?}", store.trim_audit(&agent("bob"), 3, last).await));
+        log.push(format!("len {:?}", store.audit_len(&agent("bob")).await));
+        log.push(format!("chain {}", chain(&store, "bob").await));
+        for _ in 0..4 {
+            log.push(format!("room again: {}", admitted(store.admit(denied("bob", Decision::DlpBlocked), None).await)));
+        }
         log.push(format!("chain {}", chain(&store, "bob").await));
         log
     })

@@ -4,14 +4,17 @@
 //! events (raised in places that cannot wait for the store, such as the authentication
 //! interceptor), and verification and queries over all chains.
 
+pub mod archive;
 pub mod offline;
 pub mod sink;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::{
-    self, AuditFilter, AuditRecord, ChainError, Chained, FileLine, SecurityEvent, file::FileRecord,
+    AuditFilter, AuditRecord, ChainError, Chained, FileLine, SecurityEvent, file::FileRecord,
 };
 use mas_core::store::StoreError;
 use mas_core::time::UnixMillis;
@@ -31,10 +34,13 @@ pub fn chain_name(agent: &AgentId) -> String {
 /// The name of the security chain in files and reports.
 pub const SECURITY_CHAIN: &str = "security";
 
-/// Feeds the file sink and the security chain.
+/// Feeds the file sink, the security chain and the archiver.
 #[derive(Debug)]
 pub struct AuditTrail {
     file: Option<mpsc::Sender<FileLine>>,
+    archiver: Option<Arc<archive::Archiver>>,
+    /// Where this store's segments are (`{archive_dir}/{store epoch}`), when archiving is on.
+    archive_dir: Option<PathBuf>,
     security: mpsc::Sender<SecurityEvent>,
     dropped_lines: AtomicU64,
     dropped_events: AtomicU64,
@@ -50,13 +56,40 @@ impl AuditTrail {
             tokio::spawn(sink::run(file, rx));
             tx
         });
+        let archive_dir = settings.archive_dir.as_ref().map(|dir| dir.join(store.epoch()));
+        let archiver = archive_dir.as_ref().map(|dir| {
+            archive::Archiver::new(store.clone(), dir.clone(), settings.archive_batch, settings.max_records_per_chain)
+        });
         let (security, events) = mpsc::channel(SECURITY_BACKLOG);
         tokio::spawn(write_security_events(store, events, file.clone()));
-        AuditTrail { file, security, dropped_lines: AtomicU64::new(0), dropped_events: AtomicU64::new(0) }
+        AuditTrail {
+            file,
+            archiver,
+            archive_dir,
+            security,
+            dropped_lines: AtomicU64::new(0),
+            dropped_events: AtomicU64::new(0),
+        }
     }
 
-    /// Copies a committed record of `chain` to the file sink, if there is one.
+    /// The directory of this store's archive segments, when archiving is on.
+    pub fn archive_dir(&self) -> Option<&Path> {
+        self.archive_dir.as_deref()
+    }
+
+    /// A chain refused a decision because it is full: archive it now (when archiving is on).
+    pub fn chain_full(&self, chain: &AgentId) {
+        if let Some(archiver) = &self.archiver {
+            archiver.check(chain);
+        }
+    }
+
+    /// Copies a committed record of `chain` to the file sink, if there is one, and lets the
+    /// archiver see the chain grow.
     pub fn recorded(&self, chain: &AgentId, record: &AuditRecord) {
+        if let Some(archiver) = &self.archiver {
+            archiver.note_append(chain);
+        }
         if let Some(file) = &self.file {
             let line =
                 FileLine { chain: chain_name(chain), hash: record.hash(), record: FileRecord::Message(record.clone()) };
@@ -111,10 +144,26 @@ async fn write_security_events(
 pub struct ChainCheck {
     /// `agent:{id}` or `security`.
     pub chain: String,
-    /// Records in it.
+    /// Live records in the store.
     pub records: usize,
+    /// Records archived out of the store.
+    pub archived: u64,
+    /// Whether the archived records were verified too (segments found and joined to the live
+    /// part); false when no archive directory was given.
+    pub archive_checked: bool,
     /// Whether it verified.
-    pub result: Result<(), ChainError>,
+    pub result: Result<(), ChainFault>,
+}
+
+/// Why a chain failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainFault {
+    /// The live records in the store.
+    #[error("live records: {0}")]
+    Live(ChainError),
+    /// The archive segments, or their join with the live records.
+    #[error("archive: {0}")]
+    Archive(String),
 }
 
 /// The verdict on every chain.
@@ -130,7 +179,7 @@ impl AuditReport {
         self.chains.iter().all(|c| c.result.is_ok())
     }
 
-    /// Records in all chains.
+    /// Live records in all chains.
     pub fn records(&self) -> usize {
         self.chains.iter().map(|c| c.records).sum()
     }
@@ -138,30 +187,66 @@ impl AuditReport {
 
 /// Verifies the chain of every agent in `agents` and the security chain, each up to a
 /// consistent point and against its stored head (edits, deletions, re-links and a cut-off
-/// tail all fail).
+/// tail all fail). With `archive` (a store epoch's segment directory) the archived beginning
+/// of each chain is verified too and must end exactly at the live part's checkpoint.
 pub async fn verify<'a>(
     store: &Store,
     agents: impl IntoIterator<Item = &'a AgentId>,
+    archive: Option<&Path>,
 ) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
     for agent in agents {
-        let (records, head) = store.audit_chain(agent).await?;
-        if records.is_empty() && head.is_none() {
+        let snapshot = store.audit_chain(agent).await?;
+        if snapshot.records.is_empty() && snapshot.head.is_none() {
             continue;
         }
-        let result = audit::verify(&records, head.as_deref());
-        report.chains.push(ChainCheck { chain: chain_name(agent), records: records.len(), result });
+        let mut result = snapshot.verify().map_err(ChainFault::Live);
+        if let (Ok(()), Some(dir)) = (&result, archive) {
+            result = check_archive(&archive::chain_dir(dir, agent), &snapshot.checkpoint);
+        }
+        report.chains.push(ChainCheck {
+            chain: chain_name(agent),
+            records: snapshot.records.len(),
+            archived: snapshot.checkpoint.archived,
+            archive_checked: archive.is_some(),
+            result,
+        });
     }
-    let (events, head) = store.security_chain().await?;
-    if !events.is_empty() || head.is_some() {
-        let result = audit::verify(&events, head.as_deref());
-        report.chains.push(ChainCheck { chain: SECURITY_CHAIN.to_string(), records: events.len(), result });
+    let events = store.security_chain().await?;
+    if !events.records.is_empty() || events.head.is_some() {
+        report.chains.push(ChainCheck {
+            chain: SECURITY_CHAIN.to_string(),
+            records: events.records.len(),
+            archived: 0,
+            archive_checked: archive.is_some(),
+            result: events.verify().map_err(ChainFault::Live),
+        });
     }
     Ok(report)
 }
 
-/// Records matching `filter` from the chains of `agents`, oldest first, at most `limit`.
-/// A target filter naming one of `agents` reads only that agent's chain.
+/// The segments in `dir` must verify and end where `checkpoint` says the live part begins.
+fn check_archive(dir: &Path, checkpoint: &mas_core::policy::audit::Checkpoint) -> Result<(), ChainFault> {
+    let segments = archive::verify_segments(dir).map_err(|e| ChainFault::Archive(format!("{}: {e}", dir.display())))?;
+    if let Some(error) = segments.errors.first() {
+        return Err(ChainFault::Archive(error.clone()));
+    }
+    if segments.records != checkpoint.archived || segments.last_hash != checkpoint.base {
+        return Err(ChainFault::Archive(format!(
+            "{} holds {} records ending at {:?}; the store says {} ending at {:?}",
+            dir.display(),
+            segments.records,
+            segments.last_hash,
+            checkpoint.archived,
+            checkpoint.base
+        )));
+    }
+    Ok(())
+}
+
+/// Live records matching `filter` from the chains of `agents`, oldest first, at most `limit`.
+/// A target filter naming one of `agents` reads only that agent's chain. (Archived records are
+/// in the segment files: `mas audit query --file` reads them.)
 pub async fn query<'a>(
     store: &Store,
     agents: impl IntoIterator<Item = &'a AgentId>,
@@ -176,8 +261,8 @@ pub async fn query<'a>(
     };
     let mut found = Vec::new();
     for agent in chains {
-        let (records, _) = store.audit_chain(agent).await?;
-        found.extend(records.into_iter().filter(|r| filter.matches(r)));
+        let snapshot = store.audit_chain(agent).await?;
+        found.extend(snapshot.records.into_iter().filter(|r| filter.matches(r)));
     }
     found.sort_by(|a, b| a.timestamp.total_cmp(&b.timestamp));
     found.truncate(limit);

@@ -9,7 +9,7 @@ use mas_core::envelope::Payload;
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, Decision, payload_hash};
 use mas_core::policy::dlp::Action;
-use mas_core::store::{Admission, Admitted, TargetGate};
+use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use mas_core::time::Instant;
 use mas_net::status::detail;
 use tonic::Status;
@@ -150,9 +150,23 @@ impl Service {
     /// One audited admission step; the committed record goes to the file sink.
     pub(super) async fn commit(&self, admission: Admission) -> Result<Admitted, Status> {
         let chain = admission.chain.clone();
-        let admitted = self.broker.store().admit(admission, self.broker.circuit()).await.map_err(store_failed)?;
+        let admitted = self
+            .broker
+            .store()
+            .admit(admission, self.broker.circuit())
+            .await
+            .map_err(|err| self.audit_step_failed(&chain, err))?;
         self.broker.audit().recorded(&chain, &admitted.record);
         Ok(admitted)
+    }
+
+    /// The status of a failed step that records in `chain`; a full chain is handed to the
+    /// archiver at once.
+    pub(super) fn audit_step_failed(&self, chain: &AgentId, err: StoreError) -> Status {
+        if err == StoreError::AuditFull {
+            self.broker.audit().chain_full(chain);
+        }
+        store_failed(err)
     }
 
     /// Deny by default: the target must be allowlisted and hold a live session, must not be

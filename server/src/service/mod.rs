@@ -225,7 +225,7 @@ impl RuntimeService for Service {
             .store()
             .open_request(&correlation_id, pending, timeout, admission, self.broker.circuit())
             .await
-            .map_err(store_failed)?;
+            .map_err(|err| self.audit_step_failed(&target, err))?;
         self.broker.audit().recorded(&target, &admitted.record);
         match admission::refused(&admitted) {
             Some(status) => Err(status),
@@ -296,7 +296,7 @@ impl RuntimeService for Service {
             .store()
             .commit_reply(&req.correlation_id, &pending, receipt, Arc::from(envelope.to_json()), passed.record)
             .await
-            .map_err(store_failed)?;
+            .map_err(|err| self.audit_step_failed(&pending.requester, err))?;
         match committed {
             Ok((commit, record)) => {
                 if let Some(record) = record {

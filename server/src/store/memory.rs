@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
-use mas_core::policy::audit::{AuditRecord, SecurityEvent};
+use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Chained, Checkpoint, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
@@ -40,6 +40,7 @@ impl Inner {
 #[derive(Debug, Clone)]
 pub struct MemoryBackend {
     inner: Arc<Mutex<Inner>>,
+    epoch: Arc<str>,
     /// The store's own clock: brokers sharing this store agree on deadlines through it.
     clock: Clock,
 }
@@ -48,7 +49,11 @@ impl MemoryBackend {
     /// An empty store whose clock starts now.
     pub fn new(config: MemoryStoreConfig) -> Self {
         let inner = Inner { store: MemoryStore::new(config), wakers: BTreeMap::new() };
-        MemoryBackend { inner: Arc::new(Mutex::new(inner)), clock: Clock::new() }
+        MemoryBackend { inner: Arc::new(Mutex::new(inner)), epoch: super::fresh_epoch().into(), clock: Clock::new() }
+    }
+
+    pub(super) fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -224,12 +229,34 @@ impl MemoryBackend {
         self.lock().store.append_security(event)
     }
 
-    pub(super) async fn audit_chain(&self, chain: &AgentId) -> Result<(Vec<AuditRecord>, Option<String>), StoreError> {
+    pub(super) async fn audit_chain(&self, chain: &AgentId) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
         Ok(self.lock().store.audit_chain(chain))
     }
 
-    pub(super) async fn security_chain(&self) -> Result<(Vec<SecurityEvent>, Option<String>), StoreError> {
+    pub(super) async fn security_chain(&self) -> Result<ChainSnapshot<SecurityEvent>, StoreError> {
         Ok(self.lock().store.security_chain())
+    }
+
+    pub(super) async fn audit_len(&self, chain: &AgentId) -> Result<usize, StoreError> {
+        Ok(self.lock().store.audit_len(chain))
+    }
+
+    pub(super) async fn audit_oldest(
+        &self,
+        chain: &AgentId,
+        limit: usize,
+    ) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
+        Ok(self.lock().store.audit_oldest(chain, limit))
+    }
+
+    pub(super) async fn trim_audit(
+        &self,
+        chain: &AgentId,
+        count: usize,
+        last: &AuditRecord,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        let last_hash = last.hash();
+        Ok(self.lock().store.trim_audit(chain, count, &last_hash))
     }
 
     /// Edits a stored audit record in place (see `MemoryStore::tamper_with_audit`); for tests

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
-use mas_core::policy::audit::{AuditRecord, SecurityEvent};
+use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Checkpoint, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
@@ -57,7 +57,15 @@ macro_rules! dispatch {
 }
 
 impl Store {
-    /// Appends `envelope` to `queue` and wakes its consumers. Atomic.
+    /// Names this store's lifetime: fixed for a Redis database (kept in it), fresh for every
+    /// embedded store. Archive segments live under it, so chains that begin anew never
+    /// overwrite older segments.
+    pub fn epoch(&self) -> &str {
+        dispatch!(self, b => b.epoch())
+    }
+
+    /// Appends `envelope` to `queue` and wakes its consumers. Atomic. Unaudited: the message
+    /// path uses [`Store::admit`]; this is for tests and tools that fill queues directly.
     pub async fn enqueue(&self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
         dispatch!(self, b => b.enqueue(queue, envelope).await)
     }
@@ -176,14 +184,38 @@ impl Store {
         dispatch!(self, b => b.append_security(event).await)
     }
 
-    /// The records of `chain` (oldest first) and its head. For verification and queries.
-    pub async fn audit_chain(&self, chain: &AgentId) -> Result<(Vec<AuditRecord>, Option<String>), StoreError> {
+    /// The live records of `chain` (oldest first), its head and its checkpoint, as of one
+    /// moment. For verification and queries.
+    pub async fn audit_chain(&self, chain: &AgentId) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
         dispatch!(self, b => b.audit_chain(chain).await)
     }
 
-    /// The security chain (oldest first) and its head.
-    pub async fn security_chain(&self) -> Result<(Vec<SecurityEvent>, Option<String>), StoreError> {
+    /// The security chain (oldest first), its head and its checkpoint.
+    pub async fn security_chain(&self) -> Result<ChainSnapshot<SecurityEvent>, StoreError> {
         dispatch!(self, b => b.security_chain().await)
+    }
+
+    /// Live records in `chain`.
+    pub async fn audit_len(&self, chain: &AgentId) -> Result<usize, StoreError> {
+        dispatch!(self, b => b.audit_len(chain).await)
+    }
+
+    /// The oldest `limit` live records of `chain` with its head and checkpoint: what an
+    /// archiver moves out of the store next.
+    pub async fn audit_oldest(&self, chain: &AgentId, limit: usize) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
+        dispatch!(self, b => b.audit_oldest(chain, limit).await)
+    }
+
+    /// Removes the oldest `count` records of `chain` (archived by the caller) if the last of
+    /// them is still `last`, and moves the checkpoint past them; `None` (nothing removed) if
+    /// the chain changed or another archiver trimmed first. Atomic.
+    pub async fn trim_audit(
+        &self,
+        chain: &AgentId,
+        count: usize,
+        last: &AuditRecord,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        dispatch!(self, b => b.trim_audit(chain, count, last).await)
     }
 
     /// Admits one message of `sender` under `limits` (GCRA over the store's clock, one step);
@@ -261,6 +293,15 @@ where
             _ = tokio::time::sleep_until(until) => {}
         }
     }
+}
+
+/// A new store epoch: the wall-clock time and process id as hex, and a per-process counter,
+/// so two stores never share one, also across restarts.
+pub(crate) fn fresh_epoch() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{nanos:x}-{:x}-{seq}", std::process::id())
 }
 
 /// The delay a requeue asks for, measured on the broker's clock.

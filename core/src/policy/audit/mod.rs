@@ -236,6 +236,42 @@ impl Chain {
     }
 }
 
+/// Where the live part of a chain begins once older records were archived out of the store:
+/// how many records were archived, and the hash of the last one (the `previous_hash` the first
+/// live record must carry).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Records archived out of the store so far.
+    pub archived: u64,
+    /// Hash of the last archived record; `None` while nothing was archived.
+    pub base: Option<String>,
+}
+
+/// A chain as read from the store: its live records (oldest first), its head, and where the
+/// live part begins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainSnapshot<T> {
+    /// The live records, oldest first.
+    pub records: Vec<T>,
+    /// The hash of the newest record, archived or live; `None` for a chain never written.
+    pub head: Option<String>,
+    /// What was archived before `records`.
+    pub checkpoint: Checkpoint,
+}
+
+impl<T> Default for ChainSnapshot<T> {
+    fn default() -> Self {
+        ChainSnapshot { records: Vec::new(), head: None, checkpoint: Checkpoint::default() }
+    }
+}
+
+impl<T: Chained> ChainSnapshot<T> {
+    /// Verifies the live records: they must continue from the checkpoint and end at the head.
+    pub fn verify(&self) -> Result<(), ChainError> {
+        verify_from(&self.records, self.checkpoint.base.as_deref(), self.head.as_deref())
+    }
+}
+
 /// How a chain failed verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -266,10 +302,16 @@ pub enum ChainError {
     },
 }
 
-/// Verifies `records` (oldest first) as one chain that must end at `head`. An edited record
-/// changes its hash, so its successor's link (or the head) no longer matches it.
+/// Verifies `records` (oldest first) as one whole chain that must end at `head`. An edited
+/// record changes its hash, so its successor's link (or the head) no longer matches it.
 pub fn verify<T: Chained>(records: &[T], head: Option<&str>) -> Result<(), ChainError> {
-    let mut previous: Option<String> = None;
+    verify_from(records, None, head)
+}
+
+/// Verifies `records` as the part of a chain that follows the record hashed `base` (`None`:
+/// the chain's beginning) and ends at `head`.
+pub fn verify_from<T: Chained>(records: &[T], base: Option<&str>, head: Option<&str>) -> Result<(), ChainError> {
+    let mut previous: Option<String> = base.map(str::to_string);
     for (index, record) in records.iter().enumerate() {
         if record.hash_version() != HASH_VERSION {
             return Err(ChainError::Version { index, version: record.hash_version() });

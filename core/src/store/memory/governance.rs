@@ -4,21 +4,25 @@
 use super::MemoryStore;
 use crate::delivery::Outcome;
 use crate::ids::AgentId;
-use crate::policy::audit::{AuditRecord, Chain, Chained, Decision, SecurityEvent};
+use std::collections::VecDeque;
+
+use crate::policy::audit::{AuditRecord, Chain, ChainSnapshot, Chained, Checkpoint, Decision, SecurityEvent};
 use crate::policy::circuit::{Circuit, CircuitConfig};
 use crate::store::{Admission, Admitted, QueueKey, StoreError, TargetGate};
 use crate::time::Instant;
 
-/// One hash chain kept in memory: its records (oldest first) and its head.
+/// One hash chain kept in memory: its live records (oldest first), its head, and the
+/// checkpoint of what was archived out of it.
 #[derive(Debug)]
 pub(super) struct AuditLog<T> {
-    records: Vec<T>,
+    records: VecDeque<T>,
     chain: Chain,
+    checkpoint: Checkpoint,
 }
 
 impl<T> Default for AuditLog<T> {
     fn default() -> Self {
-        AuditLog { records: Vec::new(), chain: Chain::default() }
+        AuditLog { records: VecDeque::new(), chain: Chain::default(), checkpoint: Checkpoint::default() }
     }
 }
 
@@ -29,12 +33,29 @@ impl<T: Chained + Clone> AuditLog<T> {
 
     fn append(&mut self, record: T) -> T {
         let linked = self.chain.append(record);
-        self.records.push(linked.clone());
+        self.records.push_back(linked.clone());
         linked
     }
 
-    fn snapshot(&self) -> (Vec<T>, Option<String>) {
-        (self.records.clone(), self.chain.head().map(str::to_string))
+    /// The oldest `limit` live records (all of them for `usize::MAX`).
+    fn snapshot(&self, limit: usize) -> ChainSnapshot<T> {
+        ChainSnapshot {
+            records: self.records.iter().take(limit).cloned().collect(),
+            head: self.chain.head().map(str::to_string),
+            checkpoint: self.checkpoint.clone(),
+        }
+    }
+
+    /// Drops the oldest `count` records if the last of them still hashes to `last_hash`.
+    fn trim(&mut self, count: usize, last_hash: &str) -> Option<Checkpoint> {
+        let last = self.records.get(count.checked_sub(1)?)?;
+        if last.hash() != last_hash {
+            return None;
+        }
+        self.records.drain(..count);
+        self.checkpoint =
+            Checkpoint { archived: self.checkpoint.archived + count as u64, base: Some(last_hash.into()) };
+        Some(self.checkpoint.clone())
     }
 }
 
@@ -121,14 +142,32 @@ impl MemoryStore {
         self.audit.keys().cloned().collect()
     }
 
-    /// `chain`'s records (oldest first) and its head.
-    pub fn audit_chain(&self, chain: &AgentId) -> (Vec<AuditRecord>, Option<String>) {
-        self.audit.get(chain).map(AuditLog::snapshot).unwrap_or_default()
+    /// `chain`'s live records (oldest first), head and checkpoint.
+    pub fn audit_chain(&self, chain: &AgentId) -> ChainSnapshot<AuditRecord> {
+        self.audit_oldest(chain, usize::MAX)
     }
 
-    /// The security chain's events (oldest first) and its head.
-    pub fn security_chain(&self) -> (Vec<SecurityEvent>, Option<String>) {
-        self.security.snapshot()
+    /// The oldest `limit` live records of `chain`, with its head and checkpoint: what an
+    /// archiver moves out of the store next.
+    pub fn audit_oldest(&self, chain: &AgentId, limit: usize) -> ChainSnapshot<AuditRecord> {
+        self.audit.get(chain).map(|log| log.snapshot(limit)).unwrap_or_default()
+    }
+
+    /// Live records in `chain`.
+    pub fn audit_len(&self, chain: &AgentId) -> usize {
+        self.audit.get(chain).map_or(0, |log| log.records.len())
+    }
+
+    /// Removes the oldest `count` records of `chain` once they are archived, if the last of
+    /// them is still the record hashed `last_hash` (else another archiver got there first, or
+    /// the chain changed: nothing is removed, `None`). Moves the checkpoint past them.
+    pub fn trim_audit(&mut self, chain: &AgentId, count: usize, last_hash: &str) -> Option<Checkpoint> {
+        self.audit.get_mut(chain)?.trim(count, last_hash)
+    }
+
+    /// The security chain's events (oldest first), head and checkpoint.
+    pub fn security_chain(&self) -> ChainSnapshot<SecurityEvent> {
+        self.security.snapshot(usize::MAX)
     }
 
     /// Test and drill hook: replaces record `index` of `chain` in place without relinking,

@@ -147,7 +147,7 @@ fn reply_commit_is_idempotent_for_identical_replies_only() {
     assert_eq!(reply("f", "m1", at(2)), Ok((ReplyCommit::Queued { message_id: "m1".into() }, true)));
     assert_eq!(reply("f", "m2", at(3)), Ok((ReplyCommit::AlreadyQueued { message_id: "m1".into() }, false)));
     assert_eq!(reply("g", "m3", at(3)), Err(ReplyError::Completed));
-    assert_eq!(s.audit_chain(&agent("alice")).0.len(), 1, "the reply is audited in the requester's chain");
+    assert_eq!(s.audit_chain(&agent("alice")).records.len(), 1, "the reply is audited in the requester's chain");
     assert_eq!(s.queue_len(&QueueKey::Replies(agent("alice"), InstanceId::new("a1").unwrap())), 1);
     assert_eq!(s.correlation("c1", at(10_000)), Correlation::Unknown, "receipt lives until the deadline");
 }
@@ -221,10 +221,10 @@ fn admission_audits_and_queues_as_one_step() {
         Admission { chain: agent("bob"), record: record("bob", Decision::RateLimited), envelope: Some(Arc::from("x")) };
     assert_eq!(s.admit(not_routable, None, at(1)).unwrap().entry, None, "only routable decisions queue");
     assert_eq!(s.queue_len(&work("bob")), 1);
-    let (records, head) = s.audit_chain(&agent("bob"));
-    assert_eq!(records.len(), 3);
-    assert_eq!(records[1].previous_hash.as_deref(), Some(first.record.hash().as_str()));
-    assert_eq!(crate::policy::audit::verify(&records, head.as_deref()), Ok(()));
+    let chain = s.audit_chain(&agent("bob"));
+    assert_eq!(chain.records.len(), 3);
+    assert_eq!(chain.records[1].previous_hash.as_deref(), Some(first.record.hash().as_str()));
+    assert_eq!(chain.verify(), Ok(()));
     assert_eq!(s.audit_chains(), vec![agent("bob")]);
 }
 
@@ -237,7 +237,7 @@ fn a_full_queue_is_recorded_as_queue_full_and_a_full_chain_refuses() {
     assert_eq!(full.record.violations, vec!["queue_full".to_string()]);
     s.admit(routed("bob", "e3"), None, at(0)).unwrap();
     assert_eq!(s.admit(routed("bob", "e4"), None, at(0)), Err(StoreError::AuditFull));
-    assert_eq!(s.audit_chain(&agent("bob")).0.len(), 3, "nothing recorded by the refused step");
+    assert_eq!(s.audit_len(&agent("bob")), 3, "nothing recorded by the refused step");
     assert!(s.admit(routed("carol", "e5"), None, at(0)).is_ok(), "other chains are unaffected");
 }
 
@@ -282,12 +282,35 @@ fn security_events_form_their_own_chain_and_tampering_is_detectable() {
         };
         s.append_security(event).unwrap();
     }
-    let (events, head) = s.security_chain();
-    assert_eq!(crate::policy::audit::verify(&events, head.as_deref()), Ok(()));
+    assert_eq!(s.security_chain().verify(), Ok(()));
     for n in 0..3 {
         s.admit(routed("bob", &format!("e{n}")), None, at(n)).unwrap();
     }
     assert!(s.tamper_with_audit(&agent("bob"), 1, |r| r.decision = Decision::Alert));
-    let (records, head) = s.audit_chain(&agent("bob"));
-    assert!(crate::policy::audit::verify(&records, head.as_deref()).is_err());
+    assert!(s.audit_chain(&agent("bob")).verify().is_err());
+}
+
+#[test]
+fn archived_records_leave_a_checkpoint_the_live_part_continues_from() {
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_audit_records: 4, ..Default::default() });
+    let bob = agent("bob");
+    for n in 0..4 {
+        s.admit(routed("bob", &format!("e{n}")), None, at(n)).unwrap();
+    }
+    assert_eq!(s.admit(routed("bob", "e4"), None, at(4)), Err(StoreError::AuditFull));
+    let oldest = s.audit_oldest(&bob, 3);
+    assert_eq!(oldest.records.len(), 3);
+    let last = oldest.records[2].hash();
+    assert_eq!(s.trim_audit(&bob, 3, "not the hash"), None, "a changed prefix is not trimmed");
+    let checkpoint = s.trim_audit(&bob, 3, &last).expect("trimmed");
+    assert_eq!((checkpoint.archived, checkpoint.base.as_deref()), (3, Some(last.as_str())));
+    assert_eq!(s.trim_audit(&bob, 3, &last), None, "trimming twice removes nothing more");
+    assert!(s.admit(routed("bob", "e4"), None, at(4)).unwrap().entry.is_some(), "room again");
+    let live = s.audit_chain(&bob);
+    assert_eq!((live.records.len(), live.checkpoint.archived), (2, 3));
+    assert_eq!(live.verify(), Ok(()));
+    // The archived part and the live part are one chain.
+    let mut whole = oldest.records.clone();
+    whole.extend(live.records.iter().cloned());
+    assert_eq!(crate::policy::audit::verify(&whole, live.head.as_deref()), Ok(()));
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use mas_core::delivery::EntryId;
 use mas_core::ids::AgentId;
-use mas_core::policy::audit::{AuditRecord, Chain, Chained, Decision, SecurityEvent};
+use mas_core::policy::audit::{AuditRecord, Chain, ChainSnapshot, Chained, Checkpoint, Decision, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use redis::Value;
@@ -54,7 +54,8 @@ struct Waiting {
 #[derive(Default)]
 pub(super) struct ChainWriter {
     waiting: Mutex<Vec<Waiting>>,
-    head: Arc<AsyncMutex<KnownHead>>,
+    /// The commit lock, guarding the head this broker believes the chain has.
+    pub(super) head: AsyncMutex<KnownHead>,
 }
 
 /// The chain writers of one backend, one per chain ever written (bounded by the allowlist).
@@ -116,7 +117,7 @@ impl RedisBackend {
         let backend = self.clone();
         let circuit = circuit.copied();
         tokio::spawn(async move {
-            let mut head = writer.head.clone().lock_owned().await;
+            let mut head = writer.head.lock().await;
             loop {
                 let batch: Vec<Waiting> = {
                     let mut waiting = writer.waiting.lock().unwrap_or_else(PoisonError::into_inner);
@@ -260,10 +261,10 @@ impl RedisBackend {
     }
 
     pub(in crate::store) async fn append_security(&self, event: SecurityEvent) -> Result<SecurityEvent, StoreError> {
-        let (stream, head_key) = security_keys();
+        let keys = ChainKeys::security();
         Self::with_chain_head(&self.writers.security, |head| {
             let linked = Chain::resume(head.clone().flatten()).append(event.clone());
-            let (stream, head_key) = (stream.clone(), head_key.clone());
+            let (stream, head_key) = (keys.stream.clone(), keys.head.clone());
             async move {
                 let new_head = linked.hash();
                 let json = serde_json::to_string(&linked).map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -290,51 +291,127 @@ impl RedisBackend {
         .await
     }
 
-    /// The chain writer's head lock of `chain`, for steps that append to it outside a batch
-    /// (reply commits).
-    pub(super) fn chain_head(&self, chain: &AgentId) -> Arc<AsyncMutex<KnownHead>> {
-        self.writers.get(chain).head.clone()
+    /// The chain writer of `chain`, whose head lock steps that append outside a batch (reply
+    /// commits) take.
+    pub(super) fn chain_writer(&self, chain: &AgentId) -> Arc<ChainWriter> {
+        self.writers.get(chain)
     }
 
     pub(in crate::store) async fn audit_chain(
         &self,
         chain: &AgentId,
-    ) -> Result<(Vec<AuditRecord>, Option<String>), StoreError> {
-        self.read_chain(key(chain, "audit"), key(chain, "audit:head")).await
+    ) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
+        self.read_chain(&ChainKeys::of(chain)).await
     }
 
-    pub(in crate::store) async fn security_chain(&self) -> Result<(Vec<SecurityEvent>, Option<String>), StoreError> {
-        let (stream, head) = security_keys();
-        self.read_chain(stream, head).await
+    pub(in crate::store) async fn security_chain(&self) -> Result<ChainSnapshot<SecurityEvent>, StoreError> {
+        self.read_chain(&ChainKeys::security()).await
     }
 
-    /// Reads a chain up to a consistent point (its head and last entry, taken together), in
-    /// pages. A record that does not parse is an error: verification must not skip it.
-    async fn read_chain<T: serde::de::DeserializeOwned>(
+    pub(in crate::store) async fn audit_len(&self, chain: &AgentId) -> Result<usize, StoreError> {
+        redis::cmd("XLEN").arg(key(chain, "audit")).query_async(&mut self.con()).await.map_err(unavailable)
+    }
+
+    pub(in crate::store) async fn audit_oldest(
         &self,
-        stream: String,
-        head_key: String,
-    ) -> Result<(Vec<T>, Option<String>), StoreError> {
-        let tail: Vec<String> = self
+        chain: &AgentId,
+        limit: usize,
+    ) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
+        let keys = ChainKeys::of(chain);
+        let reply: Vec<String> = self
             .scripts
-            .audit_tail
-            .key(&stream)
-            .key(&head_key)
+            .audit_oldest
+            .key(&keys.stream)
+            .key(&keys.head)
+            .key(&keys.checkpoint)
+            .arg(limit)
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
-        let head = stored_head(tail.first().cloned().unwrap_or_default());
-        let last = tail.get(1).cloned().unwrap_or_default();
+        let mut items = reply.into_iter();
+        let head = stored_head(items.next().unwrap_or_default());
+        let checkpoint = checkpoint(items.next(), items.next());
+        let records = items.map(|json| parse_record(&keys.stream, &json)).collect::<Result<_, _>>()?;
+        Ok(ChainSnapshot { records, head, checkpoint })
+    }
+
+    pub(in crate::store) async fn trim_audit(
+        &self,
+        chain: &AgentId,
+        count: usize,
+        last: &AuditRecord,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        let keys = ChainKeys::of(chain);
+        let json = serde_json::to_string(last).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let reply: Vec<String> = self
+            .scripts
+            .audit_trim
+            .key(&keys.stream)
+            .key(&keys.checkpoint)
+            .arg(count)
+            .arg(json)
+            .arg(last.hash())
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        let mut items = reply.into_iter();
+        let archived = items.next();
+        Ok(archived.map(|archived| checkpoint(Some(archived), items.next())))
+    }
+
+    /// Reads a chain up to a consistent point (its head, last entry and checkpoint, taken
+    /// together), in pages. If an archiver moved the checkpoint meanwhile the read starts
+    /// over, so the records always continue from the checkpoint returned. A record that does
+    /// not parse is an error: verification must not skip it.
+    async fn read_chain<T: serde::de::DeserializeOwned>(
+        &self,
+        keys: &ChainKeys,
+    ) -> Result<ChainSnapshot<T>, StoreError> {
+        for _ in 0..MAX_RELINKS {
+            let (snapshot, last) = self.chain_tail(keys).await?;
+            let records = self.read_records(&keys.stream, &last).await?;
+            let (again, _) = self.chain_tail::<T>(keys).await?;
+            if again.checkpoint == snapshot.checkpoint {
+                return Ok(ChainSnapshot { records, ..snapshot });
+            }
+        }
+        Err(StoreError::Unavailable("audit chain kept being archived during the read".into()))
+    }
+
+    /// The head and checkpoint of a chain, and the id of its newest live entry.
+    async fn chain_tail<T>(&self, keys: &ChainKeys) -> Result<(ChainSnapshot<T>, String), StoreError> {
+        let tail: Vec<String> = self
+            .scripts
+            .audit_tail
+            .key(&keys.stream)
+            .key(&keys.head)
+            .key(&keys.checkpoint)
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        let mut items = tail.into_iter();
+        let head = stored_head(items.next().unwrap_or_default());
+        let last = items.next().unwrap_or_default();
+        let checkpoint = checkpoint(items.next(), items.next());
+        Ok((ChainSnapshot { records: Vec::new(), head, checkpoint }, last))
+    }
+
+    /// The records of `stream` up to and including entry `last`, oldest first.
+    async fn read_records<T: serde::de::DeserializeOwned>(
+        &self,
+        stream: &str,
+        last: &str,
+    ) -> Result<Vec<T>, StoreError> {
         let mut records = Vec::new();
         if last.is_empty() {
-            return Ok((records, head));
+            return Ok(records);
         }
         let mut from = "-".to_string();
         loop {
             let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                .arg(&stream)
+                .arg(stream)
                 .arg(&from)
-                .arg(&last)
+                .arg(last)
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut self.con())
@@ -342,18 +419,48 @@ impl RedisBackend {
                 .map_err(unavailable)?;
             let Some((last_id, _)) = page.last() else { break };
             from = format!("({last_id}");
-            let done = *last_id == last;
-            for (id, fields) in page {
+            let done = last_id == last;
+            for (_, fields) in page {
                 let json = fields.into_iter().find(|(k, _)| k == "r").map(|(_, v)| v).unwrap_or_default();
-                let record = serde_json::from_str(&json)
-                    .map_err(|e| StoreError::Unavailable(format!("audit entry {id} of {stream} is unreadable: {e}")))?;
-                records.push(record);
+                records.push(parse_record(stream, &json)?);
             }
             if done {
                 break;
             }
         }
-        Ok((records, head))
+        Ok(records)
+    }
+}
+
+fn parse_record<T: serde::de::DeserializeOwned>(stream: &str, json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::Unavailable(format!("an audit entry of {stream} is unreadable: {e}")))
+}
+
+fn checkpoint(archived: Option<String>, base: Option<String>) -> Checkpoint {
+    Checkpoint { archived: archived.and_then(|a| a.parse().ok()).unwrap_or(0), base: base.filter(|b| !b.is_empty()) }
+}
+
+/// The keys of one chain.
+struct ChainKeys {
+    stream: String,
+    head: String,
+    checkpoint: String,
+}
+
+impl ChainKeys {
+    fn of(chain: &AgentId) -> Self {
+        ChainKeys {
+            stream: key(chain, "audit"),
+            head: key(chain, "audit:head"),
+            checkpoint: key(chain, "audit:checkpoint"),
+        }
+    }
+
+    /// The security chain. `#` cannot appear in an agent id, so no agent's keys collide.
+    fn security() -> Self {
+        let base = "mas:{#security}:audit";
+        ChainKeys { stream: base.into(), head: format!("{base}:head"), checkpoint: format!("{base}:checkpoint") }
     }
 }
 
@@ -368,9 +475,4 @@ pub(super) enum Linked<T> {
     },
     /// The chain's head was not the expected one; it is this.
     Moved(Option<String>),
-}
-
-/// The security chain's keys. `#` cannot appear in an agent id, so no agent's keys collide.
-fn security_keys() -> (String, String) {
-    ("mas:{#security}:audit".to_string(), "mas:{#security}:audit:head".to_string())
 }

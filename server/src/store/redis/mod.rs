@@ -16,7 +16,9 @@
 //! | `mas:{A}:pending:{C}` | string JSON, PX ttl+60 s | a request of A awaiting its reply |
 //! | `mas:{A}:receipt:{C}` | string JSON, PX remaining | the committed reply, for idempotent retries |
 //! | `mas:{A}:circuit` | hash | A's circuit breaker (state, failures, window start, open until, probes, successes) |
-//! | `mas:{A}:audit`, `mas:{A}:audit:head` | stream (`r` = record JSON), string | A's audit chain and its head hash |
+//! | `mas:{A}:audit`, `mas:{A}:audit:head` | stream (`r` = record JSON), string | A's audit chain (live part) and its head hash |
+//! | `mas:{A}:audit:checkpoint` | hash `archived`, `base` | records archived out of the chain, hash of the last one |
+//! | `mas:{#audit}:epoch` | string | this database's epoch: names its archive directory |
 //! | `mas:{#security}:audit`, `…:audit:head` | stream, string | the security-event chain (`#` is never in an agent id) |
 //! | channel `mas:notify:{A}` | pub/sub | "A has new ready work": wakes waiting sessions |
 //!
@@ -119,6 +121,8 @@ struct Scripts {
     admit: Script,
     audit_append: Script,
     audit_tail: Script,
+    audit_oldest: Script,
+    audit_trim: Script,
 }
 
 impl Scripts {
@@ -165,6 +169,8 @@ impl Scripts {
             admit: get("admit"),
             audit_append: get("audit_append"),
             audit_tail: get("audit_tail"),
+            audit_oldest: get("audit_oldest"),
+            audit_trim: get("audit_trim"),
         }
     }
 }
@@ -231,6 +237,8 @@ pub struct RedisBackend {
     max_queue_len: usize,
     /// Most records one audit chain may hold.
     max_audit_records: usize,
+    /// This database's epoch (see `Store::epoch`), kept at `mas:{#audit}:epoch`.
+    epoch: Arc<str>,
     writers: Arc<audit::ChainWriters>,
     /// When each session last asked Redis to reclaim dead owners' work.
     last_reclaim: Arc<Mutex<BTreeMap<String, tokio::time::Instant>>>,
@@ -254,6 +262,15 @@ impl RedisBackend {
             let _: String = redis::cmd("PING").query_async(&mut con).await.map_err(unavailable)?;
             pool.push(con);
         }
+        // The first broker to connect names the database's epoch; every later one reads it.
+        let _: i64 = redis::cmd("SETNX")
+            .arg("mas:{#audit}:epoch")
+            .arg(super::fresh_epoch())
+            .query_async(&mut pool[0])
+            .await
+            .map_err(unavailable)?;
+        let epoch: String =
+            redis::cmd("GET").arg("mas:{#audit}:epoch").query_async(&mut pool[0]).await.map_err(unavailable)?;
         let wakers = Arc::new(Wakers::default());
         let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
         pubsub.psubscribe("mas:notify:*").await.map_err(unavailable)?;
@@ -266,8 +283,13 @@ impl RedisBackend {
             max_queue_len: settings.max_queue_len,
             max_audit_records: mas_core::store::MemoryStoreConfig::default().max_audit_records,
             writers: Arc::default(),
+            epoch: epoch.into(),
             last_reclaim: Arc::default(),
         })
+    }
+
+    pub(super) fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Sets the bound of each audit chain (`gateway.audit.max_records_per_chain`).
@@ -579,8 +601,8 @@ impl RedisBackend {
         let requester = &expected.requester;
         let (replies, replies_delayed) =
             Self::queue_keys(&QueueKey::Replies(requester.clone(), expected.requester_instance.clone()));
-        let chain = self.chain_head(requester);
-        Self::with_chain_head(&chain, |head| {
+        let writer = self.chain_writer(requester);
+        Self::with_chain_head(&writer.head, |head| {
             let linked = Chain::resume(head.clone().flatten()).append(record.clone());
             let keys = [
                 key(requester, &format!("pending:{correlation_id}")),

@@ -447,8 +447,44 @@ redis.call('SET', KEYS[2], ARGV[3])
 return {'ok'}
 
 --@audit_tail
--- A consistent snapshot point of a chain. KEYS: stream, head. Returns {head or '', last id or ''}.
+-- A consistent snapshot point of a chain. KEYS: stream, head, checkpoint.
+-- Returns {head or '', last id or '', archived, base or ''}.
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local id = ''
 if #last == 1 then id = last[1][1] end
-return {redis.call('GET', KEYS[2]) or '', id}
+return {redis.call('GET', KEYS[2]) or '', id, redis.call('HGET', KEYS[3], 'archived') or '0',
+        redis.call('HGET', KEYS[3], 'base') or ''}
+
+--@audit_oldest
+-- The oldest records of a chain, for the archiver. KEYS: stream, head, checkpoint. ARGV: count.
+-- Returns {head or '', archived, base or '', record JSON, ...}.
+local out = {redis.call('GET', KEYS[2]) or '', redis.call('HGET', KEYS[3], 'archived') or '0',
+             redis.call('HGET', KEYS[3], 'base') or ''}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))) do
+  local r = ''
+  for j = 1, #e[2], 2 do if e[2][j] == 'r' then r = e[2][j + 1] end end
+  out[#out + 1] = r
+end
+return out
+
+--@audit_trim
+-- Removes the oldest `count` records of a chain once archived, if the count-th is still the
+-- given record (else the chain changed or another archiver was first: nothing is removed),
+-- and moves the checkpoint past them. KEYS: stream, checkpoint. ARGV: count, last record JSON,
+-- last record's hash. Returns {archived, base} or {}.
+local count = tonumber(ARGV[1])
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
+if #entries ~= count or count == 0 then return {} end
+local last = ''
+for j = 1, #entries[count][2], 2 do
+  if entries[count][2][j] == 'r' then last = entries[count][2][j + 1] end
+end
+if last ~= ARGV[2] then return {} end
+for i = 1, count, 500 do
+  local ids = {}
+  for k = i, math.min(i + 499, count) do ids[#ids + 1] = entries[k][1] end
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+local archived = string.format('%d', tonumber(redis.call('HGET', KEYS[2], 'archived') or '0') + count)
+redis.call('HSET', KEYS[2], 'archived', archived, 'base', ARGV[3])
+return {archived, ARGV[3]}
