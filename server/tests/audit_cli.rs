@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use mas_core::policy::audit::file::FileRecord;
-use mas_core::policy::audit::{AuditRecord, Chain, Chained, Decision, FileLine};
+use mas_core::policy::audit::{AuditRecord, Chain, Decision, FileLine};
 
 fn record(n: u32, decision: Decision) -> AuditRecord {
     AuditRecord {
@@ -31,7 +31,7 @@ fn write_file(dir: &Path) -> PathBuf {
     let lines: Vec<String> = (0..6)
         .map(|n| {
             let linked = chain.append(record(n, if n == 4 { Decision::Alert } else { Decision::Allowed }));
-            let line = FileLine { chain: "agent:bob".into(), hash: linked.hash(), record: FileRecord::Message(linked) };
+            let line = FileLine::new("agent:bob".into(), FileRecord::Message(linked));
             serde_json::to_string(&line).unwrap()
         })
         .collect();

@@ -40,7 +40,8 @@ pub struct TestBroker {
 /// `(agent, allowed targets)` pairs for the allowlist.
 pub type Grants<'a> = &'a [(&'a str, &'a [&'a str])];
 
-fn scratch_dir() -> PathBuf {
+/// A fresh, empty directory under the system's temp dir, unique within this process.
+pub fn scratch_dir() -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let dir =
         std::env::temp_dir().join(format!("mas-e2e-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));

@@ -13,7 +13,7 @@ use mas_agent::HandlerError;
 use mas_core::policy::audit::{AuditFilter, Decision, verify_lines};
 use mas_server::config::DeliverySettings;
 use mas_server::store::Store;
-use mas_tests::{TestBroker, eventually_async, id};
+use mas_tests::{TestBroker, eventually_async, id, scratch_dir};
 use tonic::Code;
 
 fn status_of(err: &mas_agent::AgentError) -> (Code, String) {
@@ -68,10 +68,8 @@ async fn every_decision_is_audited_and_an_email_alert_names_email() {
 
 #[tokio::test]
 async fn verify_passes_on_a_real_run_and_fails_after_one_record_is_edited() {
-    let dir = std::env::temp_dir().join(format!("mas-audit-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir();
     let file = dir.join("audit.jsonl");
-    let _ = std::fs::remove_file(&file);
     let path = file.clone();
     let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &["alice"])], |c| {
         c.gateway.audit.file_path = Some(path);
@@ -247,11 +245,11 @@ async fn on_redis_replies_are_audited_and_an_edited_record_fails_verification() 
     let sends: Vec<_> = (0..50)
         .map(|n| {
             let a = alice.clone();
-            async move { a.send("bob", "ping", &serde_json::json!({ "n": n })).await }
+            tokio::spawn(async move { a.send("bob", "ping", &serde_json::json!({ "n": n })).await })
         })
         .collect();
-    for result in futures_join(sends).await {
-        result.unwrap();
+    for send in sends {
+        send.await.expect("send task").unwrap();
     }
     let report = tb.broker.verify_audit().await.unwrap();
     assert!(report.is_intact(), "{report:?}");
@@ -266,18 +264,6 @@ async fn on_redis_replies_are_audited_and_an_edited_record_fails_verification() 
     alice.stop().await;
     bob.stop().await;
     tb.stop().await;
-}
-
-async fn futures_join<F: std::future::Future + Send + 'static>(futures: Vec<F>) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for handle in handles {
-        out.push(handle.await.expect("task"));
-    }
-    out
 }
 
 /// Sends `n` messages alice → bob, retrying while bob's chain is full (refused until archived).
@@ -300,8 +286,7 @@ async fn send_through_archiving(alice: &mas_agent::Agent, n: u32) -> u32 {
 }
 
 async fn archiving_keeps_chains_open_and_verifiable(redis: Option<&str>) {
-    let dir = std::env::temp_dir().join(format!("mas-archive-e2e-{}-{}", std::process::id(), redis.is_some()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch_dir();
     let archive = dir.clone();
     let redis = redis.map(mas_server::store::redis::RedisSettings::new);
     let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {

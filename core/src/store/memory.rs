@@ -399,11 +399,6 @@ impl MemoryStore {
         })
     }
 
-    /// Drops a pending request (its envelope could not be admitted).
-    pub fn cancel_request(&mut self, correlation_id: &str) {
-        self.pending.remove(correlation_id);
-    }
-
     // ---- rate limits ----------------------------------------------------------------------
 
     /// Admits one message of `sender` under `limits` (GCRA, both windows); a refusal

@@ -25,6 +25,7 @@ use mas_core::policy::audit::{AuditRecord, Chained, FileLine, verify_from, verif
 use mas_core::store::StoreError;
 
 use super::chain_name;
+use super::sink::located_lines;
 use crate::store::Store;
 
 /// Why archiving stopped.
@@ -95,13 +96,19 @@ impl Archiver {
     async fn run(&self, chain: &AgentId) -> Result<(), ArchiveError> {
         while self.store.audit_len(chain).await? >= self.high_water {
             let oldest = self.store.audit_oldest(chain, self.batch).await?;
-            let Some(last) = oldest.records.last() else { return Ok(()) };
+            let Some(last) = oldest.records.last().cloned() else { return Ok(()) };
             let links = verify_from(&oldest.records, oldest.checkpoint.base.as_deref(), Some(&last.hash()));
             if links.is_err() {
                 return Err(ArchiveError::Broken(chain.to_string()));
             }
-            let path = write_segment(&self.dir, chain, oldest.checkpoint.archived, &oldest.records)?;
-            match self.store.trim_audit(chain, oldest.records.len(), last).await? {
+            let count = oldest.records.len();
+            // Writing and fsyncing block: keep them off the runtime's workers.
+            let (dir, owner) = (self.dir.clone(), chain.clone());
+            let path =
+                off_the_runtime(move || write_segment(&dir, &owner, oldest.checkpoint.archived, &oldest.records))
+                    .await
+                    .map_err(|source| ArchiveError::Io { path: self.dir.clone(), source })??;
+            match self.store.trim_audit(chain, count, &last).await? {
                 Some(checkpoint) => {
                     tracing::info!(%chain, archived = checkpoint.archived, segment = %path.display(), "audit records archived");
                 }
@@ -111,6 +118,18 @@ impl Archiver {
         }
         Ok(())
     }
+}
+
+/// Runs blocking file work on the blocking pool, off the runtime's workers.
+#[cfg(not(madsim))]
+async fn off_the_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)
+}
+
+/// Under simulation there are no threads to block: the work runs inline.
+#[cfg(madsim)]
+async fn off_the_runtime<T>(work: impl FnOnce() -> T) -> std::io::Result<T> {
+    Ok(work())
 }
 
 /// The directory of `chain`'s segments under an epoch directory.
@@ -133,8 +152,7 @@ fn write_segment(
     let tmp = dir.join(format!("{first:020}.jsonl.tmp"));
     let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     for record in records {
-        let line =
-            FileLine { chain: chain_name(chain), hash: record.hash(), record: FileRecord::Message(record.clone()) };
+        let line = FileLine::new(chain_name(chain), FileRecord::Message(record.clone()));
         serde_json::to_writer(&mut out, &line).map_err(|e| io(e.into()))?;
         out.write_all(b"\n").map_err(io)?;
     }
@@ -180,12 +198,9 @@ pub fn verify_segments(dir: &Path) -> Result<SegmentReport, std::io::Error> {
                 report.records
             ));
         }
-        let text = std::fs::read_to_string(file)?;
-        let name = file.display().to_string();
-        for (n, line) in text.lines().enumerate() {
-            lines.push((format!("{name}:{}", n + 1), line.to_string()));
-        }
-        report.records += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        let read = located_lines(file)?;
+        report.records += read.iter().filter(|(_, line)| !line.trim().is_empty()).count() as u64;
+        lines.extend(read);
     }
     let verified = verify_lines(lines.iter().map(|(at, line)| (at, line.as_str())));
     report.errors.extend(verified.errors);

@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mas_core::ids::AgentId;
-use mas_core::policy::audit::{
-    AuditFilter, AuditRecord, ChainError, Chained, FileLine, SecurityEvent, file::FileRecord,
-};
+use mas_core::policy::audit::{AuditFilter, AuditRecord, ChainError, SecurityEvent, file::FileRecord};
 use mas_core::store::StoreError;
 use mas_core::time::UnixMillis;
 use tokio::sync::mpsc;
@@ -37,7 +35,7 @@ pub const SECURITY_CHAIN: &str = "security";
 /// Feeds the file sink, the security chain and the archiver.
 #[derive(Debug)]
 pub struct AuditTrail {
-    file: Option<mpsc::Sender<FileLine>>,
+    file: Option<mpsc::Sender<sink::Pending>>,
     archiver: Option<Arc<archive::Archiver>>,
     /// Where this store's segments are (`{archive_dir}/{store epoch}`), when archiving is on.
     archive_dir: Option<PathBuf>,
@@ -90,13 +88,11 @@ impl AuditTrail {
         if let Some(archiver) = &self.archiver {
             archiver.note_append(chain);
         }
-        if let Some(file) = &self.file {
-            let line =
-                FileLine { chain: chain_name(chain), hash: record.hash(), record: FileRecord::Message(record.clone()) };
-            if file.try_send(line).is_err() {
-                let n = self.dropped_lines.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(dropped = n, "audit file sink is behind; line dropped (the store keeps the record)");
-            }
+        if let Some(file) = &self.file
+            && file.try_send((chain_name(chain), FileRecord::Message(record.clone()))).is_err()
+        {
+            let n = self.dropped_lines.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(dropped = n, "audit file sink is behind; line dropped (the store keeps the record)");
         }
     }
 
@@ -120,18 +116,13 @@ impl AuditTrail {
 async fn write_security_events(
     store: Store,
     mut events: mpsc::Receiver<SecurityEvent>,
-    file: Option<mpsc::Sender<FileLine>>,
+    file: Option<mpsc::Sender<sink::Pending>>,
 ) {
     while let Some(event) = events.recv().await {
         match store.append_security(event).await {
             Ok(linked) => {
                 if let Some(file) = &file {
-                    let line = FileLine {
-                        chain: SECURITY_CHAIN.to_string(),
-                        hash: linked.hash(),
-                        record: FileRecord::Security(linked),
-                    };
-                    let _ = file.try_send(line);
+                    let _ = file.try_send((SECURITY_CHAIN.to_string(), FileRecord::Security(linked)));
                 }
             }
             Err(err) => tracing::error!(error = %err, "security event could not be recorded"),

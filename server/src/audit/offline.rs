@@ -7,7 +7,7 @@ use std::path::Path;
 use mas_core::policy::audit::file::FileRecord;
 use mas_core::policy::audit::{AuditFilter, AuditRecord, FileLine, FileReport, verify_lines};
 
-use super::sink::files_oldest_first;
+use super::sink::{files_oldest_first, located_lines};
 #[cfg(not(madsim))]
 pub use from_store::*;
 
@@ -38,10 +38,9 @@ pub enum OfflineError {
 fn sink_lines(path: &Path) -> Result<Vec<(String, String)>, OfflineError> {
     let mut lines = Vec::new();
     for file in files_oldest_first(path) {
-        let text = std::fs::read_to_string(&file)
-            .map_err(|source| OfflineError::Read { path: file.display().to_string(), source })?;
-        let name = file.display().to_string();
-        lines.extend(text.lines().enumerate().map(|(i, l)| (format!("{name}:{}", i + 1), l.to_string())));
+        let read =
+            located_lines(&file).map_err(|source| OfflineError::Read { path: file.display().to_string(), source })?;
+        lines.extend(read);
     }
     Ok(lines)
 }

@@ -10,6 +10,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use mas_core::policy::audit::FileLine;
+use mas_core::policy::audit::file::FileRecord;
 use tokio::sync::mpsc;
 
 /// Lines waiting for the writer; beyond it lines are dropped with a warning.
@@ -97,12 +98,23 @@ pub fn files_oldest_first(path: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Writes lines from `lines` until every sender is gone; each burst is flushed once.
-pub(super) async fn run(mut file: JsonlFile, mut lines: mpsc::Receiver<FileLine>) {
+/// The lines of a JSONL audit file, each with its location (`file:line`) for reports.
+pub fn located_lines(file: &Path) -> std::io::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(file)?;
+    let name = file.display().to_string();
+    Ok(text.lines().enumerate().map(|(i, line)| (format!("{name}:{}", i + 1), line.to_string())).collect())
+}
+
+/// A committed record on its way to the file, with its chain's name. Hashing and serialising
+/// happen in the writer task, off the message path.
+pub(super) type Pending = (String, FileRecord);
+
+/// Writes records from `lines` until every sender is gone; each burst is flushed once.
+pub(super) async fn run(mut file: JsonlFile, mut lines: mpsc::Receiver<Pending>) {
     while let Some(first) = lines.recv().await {
         let mut next = Some(first);
-        while let Some(line) = next {
-            match serde_json::to_string(&line) {
+        while let Some((chain, record)) = next {
+            match serde_json::to_string(&FileLine::new(chain, record)) {
                 Ok(text) => {
                     if let Err(err) = file.write_line(&text) {
                         tracing::error!(error = %err, path = %file.path.display(), "audit file write failed");

@@ -5,13 +5,13 @@
 //! an admitted message is recorded in the same store step that queues it (the store may still
 //! turn it into `CIRCUIT_OPEN` or `QUEUE_FULL` at that moment, and records that instead).
 
-use mas_core::envelope::Payload;
+use mas_core::envelope::{Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, Decision, payload_hash};
 use mas_core::policy::dlp::Action;
 use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use mas_core::time::Instant;
-use mas_net::status::detail;
+use mas_net::status::{self, detail};
 use tonic::Status;
 
 use super::{Service, store_failed};
@@ -27,6 +27,24 @@ pub(super) struct Ingress<'a> {
     pub message_id: &'a str,
     /// When the RPC began (broker's monotonic clock), for `latency_ms`.
     pub started: Instant,
+}
+
+/// The fields a send and a request share.
+pub(super) struct Outgoing<'a> {
+    pub instance_id: &'a str,
+    pub target_id: &'a str,
+    pub message_type: &'a str,
+    pub data_json: &'a str,
+}
+
+/// A send or request that passed the policies.
+pub(super) struct Screened {
+    /// The sending instance (it holds a live session).
+    pub sender_instance: InstanceId,
+    /// The message's fresh id.
+    pub message_id: String,
+    /// Where it goes, what it carries, its decision record.
+    pub passed: Passed,
 }
 
 /// Which checks apply: a reply was authorized by its request and is not gated by the
@@ -50,6 +68,31 @@ pub(super) struct Passed {
 }
 
 impl Service {
+    /// The common front of a send and a request: the sender's session, the payload's form, a
+    /// fresh message id, then the policies. `started` is when the RPC began.
+    pub(super) async fn screen_outgoing(
+        &self,
+        started: Instant,
+        sender: &AgentId,
+        outgoing: Outgoing<'_>,
+        correlation_id: Option<&str>,
+    ) -> Result<Screened, Status> {
+        let sender_instance = self.connected_instance(sender, outgoing.instance_id).await?;
+        let data = parse_payload(outgoing.data_json).map_err(status::payload_invalid)?;
+        let message_id = self.broker.next_message_id();
+        let ingress = Ingress {
+            sender,
+            sender_instance: &sender_instance,
+            target_id: outgoing.target_id,
+            message_type: outgoing.message_type,
+            correlation_id,
+            message_id: &message_id,
+            started,
+        };
+        let passed = self.pass_policies(&ingress, Exchange::Message, data).await?;
+        Ok(Screened { sender_instance, message_id, passed })
+    }
+
     /// Runs authorization, rate limit, circuit and DLP. A denial is audited, then returned as
     /// its reference status.
     pub(super) async fn pass_policies(
@@ -63,24 +106,21 @@ impl Service {
             Exchange::Message => match self.authorize(ingress.sender, ingress.target_id).await? {
                 Ok(authorized) => authorized,
                 Err(chain) => {
-                    let denial = Status::permission_denied(detail::NOT_AUTHORIZED);
                     let violations = vec!["authorization_denied".to_string()];
-                    return Err(self.deny(ingress, &chain, &payload, Decision::AuthzDenied, violations, denial).await);
+                    return Err(self.deny(ingress, &chain, &payload, Decision::AuthzDenied, violations).await);
                 }
             },
         };
         let limits = self.broker.config().gateway.rate_limit.limits_for(ingress.sender);
         if let Err(limited) = self.broker.store().admit_rate(ingress.sender, limits).await.map_err(store_failed)? {
             tracing::info!(sender = %ingress.sender, window = ?limited.window, "rate limited");
-            let denial = Status::resource_exhausted(detail::RATE_LIMITED);
             let violations = vec!["rate_limit_exceeded".to_string()];
-            return Err(self.deny(ingress, &target, &payload, Decision::RateLimited, violations, denial).await);
+            return Err(self.deny(ingress, &target, &payload, Decision::RateLimited, violations).await);
         }
         if !gate.circuit_admits {
             tracing::info!(sender = %ingress.sender, %target, "circuit open");
-            let denial = Status::failed_precondition(detail::CIRCUIT_OPEN);
             let violations = vec!["circuit_open".to_string()];
-            return Err(self.deny(ingress, &target, &payload, Decision::CircuitOpen, violations, denial).await);
+            return Err(self.deny(ingress, &target, &payload, Decision::CircuitOpen, violations).await);
         }
         let (decision, violations, payload) = match self.broker.dlp() {
             None => (Decision::Allowed, Vec::new(), payload),
@@ -93,8 +133,7 @@ impl Service {
                     Some(Action::Redact) => (Decision::DlpRedacted, kinds, scan.redacted.unwrap_or(payload)),
                     Some(Action::Block) => {
                         tracing::info!(sender = %ingress.sender, violations = ?kinds, "DLP blocked");
-                        let denial = Status::permission_denied(detail::DLP_BLOCKED);
-                        return Err(self.deny(ingress, &target, &payload, Decision::DlpBlocked, kinds, denial).await);
+                        return Err(self.deny(ingress, &target, &payload, Decision::DlpBlocked, kinds).await);
                     }
                 }
             }
@@ -104,7 +143,7 @@ impl Service {
     }
 
     /// The audit record of a decision about `payload`.
-    pub(super) fn record(
+    fn record(
         &self,
         ingress: &Ingress<'_>,
         payload: &Payload,
@@ -129,8 +168,8 @@ impl Service {
         }
     }
 
-    /// Audits a denial in `chain`, then returns `denial` — or the store's error if the denial
-    /// could not be recorded (nothing is refused unaudited either).
+    /// Audits a denial in `chain`, then returns its status — or the store's error if the
+    /// denial could not be recorded (nothing is refused unaudited either).
     async fn deny(
         &self,
         ingress: &Ingress<'_>,
@@ -138,26 +177,40 @@ impl Service {
         payload: &Payload,
         decision: Decision,
         violations: Vec<String>,
-        denial: Status,
     ) -> Status {
         let record = self.record(ingress, payload, decision, violations);
-        match self.commit(Admission { chain: chain.clone(), record, envelope: None }).await {
-            Ok(_) => denial,
+        let admission = Admission { chain: chain.clone(), record, envelope: None };
+        let committed = self.broker.store().admit(admission, self.broker.circuit()).await;
+        match self.recorded(chain, committed) {
+            Ok(_) => denial_status(decision),
             Err(status) => status,
         }
     }
 
-    /// One audited admission step; the committed record goes to the file sink.
-    pub(super) async fn commit(&self, admission: Admission) -> Result<Admitted, Status> {
+    /// Queues a message that passed the policies, with its audit record, as one store step.
+    /// The store may still refuse it (circuit, queue bound): then the refusal was recorded
+    /// and its status returns.
+    pub(super) async fn admit(&self, admission: Admission) -> Result<(), Status> {
         let chain = admission.chain.clone();
-        let admitted = self
-            .broker
-            .store()
-            .admit(admission, self.broker.circuit())
-            .await
-            .map_err(|err| self.audit_step_failed(&chain, err))?;
-        self.broker.audit().recorded(&chain, &admitted.record);
-        Ok(admitted)
+        let committed = self.broker.store().admit(admission, self.broker.circuit()).await;
+        routed(&self.recorded(&chain, committed)?)
+    }
+
+    /// The end of every audited store step that records in `chain`: a committed record goes
+    /// to the file sink (and the archiver's count); a failure becomes its status, and a full
+    /// chain is handed to the archiver at once.
+    pub(super) fn recorded(
+        &self,
+        chain: &AgentId,
+        committed: Result<Admitted, StoreError>,
+    ) -> Result<Admitted, Status> {
+        match committed {
+            Ok(admitted) => {
+                self.broker.audit().recorded(chain, &admitted.record);
+                Ok(admitted)
+            }
+            Err(err) => Err(self.audit_step_failed(chain, err)),
+        }
     }
 
     /// The status of a failed step that records in `chain`; a full chain is handed to the
@@ -197,13 +250,24 @@ impl Service {
     }
 }
 
-/// The status of an admission the store refused at enqueue time.
-pub(super) fn refused(admitted: &Admitted) -> Option<Status> {
-    if admitted.entry.is_some() {
-        return None;
+/// `Ok` when the message was queued; else the status of the refusal the store recorded.
+pub(super) fn routed(admitted: &Admitted) -> Result<(), Status> {
+    match admitted.entry {
+        Some(_) => Ok(()),
+        None => Err(denial_status(admitted.record.decision)),
     }
-    Some(match admitted.record.decision {
+}
+
+/// The reference's status for a refusal (catalogue §1.4; `queue_full` is ours).
+fn denial_status(decision: Decision) -> Status {
+    match decision {
+        Decision::AuthzDenied => Status::permission_denied(detail::NOT_AUTHORIZED),
+        Decision::DlpBlocked => Status::permission_denied(detail::DLP_BLOCKED),
+        Decision::RateLimited => Status::resource_exhausted(detail::RATE_LIMITED),
         Decision::QueueFull => Status::resource_exhausted(detail::QUEUE_FULL),
-        _ => Status::failed_precondition(detail::CIRCUIT_OPEN),
-    })
+        Decision::CircuitOpen => Status::failed_precondition(detail::CIRCUIT_OPEN),
+        // Routable decisions are never refusals; a store that refused one without saying why
+        // is reported as unavailable rather than as a policy verdict.
+        Decision::Allowed | Decision::Alert | Decision::DlpRedacted => Status::unavailable(detail::STORAGE_UNAVAILABLE),
+    }
 }

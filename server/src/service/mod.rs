@@ -29,7 +29,7 @@ use crate::session;
 
 mod admission;
 
-use admission::{Exchange, Ingress};
+use admission::{Exchange, Ingress, Outgoing, Screened};
 
 /// A request's pending lifetime when the client gives `timeout_ms = 0` (reference default).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -150,19 +150,14 @@ impl RuntimeService for Service {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
-        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
-        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
-        let message_id = self.broker.next_message_id();
-        let ingress = Ingress {
-            sender: &sender,
-            sender_instance: &sender_instance,
+        let outgoing = Outgoing {
+            instance_id: &req.instance_id,
             target_id: &req.target_id,
             message_type: &req.message_type,
-            correlation_id: None,
-            message_id: &message_id,
-            started,
+            data_json: &req.data_json,
         };
-        let passed = self.pass_policies(&ingress, Exchange::Message, data).await?;
+        let Screened { sender_instance, message_id, passed } =
+            self.screen_outgoing(started, &sender, outgoing, None).await?;
         let now = self.broker.clock().now().wall;
         let envelope = Envelope::new_send(
             &sender,
@@ -173,13 +168,9 @@ impl RuntimeService for Service {
             message_id.clone(),
             now,
         );
-        let admission =
-            Admission { chain: passed.target, record: passed.record, envelope: Some(Arc::from(envelope.to_json())) };
-        let admitted = self.commit(admission).await?;
-        match admission::refused(&admitted) {
-            Some(status) => Err(status),
-            None => Ok(Response::new(SendResponse { message_id })),
-        }
+        let envelope = Some(Arc::from(envelope.to_json()));
+        self.admit(Admission { chain: passed.target, record: passed.record, envelope }).await?;
+        Ok(Response::new(SendResponse { message_id }))
     }
 
     async fn request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
@@ -191,20 +182,15 @@ impl RuntimeService for Service {
             0 => DEFAULT_REQUEST_TIMEOUT,
             ms => Duration::from_millis(ms.unsigned_abs().into()),
         };
-        let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
-        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
-        let message_id = self.broker.next_message_id();
         let correlation_id = self.broker.next_correlation_id(&sender);
-        let ingress = Ingress {
-            sender: &sender,
-            sender_instance: &sender_instance,
+        let outgoing = Outgoing {
+            instance_id: &req.instance_id,
             target_id: &req.target_id,
             message_type: &req.message_type,
-            correlation_id: Some(&correlation_id),
-            message_id: &message_id,
-            started,
+            data_json: &req.data_json,
         };
-        let passed = self.pass_policies(&ingress, Exchange::Message, data).await?;
+        let Screened { sender_instance, message_id, passed } =
+            self.screen_outgoing(started, &sender, outgoing, Some(&correlation_id)).await?;
         let now = self.broker.clock().now().wall;
         let envelope = Envelope::new_request(
             &sender,
@@ -218,19 +204,12 @@ impl RuntimeService for Service {
         );
         let target = passed.target;
         let pending = PendingRequest { requester: sender, requester_instance: sender_instance, target: target.clone() };
-        let admission =
-            Admission { chain: target.clone(), record: passed.record, envelope: Some(Arc::from(envelope.to_json())) };
-        let admitted = self
-            .broker
-            .store()
-            .open_request(&correlation_id, pending, timeout, admission, self.broker.circuit())
-            .await
-            .map_err(|err| self.audit_step_failed(&target, err))?;
-        self.broker.audit().recorded(&target, &admitted.record);
-        match admission::refused(&admitted) {
-            Some(status) => Err(status),
-            None => Ok(Response::new(RequestResponse { message_id, correlation_id })),
-        }
+        let envelope = Some(Arc::from(envelope.to_json()));
+        let admission = Admission { chain: target.clone(), record: passed.record, envelope };
+        let committed =
+            self.broker.store().open_request(&correlation_id, pending, timeout, admission, self.broker.circuit()).await;
+        admission::routed(&self.recorded(&target, committed)?)?;
+        Ok(Response::new(RequestResponse { message_id, correlation_id }))
     }
 
     async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {

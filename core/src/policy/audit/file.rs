@@ -33,6 +33,13 @@ pub enum FileRecord {
     Security(SecurityEvent),
 }
 
+impl FileLine {
+    /// The line of `record` in `chain` (its hash computed here).
+    pub fn new(chain: String, record: FileRecord) -> Self {
+        FileLine { chain, hash: record.hash(), record }
+    }
+}
+
 impl FileRecord {
     fn hash(&self) -> String {
         match self {

@@ -156,6 +156,15 @@ pub trait Chained: Serialize {
     fn hash(&self) -> String {
         hash_of(self)
     }
+
+    /// The record's canonical JSON and its hash, serialised once: for stores that keep
+    /// records as text.
+    fn canonical(&self) -> (String, String) {
+        // Serialising plain data cannot fail.
+        let json = serde_json::to_string(self).unwrap_or_default();
+        let hash = hex(&Sha256::digest(json.as_bytes()));
+        (json, hash)
+    }
 }
 
 /// Both record kinds link the same way: through their `previous_hash` and `hash_version`.
@@ -233,6 +242,15 @@ impl Chain {
         record.link(self.head.take());
         self.head = Some(record.hash());
         record
+    }
+
+    /// Like [`Chain::append`], also returning the linked record's canonical JSON (what its
+    /// hash covers), so a store that keeps records as text serialises each only once.
+    pub fn append_json<T: Chained>(&mut self, mut record: T) -> (T, String) {
+        record.link(self.head.take());
+        let (json, hash) = record.canonical();
+        self.head = Some(hash);
+        (record, json)
     }
 }
 

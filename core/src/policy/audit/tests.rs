@@ -63,6 +63,19 @@ fn record_hash_is_sha256_of_the_canonical_json_of_the_whole_record() {
 }
 
 #[test]
+fn append_json_gives_the_text_the_hash_covers() {
+    let (mut plain, mut with_json) = (Chain::default(), Chain::default());
+    for n in 0..3 {
+        let linked = plain.append(record(n));
+        let (same, json) = with_json.append_json(record(n));
+        assert_eq!(same, linked);
+        assert_eq!(json, serde_json::to_string(&linked).unwrap());
+        assert_eq!(with_json.head(), plain.head());
+        assert_eq!(linked.canonical(), (json, linked.hash()));
+    }
+}
+
+#[test]
 fn records_survive_a_json_round_trip_with_the_same_hash() {
     let (records, head) = chain(20);
     let text: Vec<String> = records.iter().map(|r| serde_json::to_string(r).unwrap()).collect();
@@ -143,8 +156,7 @@ fn file_lines(records: &[AuditRecord]) -> Vec<String> {
     records
         .iter()
         .map(|r| {
-            let line =
-                FileLine { chain: "agent:bob".into(), hash: r.hash(), record: file::FileRecord::Message(r.clone()) };
+            let line = FileLine::new("agent:bob".into(), file::FileRecord::Message(r.clone()));
             serde_json::to_string(&line).unwrap()
         })
         .collect()

@@ -1,11 +1,11 @@
 //! The governance steps of the memory store: the target gate (liveness and circuit), audited
 //! admission (audit record and enqueue as one step), circuit outcomes and security events.
 
+use std::collections::VecDeque;
+
 use super::MemoryStore;
 use crate::delivery::Outcome;
 use crate::ids::AgentId;
-use std::collections::VecDeque;
-
 use crate::policy::audit::{AuditRecord, Chain, ChainSnapshot, Chained, Checkpoint, Decision, SecurityEvent};
 use crate::policy::circuit::{Circuit, CircuitConfig};
 use crate::store::{Admission, Admitted, QueueKey, StoreError, TargetGate};
@@ -82,7 +82,7 @@ impl MemoryStore {
         now: Instant,
     ) -> Result<Admitted, StoreError> {
         let Admission { chain, mut record, envelope } = admission;
-        if !self.audit.get(&chain).is_none_or(|log| log.has_room(self.config.max_audit_records)) {
+        if !self.audit_has_room(&chain) {
             return Err(StoreError::AuditFull);
         }
         let queue = QueueKey::Work(chain.clone());
@@ -105,7 +105,7 @@ impl MemoryStore {
             Some(envelope) => Some(self.enqueue(&queue, envelope)?),
             None => None,
         };
-        let record = self.audit.entry(chain).or_default().append(record);
+        let record = self.append_audit(&chain, record);
         Ok(Admitted { record, entry })
     }
 
@@ -114,7 +114,7 @@ impl MemoryStore {
         self.audit.get(chain).is_none_or(|log| log.has_room(self.config.max_audit_records))
     }
 
-    /// Appends an already-decided record (a reply) to `chain`; the caller checked room.
+    /// Appends a decided record to `chain`; the caller checked room.
     pub(super) fn append_audit(&mut self, chain: &AgentId, record: AuditRecord) -> AuditRecord {
         self.audit.entry(chain.clone()).or_default().append(record)
     }

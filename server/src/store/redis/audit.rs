@@ -41,7 +41,7 @@ pub(super) fn expected_arg(head: &KnownHead) -> String {
 }
 
 /// The stored head as the scripts return it (`''` for an empty chain).
-fn stored_head(text: String) -> Option<String> {
+pub(super) fn stored_head(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
@@ -177,7 +177,8 @@ impl RedisBackend {
     ) -> Result<Vec<Admitted>, StoreError> {
         for _ in 0..MAX_RELINKS {
             let mut links = Chain::resume(head.clone().flatten());
-            let linked: Vec<AuditRecord> = items.iter().map(|i| links.append(i.record.clone())).collect();
+            let (linked, texts): (Vec<AuditRecord>, Vec<String>) =
+                items.iter().map(|i| links.append_json(i.record.clone())).unzip();
             let new_head = links.head().unwrap_or_default().to_string();
             let mut invocation = self.scripts.admit.prepare_invoke();
             invocation
@@ -191,8 +192,7 @@ impl RedisBackend {
                 invocation.arg(arg);
             }
             invocation.arg(&new_head);
-            for (item, record) in items.iter().zip(&linked) {
-                let json = serde_json::to_string(record).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            for (item, json) in items.iter().zip(texts) {
                 let envelope = item.envelope.as_deref().unwrap_or("");
                 invocation.arg(if item.envelope.is_some() { "1" } else { "0" }).arg(json).arg(envelope);
             }
@@ -263,11 +263,11 @@ impl RedisBackend {
     pub(in crate::store) async fn append_security(&self, event: SecurityEvent) -> Result<SecurityEvent, StoreError> {
         let keys = ChainKeys::security();
         Self::with_chain_head(&self.writers.security, |head| {
-            let linked = Chain::resume(head.clone().flatten()).append(event.clone());
+            let mut links = Chain::resume(head.clone().flatten());
+            let (linked, json) = links.append_json(event.clone());
+            let new_head = links.head().unwrap_or_default().to_string();
             let (stream, head_key) = (keys.stream.clone(), keys.head.clone());
             async move {
-                let new_head = linked.hash();
-                let json = serde_json::to_string(&linked).map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 let reply: Vec<String> = self
                     .scripts
                     .audit_append
@@ -342,7 +342,7 @@ impl RedisBackend {
         last: &AuditRecord,
     ) -> Result<Option<Checkpoint>, StoreError> {
         let keys = ChainKeys::of(chain);
-        let json = serde_json::to_string(last).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (json, hash) = last.canonical();
         let reply: Vec<String> = self
             .scripts
             .audit_trim
@@ -350,7 +350,7 @@ impl RedisBackend {
             .key(&keys.checkpoint)
             .arg(count)
             .arg(json)
-            .arg(last.hash())
+            .arg(hash)
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;

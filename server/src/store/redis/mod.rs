@@ -32,7 +32,7 @@ use std::time::Duration;
 use mas_core::delivery::Outcome;
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
-use mas_core::policy::audit::{AuditRecord, Chain, Chained};
+use mas_core::policy::audit::{AuditRecord, Chain};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits, Window};
 use mas_core::store::{
@@ -603,7 +603,9 @@ impl RedisBackend {
             Self::queue_keys(&QueueKey::Replies(requester.clone(), expected.requester_instance.clone()));
         let writer = self.chain_writer(requester);
         Self::with_chain_head(&writer.head, |head| {
-            let linked = Chain::resume(head.clone().flatten()).append(record.clone());
+            let mut links = Chain::resume(head.clone().flatten());
+            let (linked, json) = links.append_json(record.clone());
+            let new_head = links.head().unwrap_or_default().to_string();
             let keys = [
                 key(requester, &format!("pending:{correlation_id}")),
                 key(requester, &format!("receipt:{correlation_id}")),
@@ -615,8 +617,6 @@ impl RedisBackend {
             let receipt = receipt.clone();
             let envelope = envelope.clone();
             async move {
-                let new_head = linked.hash();
-                let json = serde_json::to_string(&linked).map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 let mut invocation = self.scripts.commit_reply.prepare_invoke();
                 for k in keys {
                     invocation.key(k);
@@ -645,7 +645,9 @@ impl RedisBackend {
                     (Some("already"), Some(id)) => {
                         done(Ok((ReplyCommit::AlreadyQueued { message_id: id.clone() }, None)))
                     }
-                    (Some("head"), actual) => Ok(audit::Linked::Moved(actual.filter(|h| !h.is_empty()).cloned())),
+                    (Some("head"), actual) => {
+                        Ok(audit::Linked::Moved(audit::stored_head(actual.cloned().unwrap_or_default())))
+                    }
                     (Some("full"), _) => Err(StoreError::AuditFull),
                     (Some("expired"), _) => done(Err(ReplyError::Expired)),
                     (Some("unknown"), _) => done(Err(ReplyError::Unknown)),
