@@ -5,9 +5,11 @@
 //! at least once to one instance of the target agent through that instance's `Transport`
 //! stream, with per-delivery ack deadlines, retry backoff and a dead-letter queue.
 //!
-//! Layout: [`config`] (read once), [`broker`] (shared state), [`service`] (gRPC handlers),
-//! [`session`] (one task per agent instance driving `mas_core`'s delivery machine), [`store`]
-//! (the embedded store), [`serve`] (listener setup; the only code that differs under madsim).
+//! Layout: [`config`] (read once), [`broker`] (shared state), [`service`] (gRPC handlers and
+//! the admission pipeline), [`session`] (one task per agent instance driving `mas_core`'s
+//! delivery machine), [`store`] (the embedded and Redis stores), [`audit`] (file sink,
+//! archiving, security events, verification and queries), [`serve`] (listener setup; the only
+//! code that differs under madsim).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
