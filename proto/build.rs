@@ -1,14 +1,18 @@
 //! Generates the gRPC code for both real and simulated (madsim) builds with the vendored
 //! protoc, so neither developers nor CI need a system `protoc`.
 
+const PROTOS: [&str; 2] = ["proto/mas.proto", "proto/mas_v1.proto"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     madsim_tonic_build::configure().build_server(true).build_client(true).compile_protos_with_config(
         config,
-        &["proto/mas.proto"],
+        &PROTOS,
         &["proto"],
     )?;
-    println!("cargo:rerun-if-changed=proto/mas.proto");
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
     Ok(())
 }

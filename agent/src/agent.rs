@@ -8,7 +8,7 @@ use std::time::Duration;
 use mas_core::envelope::Envelope;
 use mas_core::ids::{AgentId, InstanceId};
 use mas_net::client::{RuntimeClient, runtime_client};
-use mas_proto::v1::{DiscoverRequest, ReplyRequest, RequestRequest, SendRequest};
+use mas_proto::runtime::{DiscoverRequest, ReplyRequest, RequestRequest, SendRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -342,7 +342,11 @@ fn random_instance_id() -> InstanceId {
 pub(crate) async fn connect(config: &AgentConfig, url: &str) -> Result<Channel, AgentError> {
     mas_net::tls::install_crypto_provider();
     let pem = config.tls.load()?;
-    let endpoint = Endpoint::from_shared(url.to_string())?.tls_config(pem.client_config(&config.server_name))?;
+    // TCP_NODELAY explicitly (tonic's default today): request/reply is a ping-pong of small
+    // frames, which Nagle's algorithm would delay by a delayed-ACK period each.
+    let endpoint = Endpoint::from_shared(url.to_string())?
+        .tcp_nodelay(true)
+        .tls_config(pem.client_config(&config.server_name))?;
     Ok(endpoint.connect().await?)
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use mas_proto::v1::{GetStateRequest, ResetStateRequest, UpdateStateRequest};
+use mas_proto::runtime::{GetStateRequest, ResetStateRequest, UpdateStateRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};

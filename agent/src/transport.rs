@@ -8,7 +8,7 @@ use std::time::Duration;
 use mas_core::envelope::Envelope;
 use mas_core::ids::InstanceId;
 use mas_net::client::RuntimeClient;
-use mas_proto::v1::{Ack, ClientEvent, Hello, Nack, ServerEvent, client_event, server_event};
+use mas_proto::runtime::{Ack, ClientEvent, Hello, Nack, ServerEvent, client_event, server_event};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;

@@ -2,7 +2,7 @@
 //! spell the intercepted client differently).
 
 use mas_core::ids::AgentId;
-use mas_proto::v1::runtime_service_client::RuntimeServiceClient;
+use mas_proto::runtime::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 

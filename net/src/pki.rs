@@ -1,6 +1,11 @@
 //! A development PKI in pure Rust (rcgen, no openssl): one CA, a server certificate for
 //! `localhost`/`127.0.0.1`, and one client certificate per agent carrying its SPIFFE URI SAN
 //! and the clientAuth usage. For development and tests only: the keys are written unencrypted.
+//!
+//! Every certificate conforms to RFC 5280 profile rules that strict verifiers enforce (Python
+//! 3.13's default `ssl` context sets `VERIFY_X509_STRICT`): each carries a Subject Key
+//! Identifier, leaves carry the Authority Key Identifier of the CA, key usage and
+//! `basicConstraints CA:FALSE`.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
@@ -93,7 +98,12 @@ impl DevCa {
         self.issue(params)
     }
 
-    fn issue(&self, params: CertificateParams) -> Result<PemPair, PkiError> {
+    /// Signs a leaf: RFC 5280 key identifiers (SKI, AKI from the CA's SKI), `CA:FALSE` and the
+    /// digitalSignature usage (what an ECDSA TLS key does) beside the given extended usage.
+    fn issue(&self, mut params: CertificateParams) -> Result<PemPair, PkiError> {
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(PemPair { cert: cert.pem(), key: key.serialize_pem() })
@@ -175,6 +185,47 @@ mod tests {
         let alice = AgentId::new("alice").unwrap();
         let pair = ca.agent_cert(&alice).unwrap();
         assert_eq!(agent_from_certificate(&der(&pair.cert)), Ok(alice));
+    }
+
+    /// The extensions a strict RFC 5280 verifier requires (Python 3.13's `VERIFY_X509_STRICT`
+    /// refused our leaves without them): key identifiers that link leaf to CA, key usage, and
+    /// basic constraints on both sides.
+    #[test]
+    fn certificates_carry_rfc5280_key_identifiers_and_usages() {
+        use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+
+        fn extensions(der: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>, Option<bool>, Option<(bool, bool)>) {
+            let (_, cert) = X509Certificate::from_der(der).expect("parse");
+            let (mut ski, mut aki, mut ca, mut usage) = (None, None, None, None);
+            for ext in cert.extensions() {
+                match ext.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(id) => ski = Some(id.0.to_vec()),
+                    ParsedExtension::AuthorityKeyIdentifier(a) => {
+                        aki = a.key_identifier.as_ref().map(|id| id.0.to_vec());
+                    }
+                    ParsedExtension::BasicConstraints(bc) => ca = Some(bc.ca),
+                    ParsedExtension::KeyUsage(ku) => usage = Some((ku.digital_signature(), ku.key_cert_sign())),
+                    _ => {}
+                }
+            }
+            (ski, aki, ca, usage)
+        }
+
+        let ca = DevCa::new("test").unwrap();
+        let (ca_ski, _, ca_is_ca, ca_usage) = extensions(&der(&ca.cert_pem()));
+        let ca_ski = ca_ski.expect("CA has a subject key identifier");
+        assert_eq!(ca_is_ca, Some(true));
+        assert_eq!(ca_usage.map(|(_, sign)| sign), Some(true), "CA may sign certificates");
+
+        let server = ca.server_cert().unwrap();
+        let agent = ca.agent_cert(&AgentId::new("alice").unwrap()).unwrap();
+        for leaf in [&server.cert, &agent.cert] {
+            let (ski, aki, is_ca, usage) = extensions(&der(leaf));
+            assert!(ski.is_some_and(|id| !id.is_empty() && id != ca_ski), "leaf has its own SKI");
+            assert_eq!(aki.as_ref(), Some(&ca_ski), "leaf AKI names the CA's key");
+            assert_eq!(is_ca, Some(false), "leaf says CA:FALSE");
+            assert_eq!(usage, Some((true, false)), "leaf: digitalSignature, never keyCertSign");
+        }
     }
 
     #[test]

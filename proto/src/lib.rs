@@ -1,11 +1,30 @@
-//! Generated gRPC types and stubs for `mas.runtime.v1.RuntimeService`.
+//! Generated gRPC types and stubs for both generations of the wire protocol:
+//! `mas.runtime.v1.RuntimeService` (mas-framework 0.5 and later) and `mas.v1.MasService`
+//! (mas-framework 0.4.x, the release on PyPI).
 //!
-//! The `.proto` keeps the Python mas-framework's names and field numbers exactly; it is the
-//! compatibility contract with existing agents.
+//! The `.proto` files keep the Python mas-framework's names and field numbers exactly; they are
+//! the compatibility contract with existing agents.
 
 #![allow(missing_docs, clippy::all)]
 
-/// `mas.runtime.v1`: messages, the server trait and the client stub.
-pub mod v1 {
-    tonic::include_proto!("mas.runtime.v1");
+/// The proto packages, nested as their names are (`mas.runtime.v1`, `mas.v1`), so that the
+/// generated cross-package paths resolve.
+pub mod mas {
+    pub mod runtime {
+        /// `mas.runtime.v1`: messages, the server trait and the client stub.
+        pub mod v1 {
+            tonic::include_proto!("mas.runtime.v1");
+        }
+    }
+
+    /// `mas.v1`: the `MasService` server trait and client stub over the runtime messages.
+    pub mod v1 {
+        tonic::include_proto!("mas.v1");
+    }
 }
+
+/// `mas.runtime.v1`, the current generation: messages, `RuntimeService` server and client.
+pub use mas::runtime::v1 as runtime;
+
+/// `mas.v1`, the earlier generation (`MasService`); its messages are [`runtime`]'s.
+pub use mas::v1 as mas_v1;

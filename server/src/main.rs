@@ -141,10 +141,35 @@ mod cli {
         }
     }
 
-    async fn ctrl_c() {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            eprintln!("cannot listen for Ctrl-C ({err}); stop with SIGKILL");
-            std::future::pending::<()>().await;
+    /// Resolves on SIGINT (Ctrl-C) or SIGTERM (how systemd, Kubernetes and process
+    /// supervisors stop a service): either starts the same graceful drain.
+    async fn stop_requested() {
+        use tokio::signal::unix::{SignalKind, signal};
+
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(term) => Some(term),
+            Err(err) => {
+                eprintln!("cannot listen for SIGTERM ({err}); stop with Ctrl-C");
+                None
+            }
+        };
+        let terminated = async move {
+            match term.as_mut() {
+                Some(term) => {
+                    term.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(terminated);
+        tokio::select! {
+            interrupted = tokio::signal::ctrl_c() => {
+                if let Err(err) = interrupted {
+                    eprintln!("cannot listen for Ctrl-C ({err})");
+                    (&mut terminated).await;
+                }
+            }
+            () = &mut terminated => {}
         }
     }
 
@@ -162,7 +187,7 @@ mod cli {
                 Ok(())
             }
             Command::Demo { certs_dir, listen, messages } => {
-                mas_server::demo::run(&certs_dir, listen, messages, ctrl_c()).await
+                mas_server::demo::run(&certs_dir, listen, messages, stop_requested()).await
             }
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
             Command::Audit {
@@ -239,7 +264,7 @@ mod cli {
             "{}",
             serde_json::json!({"event": "mas.broker.ready", "pid": std::process::id(), "listen_addr": addr.to_string()})
         );
-        serve::serve_tls(broker, bound, &pem, ctrl_c()).await?;
+        serve::serve_tls(broker, bound, &pem, stop_requested()).await?;
         eprintln!("broker stopped");
         Ok(())
     }

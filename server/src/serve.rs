@@ -4,10 +4,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use mas_proto::v1::runtime_service_server::RuntimeServiceServer;
+use mas_proto::mas_v1::mas_service_server::MasServiceServer;
+use mas_proto::runtime::runtime_service_server::RuntimeServiceServer;
 
 use crate::broker::Broker;
-use crate::service::{Service, authenticate};
+use crate::service::{MasV1Service, Service, authenticate};
 
 /// The authentication interceptor, bound to `broker`'s allowlist.
 fn interceptor(
@@ -15,6 +16,17 @@ fn interceptor(
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<> {
     let broker = broker.clone();
     move |req| authenticate(&broker, req)
+}
+
+/// Both wire generations over one service, each behind the authentication interceptor.
+macro_rules! services {
+    ($broker:expr) => {{
+        let service = Service::new($broker.clone());
+        (
+            RuntimeServiceServer::with_interceptor(service.clone(), interceptor(&$broker)),
+            MasServiceServer::with_interceptor(MasV1Service::new(service), interceptor(&$broker)),
+        )
+    }};
 }
 
 /// Resolves after `shutdown` and then a full drain of `broker`'s sessions: the listener stops
@@ -36,8 +48,8 @@ mod real {
 
     use mas_net::tls::TlsPem;
     use tokio::net::TcpListener;
-    use tokio_stream::wrappers::TcpListenerStream;
     use tonic::transport::Server;
+    use tonic::transport::server::TcpIncoming;
 
     /// Why the listener could not start.
     #[derive(Debug, thiserror::Error)]
@@ -72,6 +84,13 @@ mod real {
         Ok(Bound { listener, local_addr })
     }
 
+    /// Accepted connections with `TCP_NODELAY` set. Without it, Nagle's algorithm plus the
+    /// peer's delayed ACK hold back every small response that follows another (a unary reply
+    /// after its headers, a delivery after an ack): ~40 ms per request/reply round trip.
+    fn incoming(listener: TcpListener) -> TcpIncoming {
+        TcpIncoming::from(listener).with_nodelay(Some(true))
+    }
+
     /// Serves the broker over mTLS until `shutdown` resolves; then drains every session
     /// (see [`Broker::shutdown`]) before the listener closes.
     pub async fn serve_tls(
@@ -81,13 +100,14 @@ mod real {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         mas_net::tls::install_crypto_provider();
-        let svc = RuntimeServiceServer::with_interceptor(Service::new(broker.clone()), interceptor(&broker));
+        let (runtime, mas_v1) = services!(broker);
         let drained = drain_after(broker, shutdown);
         Server::builder()
             .tls_config(tls.server_config())
             .map_err(ServeError::Tls)?
-            .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(bound.listener), drained)
+            .add_service(runtime)
+            .add_service(mas_v1)
+            .serve_with_incoming_shutdown(incoming(bound.listener), drained)
             .await
             .map_err(ServeError::Transport)
     }
@@ -107,8 +127,8 @@ mod sim {
         addr: SocketAddr,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        let svc = RuntimeServiceServer::with_interceptor(Service::new(broker.clone()), interceptor(&broker));
+        let (runtime, mas_v1) = services!(broker);
         let drained = drain_after(broker, shutdown);
-        Server::builder().add_service(svc).serve_with_shutdown(addr, drained).await
+        Server::builder().add_service(runtime).add_service(mas_v1).serve_with_shutdown(addr, drained).await
     }
 }

@@ -9,11 +9,12 @@ use mas_core::delivery::{Output, QueuedMessage, SessionDelivery, StoreEffect};
 use mas_core::ids::DeliveryId;
 use mas_core::store::{SessionRef, StoreError};
 use mas_net::status::detail;
-use mas_proto::v1::{ClientEvent, Delivery, ServerEvent, client_event, server_event};
+use mas_proto::runtime::{ClientEvent, Delivery, ServerEvent, client_event, server_event};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::broker::Broker;
+use crate::service::Generation;
 
 /// How long one claim waits for work before the loop re-checks its other inputs. Only bounds
 /// idle wake-ups; new work wakes the claim at once.
@@ -44,11 +45,12 @@ pub async fn run(
     broker: Arc<Broker>,
     session: SessionRef,
     seed: u64,
+    generation: Generation,
     inbound: Streaming<ClientEvent>,
     outbound: Outbound,
 ) {
     let machine = SessionDelivery::new(broker.config().delivery.machine_config(), seed);
-    let mut task = Session { broker: broker.clone(), session, machine, outbound };
+    let mut task = Session { broker: broker.clone(), session, generation, machine, outbound };
     let end = task.drive(inbound).await;
     task.finish(end).await;
 }
@@ -56,6 +58,7 @@ pub async fn run(
 struct Session {
     broker: Arc<Broker>,
     session: SessionRef,
+    generation: Generation,
     machine: SessionDelivery,
     outbound: Outbound,
 }
@@ -172,7 +175,11 @@ impl Session {
             }
             Some(client_event::Event::Nack(nack)) => {
                 let id = DeliveryId::from_wire(&nack.delivery_id);
-                self.machine.handle_nack(now, &id, &nack.reason, nack.retryable);
+                let retryable = match self.generation {
+                    Generation::Runtime => nack.retryable,
+                    Generation::MasV1 => crate::service::mas_v1::nack_retryable(&nack.reason, nack.retryable),
+                };
+                self.machine.handle_nack(now, &id, &nack.reason, retryable);
                 Ok(())
             }
             Some(client_event::Event::Hello(_) | client_event::Event::Heartbeat(_)) | None => {

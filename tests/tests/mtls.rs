@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mas_agent::{HandlerError, Message};
-use mas_proto::v1::{ClientEvent, Hello, SendRequest, client_event};
+use mas_proto::runtime::{ClientEvent, Hello, SendRequest, client_event};
 use mas_tests::{TestBroker, eventually, eventually_async, id};
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mas_agent::{AgentError, HandlerError, Message, TypedState};
 use mas_core::envelope::Envelope;
-use mas_proto::v1::{ClientEvent, Hello, client_event, server_event};
+use mas_proto::runtime::{ClientEvent, Hello, client_event, server_event};
 use mas_server::config::DeliverySettings;
 use mas_tests::redis_server::RedisServer;
 use mas_tests::{TestBroker, eventually, eventually_async};
@@ -258,7 +258,7 @@ async fn deliveries_held_by_a_dead_consumer_go_to_its_sibling_within_two_seconds
     }
     let mut held = 0;
     while held < 5 {
-        if let Some(mas_proto::v1::ServerEvent { event: Some(server_event::Event::Delivery(_)) }) =
+        if let Some(mas_proto::runtime::ServerEvent { event: Some(server_event::Event::Delivery(_)) }) =
             events.message().await.unwrap()
         {
             held += 1;

@@ -9,11 +9,11 @@ use std::time::Duration;
 use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::dlp::Action;
-use mas_core::store::{Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, StateError};
+use mas_core::store::{SessionRef, Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, StateError};
 use mas_net::identity::peer_agent;
 use mas_net::status::{self, detail};
-use mas_proto::v1::runtime_service_server::RuntimeService;
-use mas_proto::v1::{
+use mas_proto::runtime::runtime_service_server::RuntimeService;
+use mas_proto::runtime::{
     AgentRecord, ClientEvent, DiscoverRequest, DiscoverResponse, GetStateRequest, GetStateResponse, ReplyRequest,
     ReplyResponse, RequestRequest, RequestResponse, ResetStateRequest, ResetStateResponse, SendRequest, SendResponse,
     ServerEvent, UpdateStateRequest, UpdateStateResponse, Welcome, client_event, server_event,
@@ -28,23 +28,36 @@ use crate::broker::{Broker, OpenError};
 use crate::session;
 
 mod admission;
+pub(crate) mod mas_v1;
+
+pub use mas_v1::MasV1Service;
 
 use admission::{Exchange, Ingress, Outgoing, Screened};
 
 /// A request's pending lifetime when the client gives `timeout_ms = 0` (reference default).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The authenticated, allowlisted caller, put into request extensions by [`authenticate`].
+/// Who is calling, put into request extensions by [`authenticate`]: the authenticated,
+/// allowlisted agent, or the refusal its certificate earned.
 #[derive(Debug, Clone)]
-pub struct Caller(pub AgentId);
+pub struct Caller(pub Result<AgentId, Status>);
 
 /// Interceptor run before every RPC: identity from the peer certificate (or the simulated
-/// identity header), then the allowlist. Denials carry the reference's details.
+/// identity header), then the allowlist. Denials carry the reference's details and are
+/// audited here; they are returned by the handler ([`caller`]), never by the interceptor,
+/// so that a `Transport` stream is refused only after its `Hello` was read (see
+/// `Service::open_transport`).
 pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>, Status> {
+    let caller = identify(broker, &req);
+    req.extensions_mut().insert(Caller(caller));
+    Ok(req)
+}
+
+fn identify(broker: &Broker, req: &Request<()>) -> Result<AgentId, Status> {
     let denied = |details: serde_json::Value| {
         broker.audit().security_event("authentication_denied", details, broker.clock().now().wall);
     };
-    let agent = peer_agent(&req).map_err(|err| {
+    let agent = peer_agent(req).map_err(|err| {
         tracing::info!(reason = %err, "authentication denied");
         denied(serde_json::json!({ "reason": err.to_string() }));
         status::identity_denied(err)
@@ -54,16 +67,14 @@ pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>
         denied(serde_json::json!({ "agent": agent.as_str(), "reason": detail::AGENT_NOT_ALLOWLISTED }));
         return Err(Status::unauthenticated(detail::AGENT_NOT_ALLOWLISTED));
     }
-    req.extensions_mut().insert(Caller(agent));
-    Ok(req)
+    Ok(agent)
 }
 
 fn caller<T>(req: &Request<T>) -> Result<AgentId, Status> {
     // Absent only if the service was mounted without the interceptor: fail closed.
     req.extensions()
         .get::<Caller>()
-        .map(|c| c.0.clone())
-        .ok_or_else(|| Status::unauthenticated(detail::AGENT_NOT_ALLOWLISTED))
+        .map_or_else(|| Err(Status::unauthenticated(detail::AGENT_NOT_ALLOWLISTED)), |c| c.0.clone())
 }
 
 fn instance(id: &str) -> Result<InstanceId, Status> {
@@ -108,6 +119,77 @@ impl Service {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ServerEvent, Status>> + Send + 'static>>;
+type EventResponse = Result<Response<EventStream>, Status>;
+
+/// The wire generation a client speaks. Both run the same handlers; they differ only in how a
+/// `Transport` stream's NACKs are read (see [`mas_v1::nack_retryable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// `mas.runtime.v1.RuntimeService` (mas-framework 0.5 and later).
+    Runtime,
+    /// `mas.v1.MasService` (mas-framework 0.4.x).
+    MasV1,
+}
+
+impl Service {
+    /// Serves an instance's `Transport` stream: `Hello` first, then the session task takes the
+    /// stream over. A refusal is returned only after the `Hello` was read, even for a caller
+    /// refused at authentication: a status that overtakes the client's first write makes grpc
+    /// C-core clients report `INTERNAL "Internal error from Core"` instead of it (about one
+    /// refused stream in ten on a new connection).
+    async fn open_transport(&self, request: Request<Streaming<ClientEvent>>, generation: Generation) -> EventResponse {
+        let agent = caller(&request);
+        let mut inbound = request.into_inner();
+        let hello = read_hello(&mut inbound).await;
+        let opened = match (agent, hello) {
+            (Ok(agent), Ok(instance)) => self.open_session(agent, instance).await,
+            (Err(status), _) | (_, Err(status)) => Err(status),
+        };
+        match opened {
+            Ok((session, seed)) => {
+                tracing::info!(agent = %session.agent, instance = %session.instance, ?generation, "session opened");
+                // Room for a full window plus Welcome and a final error: sends never wait on
+                // the agent.
+                let (tx, rx) = mpsc::channel(self.broker.config().delivery.max_in_flight + 2);
+                let welcome = ServerEvent {
+                    event: Some(server_event::Event::Welcome(Welcome {
+                        agent_id: session.agent.to_string(),
+                        instance_id: session.instance.to_string(),
+                    })),
+                };
+                // Cannot fail: the channel is fresh and has room.
+                let _ = tx.try_send(Ok(welcome));
+                tokio::spawn(session::run(self.broker.clone(), session, seed, generation, inbound, tx));
+                Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            }
+            Err(status) => Err(status),
+        }
+    }
+
+    /// Opens the session of `agent`'s `instance`.
+    async fn open_session(&self, agent: AgentId, instance: InstanceId) -> Result<(SessionRef, u64), Status> {
+        self.broker.open_session((agent, instance)).await.map_err(|err| match err {
+            OpenError::AlreadyConnected => Status::failed_precondition(detail::INSTANCE_ALREADY_CONNECTED),
+            OpenError::ShuttingDown => Status::unavailable(detail::BROKER_SHUTTING_DOWN),
+            OpenError::Store(err) => store_failed(err),
+        })
+    }
+}
+
+/// How long a new `Transport` stream may take to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads a stream's first event, which must be a `Hello` with a valid instance id.
+async fn read_hello(inbound: &mut Streaming<ClientEvent>) -> Result<InstanceId, Status> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::invalid_argument(detail::MISSING_HELLO))?;
+    match first? {
+        None => Err(Status::invalid_argument(detail::MISSING_HELLO)),
+        Some(ClientEvent { event: Some(client_event::Event::Hello(hello)) }) => instance(&hello.instance_id),
+        Some(_) => Err(Status::invalid_argument(detail::EXPECTED_HELLO)),
+    }
+}
 
 #[tonic::async_trait]
 impl RuntimeService for Service {
@@ -116,34 +198,8 @@ impl RuntimeService for Service {
     async fn transport(
         &self,
         request: Request<Streaming<ClientEvent>>,
-    ) -> Result<Response<Self::TransportStream>, Status> {
-        let agent = caller(&request)?;
-        let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
-            None => return Err(Status::invalid_argument(detail::MISSING_HELLO)),
-            Some(ClientEvent { event: Some(client_event::Event::Hello(hello)) }) => hello,
-            Some(_) => return Err(Status::invalid_argument(detail::EXPECTED_HELLO)),
-        };
-        let instance = instance(&hello.instance_id)?;
-        let (session, seed) =
-            self.broker.open_session((agent.clone(), instance.clone())).await.map_err(|err| match err {
-                OpenError::AlreadyConnected => Status::failed_precondition(detail::INSTANCE_ALREADY_CONNECTED),
-                OpenError::ShuttingDown => Status::unavailable(detail::BROKER_SHUTTING_DOWN),
-                OpenError::Store(err) => store_failed(err),
-            })?;
-        tracing::info!(%agent, %instance, "session opened");
-        // Room for a full window plus Welcome and a final error: sends never wait on the agent.
-        let (tx, rx) = mpsc::channel(self.broker.config().delivery.max_in_flight + 2);
-        let welcome = ServerEvent {
-            event: Some(server_event::Event::Welcome(Welcome {
-                agent_id: agent.to_string(),
-                instance_id: instance.to_string(),
-            })),
-        };
-        // Cannot fail: the channel is fresh and has room.
-        let _ = tx.try_send(Ok(welcome));
-        tokio::spawn(session::run(self.broker.clone(), session, seed, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    ) -> EventResponse {
+        self.open_transport(request, Generation::Runtime).await
     }
 
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {

@@ -176,15 +176,26 @@ impl Scripts {
 }
 
 /// A client for the configured URL; with `tls_ca_path`, TLS trusts exactly that CA.
+///
+/// Every connection sets `TCP_NODELAY`: the hot path is one small script call per batch, and
+/// Nagle's algorithm would hold each one back until the previous reply's ACK (tens of ms).
 fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
+    use redis::IntoConnectionInfo;
+
     mas_net::tls::install_crypto_provider();
+    let info = settings
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(unavailable)?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     match &settings.tls_ca_path {
-        None => redis::Client::open(settings.url.as_str()).map_err(unavailable),
+        None => redis::Client::open(info).map_err(unavailable),
         Some(path) => {
             let root_cert = std::fs::read(path)
                 .map_err(|e| StoreError::Unavailable(format!("cannot read Redis CA {}: {e}", path.display())))?;
             let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
-            redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(unavailable)
+            redis::Client::build_with_tls(info, certificates).map_err(unavailable)
         }
     }
 }
