@@ -344,9 +344,8 @@ pub(crate) async fn connect(config: &AgentConfig, url: &str) -> Result<Channel, 
     let pem = config.tls.load()?;
     // TCP_NODELAY explicitly (tonic's default today): request/reply is a ping-pong of small
     // frames, which Nagle's algorithm would delay by a delayed-ACK period each.
-    let endpoint = Endpoint::from_shared(url.to_string())?
-        .tcp_nodelay(true)
-        .tls_config(pem.client_config(&config.server_name))?;
+    let endpoint =
+        Endpoint::from_shared(url.to_string())?.tcp_nodelay(true).tls_config(pem.client_config(&config.server_name))?;
     Ok(endpoint.connect().await?)
 }
 

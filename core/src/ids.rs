@@ -94,6 +94,14 @@ validated_id!(
     "instance id",
     32
 );
+validated_id!(
+    /// One broker among those sharing a store (reference `broker_id`). Stable across restarts
+    /// of the same broker and unique among live brokers: a restarted broker takes over the
+    /// sessions its previous process left behind (see `OwnerToken::supersedes`).
+    BrokerId,
+    "broker id",
+    128
+);
 
 /// Identifies one delivery *attempt*: a redelivery of the same message gets a fresh one, so a
 /// late ack for an earlier attempt can be recognised as stale. 32 lowercase hex characters,

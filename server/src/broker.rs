@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
-use mas_core::ids::{AgentId, InstanceId, random_uuid_v4};
+use mas_core::ids::{AgentId, BrokerId, InstanceId, random_uuid_v4};
 use mas_core::policy::audit::{AuditFilter, AuditRecord};
 use mas_core::policy::authz::{Allowance, AuthzPolicy, Denial};
 use mas_core::policy::circuit::CircuitConfig;
@@ -44,6 +44,9 @@ pub struct Broker {
     /// Message and correlation ids; one short lock per message, deterministic under a seed.
     ids: Mutex<ChaCha8Rng>,
     session_seq: AtomicU64,
+    /// This broker (stable across restarts) and this process start of it: together they
+    /// prefix every owner token, so a restart can recognise its dead predecessor's sessions.
+    broker_id: BrokerId,
     broker_tag: u64,
     shutdown: watch::Sender<bool>,
     /// Counts live session tasks; `shutdown` waits for it to reach zero.
@@ -117,6 +120,7 @@ impl Broker {
         let seed = start_seed(&config);
         let mut ids = ChaCha8Rng::seed_from_u64(seed);
         let broker_tag = ids.next_u64();
+        let broker_id = config.broker_id();
         let dlp = match config.gateway.features.dlp {
             true => Some(compiled_dlp(&config.gateway.dlp)?),
             false => None,
@@ -132,6 +136,7 @@ impl Broker {
             sessions: Mutex::new(BTreeMap::new()),
             ids: Mutex::new(ids),
             session_seq: AtomicU64::new(0),
+            broker_id,
             broker_tag,
             shutdown: watch::channel(false).0,
             live_tasks: watch::channel(0).0,
@@ -248,7 +253,7 @@ impl Broker {
             return Err(OpenError::ShuttingDown);
         }
         let seq = self.session_seq.fetch_add(1, Ordering::Relaxed);
-        let owner = OwnerToken::new(format!("{}-{}-{:016x}-{seq}", key.0, key.1, self.broker_tag));
+        let owner = OwnerToken::for_session(&self.broker_id, self.broker_tag, &key.0, &key.1, seq);
         {
             let mut sessions = self.sessions();
             if sessions.contains_key(&key) {

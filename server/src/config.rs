@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mas_core::delivery::DeliveryConfig;
-use mas_core::ids::AgentId;
+use mas_core::ids::{AgentId, BrokerId};
 use mas_core::policy::authz::AuthzPolicy;
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::Limits;
@@ -191,6 +191,12 @@ pub struct TlsSettings {
 pub struct BrokerConfig {
     /// Where to listen, e.g. `127.0.0.1:50051` (port 0 picks a free port).
     pub listen_addr: SocketAddr,
+    /// This broker among those sharing a store: stable across its restarts, unique among live
+    /// brokers (`[A-Za-z0-9_-]{1,128}`). A restarted broker takes over the sessions of its
+    /// previous process at once instead of refusing their reconnecting instances until the
+    /// dead leases expire. Default: `{hostname}-{port}` (see [`BrokerConfig::broker_id`]).
+    #[serde(default)]
+    pub broker_id: Option<BrokerId>,
     /// TLS material; required by the production listener.
     pub tls: Option<TlsSettings>,
     /// The allowlist: only these agents may connect.
@@ -450,6 +456,7 @@ impl BrokerConfig {
     pub fn new(listen_addr: SocketAddr, agents: BTreeMap<AgentId, AgentDefinition>) -> Self {
         BrokerConfig {
             listen_addr,
+            broker_id: None,
             tls: None,
             agents,
             delivery: DeliverySettings::default(),
@@ -460,6 +467,24 @@ impl BrokerConfig {
             redis: None,
             gateway: GatewaySettings::default(),
         }
+    }
+
+    /// The configured broker id, or `{hostname}-{port}`: the same for every start of a broker
+    /// on one host and port, and different for any two brokers that can listen at once.
+    pub fn broker_id(&self) -> BrokerId {
+        if let Some(id) = &self.broker_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+            .take(BrokerId::MAX_LEN - 6)
+            .collect();
+        let host = if host.is_empty() { "mas" } else { host.as_str() };
+        BrokerId::new(&format!("{host}-{}", self.listen_addr.port()))
+            .unwrap_or_else(|_| unreachable!("sanitised host and a port form a valid broker id"))
     }
 
     /// Reads and validates a JSON configuration file.

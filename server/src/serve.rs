@@ -111,6 +111,25 @@ mod real {
             .await
             .map_err(ServeError::Transport)
     }
+
+    #[cfg(test)]
+    mod tests {
+        use tokio_stream::StreamExt;
+
+        use super::*;
+
+        /// Without TCP_NODELAY a stock grpcio client's request/reply at concurrency 1 ran at
+        /// 23 req/s (p50 44 ms): Nagle's algorithm against its delayed ACKs.
+        #[tokio::test]
+        async fn accepted_connections_set_tcp_nodelay() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut accepted = incoming(listener);
+            let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let socket = accepted.next().await.expect("a connection").expect("accepted");
+            assert!(socket.nodelay().expect("read TCP_NODELAY"));
+        }
+    }
 }
 
 #[cfg(madsim)]

@@ -246,6 +246,31 @@ async fn leases_are_exclusive_expire_and_hand_work_on() {
     .await;
 }
 
+/// The session of instance `b1` opened by `broker` in its `incarnation`.
+fn broker_session(broker: &str, incarnation: u64) -> SessionRef {
+    let (bob, b1) = (agent("bob"), InstanceId::new("b1").unwrap());
+    let owner = OwnerToken::for_session(&mas_core::ids::BrokerId::new(broker).unwrap(), incarnation, &bob, &b1, 0);
+    SessionRef { agent: bob, instance: b1, owner }
+}
+
+#[tokio::test]
+async fn a_restarted_broker_takes_over_the_leases_and_work_of_its_previous_process() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let dead = broker_session("host-1", 1);
+        store.acquire_lease(&dead, LEASE).await.unwrap();
+        store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
+        log.push(format!("dead claims {}", show(&store.claim(&dead, 1, NO_WAIT).await.unwrap())));
+        log.push(format!("other broker {:?}", store.acquire_lease(&broker_session("host-2", 2), LEASE).await));
+        let restarted = broker_session("host-1", 2);
+        log.push(format!("restarted {:?}", store.acquire_lease(&restarted, LEASE).await));
+        log.push(format!("restarted claims {}", show(&store.claim(&restarted, 1, NO_WAIT).await.unwrap())));
+        log.push(format!("dead renews {:?}", store.renew_lease(&dead, LEASE).await));
+        log
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
     contract(|store| async move {

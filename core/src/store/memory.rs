@@ -266,6 +266,7 @@ impl MemoryStore {
         if let Some(lease) = self.leases.get(&key)
             && lease.expires_at > now
             && lease.owner != session.owner
+            && !session.owner.supersedes(&lease.owner)
         {
             return Err(LeaseError::Held);
         }

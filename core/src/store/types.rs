@@ -3,13 +3,19 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::delivery::EntryId;
-use crate::ids::{AgentId, InstanceId};
+use crate::ids::{AgentId, BrokerId, InstanceId};
 use crate::policy::audit::AuditRecord;
 
 /// Identifies who holds claimed entries: one per session, never reused, so a session that
 /// lost ownership can never settle a successor's work (fencing). Also the lease's token.
+///
+/// A session's token is `{broker}~{incarnation}~{agent}~{instance}~{seq}` (see
+/// [`OwnerToken::for_session`]): which broker opened it, in which of its process starts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OwnerToken(pub Arc<str>);
+
+/// Separates the parts of a session's owner token; never part of an id.
+const TOKEN_SEPARATOR: char = '~';
 
 impl OwnerToken {
     /// Wraps a token.
@@ -17,9 +23,37 @@ impl OwnerToken {
         OwnerToken(token.into())
     }
 
+    /// The token of a session opened by `broker` in its `incarnation` (drawn afresh at every
+    /// process start), the `seq`-th session of that incarnation.
+    pub fn for_session(broker: &BrokerId, incarnation: u64, agent: &AgentId, instance: &InstanceId, seq: u64) -> Self {
+        OwnerToken::new(format!("{broker}~{incarnation:016x}~{agent}~{instance}~{seq}"))
+    }
+
     /// The token as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// `({broker}~, {broker}~{incarnation}~)`: the prefixes [`OwnerToken::supersedes`] compares,
+    /// for store scripts that apply the same rule atomically. `None` for a token not made by
+    /// [`OwnerToken::for_session`].
+    pub fn origin_prefixes(&self) -> Option<(&str, &str)> {
+        let mut ends = self.0.match_indices(TOKEN_SEPARATOR).map(|(i, _)| i + 1);
+        let broker_end = ends.next()?;
+        let incarnation_end = ends.next()?;
+        Some((&self.0[..broker_end], &self.0[..incarnation_end]))
+    }
+
+    /// Whether this session may take over a lease that `held` still holds: only if `held` was
+    /// issued by an *earlier incarnation of the same broker*. Broker ids are unique among live
+    /// brokers and an incarnation ends with its process, so that session is dead: its broker
+    /// was killed and restarted. Without this, a restarted broker refuses the reconnecting
+    /// instance (`instance_already_connected`) until the dead lease runs out.
+    pub fn supersedes(&self, held: &OwnerToken) -> bool {
+        match self.origin_prefixes() {
+            Some((broker, incarnation)) => held.0.starts_with(broker) && !held.0.starts_with(incarnation),
+            None => false,
+        }
     }
 }
 

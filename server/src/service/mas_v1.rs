@@ -49,10 +49,7 @@ impl MasV1Service {
 impl MasService for MasV1Service {
     type TransportStream = EventStream;
 
-    async fn transport(
-        &self,
-        request: Request<Streaming<ClientEvent>>,
-    ) -> EventResponse {
+    async fn transport(&self, request: Request<Streaming<ClientEvent>>) -> EventResponse {
         self.0.open_transport(request, Generation::MasV1).await
     }
 

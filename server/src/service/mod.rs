@@ -9,7 +9,9 @@ use std::time::Duration;
 use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::dlp::Action;
-use mas_core::store::{SessionRef, Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, StateError};
+use mas_core::store::{
+    Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
+};
 use mas_net::identity::peer_agent;
 use mas_net::status::{self, detail};
 use mas_proto::runtime::runtime_service_server::RuntimeService;
@@ -195,10 +197,7 @@ async fn read_hello(inbound: &mut Streaming<ClientEvent>) -> Result<InstanceId, 
 impl RuntimeService for Service {
     type TransportStream = EventStream;
 
-    async fn transport(
-        &self,
-        request: Request<Streaming<ClientEvent>>,
-    ) -> EventResponse {
+    async fn transport(&self, request: Request<Streaming<ClientEvent>>) -> EventResponse {
         self.open_transport(request, Generation::Runtime).await
     }
 

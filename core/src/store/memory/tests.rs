@@ -126,6 +126,44 @@ fn leases_refuse_duplicates_until_expiry_and_fence_renewal() {
     assert!(s.instance_is_live(&agent("bob"), &InstanceId::new("b1").unwrap(), at(8001)), "stale release is a no-op");
 }
 
+/// The session of instance `b1` opened by `broker` in its `incarnation`.
+fn broker_session(broker: &str, incarnation: u64, seq: u64) -> SessionRef {
+    let (bob, b1) = (agent("bob"), InstanceId::new("b1").unwrap());
+    let owner = OwnerToken::for_session(&crate::ids::BrokerId::new(broker).unwrap(), incarnation, &bob, &b1, seq);
+    SessionRef { agent: bob, instance: b1, owner }
+}
+
+#[test]
+fn a_restarted_broker_takes_over_its_dead_predecessors_leases_and_work() {
+    let mut s = MemoryStore::default();
+    let dead = broker_session("host-50051", 1, 0);
+    s.acquire_lease(&dead, TTL, at(0)).unwrap();
+    s.enqueue(&work("bob"), Arc::from("m")).unwrap();
+    assert_eq!(s.claim(&dead, 1, at(0)).len(), 1, "the dead session held the message");
+
+    let same_process = broker_session("host-50051", 1, 1);
+    assert_eq!(s.acquire_lease(&same_process, TTL, at(10)), Err(LeaseError::Held), "not from a live incarnation");
+    let other_broker = broker_session("host-50052", 2, 0);
+    assert_eq!(s.acquire_lease(&other_broker, TTL, at(10)), Err(LeaseError::Held), "not from another broker");
+
+    let restarted = broker_session("host-50051", 2, 0);
+    assert_eq!(s.acquire_lease(&restarted, TTL, at(10)), Ok(()), "taken over at once, not after the TTL");
+    let again = s.claim(&restarted, 1, at(10));
+    assert_eq!(again.len(), 1, "the dead session's work is handed back at once");
+    assert!(!s.renew_lease(&dead, TTL, at(20)), "the predecessor is fenced off");
+}
+
+#[test]
+fn owner_tokens_name_their_broker_and_incarnation() {
+    let restarted = broker_session("host-1", 0xab, 3).owner;
+    assert_eq!(restarted.origin_prefixes(), Some(("host-1~", "host-1~00000000000000ab~")));
+    assert!(restarted.supersedes(&broker_session("host-1", 0xaa, 9).owner));
+    assert!(!restarted.supersedes(&broker_session("host-1", 0xab, 9).owner));
+    assert!(!restarted.supersedes(&broker_session("host-10", 0xaa, 9).owner), "a prefix of another broker id");
+    assert!(!OwnerToken::new("legacy").supersedes(&restarted));
+    assert!(!restarted.supersedes(&OwnerToken::new("legacy")));
+}
+
 #[test]
 fn reply_commit_is_idempotent_for_identical_replies_only() {
     let mut s = MemoryStore::default();

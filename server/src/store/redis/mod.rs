@@ -471,6 +471,7 @@ impl RedisBackend {
 
     pub(super) async fn acquire_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
         let [work, _, replies, _] = Self::session_keys(session);
+        let (broker_prefix, incarnation_prefix) = session.owner.origin_prefixes().unwrap_or(("", ""));
         let taken: i64 = self
             .scripts
             .lease_acquire
@@ -480,6 +481,8 @@ impl RedisBackend {
             .key(replies)
             .arg(session.owner.as_str())
             .arg(ttl.as_millis().max(1) as u64)
+            .arg(broker_prefix)
+            .arg(incarnation_prefix)
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
@@ -810,4 +813,18 @@ async fn listen(mut pubsub: redis::aio::PubSub, wakers: Weak<Wakers>) {
         }
     }
     tracing::warn!("Redis notification subscription ended; sessions poll every {IDLE_POLL:?}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without it every small script call waits out Nagle's algorithm behind the previous one.
+    #[test]
+    fn connections_set_tcp_nodelay() {
+        for url in ["redis://127.0.0.1:6379", "rediss://127.0.0.1:6380"] {
+            let client = client(&RedisSettings::new(url)).expect("client");
+            assert!(client.get_connection_info().tcp_settings().nodelay(), "{url}");
+        }
+    }
 }

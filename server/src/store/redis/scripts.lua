@@ -233,9 +233,18 @@ if n > 0 then redis.call('PUBLISH', ARGV[2], '1') end
 return n
 
 --@lease_acquire
--- KEYS: lease, owners, work, replies. ARGV: owner, ttl_ms. Returns 1 if taken, 0 if held.
+-- KEYS: lease, owners, work, replies. ARGV: owner, ttl_ms, the owner's broker prefix and
+-- incarnation prefix ('' for none; mas_core OwnerToken::origin_prefixes). Returns 1 if taken,
+-- 0 if held. A lease held by an earlier incarnation of the same broker is taken over
+-- (OwnerToken::supersedes): that session died with its process, and dropping it from the
+-- owners makes the next claim hand its work back.
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return 0 end
+if current and current ~= ARGV[1] then
+  local broker, incarnation = ARGV[3], ARGV[4]
+  local earlier = broker ~= '' and current:sub(1, #broker) == broker and current:sub(1, #incarnation) ~= incarnation
+  if not earlier then return 0 end
+  redis.call('ZREM', KEYS[2], current)
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
