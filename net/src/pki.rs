@@ -194,37 +194,46 @@ mod tests {
     fn certificates_carry_rfc5280_key_identifiers_and_usages() {
         use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
-        fn extensions(der: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>, Option<bool>, Option<(bool, bool)>) {
+        /// What a verifier reads: key identifiers, CA flag, (digitalSignature, keyCertSign).
+        #[derive(Default)]
+        struct Extensions {
+            ski: Option<Vec<u8>>,
+            aki: Option<Vec<u8>>,
+            is_ca: Option<bool>,
+            usage: Option<(bool, bool)>,
+        }
+
+        fn extensions(der: &[u8]) -> Extensions {
             let (_, cert) = X509Certificate::from_der(der).expect("parse");
-            let (mut ski, mut aki, mut ca, mut usage) = (None, None, None, None);
+            let mut found = Extensions::default();
             for ext in cert.extensions() {
                 match ext.parsed_extension() {
-                    ParsedExtension::SubjectKeyIdentifier(id) => ski = Some(id.0.to_vec()),
+                    ParsedExtension::SubjectKeyIdentifier(id) => found.ski = Some(id.0.to_vec()),
                     ParsedExtension::AuthorityKeyIdentifier(a) => {
-                        aki = a.key_identifier.as_ref().map(|id| id.0.to_vec());
+                        found.aki = a.key_identifier.as_ref().map(|id| id.0.to_vec());
                     }
-                    ParsedExtension::BasicConstraints(bc) => ca = Some(bc.ca),
-                    ParsedExtension::KeyUsage(ku) => usage = Some((ku.digital_signature(), ku.key_cert_sign())),
+                    ParsedExtension::BasicConstraints(bc) => found.is_ca = Some(bc.ca),
+                    ParsedExtension::KeyUsage(ku) => found.usage = Some((ku.digital_signature(), ku.key_cert_sign())),
                     _ => {}
                 }
             }
-            (ski, aki, ca, usage)
+            found
         }
 
         let ca = DevCa::new("test").unwrap();
-        let (ca_ski, _, ca_is_ca, ca_usage) = extensions(&der(&ca.cert_pem()));
-        let ca_ski = ca_ski.expect("CA has a subject key identifier");
-        assert_eq!(ca_is_ca, Some(true));
-        assert_eq!(ca_usage.map(|(_, sign)| sign), Some(true), "CA may sign certificates");
+        let root = extensions(&der(&ca.cert_pem()));
+        let ca_ski = root.ski.expect("CA has a subject key identifier");
+        assert_eq!(root.is_ca, Some(true));
+        assert_eq!(root.usage.map(|(_, sign)| sign), Some(true), "CA may sign certificates");
 
         let server = ca.server_cert().unwrap();
         let agent = ca.agent_cert(&AgentId::new("alice").unwrap()).unwrap();
         for leaf in [&server.cert, &agent.cert] {
-            let (ski, aki, is_ca, usage) = extensions(&der(leaf));
-            assert!(ski.is_some_and(|id| !id.is_empty() && id != ca_ski), "leaf has its own SKI");
-            assert_eq!(aki.as_ref(), Some(&ca_ski), "leaf AKI names the CA's key");
-            assert_eq!(is_ca, Some(false), "leaf says CA:FALSE");
-            assert_eq!(usage, Some((true, false)), "leaf: digitalSignature, never keyCertSign");
+            let found = extensions(&der(leaf));
+            assert!(found.ski.is_some_and(|id| !id.is_empty() && id != ca_ski), "leaf has its own SKI");
+            assert_eq!(found.aki.as_ref(), Some(&ca_ski), "leaf AKI names the CA's key");
+            assert_eq!(found.is_ca, Some(false), "leaf says CA:FALSE");
+            assert_eq!(found.usage, Some((true, false)), "leaf: digitalSignature, never keyCertSign");
         }
     }
 
