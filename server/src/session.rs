@@ -2,7 +2,9 @@
 //! and drives it from the agent's acks, the store's queues, timers, lease renewal and the
 //! shutdown signal.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use mas_core::delivery::{Output, QueuedMessage, SessionDelivery, StoreEffect};
@@ -157,10 +159,9 @@ impl Session {
                 }
                 Ok(None) | Err(_) => return Some(End::Disconnected),
             }
-            // A zero timeout polls once: it takes what has arrived and never waits.
-            match tokio::time::timeout(Duration::ZERO, inbound.message()).await {
-                Ok(next) => event = next,
-                Err(_) => break,
+            match already_arrived(inbound).await {
+                Some(next) => event = next,
+                None => break,
             }
         }
         None
@@ -257,6 +258,20 @@ impl Session {
         }
         self.broker.close_session(&self.session).await;
     }
+}
+
+/// The stream's next event if it has already arrived; never waits.
+///
+/// Not `timeout(Duration::ZERO, …)`: a zero timeout that is not ready arms a timer, and the
+/// timer wheel fires it at the next millisecond tick, so every burst of acks stalled the
+/// session loop for up to 1 ms (about 0.9 ms on each hop of a request/reply).
+async fn already_arrived(inbound: &mut Streaming<ClientEvent>) -> Option<Result<Option<ClientEvent>, Status>> {
+    let mut next = std::pin::pin!(inbound.message());
+    std::future::poll_fn(|cx| match next.as_mut().poll(cx) {
+        Poll::Ready(event) => Poll::Ready(Some(event)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -47,6 +47,10 @@ mod rr {
         /// Timed requests (after 100 warm-up requests).
         #[arg(long, default_value_t = 2_000)]
         requests: usize,
+        /// Time `Discover` calls instead: one unary RPC with no delivery, the floor under a
+        /// request/reply (which is two unary RPCs and two deliveries).
+        #[arg(long)]
+        unary: bool,
     }
 
     fn config(args: &Args, agent: &str) -> anyhow::Result<AgentConfig> {
@@ -63,6 +67,16 @@ mod rr {
         Ok(())
     }
 
+    /// One timed exchange: a request and its reply, or (`unary`) one `Discover` call.
+    async fn exchange(client: &Agent, worker: &str, n: usize, unary: bool) -> anyhow::Result<()> {
+        if unary {
+            client.discover(&[]).await?;
+        } else {
+            client.request(worker, "ping", &serde_json::json!({ "n": n }), Duration::from_secs(10)).await?;
+        }
+        Ok(())
+    }
+
     pub fn main() -> anyhow::Result<()> {
         let args = Args::parse();
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -72,9 +86,8 @@ mod rr {
     async fn run(args: Args) -> anyhow::Result<()> {
         let worker = AgentBuilder::new(config(&args, &args.worker)?).on("ping", answer).start().await?;
         let client = AgentBuilder::new(config(&args, &args.client)?).start().await?;
-        let timeout = Duration::from_secs(10);
         for n in 0..100 {
-            client.request(&args.worker, "ping", &serde_json::json!({ "n": n }), timeout).await?;
+            exchange(&client, &args.worker, n, args.unary).await?;
         }
         let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.requests)));
         let per_loop = args.requests.div_ceil(args.concurrency);
@@ -82,11 +95,12 @@ mod rr {
         let loops: Vec<_> = (0..args.concurrency)
             .map(|_| {
                 let (client, worker, latencies) = (client.clone(), args.worker.clone(), latencies.clone());
+                let unary = args.unary;
                 tokio::spawn(async move {
                     let mut mine = Vec::with_capacity(per_loop);
                     for n in 0..per_loop {
                         let sent = Instant::now();
-                        client.request(&worker, "ping", &serde_json::json!({ "n": n }), timeout).await?;
+                        exchange(&client, &worker, n, unary).await?;
                         mine.push(sent.elapsed());
                     }
                     latencies.lock().await.extend(mine);
@@ -105,7 +119,7 @@ mod rr {
         println!(
             "{}",
             serde_json::json!({
-                "client": "rust-sdk",
+                "client": if args.unary { "rust-sdk Discover (unary floor)" } else { "rust-sdk" },
                 "generation": "mas.runtime.v1",
                 "concurrency": args.concurrency,
                 "requests": latencies.len(),

@@ -191,6 +191,34 @@ fn reply_commit_is_idempotent_for_identical_replies_only() {
 }
 
 #[test]
+fn answered_and_unanswered_correlations_are_forgotten_when_due() {
+    let mut s = MemoryStore::default();
+    let pending = PendingRequest {
+        requester: agent("alice"),
+        requester_instance: InstanceId::new("a1").unwrap(),
+        target: agent("bob"),
+    };
+    let ttl = Duration::from_secs(1);
+    for n in 0..1000 {
+        let id = format!("c{n}");
+        s.open_request(&id, pending.clone(), ttl, routed("bob", "req"), None, at(n)).unwrap();
+        if n % 2 == 0 {
+            let receipt = ReplyReceipt { sender: agent("bob"), fingerprint: "f".into(), message_id: id.clone() };
+            let record = record("alice", Decision::Allowed);
+            s.commit_reply(&id, &pending, receipt, Arc::from("rep"), record, at(n)).unwrap().unwrap();
+        }
+    }
+    assert!(matches!(s.correlation("c998", at(1500)), Correlation::Answered(_)));
+    assert_eq!(s.correlation("c999", at(1500)), Correlation::Pending(pending.clone()));
+    assert_eq!(s.correlation("c0", at(1500)), Correlation::Unknown, "a receipt lives until the deadline");
+    assert_eq!(s.correlation("c1", at(1500)), Correlation::Expired, "a request reads expired for the grace period");
+    let after_grace = at(999) + ttl + REQUEST_EXPIRED_GRACE;
+    assert_eq!(s.correlation("c999", after_grace), Correlation::Unknown);
+    assert!(s.pending.is_empty() && s.receipts.is_empty(), "nothing due is kept");
+    assert!(s.forget_at.is_empty(), "and no index entry either");
+}
+
+#[test]
 fn expired_request_cannot_be_answered() {
     let mut s = MemoryStore::default();
     let pending = PendingRequest {
