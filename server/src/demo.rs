@@ -1,6 +1,9 @@
 //! `mas demo`: a broker on 127.0.0.1 with the embedded store and fresh dev certificates, plus
 //! two agents; alice greets bob once a second and bob prints what he receives. Ctrl-C stops
 //! the agents, drains the broker and exits with code 0.
+//!
+//! The broker never links the agent SDK, so the demo's agents are plain clients of the
+//! generated `mas.runtime.v1` stubs over mTLS, as any third-party client would be.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,9 +11,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use mas_agent::{AgentBuilder, AgentConfig, HandlerError, Message};
 use mas_core::ids::AgentId;
+use mas_net::client::{RuntimeClient, runtime_client};
+use mas_net::tls::TlsFiles;
+use mas_proto::runtime::{Ack, ClientEvent, Delivery, Hello, SendRequest, ServerEvent, client_event, server_event};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+use tonic::transport::Endpoint;
+
+use mas_core::envelope::Envelope;
 
 use crate::config::{AgentDefinition, BrokerConfig};
 use crate::{Broker, serve};
@@ -56,23 +66,8 @@ pub async fn run(
     println!("broker listening on {addr} (mTLS, embedded store)");
 
     let endpoint = format!("https://{addr}");
-    let (delivered_tx, mut delivered_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let bob_agent = AgentBuilder::new(AgentConfig::new(bob.clone(), endpoint.clone(), pki.agent(&bob)))
-        .on("greeting", move |_agent, msg: Message<Greeting>| {
-            let delivered = delivered_tx.clone();
-            async move {
-                println!("bob received from {}: #{} {:?}", msg.envelope.sender_id, msg.payload.n, msg.payload.text);
-                let _ = delivered.send(msg.payload.n);
-                Ok::<(), HandlerError>(())
-            }
-        })
-        .start()
-        .await
-        .context("starting bob")?;
-    let alice_agent = AgentBuilder::new(AgentConfig::new(alice.clone(), endpoint, pki.agent(&alice)))
-        .start()
-        .await
-        .context("starting alice")?;
+    let mut bob_agent = DemoAgent::connect(&endpoint, &pki.agent(&bob), &bob).await.context("starting bob")?;
+    let alice_agent = DemoAgent::connect(&endpoint, &pki.agent(&alice), &alice).await.context("starting alice")?;
     println!("alice and bob connected; alice greets bob every second (Ctrl-C to stop)");
 
     let mut shutdown = Box::pin(shutdown);
@@ -85,22 +80,92 @@ pub async fn run(
         }
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(_) = delivered_rx.recv() => received += 1,
+            delivery = bob_agent.next_delivery() => {
+                let Some(delivery) = delivery? else { break };
+                let envelope = Envelope::from_json(&delivery.envelope_json)?;
+                let greeting: Greeting = serde_json::from_value(serde_json::Value::Object(envelope.data))?;
+                println!("bob received from {}: #{} {:?}", envelope.sender_id, greeting.n, greeting.text);
+                bob_agent.ack(delivery.delivery_id).await;
+                received += 1;
+            }
             _ = ticker.tick(), if max_messages.is_none_or(|max| sent < max) => {
                 sent += 1;
                 let greeting = Greeting { n: sent, text: format!("hello bob, this is greeting {sent}") };
                 match alice_agent.send(bob.as_str(), "greeting", &greeting).await {
                     Ok(id) => println!("alice sent #{sent} (message id {id})"),
-                    Err(err) => println!("alice could not send #{sent}: {err}"),
+                    Err(status) => println!("alice could not send #{sent}: {}", status.message()),
                 }
             }
         }
     }
     println!("stopping: agents first, then the broker drains");
-    alice_agent.stop().await;
-    bob_agent.stop().await;
+    alice_agent.close().await;
+    bob_agent.close().await;
     let _ = stop_tx.send(());
     server.await.context("broker task")??;
     println!("stopped cleanly ({sent} sent, {received} delivered)");
     Ok(())
+}
+
+/// One demo agent instance: its RPC client, its instance id and its `Transport` stream.
+struct DemoAgent {
+    client: RuntimeClient,
+    instance_id: String,
+    outgoing: mpsc::Sender<ClientEvent>,
+    inbound: Streaming<ServerEvent>,
+}
+
+impl DemoAgent {
+    /// Connects over mTLS as `agent` and opens its stream: Hello, then the broker's Welcome.
+    async fn connect(endpoint: &str, files: &TlsFiles, agent: &AgentId) -> anyhow::Result<Self> {
+        let tls = files.load()?.client_config("localhost");
+        let channel = Endpoint::from_shared(endpoint.to_string())?.tcp_nodelay(true).tls_config(tls)?.connect().await?;
+        let mut client = runtime_client(channel, agent);
+        let instance_id = format!("demo-{agent}");
+        let (outgoing, requests) = mpsc::channel(64);
+        let hello = ClientEvent { event: Some(client_event::Event::Hello(Hello { instance_id: instance_id.clone() })) };
+        outgoing.send(hello).await?;
+        let mut inbound = client.transport(tokio_stream::wrappers::ReceiverStream::new(requests)).await?.into_inner();
+        match inbound.message().await? {
+            Some(ServerEvent { event: Some(server_event::Event::Welcome(_)) }) => {}
+            other => anyhow::bail!("expected Welcome, got {other:?}"),
+        }
+        Ok(DemoAgent { client, instance_id, outgoing, inbound })
+    }
+
+    async fn send(&self, target: &str, message_type: &str, data: &impl Serialize) -> Result<String, tonic::Status> {
+        let data_json = serde_json::to_string(data).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let request = SendRequest {
+            target_id: target.to_string(),
+            message_type: message_type.to_string(),
+            data_json,
+            instance_id: self.instance_id.clone(),
+        };
+        Ok(self.client.clone().send(request).await?.into_inner().message_id)
+    }
+
+    /// The next delivery; `None` when the broker closed the stream.
+    async fn next_delivery(&mut self) -> anyhow::Result<Option<Delivery>> {
+        loop {
+            match self.inbound.message().await? {
+                None => return Ok(None),
+                Some(ServerEvent { event: Some(server_event::Event::Delivery(delivery)) }) => {
+                    return Ok(Some(delivery));
+                }
+                Some(_) => continue,
+            }
+        }
+    }
+
+    async fn ack(&self, delivery_id: String) {
+        let ack = ClientEvent { event: Some(client_event::Event::Ack(Ack { delivery_id })) };
+        let _ = self.outgoing.send(ack).await;
+    }
+
+    /// Half-closes the stream and waits for the broker to end it, so every ack was processed.
+    async fn close(mut self) {
+        drop(self.outgoing);
+        let closed = async { while let Ok(Some(_)) = self.inbound.message().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    }
 }

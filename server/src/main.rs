@@ -142,34 +142,30 @@ mod cli {
     }
 
     /// Resolves on SIGINT (Ctrl-C) or SIGTERM (how systemd, Kubernetes and process
-    /// supervisors stop a service): either starts the same graceful drain.
-    async fn stop_requested() {
-        use tokio::signal::unix::{SignalKind, signal};
+    /// supervisors stop a service): either starts the same graceful drain. The handlers are
+    /// installed when this is called, not when the future is first polled, so a signal that
+    /// arrives while the broker is still starting is not the default action (exit 143).
+    fn stop_requested() -> impl std::future::Future<Output = ()> {
+        use tokio::signal::unix::{Signal, SignalKind, signal};
 
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(term) => Some(term),
-            Err(err) => {
-                eprintln!("cannot listen for SIGTERM ({err}); stop with Ctrl-C");
-                None
-            }
+        let install = |name: &str, kind: SignalKind| {
+            signal(kind).map_err(|err| eprintln!("cannot listen for {name} ({err}); stop with another signal")).ok()
         };
-        let terminated = async move {
-            match term.as_mut() {
-                Some(term) => {
-                    term.recv().await;
+        let (mut interrupt, mut terminate) =
+            (install("SIGINT", SignalKind::interrupt()), install("SIGTERM", SignalKind::terminate()));
+        async fn received(signal: &mut Option<Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
                 }
-                None => std::future::pending::<()>().await,
+                None => std::future::pending().await,
             }
-        };
-        tokio::pin!(terminated);
-        tokio::select! {
-            interrupted = tokio::signal::ctrl_c() => {
-                if let Err(err) = interrupted {
-                    eprintln!("cannot listen for Ctrl-C ({err})");
-                    (&mut terminated).await;
-                }
+        }
+        async move {
+            tokio::select! {
+                () = received(&mut interrupt) => {}
+                () = received(&mut terminate) => {}
             }
-            () = &mut terminated => {}
         }
     }
 
@@ -249,6 +245,7 @@ mod cli {
     }
 
     async fn serve_from(path: PathBuf) -> anyhow::Result<()> {
+        let stop = stop_requested();
         let config = BrokerConfig::from_file(&path)?;
         let tls = config.tls.as_ref().context("config: `tls` is required to serve (mTLS is mandatory)")?;
         let files = TlsFiles {
@@ -264,7 +261,7 @@ mod cli {
             "{}",
             serde_json::json!({"event": "mas.broker.ready", "pid": std::process::id(), "listen_addr": addr.to_string()})
         );
-        serve::serve_tls(broker, bound, &pem, stop_requested()).await?;
+        serve::serve_tls(broker, bound, &pem, stop).await?;
         eprintln!("broker stopped");
         Ok(())
     }
