@@ -147,25 +147,20 @@ impl Service {
             (Ok(agent), Ok(instance)) => self.open_session(agent, instance).await,
             (Err(status), _) | (_, Err(status)) => Err(status),
         };
-        match opened {
-            Ok((session, seed)) => {
-                tracing::info!(agent = %session.agent, instance = %session.instance, ?generation, "session opened");
-                // Room for a full window plus Welcome and a final error: sends never wait on
-                // the agent.
-                let (tx, rx) = mpsc::channel(self.broker.config().delivery.max_in_flight + 2);
-                let welcome = ServerEvent {
-                    event: Some(server_event::Event::Welcome(Welcome {
-                        agent_id: session.agent.to_string(),
-                        instance_id: session.instance.to_string(),
-                    })),
-                };
-                // Cannot fail: the channel is fresh and has room.
-                let _ = tx.try_send(Ok(welcome));
-                tokio::spawn(session::run(self.broker.clone(), session, seed, generation, inbound, tx));
-                Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-            }
-            Err(status) => Err(status),
-        }
+        let (session, seed) = opened?;
+        tracing::info!(agent = %session.agent, instance = %session.instance, ?generation, "session opened");
+        // Room for a full window plus Welcome and a final error: sends never wait on the agent.
+        let (tx, rx) = mpsc::channel(self.broker.config().delivery.max_in_flight + 2);
+        let welcome = ServerEvent {
+            event: Some(server_event::Event::Welcome(Welcome {
+                agent_id: session.agent.to_string(),
+                instance_id: session.instance.to_string(),
+            })),
+        };
+        // Cannot fail: the channel is fresh and has room.
+        let _ = tx.try_send(Ok(welcome));
+        tokio::spawn(session::run(self.broker.clone(), session, seed, generation, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     /// Opens the session of `agent`'s `instance`.
