@@ -5,8 +5,10 @@ process, then request/reply at concurrency 1 and 32 through
   - raw grpcio stubs of mas.runtime.v1,
   - the PyPI mas-framework 0.4.5 `mas.Agent` over mas.v1,
 
-each client in its own process with its worker in another, beside a bare-Redis round-trip
-baseline from Python measured in the same run. Prints one table row per figure.
+each client in its own process with its worker in another (a Python worker of its own
+generation, and a Rust SDK worker, which isolates the Python client's cost), beside a
+bare-Redis round-trip baseline from Python measured in the same run. Prints one table row per
+figure.
 
   tests/python/run --bench [--store redis] [--requests 2000] [--rounds 3]
 """
@@ -205,6 +207,16 @@ def main() -> None:
                     runs.append(json.loads(out.strip().splitlines()[-1]))
                 runs.append(run_pair(role("runtime-worker", target, certs), role("runtime-client", target, certs, str(c), n)))
                 runs.append(run_pair(role("v1-worker", target, certs), role("v1-client", target, certs, str(c), n)))
+                if args.mas_rr:
+                    # The Python clients against a Rust SDK worker: the client's own cost alone.
+                    def rust_worker(agent: str) -> list[str]:
+                        return [args.mas_rr, "--endpoint", f"https://{target}", "--certs", certs, "--worker", agent,
+                                "--worker-only"]
+
+                    for worker, client in (("bob", "runtime-client"), ("v1_worker", "v1-client")):
+                        r = run_pair(rust_worker(worker), role(client, target, certs, str(c), n))
+                        r["client"] += ", Rust worker"
+                        runs.append(r)
             for r in runs:
                 rows.setdefault((r["client"], r["generation"], r["concurrency"]), []).append(r)
     finally:
@@ -213,13 +225,13 @@ def main() -> None:
 
     print(f"\nrequest/reply, broker on the {args.store} store, {args.requests} requests, "
           f"{args.rounds} rounds: min / median / max")
-    print(f"{'client':34} {'wire':16} {'c':>3} {'req/s':>26} {'p50 ms':>20} {'p99 ms':>20}")
+    print(f"{'client':46} {'wire':16} {'c':>3} {'req/s':>26} {'p50 ms':>20} {'p99 ms':>20}")
 
     def mmm(values: list[float], fmt: str) -> str:
         return " / ".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
     for (client, generation, c), rs in rows.items():
-        print(f"{client:34} {generation:16} {c:>3} {mmm([r['req_per_s'] for r in rs], '.0f'):>26} "
+        print(f"{client:46} {generation:16} {c:>3} {mmm([r['req_per_s'] for r in rs], '.0f'):>26} "
               f"{mmm([r['p50_ms'] for r in rs], '.2f'):>20} {mmm([r['p99_ms'] for r in rs], '.2f'):>20}")
 
 

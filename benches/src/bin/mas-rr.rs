@@ -36,7 +36,7 @@ mod rr {
         #[arg(long)]
         certs: PathBuf,
         /// The requesting agent.
-        #[arg(long)]
+        #[arg(long, default_value = "alice")]
         client: String,
         /// The answering agent.
         #[arg(long)]
@@ -51,6 +51,10 @@ mod rr {
         /// request/reply (which is two unary RPCs and two deliveries).
         #[arg(long)]
         unary: bool,
+        /// Only run the worker (print `ready`, answer until killed): a Rust worker for clients
+        /// in other processes, such as the Python benchmark's.
+        #[arg(long)]
+        worker_only: bool,
     }
 
     fn config(args: &Args, agent: &str) -> anyhow::Result<AgentConfig> {
@@ -85,6 +89,10 @@ mod rr {
 
     async fn run(args: Args) -> anyhow::Result<()> {
         let worker = AgentBuilder::new(config(&args, &args.worker)?).on("ping", answer).start().await?;
+        if args.worker_only {
+            println!("ready");
+            std::future::pending::<()>().await;
+        }
         let client = AgentBuilder::new(config(&args, &args.client)?).start().await?;
         for n in 0..100 {
             exchange(&client, &args.worker, n, args.unary).await?;
