@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -70,12 +71,24 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+@contextlib.asynccontextmanager
+async def started(*agents: Agent):
+    """Starts `agents` in order and stops them in reverse, whatever the test body does."""
+    running: list[Agent] = []
+    try:
+        for agent in agents:
+            await agent.start()
+            running.append(agent)
+        yield agents
+    finally:
+        for agent in reversed(running):
+            await agent.stop()
+
+
 def test_typed_handler_receives_a_send(broker: Broker, pki: Pki) -> None:
     async def main():
         client, worker = agents(broker, pki)
-        await worker.start()
-        await client.start()
-        try:
+        async with started(worker, client):
             marker = uuid.uuid4().hex
             await client.send("v1_worker", "greeting", {"text": "hello", "marker": marker})
             message, payload = await asyncio.wait_for(worker.greetings.get(), 10)
@@ -83,9 +96,6 @@ def test_typed_handler_receives_a_send(broker: Broker, pki: Pki) -> None:
             assert message.sender_id == "v1_client" and message.target_id == "v1_worker"
             assert message.meta.sender_instance_id == client.instance_id
             uuid.UUID(message.message_id)  # the broker's id: a uuid
-        finally:
-            await client.stop()
-            await worker.stop()
 
     run(main())
 
@@ -93,9 +103,7 @@ def test_typed_handler_receives_a_send(broker: Broker, pki: Pki) -> None:
 def test_request_reply(broker: Broker, pki: Pki) -> None:
     async def main():
         client, worker = agents(broker, pki)
-        await worker.start()
-        await client.start()
-        try:
+        async with started(worker, client):
             for n in range(5):
                 reply = await client.request("v1_worker", "ping", {"n": n}, timeout=10)
                 assert reply.message_type == "pong"
@@ -104,9 +112,6 @@ def test_request_reply(broker: Broker, pki: Pki) -> None:
             replies = await asyncio.gather(*(client.request("v1_worker", "ping", {"n": n}, timeout=10)
                                              for n in range(16)))
             assert [r.data["echo"] for r in replies] == list(range(16))
-        finally:
-            await client.stop()
-            await worker.stop()
 
     run(main())
 
@@ -114,16 +119,11 @@ def test_request_reply(broker: Broker, pki: Pki) -> None:
 def test_discover(broker: Broker, pki: Pki) -> None:
     async def main():
         client, worker = agents(broker, pki)
-        await worker.start()
-        await client.start()
-        try:
+        async with started(worker, client):
             found = await client.discover(["v1-work"])
             assert found == [{"id": "v1_worker", "capabilities": ["v1-work"], "metadata": {"gen": "mas.v1"},
                               "status": "ACTIVE"}]
             assert await client.discover(["nothing-offers-this"]) == []
-        finally:
-            await client.stop()
-            await worker.stop()
 
     run(main())
 
@@ -133,32 +133,18 @@ def test_state_update_reload_and_reset(broker: Broker, pki: Pki) -> None:
         return Agent("v1_state", server_addr=broker.target, tls=tls(pki, "v1_state"), state_model=Counter)
 
     async def main():
-        first = agent()
-        await first.start()
-        try:
+        async with started(agent()) as (first,):
             await first.reset_state()
             assert first.state == Counter()
             await first.update_state({"count": 3, "name": "x"})
             await first.update_state({"ratio": 0.25, "enabled": True})
             assert first.state == Counter(count=3, name="x", ratio=0.25, enabled=True)
-        finally:
-            await first.stop()
-
-        second = agent()
-        await second.start()
-        try:
+        async with started(agent()) as (second,):
             assert second.state == Counter(count=3, name="x", ratio=0.25, enabled=True), "state reloads"
             await second.reset_state()
             assert second.state == Counter()
-        finally:
-            await second.stop()
-
-        third = agent()
-        await third.start()
-        try:
+        async with started(agent()) as (third,):
             assert third.state == Counter(), "a reset is durable"
-        finally:
-            await third.stop()
 
     run(main())
 
@@ -169,15 +155,10 @@ def test_a_handler_that_raises_is_redelivered(broker: Broker, pki: Pki) -> None:
 
     async def main():
         client, worker = agents(broker, pki)
-        await worker.start()
-        await client.start()
-        try:
+        async with started(worker, client):
             await client.send("v1_worker", "flaky", {})
             done = await asyncio.wait_for(worker.flaky_done.get(), 10)
             assert worker.flaky_attempts[done] == 2
-        finally:
-            await client.stop()
-            await worker.stop()
 
     run(main())
 
@@ -185,9 +166,7 @@ def test_a_handler_that_raises_is_redelivered(broker: Broker, pki: Pki) -> None:
 def test_a_payload_the_handler_model_rejects_is_not_redelivered(broker: Broker, pki: Pki) -> None:
     async def main():
         client, worker = agents(broker, pki)
-        await worker.start()
-        await client.start()
-        try:
+        async with started(worker, client):
             await client.send("v1_worker", "greeting", {"text": "no marker"})  # fails the model
             marker = uuid.uuid4().hex
             await client.send("v1_worker", "greeting", {"text": "ok", "marker": marker})
@@ -196,8 +175,5 @@ def test_a_payload_the_handler_model_rejects_is_not_redelivered(broker: Broker, 
             # Retries come after 50-200 ms; none does.
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(worker.greetings.get(), 1.0)
-        finally:
-            await client.stop()
-            await worker.stop()
 
     run(main())
