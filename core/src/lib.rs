@@ -14,6 +14,7 @@
 pub mod delivery;
 pub mod envelope;
 pub mod ids;
+pub mod limits;
 pub mod policy;
 pub mod store;
 pub mod time;

@@ -2,6 +2,7 @@
 //! catalogue exactly, because clients match on them.
 
 use mas_core::envelope::PayloadError;
+use mas_core::limits::LimitExceeded;
 use mas_core::store::StoreError;
 use tonic::{Code, Status};
 
@@ -53,6 +54,10 @@ pub mod detail {
     pub const BROKER_SHUTTING_DOWN: &str = "broker_shutting_down";
     /// The target's circuit breaker is open.
     pub const CIRCUIT_OPEN: &str = "circuit_open";
+    /// The agent holds `limits.max_sessions_per_agent` sessions on this broker (ours).
+    pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
+    /// `timeout_ms` is above `limits.max_request_timeout_ms` (ours).
+    pub const TIMEOUT_MS_TOO_LARGE: &str = "timeout_ms_too_large";
     /// The audit chain that must record the decision is full (the reference's
     /// `audit_capacity_exceeded`); nothing is delivered unaudited.
     pub const AUDIT_CAPACITY_EXCEEDED: &str = "audit_capacity_exceeded";
@@ -66,6 +71,17 @@ pub fn identity_denied(err: IdentityError) -> Status {
 /// `INVALID_ARGUMENT invalid_json` / `payload_must_be_object`.
 pub fn payload_invalid(err: PayloadError) -> Status {
     Status::invalid_argument(err.to_string())
+}
+
+/// An input over its bound: `RESOURCE_EXHAUSTED` for sizes (`payload_too_large`,
+/// `state_too_large`), `INVALID_ARGUMENT` for malformed fields (`json_too_deep`,
+/// `message_type_too_long`, `invalid_target_id`).
+pub fn limit_exceeded(err: LimitExceeded) -> Status {
+    if err.is_resource() {
+        Status::resource_exhausted(err.to_string())
+    } else {
+        Status::invalid_argument(err.to_string())
+    }
 }
 
 /// Store failures: a full queue is `RESOURCE_EXHAUSTED queue_full`, a full audit chain
@@ -103,5 +119,7 @@ mod tests {
         let s = store_failed(&StoreError::Unavailable("connection reset".into()));
         assert!(is(&s, Code::Unavailable, "storage_unavailable"), "backend text must not leak");
         assert!(is(&store_failed(&StoreError::AuditFull), Code::ResourceExhausted, "audit_capacity_exceeded"));
+        assert!(is(&limit_exceeded(LimitExceeded::PayloadTooLarge), Code::ResourceExhausted, "payload_too_large"));
+        assert!(is(&limit_exceeded(LimitExceeded::JsonTooDeep), Code::InvalidArgument, "json_too_deep"));
     }
 }

@@ -76,6 +76,8 @@ pub struct BrokerStats {
 pub enum OpenError {
     /// The (agent, instance) already has a session, here or on another broker.
     AlreadyConnected,
+    /// The agent already holds `limits.max_sessions_per_agent` sessions here.
+    TooManySessions,
     /// The broker is draining.
     ShuttingDown,
     /// The store could not be reached.
@@ -129,7 +131,7 @@ impl Broker {
             authz: RwLock::new(config.authz_policy()),
             dlp,
             circuit: config.gateway.circuit(),
-            audit: AuditTrail::start(store.clone(), &config.gateway.audit),
+            audit: AuditTrail::start(store.clone(), &config.gateway.audit, config.audit_archive_dir().as_deref()),
             config,
             store,
             clock: Clock::new(),
@@ -258,6 +260,10 @@ impl Broker {
             let mut sessions = self.sessions();
             if sessions.contains_key(&key) {
                 return Err(OpenError::AlreadyConnected);
+            }
+            let held = sessions.keys().filter(|(agent, _)| *agent == key.0).count();
+            if held >= self.config.limits.max_sessions_per_agent {
+                return Err(OpenError::TooManySessions);
             }
             sessions.insert(key.clone(), owner.clone());
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mas_core::delivery::DeliveryConfig;
 use mas_core::ids::{AgentId, BrokerId};
+use mas_core::limits::InputLimits;
 use mas_core::policy::authz::AuthzPolicy;
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::Limits;
@@ -173,6 +174,70 @@ impl LeaseSettings {
     }
 }
 
+/// Bounds on every input and connection resource; see the README's limits table for the
+/// status a client gets when it hits each one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest payload (`data_json`) in bytes (default 1 MiB).
+    pub max_payload_bytes: usize,
+    /// Deepest nesting of a payload or state value (default 64).
+    pub max_json_depth: usize,
+    /// Longest `message_type` in bytes (default 256).
+    pub max_message_type_bytes: usize,
+    /// Largest total state of one agent, field names plus values (default 1 MiB).
+    pub max_state_bytes: usize,
+    /// Largest gRPC message the transport decodes (default 4 MiB, grpc's default). Anything
+    /// larger is refused by the transport itself (`OUT_OF_RANGE`).
+    pub max_message_bytes: usize,
+    /// Sessions one agent may hold on this broker at once (default 64).
+    pub max_sessions_per_agent: usize,
+    /// Open client connections (default 4 096); more are closed at once, with a log line.
+    pub max_connections: usize,
+    /// Concurrent RPCs (HTTP/2 streams) per connection (default 1 024).
+    pub max_streams_per_connection: u32,
+    /// Longest `timeout_ms` a request may ask for (default 3 600 000 = 1 h).
+    pub max_request_timeout_ms: u64,
+    /// A connection must finish its TLS handshake within this (default 10 000 ms).
+    pub tls_handshake_timeout_ms: u64,
+    /// Idle connections are pinged this often (default 30 000 ms) ...
+    pub http2_keepalive_interval_ms: u64,
+    /// ... and closed when a ping is not answered within this (default 10 000 ms).
+    pub http2_keepalive_timeout_ms: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        let input = InputLimits::default();
+        LimitSettings {
+            max_payload_bytes: input.max_payload_bytes,
+            max_json_depth: input.max_json_depth,
+            max_message_type_bytes: input.max_message_type_bytes,
+            max_state_bytes: input.max_state_bytes,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_sessions_per_agent: 64,
+            max_connections: 4_096,
+            max_streams_per_connection: 1_024,
+            max_request_timeout_ms: 3_600_000,
+            tls_handshake_timeout_ms: 10_000,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl LimitSettings {
+    /// The bounds the core checks on each message and state write.
+    pub fn input(&self) -> InputLimits {
+        InputLimits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_json_depth: self.max_json_depth,
+            max_message_type_bytes: self.max_message_type_bytes,
+            max_state_bytes: self.max_state_bytes,
+        }
+    }
+}
+
 /// Paths of the broker's TLS material.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,6 +288,18 @@ pub struct BrokerConfig {
     /// Governance settings (the reference's `gateway` section).
     #[serde(default)]
     pub gateway: GatewaySettings,
+    /// Bounds on inputs and connections.
+    #[serde(default)]
+    pub limits: LimitSettings,
+    /// Where the broker keeps its files (audit archive segments unless
+    /// `gateway.audit.archive_dir` says otherwise). Default `mas-data`; a relative path is
+    /// taken from the broker's working directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("mas-data")
 }
 
 /// Which governance features run (authorization and rate limits are always on).
@@ -285,6 +362,19 @@ impl CircuitSettings {
     }
 }
 
+/// What a chain does when its live window in the store is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFullChain {
+    /// Move the oldest records to archive segment files (fsynced before they leave the
+    /// store), so traffic never stops (default).
+    #[default]
+    Archive,
+    /// Strict mode: keep every record in the store and refuse the messages a full chain would
+    /// record with `RESOURCE_EXHAUSTED audit_capacity_exceeded`.
+    Refuse,
+}
+
 /// Audit settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -295,13 +385,13 @@ pub struct AuditSettings {
     pub max_bytes: u64,
     /// Rotated files kept: `file.1` … `file.N` (default 5; 0 truncates instead).
     pub backup_count: u32,
-    /// Most records one chain holds in the store (default 1 000 000). A full chain refuses
-    /// the messages it would record with `RESOURCE_EXHAUSTED audit_capacity_exceeded` and the
-    /// broker logs an error: nothing is ever delivered unaudited.
+    /// The live window: most records one chain holds in the store (default 100 000, about
+    /// 45 MB of store memory per chain at 256-byte messages).
     pub max_records_per_chain: usize,
-    /// Where to archive the oldest records of a chain nearing `max_records_per_chain`
-    /// (segment files, fsynced before the records leave the store). Without it a full chain
-    /// refuses messages.
+    /// What a full chain does (default `archive`).
+    pub on_full: OnFullChain,
+    /// Where archive segments go (default `{data_dir}/audit-archive`); ignored with
+    /// `on_full: refuse`.
     pub archive_dir: Option<PathBuf>,
     /// Records moved per segment (default 10 000; at most half of `max_records_per_chain`).
     pub archive_batch: usize,
@@ -314,8 +404,20 @@ impl Default for AuditSettings {
             max_bytes: 10_000_000,
             backup_count: 5,
             max_records_per_chain: MemoryStoreConfig::default().max_audit_records,
+            on_full: OnFullChain::Archive,
             archive_dir: None,
             archive_batch: 10_000,
+        }
+    }
+}
+
+impl AuditSettings {
+    /// Where segments are archived: `archive_dir`, else `{data_dir}/audit-archive`; `None`
+    /// in strict mode.
+    pub fn archive_dir_in(&self, data_dir: &Path) -> Option<PathBuf> {
+        match self.on_full {
+            OnFullChain::Refuse => None,
+            OnFullChain::Archive => Some(self.archive_dir.clone().unwrap_or_else(|| data_dir.join("audit-archive"))),
         }
     }
 }
@@ -466,7 +568,14 @@ impl BrokerConfig {
             #[cfg(not(madsim))]
             redis: None,
             gateway: GatewaySettings::default(),
+            limits: LimitSettings::default(),
+            data_dir: default_data_dir(),
         }
+    }
+
+    /// Where audit segments are archived, `None` in strict mode (see [`AuditSettings`]).
+    pub fn audit_archive_dir(&self) -> Option<PathBuf> {
+        self.gateway.audit.archive_dir_in(&self.data_dir)
     }
 
     /// The configured broker id, or `{hostname}-{port}`: the same for every start of a broker
@@ -496,18 +605,49 @@ impl BrokerConfig {
         Ok(config)
     }
 
+    /// Every bounded numeric setting with its accepted range `(name, value, min, max)`. The
+    /// maxima keep every later computation far from overflow (durations stay under a day or
+    /// an hour, counts under what memory could hold) while leaving room for any real use.
+    fn numeric_ranges(&self) -> Vec<(&'static str, u64, u64, u64)> {
+        const DAY_MS: u64 = 86_400_000;
+        const HOUR_MS: u64 = 3_600_000;
+        let n = |v: usize| v as u64;
+        let (d, l, a, lease) = (&self.delivery, &self.limits, &self.gateway.audit, &self.session_lease);
+        vec![
+            ("delivery.max_in_flight", n(d.max_in_flight), 1, 100_000),
+            ("delivery.ack_timeout_ms", d.ack_timeout_ms, 1, DAY_MS),
+            ("delivery.max_delivery_attempts", u64::from(d.max_delivery_attempts), 1, 1_000_000),
+            ("delivery.retry_backoff_initial_ms", d.retry_backoff_initial_ms, 0, DAY_MS),
+            ("delivery.retry_backoff_max_ms", d.retry_backoff_max_ms, 0, DAY_MS),
+            ("delivery.drain_timeout_ms", d.drain_timeout_ms, 0, HOUR_MS),
+            ("max_queue_len", n(self.max_queue_len), 1, 1_000_000_000),
+            ("session_lease.ttl_ms", lease.ttl_ms, 3, HOUR_MS),
+            ("gateway.audit.max_records_per_chain", n(a.max_records_per_chain), 2, 1_000_000_000),
+            ("gateway.audit.max_bytes", a.max_bytes, 1, u64::MAX / 2),
+            ("gateway.audit.backup_count", u64::from(a.backup_count), 0, 10_000),
+            ("limits.max_payload_bytes", n(l.max_payload_bytes), 2, n(l.max_message_bytes)),
+            ("limits.max_json_depth", n(l.max_json_depth), 1, 120),
+            ("limits.max_message_type_bytes", n(l.max_message_type_bytes), 1, 65_536),
+            ("limits.max_state_bytes", n(l.max_state_bytes), 1, 512 * 1024 * 1024),
+            ("limits.max_message_bytes", n(l.max_message_bytes), 1024, 64 * 1024 * 1024),
+            ("limits.max_sessions_per_agent", n(l.max_sessions_per_agent), 1, 1_000_000),
+            ("limits.max_connections", n(l.max_connections), 1, 1_000_000),
+            ("limits.max_streams_per_connection", u64::from(l.max_streams_per_connection), 1, 1_000_000),
+            ("limits.max_request_timeout_ms", l.max_request_timeout_ms, 1, DAY_MS),
+            ("limits.tls_handshake_timeout_ms", l.tls_handshake_timeout_ms, 1, HOUR_MS),
+            ("limits.http2_keepalive_interval_ms", l.http2_keepalive_interval_ms, 1, DAY_MS),
+            ("limits.http2_keepalive_timeout_ms", l.http2_keepalive_timeout_ms, 1, DAY_MS),
+        ]
+    }
+
     /// Checks ranges and cross-references; a bad value is named in the error.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let d = &self.delivery;
-        let positive = [
-            ("delivery.max_in_flight", d.max_in_flight as u64),
-            ("delivery.ack_timeout_ms", d.ack_timeout_ms),
-            ("delivery.max_delivery_attempts", u64::from(d.max_delivery_attempts)),
-            ("max_queue_len", self.max_queue_len as u64),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
+        for (name, value, min, max) in self.numeric_ranges() {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::Invalid(format!("{name} is {value}; it must be between {min} and {max}")));
+            }
         }
+        let d = &self.delivery;
         if d.retry_backoff_initial_ms > d.retry_backoff_max_ms {
             return Err(ConfigError::Invalid(
                 "delivery.retry_backoff_initial_ms must not exceed delivery.retry_backoff_max_ms".into(),
@@ -522,17 +662,15 @@ impl BrokerConfig {
         if let Some((name, _)) = circuit_counts.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("gateway.circuit_breaker.{name} must be greater than 0")));
         }
+        const YEAR_SECONDS: f64 = 365.0 * 86_400.0;
         for (name, seconds) in [("timeout_seconds", c.timeout_seconds), ("window_seconds", c.window_seconds)] {
-            if !(seconds.is_finite() && seconds > 0.0) {
-                return Err(ConfigError::Invalid(format!("gateway.circuit_breaker.{name} must be a positive number")));
+            if !(seconds.is_finite() && seconds > 0.0 && seconds <= YEAR_SECONDS) {
+                return Err(ConfigError::Invalid(format!(
+                    "gateway.circuit_breaker.{name} is {seconds}; it must be a positive number of seconds up to a year"
+                )));
             }
         }
         let audit = &self.gateway.audit;
-        if audit.max_records_per_chain == 0 || audit.max_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "gateway.audit.max_records_per_chain and gateway.audit.max_bytes must be greater than 0".into(),
-            ));
-        }
         if audit.archive_batch == 0 || audit.archive_batch.saturating_mul(2) > audit.max_records_per_chain {
             return Err(ConfigError::Invalid(
                 "gateway.audit.archive_batch must be positive and at most half of max_records_per_chain".into(),
@@ -615,5 +753,49 @@ mod tests {
         let json = r#"{"listen_addr":"127.0.0.1:0","agents":{"a":{}},"delivery":{"max_in_flight":0}}"#;
         let c: BrokerConfig = serde_json::from_str(json).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("max_in_flight"));
+    }
+
+    fn with(section: &str) -> BrokerConfig {
+        let json = format!(r#"{{"listen_addr":"127.0.0.1:0","agents":{{"a":{{}}}},{section}}}"#);
+        serde_json::from_str(&json).unwrap()
+    }
+
+    /// Every range is enforced at both ends, and the error names the key and the bounds.
+    #[test]
+    fn every_numeric_setting_is_range_checked() {
+        let defaults = BrokerConfig::new("127.0.0.1:0".parse().unwrap(), BTreeMap::new());
+        for (name, value, min, max) in defaults.numeric_ranges() {
+            assert!((min..=max).contains(&value), "default of {name} ({value}) out of its own range");
+        }
+        let too_big =
+            with(r#""delivery":{"retry_backoff_initial_ms":37000000000000,"retry_backoff_max_ms":37000000000000}"#);
+        let err = too_big.validate().unwrap_err().to_string();
+        assert!(err.contains("delivery.retry_backoff_initial_ms") && err.contains("86400000"), "{err}");
+        let err = with(r#""limits":{"max_payload_bytes":5000000}"#).validate().unwrap_err().to_string();
+        assert!(err.contains("limits.max_payload_bytes") && err.contains("4194304"), "{err}");
+        let err =
+            with(r#""gateway":{"circuit_breaker":{"timeout_seconds":1e300}}"#).validate().unwrap_err().to_string();
+        assert!(err.contains("timeout_seconds"), "{err}");
+        assert!(with(r#""limits":{"max_connections":0}"#).validate().is_err());
+    }
+
+    #[test]
+    fn a_bad_dlp_pattern_names_its_rule() {
+        let c = with(
+            r#""gateway":{"dlp":{"rules":[{"id":"ok","type":"t","pattern":"a","action":"alert"},
+                                          {"id":"card-x","type":"t","pattern":"(","action":"block"}]}}"#,
+        );
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains(r#"rules[1] "card-x""#) && err.contains("invalid pattern"), "{err}");
+    }
+
+    #[test]
+    fn audit_archives_under_the_data_dir_unless_strict() {
+        let c = with(r#""data_dir":"/var/lib/mas""#);
+        assert_eq!(c.audit_archive_dir(), Some(PathBuf::from("/var/lib/mas/audit-archive")));
+        let c = with(r#""gateway":{"audit":{"archive_dir":"/srv/a"}}"#);
+        assert_eq!(c.audit_archive_dir(), Some(PathBuf::from("/srv/a")));
+        let c = with(r#""gateway":{"audit":{"on_full":"refuse","archive_dir":"/srv/a"}}"#);
+        assert_eq!(c.audit_archive_dir(), None);
     }
 }

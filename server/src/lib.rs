@@ -20,6 +20,10 @@ pub mod clock;
 pub mod config;
 #[cfg(not(madsim))]
 pub mod demo;
+#[cfg(not(madsim))]
+pub mod listener;
+#[cfg(not(madsim))]
+pub mod preflight;
 pub mod serve;
 pub mod service;
 pub mod session;

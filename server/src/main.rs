@@ -253,7 +253,9 @@ mod cli {
             cert: tls.server_cert_path.clone(),
             key: tls.server_key_path.clone(),
         };
-        let pem = files.load()?;
+        // Everything the file points at is checked before the ready line.
+        let pem = files.load_checked().context("TLS material rejected")?;
+        mas_server::preflight::check_paths(&config)?;
         let bound = serve::bind(config.listen_addr).await?;
         let addr = bound.local_addr;
         let broker = Broker::connect(config).await?;

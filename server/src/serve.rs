@@ -19,13 +19,31 @@ fn interceptor(
 }
 
 /// Both wire generations over one service, each behind the authentication interceptor.
+/// (Under madsim the generated servers take no decoding limit.)
 macro_rules! services {
     ($broker:expr) => {{
         let service = Service::new($broker.clone());
-        (
+        #[cfg(not(madsim))]
+        let servers = {
+            use tonic::service::interceptor::InterceptedService;
+            let max = $broker.config().limits.max_message_bytes;
+            (
+                InterceptedService::new(
+                    RuntimeServiceServer::new(service.clone()).max_decoding_message_size(max),
+                    interceptor(&$broker),
+                ),
+                InterceptedService::new(
+                    MasServiceServer::new(MasV1Service::new(service)).max_decoding_message_size(max),
+                    interceptor(&$broker),
+                ),
+            )
+        };
+        #[cfg(madsim)]
+        let servers = (
             RuntimeServiceServer::with_interceptor(service.clone(), interceptor(&$broker)),
             MasServiceServer::with_interceptor(MasV1Service::new(service), interceptor(&$broker)),
-        )
+        );
+        servers
     }};
 }
 
@@ -46,10 +64,11 @@ mod real {
     use super::*;
     use std::net::SocketAddr;
 
+    use std::time::Duration;
+
     use mas_net::tls::TlsPem;
     use tokio::net::TcpListener;
     use tonic::transport::Server;
-    use tonic::transport::server::TcpIncoming;
 
     /// Why the listener could not start.
     #[derive(Debug, thiserror::Error)]
@@ -84,15 +103,10 @@ mod real {
         Ok(Bound { listener, local_addr })
     }
 
-    /// Accepted connections with `TCP_NODELAY` set. Without it, Nagle's algorithm plus the
-    /// peer's delayed ACK hold back every small response that follows another (a unary reply
-    /// after its headers, a delivery after an ack): ~40 ms per request/reply round trip.
-    fn incoming(listener: TcpListener) -> TcpIncoming {
-        TcpIncoming::from(listener).with_nodelay(Some(true))
-    }
-
     /// Serves the broker over mTLS until `shutdown` resolves; then drains every session
-    /// (see [`Broker::shutdown`]) before the listener closes.
+    /// (see [`Broker::shutdown`]) before the listener closes. Connections are bounded in
+    /// number (see [`crate::listener`]), must finish the TLS handshake in time, and are
+    /// pinged when idle and closed when a ping goes unanswered.
     pub async fn serve_tls(
         broker: Arc<Broker>,
         bound: Bound,
@@ -100,35 +114,22 @@ mod real {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         mas_net::tls::install_crypto_provider();
+        let limits = broker.config().limits.clone();
+        let ms = Duration::from_millis;
         let (runtime, mas_v1) = services!(broker);
+        let incoming = crate::listener::accept(bound.listener, limits.max_connections);
         let drained = drain_after(broker, shutdown);
         Server::builder()
-            .tls_config(tls.server_config())
+            .tls_config(tls.server_config().timeout(ms(limits.tls_handshake_timeout_ms)))
             .map_err(ServeError::Tls)?
+            .http2_keepalive_interval(Some(ms(limits.http2_keepalive_interval_ms)))
+            .http2_keepalive_timeout(Some(ms(limits.http2_keepalive_timeout_ms)))
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
             .add_service(runtime)
             .add_service(mas_v1)
-            .serve_with_incoming_shutdown(incoming(bound.listener), drained)
+            .serve_with_incoming_shutdown(incoming, drained)
             .await
             .map_err(ServeError::Transport)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use tokio_stream::StreamExt;
-
-        use super::*;
-
-        /// Without TCP_NODELAY a stock grpcio client's request/reply at concurrency 1 ran at
-        /// 23 req/s (p50 44 ms): Nagle's algorithm against its delayed ACKs.
-        #[tokio::test]
-        async fn accepted_connections_set_tcp_nodelay() {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let mut accepted = incoming(listener);
-            let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let socket = accepted.next().await.expect("a connection").expect("accepted");
-            assert!(socket.nodelay().expect("read TCP_NODELAY"));
-        }
     }
 }
 

@@ -77,6 +77,8 @@ impl TestBroker {
             grants.iter().map(|(agent, targets)| (id(agent), AgentDefinition::allowing(targets))).collect();
         let mut config = BrokerConfig::new("127.0.0.1:0".parse().expect("addr"), agents);
         config.seed = Some(7);
+        let dir = scratch_dir();
+        config.data_dir = dir.join("data");
         adjust(&mut config);
         config.validate().expect("valid test config");
         let ca = DevCa::new("mas e2e CA").expect("ca");
@@ -96,7 +98,7 @@ impl TestBroker {
                 .expect("broker serve");
             }
         });
-        TestBroker { broker, addr, ca, dir: scratch_dir(), stop: Some(stop), task: Some(task) }
+        TestBroker { broker, addr, ca, dir, stop: Some(stop), task: Some(task) }
     }
 
     /// Writes `pair` with the CA into files and returns their paths.

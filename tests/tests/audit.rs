@@ -135,6 +135,33 @@ async fn authentication_denials_are_security_events() {
     tb.stop().await;
 }
 
+/// A CA-signed but not allowlisted certificate hammering the broker: each refusal still
+/// answers `agent_not_allowlisted`, but the security chain records one event per window.
+#[tokio::test]
+async fn a_flood_of_denied_calls_is_recorded_once_per_window_with_its_count() {
+    let tb = TestBroker::start(&[("alice", &[])]).await;
+    let mallory = tb.ca.agent_cert(&mas_tests::id("mallory")).unwrap();
+    let mut client = tb.raw_client(Some(&mallory)).await.unwrap();
+    for _ in 0..500 {
+        let req = mas_proto::runtime::SendRequest { instance_id: "i1".into(), ..Default::default() };
+        let refused = client.send(req).await.expect_err("refused");
+        assert_eq!(refused.message(), "agent_not_allowlisted");
+    }
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            !tb.broker.store().security_chain().await.unwrap().records.is_empty()
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = tb.broker.store().security_chain().await.unwrap().records;
+    let denials: Vec<_> = events.iter().filter(|e| e.event_type == "authentication_denied").collect();
+    assert!(denials.len() <= 2, "500 denials within seconds gave {} records", denials.len());
+    assert_eq!(denials[0].details["agent"], "mallory");
+    assert_eq!(denials[0].details["suppressed_repeats"], 0);
+    tb.stop().await;
+}
+
 #[tokio::test]
 async fn a_failing_target_trips_its_circuit_and_recovers_through_half_open() {
     // Retries far in the future, so only new messages reach bob during the test.
@@ -293,7 +320,8 @@ async fn archiving_keeps_chains_open_and_verifiable(redis: Option<&str>) {
         c.redis = redis;
         c.gateway.rate_limit = mas_server::config::RateLimitSettings::unlimited();
         (c.gateway.audit.max_records_per_chain, c.gateway.audit.archive_batch) = (40, 10);
-        c.gateway.audit.archive_dir = Some(archive);
+        // Archiving is the default; segments go under the data directory.
+        c.data_dir = archive;
     })
     .await;
     let (bob, handled) = tb.counting_agent::<serde_json::Value>("bob", "n").await;
@@ -308,6 +336,7 @@ async fn archiving_keeps_chains_open_and_verifiable(redis: Option<&str>) {
     assert!(bob_chain.archive_checked && bob_chain.archived >= 110, "{bob_chain:?}");
     assert_eq!(bob_chain.archived + bob_chain.records as u64, 150, "every accepted send, none of the refused");
     let epoch_dir = tb.broker.audit().archive_dir().unwrap().to_path_buf();
+    assert!(epoch_dir.starts_with(dir.join("audit-archive")), "{}", epoch_dir.display());
     let segments = mas_server::audit::archive::verify_segments(&epoch_dir.join("bob")).unwrap();
     assert!(segments.errors.is_empty() && segments.records == bob_chain.archived, "{segments:?}");
 
@@ -328,6 +357,30 @@ async fn archiving_keeps_chains_open_and_verifiable(redis: Option<&str>) {
     bob.stop().await;
     tb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Strict mode keeps every record in the store: a full chain refuses what it would record,
+/// and nothing is archived.
+#[tokio::test]
+async fn strict_mode_refuses_messages_a_full_chain_would_record() {
+    let tb = TestBroker::start_custom(&[("alice", &["bob"]), ("bob", &[])], |c| {
+        c.gateway.rate_limit = mas_server::config::RateLimitSettings::unlimited();
+        (c.gateway.audit.max_records_per_chain, c.gateway.audit.archive_batch) = (6, 3);
+        c.gateway.audit.on_full = mas_server::config::OnFullChain::Refuse;
+    })
+    .await;
+    assert!(tb.broker.audit().archive_dir().is_none());
+    let (bob, handled) = tb.counting_agent::<serde_json::Value>("bob", "n").await;
+    let alice = tb.agent("alice").start().await.unwrap();
+    for i in 0..6 {
+        alice.send("bob", "n", &serde_json::json!({ "i": i })).await.unwrap();
+    }
+    let refused = alice.send("bob", "n", &serde_json::json!({ "i": 6 })).await.unwrap_err();
+    assert_eq!(status_of(&refused), (Code::ResourceExhausted, "audit_capacity_exceeded".into()));
+    assert!(eventually_async(Duration::from_secs(5), || async { handled.load(Ordering::SeqCst) == 6 }).await);
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
 }
 
 #[tokio::test]

@@ -336,10 +336,14 @@ async fn state_compare_and_set() {
         let bob = agent("bob");
         let upd = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
         log.push(format!("{:?}", store.get_state(&bob).await));
-        log.push(format!("{:?}", store.update_state(&bob, upd("a", "1"), Some(0)).await));
-        log.push(format!("{:?}", store.update_state(&bob, upd("a", "2"), Some(0)).await));
-        log.push(format!("{:?}", store.update_state(&bob, BTreeMap::new(), Some(1)).await));
-        log.push(format!("{:?}", store.update_state(&bob, upd("b", "\"x\""), None).await));
+        const MAX: usize = 1024;
+        log.push(format!("{:?}", store.update_state(&bob, upd("a", "1"), Some(0), MAX).await));
+        log.push(format!("{:?}", store.update_state(&bob, upd("a", "2"), Some(0), MAX).await));
+        log.push(format!("{:?}", store.update_state(&bob, BTreeMap::new(), Some(1), MAX).await));
+        log.push(format!("{:?}", store.update_state(&bob, upd("b", "\"x\""), None, MAX).await));
+        // 2 + 4 bytes stored: a 6-byte bound refuses a seventh byte, and changes nothing.
+        log.push(format!("{:?}", store.update_state(&bob, upd("c", ""), None, 6).await));
+        log.push(format!("{:?}", store.update_state(&bob, upd("a", "12"), None, 6).await));
         log.push(format!("{:?}", store.get_state(&bob).await));
         log.push(format!("{:?}", store.reset_state(&bob, Some(1)).await));
         log.push(format!("{:?}", store.reset_state(&bob, Some(2)).await));

@@ -21,7 +21,7 @@ mod load {
 
     use anyhow::Context;
     use clap::Parser;
-    use mas_agent::{AgentBuilder, AgentConfig, HandlerError, Message};
+    use mas_agent::{AgentBuilder, AgentConfig, AgentError, HandlerError, Message};
     use mas_core::ids::AgentId;
     use mas_server::config::DeliverySettings;
     use mas_server::{AgentDefinition, Broker, BrokerConfig, serve};
@@ -48,11 +48,22 @@ mod load {
         /// Redis URL; the embedded store when absent.
         #[arg(long)]
         redis: Option<String>,
+        /// Bound of the consumer's queue (default: the broker's default). A full queue makes
+        /// producers back off and retry, as a real producer would.
+        #[arg(long)]
+        max_queue_len: Option<usize>,
     }
 
     #[derive(Debug, Deserialize)]
     struct Job {
         sent_ns: u64,
+    }
+
+    /// The process's peak resident set (`VmHWM`), in KiB, where /proc has it.
+    fn peak_rss_kib() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     pub fn main() -> anyhow::Result<()> {
@@ -74,18 +85,24 @@ mod load {
         agents.insert(consumer.clone(), AgentDefinition::allowing::<&str>(&[]));
         let mut config = BrokerConfig::new("127.0.0.1:0".parse()?, agents);
         config.delivery = DeliverySettings::default();
-        config.max_queue_len = 10_000_000;
+        config.data_dir = dir.join("data");
+        if let Some(max) = args.max_queue_len {
+            config.max_queue_len = max;
+        }
         config.gateway.rate_limit = mas_server::config::RateLimitSettings::unlimited();
         config.redis = args.redis.as_ref().map(|url| {
             let mut s = mas_server::store::redis::RedisSettings::new(url);
-            s.max_queue_len = 10_000_000;
+            if let Some(max) = args.max_queue_len {
+                s.max_queue_len = max;
+            }
             s
         });
         let bound = serve::bind(config.listen_addr).await?;
         let endpoint = format!("https://{}", bound.local_addr);
         let broker = Broker::connect(config).await.context("broker")?;
         let tls = pki.server.load()?;
-        tokio::spawn(async move { serve::serve_tls(broker, bound, &tls, std::future::pending()).await });
+        let served = broker.clone();
+        tokio::spawn(async move { serve::serve_tls(served, bound, &tls, std::future::pending()).await });
 
         let epoch = Instant::now();
         let handled = Arc::new(AtomicU64::new(0));
@@ -115,16 +132,26 @@ mod load {
         }
         let filler = "x".repeat(args.payload.saturating_sub(40));
         let next = Arc::new(AtomicU64::new(0));
+        let queue_full = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
         for w in 0..args.concurrency {
             let sender = senders[(w % args.producers) as usize].clone();
-            let (next, filler, total) = (next.clone(), filler.clone(), args.messages);
+            let (next, filler, total, queue_full) = (next.clone(), filler.clone(), args.messages, queue_full.clone());
             tasks.push(tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < total {
-                    let sent_ns = epoch.elapsed().as_nanos() as u64;
-                    let data = serde_json::json!({ "sent_ns": sent_ns, "filler": filler });
-                    sender.send("sink", "job", &data).await.expect("send accepted");
+                    loop {
+                        let sent_ns = epoch.elapsed().as_nanos() as u64;
+                        let data = serde_json::json!({ "sent_ns": sent_ns, "filler": filler });
+                        match sender.send("sink", "job", &data).await {
+                            Ok(_) => break,
+                            Err(AgentError::Rpc(status)) if status.message() == "queue_full" => {
+                                queue_full.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(err) => panic!("send refused: {err}"),
+                        }
+                    }
                 }
             }));
         }
@@ -137,6 +164,10 @@ mod load {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let done_in = started.elapsed();
+        let peak_kib = peak_rss_kib();
+        let report = broker.verify_audit().await.context("audit verification")?;
+        anyhow::ensure!(report.is_intact(), "audit trail does not verify: {report:?}");
+        let chain = report.chains.iter().find(|c| c.chain == "agent:sink").cloned().context("sink chain")?;
         let mut lat = latencies.lock().await.clone();
         lat.sort_unstable();
         let pct = |p: f64| {
@@ -167,6 +198,13 @@ mod load {
             pct(0.99),
             pct(1.0)
         );
+        println!(
+            "sends retried after queue_full: {}; audit chain {} live records, {} archived (verified)",
+            queue_full.load(Ordering::Relaxed),
+            chain.records,
+            chain.archived
+        );
+        println!("peak RSS before verification: {} MiB", peak_kib.map_or("?".into(), |k| (k / 1024).to_string()));
         for s in senders.iter().chain(sinks.iter()) {
             s.stop().await;
         }

@@ -215,7 +215,13 @@ impl SessionDelivery {
             .min(self.config.retry_backoff_max);
         let half = full / 2;
         let span_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        let jitter = if span_nanos == 0 { 0 } else { self.rng.next_u64() % (span_nanos + 1) };
+        // No draw for an empty span (the draw sequence is part of a seed's trajectory); a span
+        // of `u64::MAX` ns takes any draw (`span + 1` would wrap to a zero divisor).
+        let jitter = match span_nanos {
+            0 => 0,
+            u64::MAX => self.rng.next_u64(),
+            span => self.rng.next_u64() % (span + 1),
+        };
         half + Duration::from_nanos(jitter)
     }
 

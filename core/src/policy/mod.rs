@@ -9,3 +9,4 @@ pub mod authz;
 pub mod circuit;
 pub mod dlp;
 pub mod ratelimit;
+pub mod repeats;

@@ -27,7 +27,7 @@ pub struct MemoryStoreConfig {
 
 impl Default for MemoryStoreConfig {
     fn default() -> Self {
-        MemoryStoreConfig { max_queue_len: 100_000, max_dead_letters: 10_000, max_audit_records: 1_000_000 }
+        MemoryStoreConfig { max_queue_len: 100_000, max_dead_letters: 10_000, max_audit_records: 100_000 }
     }
 }
 
@@ -434,9 +434,17 @@ impl MemoryStore {
         agent: &AgentId,
         updates: BTreeMap<String, String>,
         expected_revision: Option<u64>,
+        max_bytes: usize,
     ) -> Result<u64, StateError> {
         let state = self.states.entry(agent.clone()).or_default();
         check_revision(state, expected_revision)?;
+        let bytes = crate::limits::merged_state_bytes(
+            state.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            updates.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        if bytes > max_bytes {
+            return Err(StateError::TooLarge { bytes });
+        }
         if !updates.is_empty() {
             state.fields.extend(updates);
             state.revision += 1;

@@ -198,6 +198,12 @@ pub enum StateError {
         /// The revision actually stored.
         current: u64,
     },
+    /// The state after the write would be larger than the agent's bound.
+    #[error("state_too_large")]
+    TooLarge {
+        /// Bytes (field names plus values) the state would have held.
+        bytes: usize,
+    },
 }
 
 /// Why a lease could not be taken.

@@ -21,11 +21,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::file::FileRecord;
-use mas_core::policy::audit::{AuditRecord, Chained, FileLine, verify_from, verify_lines};
+use mas_core::policy::audit::{AuditRecord, Chained, FileLine, LineVerifier, verify_from};
 use mas_core::store::StoreError;
 
 use super::chain_name;
-use super::sink::located_lines;
 use crate::store::Store;
 
 /// Why archiving stopped.
@@ -188,7 +187,9 @@ pub fn verify_segments(dir: &Path) -> Result<SegmentReport, std::io::Error> {
         Err(err) => return Err(err),
     };
     files.sort();
-    let mut lines = Vec::new();
+    // One segment in memory at a time: an archive of millions of records verifies in the
+    // memory of one segment.
+    let mut verifier = LineVerifier::default();
     for file in &files {
         let first: Option<u64> = file.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok());
         if first != Some(report.records) {
@@ -198,11 +199,14 @@ pub fn verify_segments(dir: &Path) -> Result<SegmentReport, std::io::Error> {
                 report.records
             ));
         }
-        let read = located_lines(file)?;
-        report.records += read.iter().filter(|(_, line)| !line.trim().is_empty()).count() as u64;
-        lines.extend(read);
+        let text = std::fs::read_to_string(file)?;
+        let name = file.display();
+        for (i, line) in text.lines().enumerate() {
+            report.records += u64::from(!line.trim().is_empty());
+            verifier.line(format_args!("{name}:{}", i + 1), line);
+        }
     }
-    let verified = verify_lines(lines.iter().map(|(at, line)| (at, line.as_str())));
+    let verified = verifier.finish();
     report.errors.extend(verified.errors);
     for (chain, summary) in verified.chains {
         if summary.starts_mid_chain {

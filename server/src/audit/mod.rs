@@ -9,13 +9,14 @@ pub mod offline;
 pub mod sink;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::{AuditFilter, AuditRecord, ChainError, SecurityEvent, file::FileRecord};
+use mas_core::policy::repeats::{Repeats, Verdict};
 use mas_core::store::StoreError;
-use mas_core::time::UnixMillis;
+use mas_core::time::{Now, UnixMillis};
 use tokio::sync::mpsc;
 
 use crate::config::AuditSettings;
@@ -23,6 +24,11 @@ use crate::store::Store;
 
 /// Security events waiting for the store; beyond it events are dropped (counted, logged).
 const SECURITY_BACKLOG: usize = 4_096;
+/// A repeated denial (same reason, same claimed identity) is recorded once per window; the
+/// record counts the repeats suppressed since the previous one.
+const DENIAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+/// Distinct denial keys tracked at once (see [`Repeats`]).
+const DENIAL_KEYS: usize = 4_096;
 
 /// The name of an agent's chain in files and reports.
 pub fn chain_name(agent: &AgentId) -> String {
@@ -42,19 +48,21 @@ pub struct AuditTrail {
     security: mpsc::Sender<SecurityEvent>,
     dropped_lines: AtomicU64,
     dropped_events: AtomicU64,
+    denials: Mutex<Repeats>,
 }
 
 impl AuditTrail {
-    /// Starts the writer tasks (the file sink only when `settings.file_path` is set). Must be
-    /// called inside a runtime. The tasks end when the trail is dropped.
-    pub(crate) fn start(store: Store, settings: &AuditSettings) -> Self {
+    /// Starts the writer tasks (the file sink only when `settings.file_path` is set, the
+    /// archiver only when `archive_dir` is given). Must be called inside a runtime. The tasks
+    /// end when the trail is dropped.
+    pub(crate) fn start(store: Store, settings: &AuditSettings, archive_dir: Option<&Path>) -> Self {
         let file = settings.file_path.as_ref().map(|path| {
             let (tx, rx) = mpsc::channel(sink::SINK_CAPACITY);
             let file = sink::JsonlFile::new(path.clone(), settings.max_bytes, settings.backup_count);
             tokio::spawn(sink::run(file, rx));
             tx
         });
-        let archive_dir = settings.archive_dir.as_ref().map(|dir| dir.join(store.epoch()));
+        let archive_dir = archive_dir.map(|dir| dir.join(store.epoch()));
         let archiver = archive_dir.as_ref().map(|dir| {
             archive::Archiver::new(store.clone(), dir.clone(), settings.archive_batch, settings.max_records_per_chain)
         });
@@ -67,6 +75,7 @@ impl AuditTrail {
             security,
             dropped_lines: AtomicU64::new(0),
             dropped_events: AtomicU64::new(0),
+            denials: Mutex::new(Repeats::new(DENIAL_WINDOW, DENIAL_KEYS)),
         }
     }
 
@@ -94,6 +103,20 @@ impl AuditTrail {
             let n = self.dropped_lines.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(dropped = n, "audit file sink is behind; line dropped (the store keeps the record)");
         }
+    }
+
+    /// Records a denial identified by `key` (its reason and claimed identity) unless the same
+    /// key was recorded within the last [`DENIAL_WINDOW`]; a recorded one carries
+    /// `suppressed_repeats`. Returns whether it was recorded, so callers log only then: a
+    /// peer repeating a refused call cannot flood the chain or the log.
+    pub fn denial(&self, key: &str, event_type: &str, mut details: serde_json::Value, now: Now) -> bool {
+        let verdict = self.denials.lock().unwrap_or_else(PoisonError::into_inner).note(key, now.mono);
+        let Verdict::Record { suppressed } = verdict else { return false };
+        if let Some(fields) = details.as_object_mut() {
+            fields.insert("suppressed_repeats".into(), suppressed.into());
+        }
+        self.security_event(event_type, details, now.wall);
+        true
     }
 
     /// Records a security event (authentication denied, management change). Never waits:

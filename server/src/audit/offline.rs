@@ -83,7 +83,7 @@ mod from_store {
     /// Verifies every chain in the store of `config`.
     pub async fn verify_store(config: &BrokerConfig) -> Result<AuditReport, OfflineError> {
         let store = store_of(config).await?;
-        let archive = config.gateway.audit.archive_dir.as_ref().map(|dir| dir.join(store.epoch()));
+        let archive = config.audit_archive_dir().map(|dir| dir.join(store.epoch()));
         Ok(verify(&store, config.agents.keys(), archive.as_deref()).await?)
     }
 

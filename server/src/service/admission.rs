@@ -78,6 +78,12 @@ impl Service {
         correlation_id: Option<&str>,
     ) -> Result<Screened, Status> {
         let sender_instance = self.connected_instance(sender, outgoing.instance_id).await?;
+        // Bounded before anything is parsed, screened or audited: no field of a refused
+        // message is ever kept at a size the peer chose.
+        let limits = self.broker.config().limits.input();
+        limits
+            .check_message(outgoing.target_id, outgoing.message_type, outgoing.data_json)
+            .map_err(status::limit_exceeded)?;
         let data = parse_payload(outgoing.data_json).map_err(status::payload_invalid)?;
         let message_id = self.broker.next_message_id();
         let ingress = Ingress {

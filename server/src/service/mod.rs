@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
+use mas_core::limits::LimitExceeded;
 use mas_core::policy::dlp::Action;
 use mas_core::store::{
     Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
@@ -36,6 +37,10 @@ pub use mas_v1::MasV1Service;
 
 use admission::{Exchange, Ingress, Outgoing, Screened};
 
+/// Longer than any correlation id this broker issues (`{random}.{agent id}`); a longer one
+/// is unknown without a store lookup.
+const MAX_CORRELATION_ID_BYTES: usize = 256;
+
 /// A request's pending lifetime when the client gives `timeout_ms = 0` (reference default).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -55,18 +60,24 @@ pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>
     Ok(req)
 }
 
+/// Denials are audited and logged once per peer identity and reason per window, with a count
+/// of the repeats in between (see [`crate::audit::AuditTrail::denial`]).
 fn identify(broker: &Broker, req: &Request<()>) -> Result<AgentId, Status> {
-    let denied = |details: serde_json::Value| {
-        broker.audit().security_event("authentication_denied", details, broker.clock().now().wall);
+    let denied = |key: &str, details: serde_json::Value| {
+        broker.audit().denial(key, "authentication_denied", details, broker.clock().now())
     };
     let agent = peer_agent(req).map_err(|err| {
-        tracing::info!(reason = %err, "authentication denied");
-        denied(serde_json::json!({ "reason": err.to_string() }));
+        let reason = err.to_string();
+        if denied(&reason, serde_json::json!({ "reason": reason })) {
+            tracing::info!(%reason, "authentication denied (repeats within 10 s are counted, not logged)");
+        }
         status::identity_denied(err)
     })?;
     if broker.agent(&agent).is_none() {
-        tracing::info!(%agent, "agent not allowlisted");
-        denied(serde_json::json!({ "agent": agent.as_str(), "reason": detail::AGENT_NOT_ALLOWLISTED }));
+        let details = serde_json::json!({ "agent": agent.as_str(), "reason": detail::AGENT_NOT_ALLOWLISTED });
+        if denied(&format!("{}/{agent}", detail::AGENT_NOT_ALLOWLISTED), details) {
+            tracing::info!(%agent, "agent not allowlisted (repeats within 10 s are counted, not logged)");
+        }
         return Err(Status::unauthenticated(detail::AGENT_NOT_ALLOWLISTED));
     }
     Ok(agent)
@@ -165,9 +176,14 @@ impl Service {
 
     /// Opens the session of `agent`'s `instance`.
     async fn open_session(&self, agent: AgentId, instance: InstanceId) -> Result<(SessionRef, u64), Status> {
-        self.broker.open_session((agent, instance)).await.map_err(|err| match err {
+        let key = (agent, instance);
+        self.broker.open_session(key.clone()).await.map_err(|err| match err {
             OpenError::AlreadyConnected => Status::failed_precondition(detail::INSTANCE_ALREADY_CONNECTED),
             OpenError::ShuttingDown => Status::unavailable(detail::BROKER_SHUTTING_DOWN),
+            OpenError::TooManySessions => {
+                tracing::warn!(agent = %key.0, "session refused: the agent holds limits.max_sessions_per_agent sessions");
+                Status::resource_exhausted(detail::TOO_MANY_SESSIONS)
+            }
             OpenError::Store(err) => store_failed(err),
         })
     }
@@ -227,9 +243,13 @@ impl RuntimeService for Service {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
+        let longest = self.broker.config().limits.max_request_timeout_ms;
         let timeout = match req.timeout_ms {
             ms if ms < 0 => return Err(Status::invalid_argument(detail::INVALID_TIMEOUT_MS)),
-            0 => DEFAULT_REQUEST_TIMEOUT,
+            0 => DEFAULT_REQUEST_TIMEOUT.min(Duration::from_millis(longest)),
+            ms if u64::from(ms.unsigned_abs()) > longest => {
+                return Err(Status::invalid_argument(detail::TIMEOUT_MS_TOO_LARGE));
+            }
             ms => Duration::from_millis(ms.unsigned_abs().into()),
         };
         let correlation_id = self.broker.next_correlation_id(&sender);
@@ -267,11 +287,17 @@ impl RuntimeService for Service {
         let sender = caller(&request)?;
         let req = request.into_inner();
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
+        let limits = self.broker.config().limits.input();
+        limits.check_message_type(&req.message_type).map_err(status::limit_exceeded)?;
+        limits.check_payload(&req.data_json).map_err(status::limit_exceeded)?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
         if req.correlation_id.is_empty() {
             return Err(Status::invalid_argument(detail::MISSING_CORRELATION_ID));
         }
         let unknown = || Status::invalid_argument(detail::UNKNOWN_CORRELATION_ID);
+        if req.correlation_id.len() > MAX_CORRELATION_ID_BYTES {
+            return Err(unknown());
+        }
         let requester = req
             .correlation_id
             .rsplit_once('.')
@@ -383,9 +409,17 @@ impl RuntimeService for Service {
     ) -> Result<Response<UpdateStateResponse>, Status> {
         let agent = caller(&request)?;
         let req = request.into_inner();
+        let limits = self.broker.config().limits.input();
+        // The write alone must fit (cheap, before DLP); the store checks the merged state.
+        let write = req.updates.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        limits.check_state([], write).map_err(status::limit_exceeded)?;
         let updates = self.screen_state(&agent, req.updates.into_iter().collect())?;
-        let written =
-            self.broker.store().update_state(&agent, updates, req.expected_revision).await.map_err(store_failed)?;
+        let written = self
+            .broker
+            .store()
+            .update_state(&agent, updates, req.expected_revision, limits.max_state_bytes)
+            .await
+            .map_err(store_failed)?;
         Ok(Response::new(UpdateStateResponse { revision: revision_or_conflict(written)? }))
     }
 
@@ -430,7 +464,10 @@ impl Service {
 }
 
 fn revision_or_conflict(written: Result<u64, StateError>) -> Result<u64, Status> {
-    written.map_err(|StateError::RevisionConflict { .. }| Status::aborted(detail::STATE_REVISION_CONFLICT))
+    written.map_err(|err| match err {
+        StateError::RevisionConflict { .. } => Status::aborted(detail::STATE_REVISION_CONFLICT),
+        StateError::TooLarge { .. } => status::limit_exceeded(LimitExceeded::StateTooLarge),
+    })
 }
 
 #[cfg(test)]

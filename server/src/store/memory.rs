@@ -278,8 +278,9 @@ impl MemoryBackend {
         agent: &AgentId,
         updates: BTreeMap<String, String>,
         expected_revision: Option<u64>,
+        max_bytes: usize,
     ) -> Result<Result<u64, StateError>, StoreError> {
-        Ok(self.lock().store.update_state(agent, updates, expected_revision))
+        Ok(self.lock().store.update_state(agent, updates, expected_revision, max_bytes))
     }
 
     pub(super) async fn reset_state(

@@ -229,14 +229,16 @@ impl Store {
         dispatch!(self, b => b.get_state(agent).await)
     }
 
-    /// Compare-and-set (or unconditional) state write; returns the new revision.
+    /// Compare-and-set (or unconditional) state write; returns the new revision. Refused,
+    /// changing nothing, if the merged state would exceed `max_bytes` (names plus values).
     pub async fn update_state(
         &self,
         agent: &AgentId,
         updates: BTreeMap<String, String>,
         expected_revision: Option<u64>,
+        max_bytes: usize,
     ) -> Result<Result<u64, StateError>, StoreError> {
-        dispatch!(self, b => b.update_state(agent, updates, expected_revision).await)
+        dispatch!(self, b => b.update_state(agent, updates, expected_revision, max_bytes).await)
     }
 
     /// Clears the state and bumps the revision.

@@ -87,16 +87,32 @@ impl FileReport {
 /// `audit.jsonl.1:17`): each record's stored hash must be its real hash, and each record must
 /// link to the previous record of its chain.
 pub fn verify_lines<'a, L: std::fmt::Display>(lines: impl IntoIterator<Item = (L, &'a str)>) -> FileReport {
-    let mut report = FileReport::default();
+    let mut verifier = LineVerifier::default();
     for (n, line) in lines {
+        verifier.line(n, line);
+    }
+    verifier.finish()
+}
+
+/// [`verify_lines`] one line at a time, so that a caller can stream files of any size
+/// through it without holding them.
+#[derive(Debug, Default)]
+pub struct LineVerifier {
+    report: FileReport,
+}
+
+impl LineVerifier {
+    /// Checks the line found at `n` (a location for messages).
+    pub fn line(&mut self, n: impl std::fmt::Display, line: &str) {
+        let report = &mut self.report;
         if line.trim().is_empty() {
-            continue;
+            return;
         }
         let parsed: FileLine = match serde_json::from_str(line) {
             Ok(parsed) => parsed,
             Err(err) => {
                 report.errors.push(format!("{n}: unreadable record ({err})"));
-                continue;
+                return;
             }
         };
         let actual = parsed.record.hash();
@@ -114,5 +130,9 @@ pub fn verify_lines<'a, L: std::fmt::Display>(lines: impl IntoIterator<Item = (L
         summary.records += 1;
         summary.head = Some(actual);
     }
-    report
+
+    /// The verdict on every line seen.
+    pub fn finish(self) -> FileReport {
+        self.report
+    }
 }

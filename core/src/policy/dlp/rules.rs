@@ -150,9 +150,9 @@ pub struct DlpSettings {
 
 /// A custom rule whose pattern does not compile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("DLP rule {id:?}: invalid pattern: {reason}")]
+#[error("DLP rule {id}: invalid pattern: {reason}")]
 pub struct RuleError {
-    /// The rule.
+    /// The rule: `rules[{index}] "{id}"` for a custom rule, `built-in "{kind}"` otherwise.
     pub id: String,
     /// The regex error.
     pub reason: String,
@@ -169,7 +169,8 @@ impl Dlp {
                 if settings.disable_defaults.iter().any(|d| d == kind) {
                     continue;
                 }
-                let regex = Regex::new(pattern).map_err(|e| RuleError { id: (*kind).into(), reason: e.to_string() })?;
+                let regex = Regex::new(pattern)
+                    .map_err(|e| RuleError { id: format!("built-in {kind:?}"), reason: e.to_string() })?;
                 rules.push(Rule { kind: (*kind).to_string(), regex, luhn: *luhn });
                 policies.insert((*kind).to_string(), (*action, *severity));
             }
@@ -179,9 +180,10 @@ impl Dlp {
                 }
             }
         }
-        for rule in settings.rules.iter().filter(|r| r.enabled) {
+        for (index, rule) in settings.rules.iter().enumerate().filter(|(_, r)| r.enabled) {
             let pattern = if rule.case_insensitive { format!("(?i){}", rule.pattern) } else { rule.pattern.clone() };
-            let regex = Regex::new(&pattern).map_err(|e| RuleError { id: rule.id.clone(), reason: e.to_string() })?;
+            let regex = Regex::new(&pattern)
+                .map_err(|e| RuleError { id: format!("rules[{index}] {:?}", rule.id), reason: e.to_string() })?;
             rules.push(Rule { kind: rule.kind.clone(), regex, luhn: false });
             policies.insert(rule.kind.clone(), (rule.action, rule.severity));
         }
@@ -190,9 +192,9 @@ impl Dlp {
             policies.insert(kind.clone(), (*action, severity));
         }
         let set = RegexSet::new(rules.iter().map(|r| r.regex.as_str()))
-            .map_err(|e| RuleError { id: "*".into(), reason: e.to_string() })?;
-        let labels =
-            RegexSet::new(CONTEXT_LABELS).map_err(|e| RuleError { id: "labels".into(), reason: e.to_string() })?;
+            .map_err(|e| RuleError { id: "set (all rules together)".into(), reason: e.to_string() })?;
+        let labels = RegexSet::new(CONTEXT_LABELS)
+            .map_err(|e| RuleError { id: "context labels".into(), reason: e.to_string() })?;
         let always_with_context = settings.rules.iter().any(|r| r.enabled);
         Ok(Dlp { rules, set, labels, always_with_context, policies })
     }
@@ -224,6 +226,6 @@ mod tests {
             }],
             ..DlpSettings::default()
         };
-        assert_eq!(Dlp::new(&settings).unwrap_err().id, "broken");
+        assert_eq!(Dlp::new(&settings).unwrap_err().id, r#"rules[0] "broken""#);
     }
 }

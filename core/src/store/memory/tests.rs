@@ -234,15 +234,19 @@ fn expired_request_cannot_be_answered() {
 
 #[test]
 fn state_revisions_compare_and_set() {
+    const MAX: usize = usize::MAX;
     let mut s = MemoryStore::default();
     let bob = agent("bob");
     let upd = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
-    assert_eq!(s.update_state(&bob, upd("a", "1"), Some(0)), Ok(1));
-    assert_eq!(s.update_state(&bob, upd("a", "2"), Some(0)), Err(StateError::RevisionConflict { current: 1 }));
-    assert_eq!(s.update_state(&bob, BTreeMap::new(), Some(1)), Ok(1), "empty update does not bump");
-    assert_eq!(s.update_state(&bob, upd("b", "3"), None), Ok(2), "no expected revision: unconditional");
+    assert_eq!(s.update_state(&bob, upd("a", "1"), Some(0), MAX), Ok(1));
+    assert_eq!(s.update_state(&bob, upd("a", "2"), Some(0), MAX), Err(StateError::RevisionConflict { current: 1 }));
+    assert_eq!(s.update_state(&bob, BTreeMap::new(), Some(1), MAX), Ok(1), "empty update does not bump");
+    assert_eq!(s.update_state(&bob, upd("b", "3"), None, MAX), Ok(2), "no expected revision: unconditional");
+    // "a"+"1" and "b"+"3" hold 4 bytes; "cc"+"45" would take the state to 8.
+    assert_eq!(s.update_state(&bob, upd("cc", "45"), None, 7), Err(StateError::TooLarge { bytes: 8 }));
+    assert_eq!(s.update_state(&bob, upd("a", "9"), None, 4), Ok(3), "overwriting keeps the size");
     assert_eq!(s.get_state(&bob).fields.len(), 2);
-    assert_eq!(s.reset_state(&bob, Some(2)), Ok(3));
+    assert_eq!(s.reset_state(&bob, Some(3)), Ok(4));
     assert!(s.get_state(&bob).fields.is_empty());
 }
 

@@ -713,10 +713,11 @@ impl RedisBackend {
         agent: &AgentId,
         updates: BTreeMap<String, String>,
         expected_revision: Option<u64>,
+        max_bytes: usize,
     ) -> Result<Result<u64, StateError>, StoreError> {
         let mut invocation = self.scripts.state_update.prepare_invoke();
         invocation.key(key(agent, "state")).key(key(agent, "state:rev"));
-        invocation.arg(expected_revision.map(|r| r.to_string()).unwrap_or_default());
+        invocation.arg(expected_revision.map(|r| r.to_string()).unwrap_or_default()).arg(max_bytes);
         for (field, value) in &updates {
             invocation.arg(field).arg(value);
         }
@@ -780,8 +781,14 @@ impl RedisBackend {
     }
 }
 
-fn revision_outcome((ok, revision): (i64, u64)) -> Result<u64, StateError> {
-    if ok == 1 { Ok(revision) } else { Err(StateError::RevisionConflict { current: revision }) }
+/// A state script's `{outcome, value}`: `{1, revision}` written, `{0, revision}` a conflict,
+/// `{2, bytes}` too large.
+fn revision_outcome((ok, value): (i64, u64)) -> Result<u64, StateError> {
+    match ok {
+        1 => Ok(value),
+        2 => Err(StateError::TooLarge { bytes: usize::try_from(value).unwrap_or(usize::MAX) }),
+        _ => Err(StateError::RevisionConflict { current: value }),
+    }
 }
 
 fn text(v: Value) -> String {

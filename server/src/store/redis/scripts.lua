@@ -344,12 +344,20 @@ for i = 1, #all do out[#out + 1] = all[i] end
 return out
 
 --@state_update
--- KEYS: state, revision. ARGV: expected revision ('' = unconditional), field, value, ...
--- Returns {1, new revision} or {0, current revision}.
+-- KEYS: state, revision. ARGV: expected revision ('' = unconditional), max bytes (names plus
+-- values after the merge), field, value, ...
+-- Returns {1, new revision}, {0, current revision} or {2, bytes it would hold}.
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= current then return {0, current} end
-if #ARGV < 3 then return {1, current} end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local sizes = {}
+local stored = redis.call('HGETALL', KEYS[1])
+for i = 1, #stored, 2 do sizes[stored[i]] = #stored[i] + #stored[i + 1] end
+for i = 3, #ARGV, 2 do sizes[ARGV[i]] = #ARGV[i] + #ARGV[i + 1] end
+local bytes = 0
+for _, size in pairs(sizes) do bytes = bytes + size end
+if bytes > tonumber(ARGV[2]) then return {2, bytes} end
+if #ARGV < 4 then return {1, current} end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return {1, redis.call('INCR', KEYS[2])}
 
 --@state_reset
