@@ -18,6 +18,10 @@ use crate::world::{agent_config_for, id, send_with_retry, spawn_node, start_agen
 
 /// How long, after the faults heal, every accepted message has to be handled (virtual time).
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+/// How long the checker waits for acks still in transit after everything was handled: longer
+/// than madsim's longest retry gap for a held-back packet (10 s), shorter than the default ack
+/// deadline (30 s), so a lost ack still shows as a redelivery.
+pub const ACK_SETTLE_LIMIT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Deserialize)]
 struct Job {
@@ -160,8 +164,17 @@ pub async fn settle(
     if !wait_until(SETTLE_LIMIT, all_handled).await {
         trace.record("checker", "settle limit reached");
     }
+    // The last acks may still be on their way: madsim's links retry a packet held back by a
+    // partition with exponential backoff (up to 10 s between tries) and keep a connection's
+    // packets in order, so acks sent during a cut can arrive seconds after the heal, well
+    // before the 30 s ack deadline would redeliver anything. Wait for them, bounded.
+    let acks_due = tokio::time::Instant::now() + ACK_SETTLE_LIMIT;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let queue_left = store.queue_len(&QueueKey::Work(id("bob"))).await.expect("memory store");
+    let mut queue_left = store.queue_len(&QueueKey::Work(id("bob"))).await.expect("memory store");
+    while queue_left > 0 && tokio::time::Instant::now() < acks_due {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        queue_left = store.queue_len(&QueueKey::Work(id("bob"))).await.expect("memory store");
+    }
     let dead_letters = store.dead_letters(&id("bob"), 1000).await.expect("memory store").len();
     let accepted = accepted.lock().unwrap().clone();
     let handled = handled.lock().unwrap().clone();

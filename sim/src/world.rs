@@ -32,10 +32,6 @@ pub fn broker_config(grants: &[(&str, &[&str])], seed: u64, delivery: DeliverySe
     let mut config = BrokerConfig::new(addr(BROKER_ADDR), agents);
     config.delivery = delivery;
     config.seed = Some(seed);
-    // Archiving writes segment files with std::fs, which madsim does not simulate: a run must
-    // not touch the real disk, so scenarios keep whole chains in the store (strict mode; no
-    // scenario comes near the bound).
-    config.gateway.audit.on_full = mas_server::config::OnFullChain::Refuse;
     config.validate().expect("valid scenario config");
     config
 }
