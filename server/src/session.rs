@@ -25,6 +25,11 @@ const CLAIM_WAIT: Duration = Duration::from_secs(1);
 /// Most inbound events taken in one turn before their store effects are applied.
 const ACK_BATCH_MAX: usize = 256;
 
+/// Pauses between retries of a failed store step, doubling from the first to the last. A
+/// session rides out a store outage for as long as its lease is valid; only then does it end.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Sends events to the agent. Its capacity exceeds the delivery window, so a send never waits
 /// for the agent: deliveries are bounded by the window, not by this channel.
 pub type Outbound = mpsc::Sender<Result<ServerEvent, Status>>;
@@ -52,7 +57,8 @@ pub async fn run(
     outbound: Outbound,
 ) {
     let machine = SessionDelivery::new(broker.config().delivery.machine_config(), seed);
-    let mut task = Session { broker: broker.clone(), session, generation, machine, outbound };
+    let outage = Outage::new(tokio::time::Instant::now() + broker.config().session_lease.ttl());
+    let mut task = Session { broker: broker.clone(), session, generation, machine, outbound, outage };
     let end = task.drive(inbound).await;
     task.finish(end).await;
 }
@@ -63,15 +69,61 @@ struct Session {
     generation: Generation,
     machine: SessionDelivery,
     outbound: Outbound,
+    outage: Outage,
+}
+
+/// A session's view of store trouble: until when its lease is certainly valid, how long to
+/// pause before the next retry, and whether the outage was already logged.
+struct Outage {
+    /// The lease is ours until this instant unless renewed; past it we must stop delivering.
+    valid_until: tokio::time::Instant,
+    next_pause: Duration,
+    failures: u64,
+}
+
+impl Outage {
+    fn new(valid_until: tokio::time::Instant) -> Self {
+        Outage { valid_until, next_pause: RETRY_FIRST, failures: 0 }
+    }
+
+    /// Notes a failed store step. True while the session may go on (its lease still valid);
+    /// the first failure of an outage is logged, the rest only counted.
+    fn failed(&mut self, step: &str, session: &SessionRef, err: &StoreError) -> bool {
+        self.failures += 1;
+        if self.failures == 1 {
+            tracing::warn!(agent = %session.agent, instance = %session.instance, step, error = %err,
+                "store step failed; retrying while the session's lease is valid");
+        }
+        tokio::time::Instant::now() < self.valid_until
+    }
+
+    /// The pause before the next retry: doubling, bounded, and never past the lease's end (the
+    /// last retry comes just before it).
+    fn pause(&mut self) -> Duration {
+        let left = self.valid_until.saturating_duration_since(tokio::time::Instant::now());
+        let pause = self.next_pause.min(left / 2).max(Duration::from_millis(1));
+        self.next_pause = (self.next_pause * 2).min(RETRY_MAX);
+        pause
+    }
+
+    /// A store step succeeded: the outage, if any, is over.
+    fn recovered(&mut self, session: &SessionRef) {
+        if self.failures > 0 {
+            tracing::info!(agent = %session.agent, instance = %session.instance, failed_steps = self.failures,
+                "store reachable again; session continues");
+        }
+        self.failures = 0;
+        self.next_pause = RETRY_FIRST;
+    }
 }
 
 impl Session {
     async fn drive(&mut self, mut inbound: Streaming<ClientEvent>) -> End {
         let mut shutdown = self.broker.shutdown_signal();
         let lease = self.broker.config().session_lease.clone();
-        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + lease.renewal(), lease.renewal());
-        // The lease is ours until this instant unless renewed; past it we must stop delivering.
-        let mut lease_valid_until = tokio::time::Instant::now() + lease.ttl();
+        // Renewal is due every `renewal`; after a failure it is retried with backoff, so an
+        // outage shorter than `ttl - renewal` never lets the lease lapse.
+        let mut renew_at = tokio::time::Instant::now() + lease.renewal();
         let mut draining = false;
         // A claim in progress. It lives across loop turns and is never dropped half-way: with
         // Redis, a claim that was sent has claimed its entries whether or not we read the
@@ -100,16 +152,23 @@ impl Session {
                         return end;
                     }
                 }
-                _ = renew.tick() => match self.broker.store().renew_lease(&self.session, lease.ttl()).await {
-                    Ok(true) => lease_valid_until = tokio::time::Instant::now() + lease.ttl(),
-                    Ok(false) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
-                    Err(err) => {
-                        tracing::warn!(agent = %self.session.agent, error = %err, "lease renewal failed");
-                        if tokio::time::Instant::now() + lease.renewal() >= lease_valid_until {
-                            return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
+                () = tokio::time::sleep_until(renew_at) => {
+                    let asked = tokio::time::Instant::now();
+                    match self.renew_or_retake(&lease).await {
+                        Ok(true) => {
+                            self.outage.recovered(&self.session);
+                            self.outage.valid_until = asked + lease.ttl();
+                            renew_at = asked + lease.renewal();
+                        }
+                        Ok(false) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
+                        Err(err) => {
+                            if !self.outage.failed("lease renewal", &self.session, &err) {
+                                return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
+                            }
+                            renew_at = tokio::time::Instant::now() + self.outage.pause();
                         }
                     }
-                },
+                }
                 _ = sleep_until(timer), if timer.is_some() => {
                     self.machine.handle_timeout(self.broker.clock().now());
                 }
@@ -117,16 +176,25 @@ impl Session {
                     claim = None;
                     match batch {
                         Ok(batch) => {
+                            self.outage.recovered(&self.session);
                             let now = self.broker.clock().now();
                             for message in batch {
                                 // Beyond the window (or while draining) the machine hands it back.
                                 self.machine.handle_queued(now, message);
                             }
                         }
-                        Err(StoreError::NotOwner) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
+                        Err(StoreError::NotOwner) => {
+                            if !self.regain_lease().await {
+                                return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
+                            }
+                        }
                         Err(err) => {
-                            tracing::warn!(agent = %self.session.agent, error = %err, "claim failed");
-                            return End::Abort(Status::unavailable(detail::STORAGE_UNAVAILABLE));
+                            // The store is out: wait and claim again while the lease holds.
+                            if !self.outage.failed("claim", &self.session, &err) {
+                                return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
+                            }
+                            let pause = self.outage.pause();
+                            claim = Some(self.claim_after(pause));
                         }
                     }
                 }
@@ -136,10 +204,20 @@ impl Session {
     }
 
     fn start_claim(&self) -> ClaimFuture {
+        self.claim_after(Duration::ZERO)
+    }
+
+    /// A claim that starts after `pause` (a retry during a store outage).
+    fn claim_after(&self, pause: Duration) -> ClaimFuture {
         let store = self.broker.store().clone();
         let session = self.session.clone();
         let capacity = self.machine.capacity();
-        Box::pin(async move { store.claim(&session, capacity, CLAIM_WAIT).await })
+        Box::pin(async move {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            store.claim(&session, capacity, CLAIM_WAIT).await
+        })
     }
 
     /// Handles one inbound event and then every further event already received, so that a
@@ -211,11 +289,70 @@ impl Session {
                 Output::Drained => end = Some(End::Drained),
             }
         }
-        if let Err(err) = self.apply(effects).await {
-            tracing::warn!(agent = %self.session.agent, error = %err, "store effects failed");
-            return Some(End::Abort(Status::unavailable(detail::STORAGE_UNAVAILABLE)));
+        if let Err(end) = self.apply_retrying(effects).await {
+            return Some(end);
         }
         end
+    }
+
+    /// Applies `effects`, retrying through a store outage while the lease is valid. Retrying
+    /// is safe: an ack or hand-back that did commit before its answer was lost is fenced off
+    /// the second time (the entry is no longer ours), never applied twice.
+    async fn apply_retrying(&mut self, effects: Vec<StoreEffect>) -> Result<(), End> {
+        if effects.is_empty() {
+            return Ok(());
+        }
+        let mut retaken = false;
+        loop {
+            match self.apply(effects.clone()).await {
+                Ok(()) => {
+                    self.outage.recovered(&self.session);
+                    return Ok(());
+                }
+                Err(StoreError::NotOwner) => {
+                    // Once: a store that still refuses us after a retake means someone else won.
+                    if retaken || !self.regain_lease().await {
+                        return Err(End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)));
+                    }
+                    retaken = true;
+                }
+                Err(err) => {
+                    if !self.outage.failed("ack/requeue", &self.session, &err) {
+                        return Err(End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)));
+                    }
+                    tokio::time::sleep(self.outage.pause()).await;
+                }
+            }
+        }
+    }
+
+    /// After the store said the session no longer owns its lease: take it again if nobody
+    /// else holds it. True when the session may go on.
+    async fn regain_lease(&mut self) -> bool {
+        let lease = self.broker.config().session_lease.clone();
+        let asked = tokio::time::Instant::now();
+        match self.renew_or_retake(&lease).await {
+            Ok(true) => {
+                self.outage.valid_until = asked + lease.ttl();
+                true
+            }
+            Ok(false) | Err(_) => false,
+        }
+    }
+
+    /// Renews the lease; if it lapsed (a store outage longer than its remaining life) and
+    /// nobody took it, takes it again with the same owner token, so the session survives. Work
+    /// another session reclaimed meanwhile is fenced off from us, never delivered twice at once.
+    async fn renew_or_retake(&self, lease: &crate::config::LeaseSettings) -> Result<bool, StoreError> {
+        if self.broker.store().renew_lease(&self.session, lease.ttl()).await? {
+            return Ok(true);
+        }
+        let retaken = self.broker.store().acquire_lease(&self.session, lease.ttl()).await?;
+        if retaken {
+            tracing::warn!(agent = %self.session.agent, instance = %self.session.instance,
+                "session lease had lapsed (store outage); taken again");
+        }
+        Ok(retaken)
     }
 
     /// Applies effects; entries fenced off (reclaimed by another session) are only logged.

@@ -14,6 +14,7 @@
 #![cfg(madsim)]
 #![forbid(unsafe_code)]
 
+pub mod faults;
 pub mod seeds;
 pub mod trace;
 pub mod workload;

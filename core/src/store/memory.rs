@@ -134,7 +134,7 @@ impl MemoryStore {
     pub fn claim(&mut self, session: &SessionRef, max: usize, now: Instant) -> Vec<QueuedMessage> {
         let mut claimed = Vec::new();
         for key in session.queues() {
-            self.reclaim_dead(&key, now);
+            self.reclaim_dead(&key, &session.owner, now);
             let Some(queue) = self.queues.get_mut(&key) else { continue };
             while claimed.len() < max {
                 let Some(&(not_before, seq)) = queue.ready.first() else { break };
@@ -159,10 +159,17 @@ impl MemoryStore {
         self.owners.get(owner).is_some_and(|expires| *expires > now)
     }
 
-    fn reclaim_dead(&mut self, key: &QueueKey, now: Instant) {
+    fn reclaim_dead(&mut self, key: &QueueKey, claimer: &OwnerToken, now: Instant) {
         let Some(queue) = self.queues.get(key) else { return };
-        let dead: Vec<u64> =
-            queue.claimed.iter().filter(|(_, owner)| !self.owner_is_live(owner, now)).map(|(seq, _)| *seq).collect();
+        // Never the claimer's own entries: they are in flight in its session (whose lease may
+        // have lapsed during a store outage and been taken again), and handing them to it a
+        // second time would deliver them twice at once. Redis's claim skips them alike.
+        let dead: Vec<u64> = queue
+            .claimed
+            .iter()
+            .filter(|(_, owner)| *owner != claimer && !self.owner_is_live(owner, now))
+            .map(|(seq, _)| *seq)
+            .collect();
         for seq in dead {
             self.make_ready(seq, now);
         }
@@ -279,7 +286,9 @@ impl MemoryStore {
     }
 
     /// Extends the lease if `owner` still holds it and it has not expired; false otherwise
-    /// (the session must end: its work may already be someone else's).
+    /// (its work may already be someone else's: the session ends, or takes a lapsed lease
+    /// again with [`MemoryStore::acquire_lease`], after which what was reclaimed meanwhile is
+    /// fenced off from it).
     pub fn renew_lease(&mut self, session: &SessionRef, ttl: Duration, now: Instant) -> bool {
         let key = (session.agent.clone(), session.instance.clone());
         match self.leases.get_mut(&key) {

@@ -20,6 +20,7 @@ use mas_core::store::{
 use mas_core::time::Now;
 use tokio::sync::Notify;
 
+use super::faults::StoreFaults;
 use super::{claim_waiting, requeue_delay};
 use crate::clock::Clock;
 
@@ -43,13 +44,34 @@ pub struct MemoryBackend {
     epoch: Arc<str>,
     /// The store's own clock: brokers sharing this store agree on deadlines through it.
     clock: Clock,
+    /// Asked before every step when installed (simulation and tests only).
+    faults: Option<Arc<dyn StoreFaults>>,
 }
 
 impl MemoryBackend {
     /// An empty store whose clock starts now.
     pub fn new(config: MemoryStoreConfig) -> Self {
         let inner = Inner { store: MemoryStore::new(config), wakers: BTreeMap::new() };
-        MemoryBackend { inner: Arc::new(Mutex::new(inner)), epoch: super::fresh_epoch().into(), clock: Clock::new() }
+        MemoryBackend {
+            inner: Arc::new(Mutex::new(inner)),
+            epoch: super::fresh_epoch().into(),
+            clock: Clock::new(),
+            faults: None,
+        }
+    }
+
+    /// This store with `faults` deciding the fate of every step (clones share it).
+    pub fn with_faults(mut self, faults: Arc<dyn StoreFaults>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Runs the installed fault hook for `op`, if any.
+    pub(super) async fn fault(&self, op: &'static str) -> Result<(), StoreError> {
+        match &self.faults {
+            Some(faults) => super::faults::apply(faults.before(op), op).await,
+            None => Ok(()),
+        }
     }
 
     pub(super) fn epoch(&self) -> &str {

@@ -5,6 +5,7 @@
 //! sequences against both and compares the results. Time-dependent steps use the store's own
 //! clock, so every broker sharing a store agrees on lease and request deadlines.
 
+pub mod faults;
 mod memory;
 #[cfg(not(madsim))]
 pub mod redis;
@@ -56,6 +57,21 @@ macro_rules! dispatch {
     };
 }
 
+/// [`dispatch!`] for a store step named `$op`: the embedded store first asks its fault hook
+/// (if one is installed), so injected outages hit every step the way a Redis outage would.
+macro_rules! step {
+    ($self:ident, $op:literal, $backend:ident => $call:expr) => {
+        match $self {
+            Store::Memory($backend) => {
+                $backend.fault($op).await?;
+                $call
+            }
+            #[cfg(not(madsim))]
+            Store::Redis($backend) => $call,
+        }
+    };
+}
+
 impl Store {
     /// Names this store's lifetime: fixed for a Redis database (kept in it), fresh for every
     /// embedded store. Archive segments live under it, so chains that begin anew never
@@ -67,7 +83,7 @@ impl Store {
     /// Appends `envelope` to `queue` and wakes its consumers. Atomic. Unaudited: the message
     /// path uses [`Store::admit`]; this is for tests and tools that fill queues directly.
     pub async fn enqueue(&self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
-        dispatch!(self, b => b.enqueue(queue, envelope).await)
+        step!(self, "enqueue", b => b.enqueue(queue, envelope).await)
     }
 
     /// Claims up to `max` ready messages for `session` (replies first), waiting up to
@@ -79,7 +95,7 @@ impl Store {
         max: usize,
         max_wait: Duration,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        dispatch!(self, b => b.claim(session, max, max_wait).await)
+        step!(self, "claim", b => b.claim(session, max, max_wait).await)
     }
 
     /// Applies delivery effects, each fenced by `session` still holding the entry, and feeds
@@ -94,27 +110,27 @@ impl Store {
         now: Now,
         circuit: Option<&CircuitConfig>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        dispatch!(self, b => b.apply(session, effects, now, circuit).await)
+        step!(self, "apply", b => b.apply(session, effects, now, circuit).await)
     }
 
     /// Makes everything `session` still holds ready again (attempt unchanged).
     pub async fn release(&self, session: &SessionRef) -> Result<usize, StoreError> {
-        dispatch!(self, b => b.release(session).await)
+        step!(self, "release", b => b.release(session).await)
     }
 
     /// Takes the (agent, instance) lease for `session`; false if another owner holds it.
     pub async fn acquire_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
-        dispatch!(self, b => b.acquire_lease(session, ttl).await)
+        step!(self, "acquire_lease", b => b.acquire_lease(session, ttl).await)
     }
 
     /// Extends the lease; false if `session` no longer holds it.
     pub async fn renew_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
-        dispatch!(self, b => b.renew_lease(session, ttl).await)
+        step!(self, "renew_lease", b => b.renew_lease(session, ttl).await)
     }
 
     /// Drops the lease if `session` still holds it.
     pub async fn release_lease(&self, session: &SessionRef) -> Result<(), StoreError> {
-        dispatch!(self, b => b.release_lease(session).await)
+        step!(self, "release_lease", b => b.release_lease(session).await)
     }
 
     /// Whether (agent, instance) holds a live lease on any broker.
@@ -123,18 +139,18 @@ impl Store {
         agent: &AgentId,
         instance: &mas_core::ids::InstanceId,
     ) -> Result<bool, StoreError> {
-        dispatch!(self, b => b.instance_live(agent, instance).await)
+        step!(self, "instance_live", b => b.instance_live(agent, instance).await)
     }
 
     /// Which of `agents` hold a live lease on any broker.
     pub async fn live_agents(&self, agents: &[AgentId]) -> Result<Vec<bool>, StoreError> {
-        dispatch!(self, b => b.live_agents(agents).await)
+        step!(self, "live_agents", b => b.live_agents(agents).await)
     }
 
     /// Whether `target` has a live instance, and whether its circuit would admit a message
     /// now (no probe taken). One step on the target's keys.
     pub async fn gate(&self, target: &AgentId, circuit: Option<&CircuitConfig>) -> Result<TargetGate, StoreError> {
-        dispatch!(self, b => b.gate(target, circuit).await)
+        step!(self, "gate", b => b.gate(target, circuit).await)
     }
 
     /// Records an admission decision in the chain of `admission.chain` and, for a routable
@@ -143,7 +159,7 @@ impl Store {
     /// bound are checked in the same step; a refusal is recorded as `CIRCUIT_OPEN` or
     /// `QUEUE_FULL`. A full chain refuses the step (`StoreError::AuditFull`).
     pub async fn admit(&self, admission: Admission, circuit: Option<&CircuitConfig>) -> Result<Admitted, StoreError> {
-        dispatch!(self, b => b.admit(admission, circuit).await)
+        step!(self, "admit", b => b.admit(admission, circuit).await)
     }
 
     /// Admits a request as [`Store::admit`] does and records it as pending exactly when it
@@ -157,12 +173,12 @@ impl Store {
         admission: Admission,
         circuit: Option<&CircuitConfig>,
     ) -> Result<Admitted, StoreError> {
-        dispatch!(self, b => b.open_request(correlation_id, pending, ttl, admission, circuit).await)
+        step!(self, "open_request", b => b.open_request(correlation_id, pending, ttl, admission, circuit).await)
     }
 
     /// What a correlation id refers to (`requester` is encoded in the correlation id).
     pub async fn correlation(&self, requester: &AgentId, correlation_id: &str) -> Result<Correlation, StoreError> {
-        dispatch!(self, b => b.correlation(requester, correlation_id).await)
+        step!(self, "correlation", b => b.correlation(requester, correlation_id).await)
     }
 
     /// Commits a reply and its audit record (in the requester's chain) atomically; see
@@ -176,34 +192,34 @@ impl Store {
         envelope: Arc<str>,
         record: AuditRecord,
     ) -> Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError> {
-        dispatch!(self, b => b.commit_reply(correlation_id, expected, receipt, envelope, record).await)
+        step!(self, "commit_reply", b => b.commit_reply(correlation_id, expected, receipt, envelope, record).await)
     }
 
     /// Appends a security event to the security chain.
     pub async fn append_security(&self, event: SecurityEvent) -> Result<SecurityEvent, StoreError> {
-        dispatch!(self, b => b.append_security(event).await)
+        step!(self, "append_security", b => b.append_security(event).await)
     }
 
     /// The live records of `chain` (oldest first), its head and its checkpoint, as of one
     /// moment. For verification and queries.
     pub async fn audit_chain(&self, chain: &AgentId) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
-        dispatch!(self, b => b.audit_chain(chain).await)
+        step!(self, "audit_chain", b => b.audit_chain(chain).await)
     }
 
     /// The security chain (oldest first), its head and its checkpoint.
     pub async fn security_chain(&self) -> Result<ChainSnapshot<SecurityEvent>, StoreError> {
-        dispatch!(self, b => b.security_chain().await)
+        step!(self, "security_chain", b => b.security_chain().await)
     }
 
     /// Live records in `chain`.
     pub async fn audit_len(&self, chain: &AgentId) -> Result<usize, StoreError> {
-        dispatch!(self, b => b.audit_len(chain).await)
+        step!(self, "audit_len", b => b.audit_len(chain).await)
     }
 
     /// The oldest `limit` live records of `chain` with its head and checkpoint: what an
     /// archiver moves out of the store next.
     pub async fn audit_oldest(&self, chain: &AgentId, limit: usize) -> Result<ChainSnapshot<AuditRecord>, StoreError> {
-        dispatch!(self, b => b.audit_oldest(chain, limit).await)
+        step!(self, "audit_oldest", b => b.audit_oldest(chain, limit).await)
     }
 
     /// Removes the oldest `count` records of `chain` (archived by the caller) if the last of
@@ -215,18 +231,18 @@ impl Store {
         count: usize,
         last: &AuditRecord,
     ) -> Result<Option<Checkpoint>, StoreError> {
-        dispatch!(self, b => b.trim_audit(chain, count, last).await)
+        step!(self, "trim_audit", b => b.trim_audit(chain, count, last).await)
     }
 
     /// Admits one message of `sender` under `limits` (GCRA over the store's clock, one step);
     /// a refusal consumes nothing.
     pub async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {
-        dispatch!(self, b => b.admit_rate(sender, limits).await)
+        step!(self, "admit_rate", b => b.admit_rate(sender, limits).await)
     }
 
     /// The agent's state and revision, read atomically.
     pub async fn get_state(&self, agent: &AgentId) -> Result<StateSnapshot, StoreError> {
-        dispatch!(self, b => b.get_state(agent).await)
+        step!(self, "get_state", b => b.get_state(agent).await)
     }
 
     /// Compare-and-set (or unconditional) state write; returns the new revision. Refused,
@@ -238,7 +254,7 @@ impl Store {
         expected_revision: Option<u64>,
         max_bytes: usize,
     ) -> Result<Result<u64, StateError>, StoreError> {
-        dispatch!(self, b => b.update_state(agent, updates, expected_revision, max_bytes).await)
+        step!(self, "update_state", b => b.update_state(agent, updates, expected_revision, max_bytes).await)
     }
 
     /// Clears the state and bumps the revision.
@@ -247,17 +263,17 @@ impl Store {
         agent: &AgentId,
         expected_revision: Option<u64>,
     ) -> Result<Result<u64, StateError>, StoreError> {
-        dispatch!(self, b => b.reset_state(agent, expected_revision).await)
+        step!(self, "reset_state", b => b.reset_state(agent, expected_revision).await)
     }
 
     /// Entries in `queue` (ready, delayed and claimed). For tests and operators.
     pub async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {
-        dispatch!(self, b => b.queue_len(queue).await)
+        step!(self, "queue_len", b => b.queue_len(queue).await)
     }
 
     /// Dead letters of `agent`, oldest first (at most `limit`). For tests and operators.
     pub async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        dispatch!(self, b => b.dead_letters(agent, limit).await)
+        step!(self, "dead_letters", b => b.dead_letters(agent, limit).await)
     }
 }
 
