@@ -58,7 +58,8 @@ pub async fn run(
 ) {
     let machine = SessionDelivery::new(broker.config().delivery.machine_config(), seed);
     let outage = Outage::new(tokio::time::Instant::now() + broker.config().session_lease.ttl());
-    let mut task = Session { broker: broker.clone(), session, generation, machine, outbound, outage };
+    let mut task =
+        Session { broker: broker.clone(), session, generation, machine, outbound, outage, claim_unanswered: false };
     let end = task.drive(inbound).await;
     task.finish(end).await;
 }
@@ -70,6 +71,8 @@ struct Session {
     machine: SessionDelivery,
     outbound: Outbound,
     outage: Outage,
+    /// A claim failed: it may have claimed entries this session never heard of.
+    claim_unanswered: bool,
 }
 
 /// A session's view of store trouble: until when its lease is certainly valid, how long to
@@ -182,6 +185,9 @@ impl Session {
                                 // Beyond the window (or while draining) the machine hands it back.
                                 self.machine.handle_queued(now, message);
                             }
+                            if self.claim_unanswered && let Err(end) = self.recover_claimed().await {
+                                return end;
+                            }
                         }
                         Err(StoreError::NotOwner) => {
                             if !self.regain_lease().await {
@@ -189,7 +195,9 @@ impl Session {
                             }
                         }
                         Err(err) => {
-                            // The store is out: wait and claim again while the lease holds.
+                            // The store is out: wait and claim again while the lease holds. The
+                            // failed claim may have claimed entries whose answer never came.
+                            self.claim_unanswered = true;
                             if !self.outage.failed("claim", &self.session, &err) {
                                 return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
                             }
@@ -323,6 +331,32 @@ impl Session {
                     tokio::time::sleep(self.outage.pause()).await;
                 }
             }
+        }
+    }
+
+    /// After a claim whose answer was lost: what the store says this session holds that the
+    /// machine does not know of is delivered now, instead of sitting claimed (and unseen)
+    /// until the session ends. Entries already in flight are left alone.
+    async fn recover_claimed(&mut self) -> Result<(), End> {
+        let max = self.broker.config().delivery.max_in_flight.saturating_mul(2);
+        match self.broker.store().own_pending(&self.session, max).await {
+            Ok(held) => {
+                self.claim_unanswered = false;
+                let now = self.broker.clock().now();
+                let before = self.machine.in_flight();
+                for message in held {
+                    self.machine.handle_recovered(now, message);
+                }
+                let recovered = self.machine.in_flight().saturating_sub(before);
+                if recovered > 0 {
+                    tracing::info!(agent = %self.session.agent, instance = %self.session.instance, recovered,
+                        "entries claimed by an unanswered claim are delivered now");
+                }
+                Ok(())
+            }
+            // Still unsure: tried again after the next claim.
+            Err(err) if self.outage.failed("recover claimed", &self.session, &err) => Ok(()),
+            Err(_) => Err(End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST))),
         }
     }
 

@@ -36,6 +36,8 @@ pub struct FaultPlan {
     start: Instant,
     /// Probability that a step outside the windows fails.
     pub error_rate: f64,
+    /// Probability that a step outside the windows runs but its answer is lost.
+    pub lost_answer_rate: f64,
     /// Upper bound of the latency added to a step outside the windows.
     pub max_latency: Duration,
     /// The outage windows.
@@ -60,6 +62,7 @@ impl FaultPlan {
         FaultPlan {
             start: Instant::now(),
             error_rate: rng.gen_range(0.0..0.03),
+            lost_answer_rate: rng.gen_range(0.0..0.01),
             max_latency: Duration::from_millis(rng.gen_range(0..20)),
             windows,
             injected: Mutex::new(0),
@@ -71,8 +74,9 @@ impl FaultPlan {
         let windows: Vec<String> =
             self.windows.iter().map(|w| format!("{:?} at {:?} for {:?}", w.outage, w.from, w.length)).collect();
         format!(
-            "store faults: error rate {:.3}, latency up to {:?}, windows: {}",
+            "store faults: error rate {:.3}, lost answers {:.3}, latency up to {:?}, windows: {}",
             self.error_rate,
+            self.lost_answer_rate,
             self.max_latency,
             windows.join(", ")
         )
@@ -101,6 +105,10 @@ impl StoreFaults for FaultPlan {
         if rng.gen_bool(self.error_rate) {
             count();
             return Fault::Fail;
+        }
+        if rng.gen_bool(self.lost_answer_rate) {
+            count();
+            return Fault::LoseAnswer;
         }
         match self.max_latency.as_millis() as u64 {
             0 => Fault::None,

@@ -156,29 +156,41 @@ class _OddCertificates:
 class RedisServer:
     """A private redis-server on a free loopback port, stopped by its pid."""
 
-    def __init__(self, proc: subprocess.Popen, port: int) -> None:
-        self.proc, self.port = proc, port
+    def __init__(self, proc: subprocess.Popen, port: int, workdir: Path, fsync: str | None) -> None:
+        self.proc, self.port, self.workdir, self.fsync = proc, port, workdir, fsync
         self.url = f"redis://127.0.0.1:{port}"
 
     @staticmethod
-    def start(workdir: Path) -> "RedisServer":
-        port = free_port()
+    def start(workdir: Path, fsync: str | None = None, port: int | None = None) -> "RedisServer":
+        """A fresh server; with `fsync` (`everysec` or `always`) it keeps an append-only file in
+        `workdir`, from which `restart` recovers."""
+        port = port or free_port()
+        aof = ["--appendonly", "yes", "--appendfsync", fsync] if fsync else ["--appendonly", "no"]
         proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
              "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
             stdout=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
-                        return RedisServer(proc, port)
+                        return RedisServer(proc, port, workdir, fsync)
             except OSError:
                 time.sleep(0.05)
         proc.kill()
         raise RuntimeError(f"redis-server did not start on port {port}")
+
+    def kill(self) -> None:
+        """kill -9: whatever the append-only file has not fsynced is lost."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def restart(self) -> "RedisServer":
+        """The same port and directory: recovers from the append-only file."""
+        return RedisServer.start(self.workdir, self.fsync, self.port)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -221,6 +233,7 @@ class Broker:
     def start(cls, workdir: Path, pki: Pki, redis_url: str | None = None, listen_addr: str = "127.0.0.1:0",
               **overrides) -> "Broker":
         config = cls.config(pki, listen_addr, redis_url)
+        config["data_dir"] = str(workdir / "data")
         config.update(overrides)
         config_path = workdir / "mas.json"
         config_path.write_text(json.dumps(config, indent=2))

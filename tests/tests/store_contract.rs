@@ -191,6 +191,32 @@ async fn settling_is_fenced_and_released_work_moves_to_a_sibling() {
     .await;
 }
 
+/// What a session holds is listed for it alone (a claim whose answer it lost is found here),
+/// and an acked entry is no longer held.
+#[tokio::test]
+async fn own_pending_lists_exactly_what_a_session_holds() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        store.acquire_lease(&b2, LEASE).await.unwrap();
+        log.push(format!("nothing yet {}", show(&store.own_pending(&b1, 10).await.unwrap())));
+        for m in ["m1", "m2", "m3"] {
+            store.enqueue(&work("bob"), Arc::from(m)).await.unwrap();
+        }
+        let held = store.claim(&b1, 2, NO_WAIT).await.unwrap();
+        let other = store.claim(&b2, 1, NO_WAIT).await.unwrap();
+        log.push(format!("b1 claimed {} b2 claimed {}", show(&held), show(&other)));
+        log.push(format!("b1 holds {}", show(&store.own_pending(&b1, 10).await.unwrap())));
+        log.push(format!("b1 holds, at most 1 {}", show(&store.own_pending(&b1, 1).await.unwrap())));
+        store.apply(&b1, vec![ack(&held[0])], now(), None).await.unwrap();
+        log.push(format!("after an ack b1 holds {}", show(&store.own_pending(&b1, 10).await.unwrap())));
+        log.push(format!("b2 holds {}", show(&store.own_pending(&b2, 10).await.unwrap())));
+        log
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn delayed_requeue_waits_for_its_backoff() {
     contract(|store| async move {

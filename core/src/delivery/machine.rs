@@ -102,6 +102,16 @@ impl SessionDelivery {
         self.stats.delivered += 1;
     }
 
+    /// A message the store says this session holds, offered again after a claim whose answer
+    /// was lost (the store claimed it, the session never heard). Delivered unless it is
+    /// already in flight here; O(window), so only for this recovery, never the common path.
+    pub fn handle_recovered(&mut self, now: Now, message: QueuedMessage) {
+        if self.in_flight.values().any(|f| f.message.entry == message.entry) {
+            return;
+        }
+        self.handle_queued(now, message);
+    }
+
     /// The agent acknowledged `delivery_id`.
     pub fn handle_ack(&mut self, _now: Now, delivery_id: &DeliveryId) {
         let Some(done) = self.take(delivery_id) else {

@@ -54,6 +54,18 @@ fn ack_settles_and_a_second_ack_is_stale() {
 }
 
 #[test]
+fn a_recovered_message_already_in_flight_is_not_delivered_twice() {
+    let mut m = SessionDelivery::new(small(), 1);
+    m.handle_queued(at(0), msg(1, 1));
+    let first = delivered_id(&drain(&mut m));
+    m.handle_recovered(at(1), msg(1, 1));
+    assert!(drain(&mut m).is_empty(), "entry 1 is in flight already");
+    m.handle_recovered(at(1), msg(2, 1));
+    assert_ne!(delivered_id(&drain(&mut m)), first, "an entry the session lost track of is delivered");
+    assert_eq!(m.in_flight(), 2);
+}
+
+#[test]
 fn window_full_hands_message_back_without_counting_an_attempt() {
     let mut m = SessionDelivery::new(small(), 1);
     m.handle_queued(at(0), msg(1, 1));

@@ -155,6 +155,27 @@ impl MemoryStore {
         claimed
     }
 
+    /// Entries of `session`'s queues claimed by `session` (at most `max`): what it holds in
+    /// flight, plus whatever a claim whose answer it never read gave it.
+    pub fn own_pending(&self, session: &SessionRef, max: usize) -> Vec<QueuedMessage> {
+        let mut held = Vec::new();
+        for key in session.queues() {
+            let Some(queue) = self.queues.get(&key) else { continue };
+            for (seq, owner) in &queue.claimed {
+                if held.len() >= max {
+                    return held;
+                }
+                if *owner == session.owner
+                    && let Some(entry) = self.entries.get(seq)
+                {
+                    let (envelope, attempt) = (entry.envelope.clone(), entry.attempt);
+                    held.push(QueuedMessage { entry: EntryId::from_seq(*seq), envelope, attempt });
+                }
+            }
+        }
+        held
+    }
+
     fn owner_is_live(&self, owner: &OwnerToken, now: Instant) -> bool {
         self.owners.get(owner).is_some_and(|expires| *expires > now)
     }

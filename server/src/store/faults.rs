@@ -16,6 +16,18 @@ pub enum Fault {
     Fail,
     /// The step runs after this delay.
     Delay(Duration),
+    /// The step runs, but its answer is lost: the caller gets `StoreError::Unavailable` for a
+    /// step that did commit (a Redis reply lost to a timeout or a dropped connection).
+    LoseAnswer,
+}
+
+/// Whether a step that ran keeps its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The caller gets what the step returned.
+    Keep,
+    /// The caller gets an error although the step ran.
+    Lose,
 }
 
 /// Decides the fault of each store step (`op` is the step's name, e.g. `claim`).
@@ -24,14 +36,21 @@ pub trait StoreFaults: Send + Sync + Debug {
     fn before(&self, op: &'static str) -> Fault;
 }
 
-/// Applies `fault`: waits, fails, or lets the step run.
-pub(super) async fn apply(fault: Fault, op: &'static str) -> Result<(), StoreError> {
+/// Applies `fault` before the step: waits, fails, or lets it run (and says whether its
+/// answer will be kept).
+pub(super) async fn apply(fault: Fault, op: &'static str) -> Result<Answer, StoreError> {
     match fault {
-        Fault::None => Ok(()),
+        Fault::None => Ok(Answer::Keep),
         Fault::Fail => Err(StoreError::Unavailable(format!("injected fault before {op}"))),
         Fault::Delay(delay) => {
             tokio::time::sleep(delay).await;
-            Ok(())
+            Ok(Answer::Keep)
         }
+        Fault::LoseAnswer => Ok(Answer::Lose),
     }
+}
+
+/// The error a caller gets for a step whose answer was lost.
+pub(super) fn lost_answer(op: &'static str) -> StoreError {
+    StoreError::Unavailable(format!("injected fault: the answer of {op} was lost"))
 }

@@ -20,7 +20,7 @@ use mas_core::store::{
 use mas_core::time::Now;
 use tokio::sync::Notify;
 
-use super::faults::StoreFaults;
+use super::faults::{Answer, StoreFaults};
 use super::{claim_waiting, requeue_delay};
 use crate::clock::Clock;
 
@@ -67,10 +67,10 @@ impl MemoryBackend {
     }
 
     /// Runs the installed fault hook for `op`, if any.
-    pub(super) async fn fault(&self, op: &'static str) -> Result<(), StoreError> {
+    pub(super) async fn fault(&self, op: &'static str) -> Result<Answer, StoreError> {
         match &self.faults {
             Some(faults) => super::faults::apply(faults.before(op), op).await,
-            None => Ok(()),
+            None => Ok(Answer::Keep),
         }
     }
 
@@ -311,6 +311,10 @@ impl MemoryBackend {
         expected_revision: Option<u64>,
     ) -> Result<Result<u64, StateError>, StoreError> {
         Ok(self.lock().store.reset_state(agent, expected_revision))
+    }
+
+    pub(super) async fn own_pending(&self, session: &SessionRef, max: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+        Ok(self.lock().store.own_pending(session, max))
     }
 
     pub(super) async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {

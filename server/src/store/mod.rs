@@ -62,10 +62,13 @@ macro_rules! dispatch {
 macro_rules! step {
     ($self:ident, $op:literal, $backend:ident => $call:expr) => {
         match $self {
-            Store::Memory($backend) => {
-                $backend.fault($op).await?;
-                $call
-            }
+            Store::Memory($backend) => match $backend.fault($op).await? {
+                faults::Answer::Keep => $call,
+                faults::Answer::Lose => {
+                    let _ = $call;
+                    Err(faults::lost_answer($op))
+                }
+            },
             #[cfg(not(madsim))]
             Store::Redis($backend) => $call,
         }
@@ -96,6 +99,12 @@ impl Store {
         max_wait: Duration,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
         step!(self, "claim", b => b.claim(session, max, max_wait).await)
+    }
+
+    /// What `session` holds claimed in the store (at most `max` entries): after a claim whose
+    /// answer was lost, the session finds here what that claim gave it.
+    pub async fn own_pending(&self, session: &SessionRef, max: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+        step!(self, "own_pending", b => b.own_pending(session, max).await)
     }
 
     /// Applies delivery effects, each fenced by `session` still holding the entry, and feeds

@@ -104,6 +104,7 @@ impl RedisSettings {
 struct Scripts {
     enqueue: Script,
     claim: Script,
+    own_pending: Script,
     settle: Script,
     release: Script,
     lease_acquire: Script,
@@ -152,6 +153,7 @@ impl Scripts {
         Scripts {
             enqueue: get("enqueue"),
             claim: get("claim"),
+            own_pending: get("own_pending"),
             settle: get("settle"),
             release: get("release"),
             lease_acquire: get("lease_acquire"),
@@ -403,18 +405,22 @@ impl RedisBackend {
             return Err(StoreError::NotOwner);
         }
         let next_delayed = items.next().map(int).filter(|ms| *ms >= 0).map(|ms| Duration::from_millis(ms as u64));
-        let mut batch = Vec::new();
-        let rest: Vec<Value> = items.collect();
-        for chunk in rest.chunks_exact(4) {
-            let tag = text(chunk[0].clone());
-            let id = text(chunk[1].clone());
-            batch.push(QueuedMessage {
-                entry: EntryId::new(format!("{tag}:{id}")),
-                envelope: Arc::from(text(chunk[2].clone())),
-                attempt: u32::try_from(int(chunk[3].clone())).unwrap_or(0),
-            });
-        }
-        Ok((batch, next_delayed))
+        Ok((queued_messages(items.collect()), next_delayed))
+    }
+
+    pub(super) async fn own_pending(&self, session: &SessionRef, max: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+        let [work, _, replies, _] = Self::session_keys(session);
+        let reply: Vec<Value> = self
+            .scripts
+            .own_pending
+            .key(work)
+            .key(replies)
+            .arg(session.owner.as_str())
+            .arg(max)
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        Ok(queued_messages(reply))
     }
 
     pub(super) async fn apply(
@@ -779,6 +785,17 @@ impl RedisBackend {
             })
             .collect())
     }
+}
+
+/// Messages from a script's flat `{tag, id, envelope, attempt, ...}` list.
+fn queued_messages(flat: Vec<Value>) -> Vec<QueuedMessage> {
+    flat.chunks_exact(4)
+        .map(|chunk| QueuedMessage {
+            entry: EntryId::new(format!("{}:{}", text(chunk[0].clone()), text(chunk[1].clone()))),
+            envelope: Arc::from(text(chunk[2].clone())),
+            attempt: u32::try_from(int(chunk[3].clone())).unwrap_or(0),
+        })
+        .collect()
 }
 
 /// A state script's `{outcome, value}`: `{1, revision}` written, `{0, revision}` a conflict,

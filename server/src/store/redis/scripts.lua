@@ -154,6 +154,33 @@ end
 if next_at >= 0 then out[2] = math.max(0, next_at - now) end
 return out
 
+--@own_pending
+-- KEYS: work, replies. ARGV: owner, max.
+-- Returns {tag, id, envelope, attempt, ...}: the entries pending under `owner` (what it holds,
+-- including what a claim whose answer it never read gave it), replies first.
+local out = {}
+for i, stream in ipairs({KEYS[2], KEYS[1]}) do
+  local tag = (i == 1) and 'r' or 'w'
+  local left = tonumber(ARGV[2]) - #out / 4
+  if left > 0 and redis.call('EXISTS', stream) == 1 then
+    local ok, pending = pcall(redis.call, 'XPENDING', stream, 'mas', '-', '+', left, ARGV[1])
+    if ok then
+      for _, p in ipairs(pending) do
+        local entry = redis.call('XRANGE', stream, p[1], p[1])
+        if #entry == 1 then
+          local f = {}
+          for j = 1, #entry[1][2], 2 do f[entry[1][2][j]] = entry[1][2][j + 1] end
+          out[#out + 1] = tag
+          out[#out + 1] = p[1]
+          out[#out + 1] = f['e'] or ''
+          out[#out + 1] = f['a'] or '0'
+        end
+      end
+    end
+  end
+end
+return out
+
 --@settle
 -- KEYS: work, work_delayed, replies, replies_delayed, dlq, circuit.
 -- ARGV: owner, notify channel, circuit on (1|0), failure_threshold, window_ms, open_ms,
