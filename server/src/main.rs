@@ -133,7 +133,7 @@ mod cli {
             }
         };
         match runtime.block_on(run(cli.command)) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(code) => code,
             Err(err) => {
                 eprintln!("error: {err:#}");
                 ExitCode::FAILURE
@@ -169,7 +169,15 @@ mod cli {
         }
     }
 
-    async fn run(command: Command) -> anyhow::Result<()> {
+    async fn run(command: Command) -> anyhow::Result<ExitCode> {
+        match command {
+            Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
+            other => run_command(other).await.map(|()| ExitCode::SUCCESS),
+        }
+    }
+
+    /// Every command but `audit verify`, whose outcome has more than two exit codes.
+    async fn run_command(command: Command) -> anyhow::Result<()> {
         match command {
             Command::Serve { config } => serve_from(config).await,
             Command::DevCerts { dir, agents } => {
@@ -185,7 +193,7 @@ mod cli {
             Command::Demo { certs_dir, listen, messages } => {
                 mas_server::demo::run(&certs_dir, listen, messages, stop_requested()).await
             }
-            Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
+            Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await.map(|_| ()),
             Command::Audit {
                 action: AuditCommand::Query { source, sender, target, decision, since, until, limit, format },
             } => {
@@ -211,7 +219,10 @@ mod cli {
         }
     }
 
-    async fn verify(source: Source) -> anyhow::Result<()> {
+    /// Exit codes: 0 intact, 1 tampered (or unreadable), 2 intact but the file has gaps (lines
+    /// the sink could not write, marked and counted; the store holds those records).
+    async fn verify(source: Source) -> anyhow::Result<ExitCode> {
+        let mut gaps = 0;
         let intact = match (&source.config, &source.file) {
             (Some(config), _) => {
                 let report = offline::verify_store(&BrokerConfig::from_file(config)?).await?;
@@ -230,9 +241,13 @@ mod cli {
                     let note = if summary.starts_mid_chain { " (starts after rotated-away records)" } else { "" };
                     println!("{chain:<32} {:>9} records{note}", summary.records);
                 }
+                for gap in &report.gaps {
+                    println!("GAP: {gap}");
+                }
                 for error in &report.errors {
                     println!("BROKEN: {error}");
                 }
+                gaps = report.gaps.len();
                 report.is_intact()
             }
             (None, None) => anyhow::bail!("give --config or --file"),
@@ -240,8 +255,12 @@ mod cli {
         if !intact {
             anyhow::bail!("audit verification failed");
         }
+        if gaps > 0 {
+            println!("audit trail intact, but the file misses records at {gaps} marked gap(s) (the store holds them)");
+            return Ok(ExitCode::from(2));
+        }
         println!("audit trail intact");
-        Ok(())
+        Ok(ExitCode::SUCCESS)
     }
 
     async fn serve_from(path: PathBuf) -> anyhow::Result<()> {

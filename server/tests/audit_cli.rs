@@ -72,7 +72,20 @@ fn verify_and_query_a_rotated_jsonl_file() {
     let json: Vec<AuditRecord> = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(json.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>(), ["m3", "m5"]);
 
+    // A line the sink could not write, marked as a gap: exit 2, reported as a gap, not tampering.
     let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[1] = r#"{"gap":{"chain":"agent:bob","missing":1}}"#;
+    std::fs::write(&path, format!("{}\n", lines.join("\n"))).unwrap();
+    let out = mas(&["audit", "verify", "--file", file]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("GAP: ") && stdout(&out).contains("1 records of chain agent:bob"),
+        "{}",
+        stdout(&out)
+    );
+    std::fs::write(&path, &text).unwrap();
+
     std::fs::write(&path, text.replacen("\"m3\"", "\"m9\"", 1)).unwrap();
     let out = mas(&["audit", "verify", "--file", file]);
     assert_eq!(out.status.code(), Some(1), "an edited record fails verification");

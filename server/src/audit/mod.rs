@@ -41,12 +41,11 @@ pub const SECURITY_CHAIN: &str = "security";
 /// Feeds the file sink, the security chain and the archiver.
 #[derive(Debug)]
 pub struct AuditTrail {
-    file: Option<mpsc::Sender<sink::Pending>>,
+    file: Option<Arc<sink::Feed>>,
     archiver: Option<Arc<archive::Archiver>>,
     /// Where this store's segments are (`{archive_dir}/{store epoch}`), when archiving is on.
     archive_dir: Option<PathBuf>,
     security: mpsc::Sender<SecurityEvent>,
-    dropped_lines: AtomicU64,
     dropped_events: AtomicU64,
     denials: Mutex<Repeats>,
 }
@@ -60,7 +59,7 @@ impl AuditTrail {
             let (tx, rx) = mpsc::channel(sink::SINK_CAPACITY);
             let file = sink::JsonlFile::new(path.clone(), settings.max_bytes, settings.backup_count);
             tokio::spawn(sink::run(file, rx));
-            tx
+            Arc::new(sink::Feed::new(tx))
         });
         let archive_dir = archive_dir.map(|dir| dir.join(store.epoch()));
         let archiver = archive_dir.as_ref().map(|dir| {
@@ -73,7 +72,6 @@ impl AuditTrail {
             archiver,
             archive_dir,
             security,
-            dropped_lines: AtomicU64::new(0),
             dropped_events: AtomicU64::new(0),
             denials: Mutex::new(Repeats::new(DENIAL_WINDOW, DENIAL_KEYS)),
         }
@@ -97,11 +95,8 @@ impl AuditTrail {
         if let Some(archiver) = &self.archiver {
             archiver.note_append(chain);
         }
-        if let Some(file) = &self.file
-            && file.try_send((chain_name(chain), FileRecord::Message(record.clone()))).is_err()
-        {
-            let n = self.dropped_lines.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(dropped = n, "audit file sink is behind; line dropped (the store keeps the record)");
+        if let Some(file) = &self.file {
+            file.send(chain_name(chain), FileRecord::Message(record.clone()));
         }
     }
 
@@ -136,16 +131,12 @@ impl AuditTrail {
     }
 }
 
-async fn write_security_events(
-    store: Store,
-    mut events: mpsc::Receiver<SecurityEvent>,
-    file: Option<mpsc::Sender<sink::Pending>>,
-) {
+async fn write_security_events(store: Store, mut events: mpsc::Receiver<SecurityEvent>, file: Option<Arc<sink::Feed>>) {
     while let Some(event) = events.recv().await {
         match store.append_security(event).await {
             Ok(linked) => {
                 if let Some(file) = &file {
-                    let _ = file.try_send((SECURITY_CHAIN.to_string(), FileRecord::Security(linked)));
+                    file.send(SECURITY_CHAIN.to_string(), FileRecord::Security(linked));
                 }
             }
             Err(err) => tracing::error!(error = %err, "security event could not be recorded"),

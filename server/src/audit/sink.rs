@@ -3,14 +3,20 @@
 //! The store's chains are the record of truth; the file is a convenience for log shippers and
 //! for operators of the embedded store (whose chains live in the broker's memory). Lines are
 //! written after the store commit, by one task fed through a bounded channel: a slow disk never
-//! slows admissions, and a full channel drops lines (counted and logged), never messages.
+//! slows admissions, and a full channel drops lines, never messages. A dropped line is never a
+//! silent gap: the chain's next line is preceded by a gap marker with the count (see
+//! [`Feed`]), and so is the next line after a failed write, which `mas audit verify --file`
+//! reports as a gap, not as tampering.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
-use mas_core::policy::audit::FileLine;
 use mas_core::policy::audit::file::FileRecord;
+use mas_core::policy::audit::{FileLine, Gap, GapLine};
 use tokio::sync::mpsc;
 
 /// Lines waiting for the writer; beyond it lines are dropped with a warning.
@@ -105,22 +111,70 @@ pub fn located_lines(file: &Path) -> std::io::Result<Vec<(String, String)>> {
     Ok(text.lines().enumerate().map(|(i, line)| (format!("{name}:{}", i + 1), line.to_string())).collect())
 }
 
-/// A committed record on its way to the file, with its chain's name. Hashing and serialising
-/// happen in the writer task, off the message path.
-pub(super) type Pending = (String, FileRecord);
+/// A committed record on its way to the file: its chain's name, the record, and how many
+/// records of the chain were dropped just before it (a gap marker goes first when non-zero).
+/// Hashing and serialising happen in the writer task, off the message path.
+pub(super) struct Pending {
+    chain: String,
+    record: FileRecord,
+    missing_before: u64,
+}
+
+/// The sending side of the sink: never waits, and remembers per chain what it had to drop, so
+/// that the chain's next line carries the count.
+#[derive(Debug)]
+pub(super) struct Feed {
+    tx: mpsc::Sender<Pending>,
+    /// Records dropped per chain since that chain's last line went through. The lock spans
+    /// the count and the send, so a marker always precedes exactly the lines after the drop.
+    dropped: Mutex<BTreeMap<String, u64>>,
+    dropped_total: AtomicU64,
+}
+
+impl Feed {
+    /// A feed into `tx`.
+    pub(super) fn new(tx: mpsc::Sender<Pending>) -> Self {
+        Feed { tx, dropped: Mutex::default(), dropped_total: AtomicU64::new(0) }
+    }
+
+    /// Queues `record` of `chain`; when the writer is behind, drops it and counts it.
+    pub(super) fn send(&self, chain: String, record: FileRecord) {
+        let mut dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
+        let missing_before = dropped.get(&chain).copied().unwrap_or(0);
+        match self.tx.try_send(Pending { chain, record, missing_before }) {
+            Ok(()) => {
+                if missing_before > 0 {
+                    dropped.retain(|_, n| *n == 0); // cheap: only chains with drops are kept
+                }
+            }
+            Err(full) => {
+                let chain = match full {
+                    mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p.chain,
+                };
+                *dropped.entry(chain).or_default() += 1;
+                let n = self.dropped_total.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = n,
+                        "audit file sink is behind; lines dropped and marked as gaps (the store keeps the records)"
+                    );
+                }
+            }
+        }
+    }
+}
 
 /// Writes records from `lines` until every sender is gone; each burst is flushed once.
 pub(super) async fn run(mut file: JsonlFile, mut lines: mpsc::Receiver<Pending>) {
+    // Lines that failed to write, per chain: marked before the chain's next line.
+    let mut failed: BTreeMap<String, u64> = BTreeMap::new();
     while let Some(first) = lines.recv().await {
         let mut next = Some(first);
-        while let Some((chain, record)) = next {
-            match serde_json::to_string(&FileLine::new(chain, record)) {
-                Ok(text) => {
-                    if let Err(err) = file.write_line(&text) {
-                        tracing::error!(error = %err, path = %file.path.display(), "audit file write failed");
-                    }
-                }
-                Err(err) => tracing::error!(error = %err, "audit line not serialisable"),
+        while let Some(Pending { chain, record, missing_before }) = next {
+            let missing = missing_before + failed.remove(&chain).unwrap_or(0);
+            let lost = write_record(&mut file, &chain, record, missing);
+            if lost > 0 {
+                *failed.entry(chain).or_default() += lost;
             }
             next = lines.try_recv().ok();
         }
@@ -130,9 +184,84 @@ pub(super) async fn run(mut file: JsonlFile, mut lines: mpsc::Receiver<Pending>)
     }
 }
 
+/// Writes a gap marker for `missing` earlier records (if any), then the record's line.
+/// Returns how many records are still unaccounted for in the file (to mark next time).
+fn write_record(file: &mut JsonlFile, chain: &str, record: FileRecord, missing: u64) -> u64 {
+    let mut write = |line: Result<String, serde_json::Error>| match line.map_err(std::io::Error::other) {
+        Ok(text) => file.write_line(&text).map_err(|err| {
+            tracing::error!(error = %err, path = %file.path.display(), "audit file write failed; marked as a gap");
+        }),
+        Err(err) => {
+            tracing::error!(error = %err, "audit line not serialisable; marked as a gap");
+            Err(())
+        }
+    };
+    let mut lost = 0;
+    if missing > 0 && write(serde_json::to_string(&GapLine { gap: Gap { chain: chain.to_string(), missing } })).is_err()
+    {
+        lost += missing;
+    }
+    if write(serde_json::to_string(&FileLine::new(chain.to_string(), record))).is_err() {
+        lost += 1;
+    }
+    lost
+}
+
 #[cfg(test)]
 mod tests {
+    use mas_core::policy::audit::{AuditRecord, Chain, Decision, verify_lines};
+
     use super::*;
+
+    fn record(n: u32) -> AuditRecord {
+        AuditRecord {
+            correlation_id: None,
+            decision: Decision::Allowed,
+            hash_version: 0,
+            latency_ms: 0.1,
+            message_id: format!("m{n}"),
+            message_type: Some("t".into()),
+            payload_hash: "ab".into(),
+            previous_hash: None,
+            sender_id: "alice".into(),
+            sender_instance_id: None,
+            target_id: "bob".into(),
+            timestamp: 1.0,
+            violations: vec![],
+        }
+    }
+
+    /// A writer that falls behind drops lines, and the file says so: the chain's next line is
+    /// preceded by a gap marker with the count, which verification reports as a gap.
+    #[tokio::test]
+    async fn dropped_lines_leave_a_marked_gap_not_a_broken_chain() {
+        let dir = std::env::temp_dir().join(format!("mas-sink-gap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let (tx, rx) = mpsc::channel(2);
+        let feed = Feed::new(tx);
+        let mut chain = Chain::default();
+        // The writer is not running yet: two lines fit, three are dropped.
+        for n in 0..5 {
+            feed.send("agent:bob".into(), FileRecord::Message(chain.append(record(n))));
+        }
+        let writer = tokio::spawn(run(JsonlFile::new(path.clone(), 1_000_000, 1), rx));
+        tokio::task::yield_now().await;
+        while feed.tx.capacity() < 2 {
+            tokio::task::yield_now().await;
+        }
+        feed.send("agent:bob".into(), FileRecord::Message(chain.append(record(5))));
+        drop(feed);
+        writer.await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<(String, &str)> = text.lines().enumerate().map(|(i, l)| (format!("{}", i + 1), l)).collect();
+        assert_eq!(lines.len(), 4, "two records, a marker, the record after it:\n{text}");
+        let report = verify_lines(lines.iter().map(|(at, l)| (at, *l)));
+        assert!(report.is_intact(), "{:?}", report.errors);
+        assert_eq!(report.gaps, ["3: 3 records of chain agent:bob never reached the file"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn rotates_by_size_and_keeps_backup_count_files() {

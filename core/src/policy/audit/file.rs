@@ -23,6 +23,27 @@ pub struct FileLine {
     pub record: FileRecord,
 }
 
+/// A gap marker: `missing` records of `chain` were committed in the store but never reached
+/// the file (the sink fell behind or a write failed). Written just before the chain's next
+/// line, so verification knows that this one link cannot be checked from the file, and
+/// reports the gap, with its size, instead of a broken chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GapLine {
+    /// The gap.
+    pub gap: Gap,
+}
+
+/// What a [`GapLine`] says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gap {
+    /// Which chain.
+    pub chain: String,
+    /// How many of its records are missing here.
+    pub missing: u64,
+}
+
 /// A record of either chain kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -63,6 +84,9 @@ pub struct FileReport {
     pub chains: BTreeMap<String, ChainSummary>,
     /// Every problem, with the location of its line.
     pub errors: Vec<String>,
+    /// Every gap marker, with its location: records the file never received (not tampering;
+    /// the store's chain has them).
+    pub gaps: Vec<String>,
 }
 
 /// One chain as seen in a file.
@@ -74,6 +98,10 @@ pub struct ChainSummary {
     pub starts_mid_chain: bool,
     /// The last record's hash.
     pub head: Option<String>,
+    /// Records the file is known to miss (gap markers), in all.
+    pub missing: u64,
+    /// A gap marker came since the last record: the next record's link is not checkable.
+    after_gap: bool,
 }
 
 impl FileReport {
@@ -111,6 +139,15 @@ impl LineVerifier {
         let parsed: FileLine = match serde_json::from_str(line) {
             Ok(parsed) => parsed,
             Err(err) => {
+                if let Ok(GapLine { gap }) = serde_json::from_str::<GapLine>(line) {
+                    report
+                        .gaps
+                        .push(format!("{n}: {} records of chain {} never reached the file", gap.missing, gap.chain));
+                    let summary = report.chains.entry(gap.chain).or_default();
+                    summary.missing += gap.missing;
+                    summary.after_gap = true;
+                    return;
+                }
                 report.errors.push(format!("{n}: unreadable record ({err})"));
                 return;
             }
@@ -120,7 +157,10 @@ impl LineVerifier {
             report.errors.push(format!("{n}: record of chain {} was edited (hash mismatch)", parsed.chain));
         }
         let summary = report.chains.entry(parsed.chain.clone()).or_default();
+        // After a gap marker, the record this one links to is among the missing ones.
+        let after_gap = std::mem::take(&mut summary.after_gap);
         match (&summary.head, parsed.record.previous_hash()) {
+            _ if after_gap => {}
             (None, Some(_)) if summary.records == 0 => summary.starts_mid_chain = true,
             (expected, link) if expected.as_deref() != link => {
                 report.errors.push(format!("{n}: record of chain {} does not link to its predecessor", parsed.chain))

@@ -14,7 +14,7 @@ mod export;
 pub mod file;
 
 pub use export::{AuditFilter, to_csv, to_json};
-pub use file::{FileLine, FileReport, LineVerifier, verify_lines};
+pub use file::{FileLine, FileReport, Gap, GapLine, LineVerifier, verify_lines};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

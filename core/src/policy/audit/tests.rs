@@ -189,3 +189,26 @@ fn a_jsonl_file_verifies_and_an_edited_line_is_found() {
     let rotated = verify_lines(numbered(&lines[2..]));
     assert!(rotated.is_intact() && rotated.chains["agent:bob"].starts_mid_chain);
 }
+
+#[test]
+fn a_marked_gap_is_reported_as_a_gap_and_an_unmarked_one_as_a_break() {
+    let (records, head) = chain(5);
+    let mut lines = file_lines(&records);
+    // Records 1 and 2 never reached the file; the sink marked them before record 3.
+    lines.drain(1..3);
+    let marker = serde_json::to_string(&GapLine { gap: Gap { chain: "agent:bob".into(), missing: 2 } }).unwrap();
+    assert_eq!(marker, r#"{"gap":{"chain":"agent:bob","missing":2}}"#);
+    let mut marked = lines.clone();
+    marked.insert(1, marker);
+    let report = verify_lines(numbered(&marked));
+    assert!(report.is_intact(), "a marked gap is not tampering: {:?}", report.errors);
+    assert_eq!(report.gaps, ["line 2: 2 records of chain agent:bob never reached the file"]);
+    assert_eq!((report.chains["agent:bob"].records, report.chains["agent:bob"].missing), (3, 2));
+    assert_eq!(report.chains["agent:bob"].head, head);
+    // The link after the gap is the only one excused.
+    let mut edited_after = marked.clone();
+    edited_after[3] = edited_after[3].replace("ALLOWED", "ALERT");
+    assert!(!verify_lines(numbered(&edited_after)).is_intact());
+    let unmarked = verify_lines(numbered(&lines));
+    assert!(unmarked.errors.iter().any(|e| e.contains("does not link")) && unmarked.gaps.is_empty());
+}
