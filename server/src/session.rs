@@ -157,7 +157,7 @@ impl Session {
                 }
                 () = tokio::time::sleep_until(renew_at) => {
                     let asked = tokio::time::Instant::now();
-                    match self.renew_or_retake(&lease).await {
+                    match self.broker.store().renew_lease(&self.session, lease.ttl()).await {
                         Ok(true) => {
                             self.outage.recovered(&self.session);
                             self.outage.valid_until = asked + lease.ttl();
@@ -189,11 +189,7 @@ impl Session {
                                 return end;
                             }
                         }
-                        Err(StoreError::NotOwner) => {
-                            if !self.regain_lease().await {
-                                return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST));
-                            }
-                        }
+                        Err(StoreError::NotOwner) => return End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)),
                         Err(err) => {
                             // The store is out: wait and claim again while the lease holds. The
                             // failed claim may have claimed entries whose answer never came.
@@ -305,25 +301,19 @@ impl Session {
 
     /// Applies `effects`, retrying through a store outage while the lease is valid. Retrying
     /// is safe: an ack or hand-back that did commit before its answer was lost is fenced off
-    /// the second time (the entry is no longer ours), never applied twice.
+    /// the second time (the entry is no longer ours), never applied twice. A lease found lost
+    /// ends the session: its work may already be another session's.
     async fn apply_retrying(&mut self, effects: Vec<StoreEffect>) -> Result<(), End> {
         if effects.is_empty() {
             return Ok(());
         }
-        let mut retaken = false;
         loop {
             match self.apply(effects.clone()).await {
                 Ok(()) => {
                     self.outage.recovered(&self.session);
                     return Ok(());
                 }
-                Err(StoreError::NotOwner) => {
-                    // Once: a store that still refuses us after a retake means someone else won.
-                    if retaken || !self.regain_lease().await {
-                        return Err(End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)));
-                    }
-                    retaken = true;
-                }
+                Err(StoreError::NotOwner) => return Err(End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST))),
                 Err(err) => {
                     if !self.outage.failed("ack/requeue", &self.session, &err) {
                         return Err(End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST)));
@@ -358,35 +348,6 @@ impl Session {
             Err(err) if self.outage.failed("recover claimed", &self.session, &err) => Ok(()),
             Err(_) => Err(End::Abort(Status::unavailable(detail::SESSION_LEASE_LOST))),
         }
-    }
-
-    /// After the store said the session no longer owns its lease: take it again if nobody
-    /// else holds it. True when the session may go on.
-    async fn regain_lease(&mut self) -> bool {
-        let lease = self.broker.config().session_lease.clone();
-        let asked = tokio::time::Instant::now();
-        match self.renew_or_retake(&lease).await {
-            Ok(true) => {
-                self.outage.valid_until = asked + lease.ttl();
-                true
-            }
-            Ok(false) | Err(_) => false,
-        }
-    }
-
-    /// Renews the lease; if it lapsed (a store outage longer than its remaining life) and
-    /// nobody took it, takes it again with the same owner token, so the session survives. Work
-    /// another session reclaimed meanwhile is fenced off from us, never delivered twice at once.
-    async fn renew_or_retake(&self, lease: &crate::config::LeaseSettings) -> Result<bool, StoreError> {
-        if self.broker.store().renew_lease(&self.session, lease.ttl()).await? {
-            return Ok(true);
-        }
-        let retaken = self.broker.store().acquire_lease(&self.session, lease.ttl()).await?;
-        if retaken {
-            tracing::warn!(agent = %self.session.agent, instance = %self.session.instance,
-                "session lease had lapsed (store outage); taken again");
-        }
-        Ok(retaken)
     }
 
     /// Applies effects; entries fenced off (reclaimed by another session) are only logged.

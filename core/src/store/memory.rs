@@ -182,9 +182,8 @@ impl MemoryStore {
 
     fn reclaim_dead(&mut self, key: &QueueKey, claimer: &OwnerToken, now: Instant) {
         let Some(queue) = self.queues.get(key) else { return };
-        // Never the claimer's own entries: they are in flight in its session (whose lease may
-        // have lapsed during a store outage and been taken again), and handing them to it a
-        // second time would deliver them twice at once. Redis's claim skips them alike.
+        // Never the claimer's own entries: they are in flight in its session, and handing them
+        // to it a second time would deliver them twice at once. Redis's claim skips them alike.
         let dead: Vec<u64> = queue
             .claimed
             .iter()
@@ -307,9 +306,7 @@ impl MemoryStore {
     }
 
     /// Extends the lease if `owner` still holds it and it has not expired; false otherwise
-    /// (its work may already be someone else's: the session ends, or takes a lapsed lease
-    /// again with [`MemoryStore::acquire_lease`], after which what was reclaimed meanwhile is
-    /// fenced off from it).
+    /// (the session must end: its work may already be someone else's).
     pub fn renew_lease(&mut self, session: &SessionRef, ttl: Duration, now: Instant) -> bool {
         let key = (session.agent.clone(), session.instance.clone());
         match self.leases.get_mut(&key) {
