@@ -21,52 +21,13 @@ from pathlib import Path
 import grpc
 
 from harness import Identity
+from runtime_client import ReconnectingSession
 
 
 def identity(certs: str, agent: str) -> Identity:
     """`mas dev-certs` files of `agent` in `certs`."""
     d = Path(certs)
     return Identity(d / "ca.pem", d / f"{agent}.pem", d / f"{agent}.key")
-from runtime_client import Client, Transport, new_instance
-
-
-class Session:
-    """A reconnecting Transport session over a list of brokers."""
-
-    def __init__(self, targets: list[str], identity: Identity, on_delivery=None) -> None:
-        self.targets, self.identity, self.on_delivery = targets, identity, on_delivery
-        self.instance_id = new_instance()
-        self.index = 0
-        self.client = Client(targets[0], identity)
-        self.ready = asyncio.Event()
-        self.task = asyncio.create_task(self._loop())
-
-    def rotate(self) -> None:
-        """Moves to the next broker (a no-op with one)."""
-        if len(self.targets) > 1:
-            self.index = (self.index + 1) % len(self.targets)
-            self.client = Client(self.targets[self.index], self.identity)
-
-    async def _loop(self) -> None:
-        backoff = 0.1
-        while True:
-            transport = Transport(self.client.stub, self.instance_id)
-            try:
-                await transport.welcome(timeout=10)
-                self.ready.set()
-                backoff = 0.1
-                while True:
-                    delivery_id, envelope = await transport.delivery(timeout=3600)
-                    if self.on_delivery:
-                        self.on_delivery(envelope)
-                    transport.ack(delivery_id)
-            except (grpc.aio.AioRpcError, AssertionError, asyncio.TimeoutError):
-                pass
-            self.ready.clear()
-            transport.call.cancel()
-            self.rotate()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
 
 
 def line_log(path: str):
@@ -80,7 +41,7 @@ def line_log(path: str):
 
 async def produce(args) -> None:
     log = line_log(args.log)
-    session = Session(args.targets, identity(args.identity, args.agent))
+    session = ReconnectingSession(args.targets, identity(args.identity, args.agent))
     await session.ready.wait()
     interval = 1.0 / args.rate
     next_at = time.monotonic()
@@ -103,7 +64,7 @@ async def produce(args) -> None:
 
 async def consume(args) -> None:
     log = line_log(args.log)
-    Session(args.targets, identity(args.identity, args.agent),
+    ReconnectingSession(args.targets, identity(args.identity, args.agent),
             on_delivery=lambda envelope: log("handled", envelope["message_id"], f"{time.time():.6f}"))
     await asyncio.Event().wait()
 

@@ -102,6 +102,55 @@ class Transport:
             self.reader.cancel()
 
 
+class ReconnectingSession:
+    """An instance's Transport session kept up the way mas-framework 0.5 does (reference §4.2):
+    same instance id on every attempt; on any stream error back off 0.1 s doubling to 5 s, then
+    reconnect, moving to the next of `targets`. Deliveries go to `on_delivery` (the envelope)
+    and are acked; every refusal is kept in `refusals`."""
+
+    def __init__(self, targets: list[str], identity: Identity, on_delivery=None) -> None:
+        self.targets, self.identity, self.on_delivery = targets, identity, on_delivery
+        self.instance_id = new_instance()
+        self.index = 0
+        self.client = Client(targets[0], identity)
+        self.ready = asyncio.Event()
+        self.refusals: list[tuple[grpc.StatusCode, str]] = []
+        self.task = asyncio.create_task(self._loop())
+
+    def rotate(self) -> None:
+        """Moves to the next broker (a no-op with one)."""
+        if len(self.targets) > 1:
+            self.index = (self.index + 1) % len(self.targets)
+            self.client = Client(self.targets[self.index], self.identity)
+
+    async def _loop(self) -> None:
+        backoff = 0.1
+        while True:
+            transport = Transport(self.client.stub, self.instance_id)
+            try:
+                await transport.welcome(timeout=30)
+                self.ready.set()
+                backoff = 0.1
+                while True:
+                    delivery_id, envelope = await transport.delivery(timeout=3600)
+                    if self.on_delivery:
+                        self.on_delivery(envelope)
+                    transport.ack(delivery_id)
+            except grpc.aio.AioRpcError as err:
+                self.refusals.append((err.code(), err.details()))
+            except (AssertionError, asyncio.TimeoutError) as err:
+                self.refusals.append((grpc.StatusCode.UNKNOWN, repr(err)))
+            self.ready.clear()
+            transport.call.cancel()
+            self.rotate()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
 class Client:
     """An agent over raw stubs: a channel, a stub, and helpers for the unary RPCs."""
 

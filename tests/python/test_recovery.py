@@ -14,44 +14,18 @@ import pytest
 
 import mas_pb2
 from harness import Broker, Pki, RedisServer
-from runtime_client import Client, Transport, new_instance
+from runtime_client import ReconnectingSession
 
 # Longest a reconnecting client may stay refused: the dead session's lease (6 s) plus the
 # client's largest backoff step (5 s), with slack for a loaded machine.
 RECOVERY_BOUND_S = 20
 
 
-class ReconnectingAgent:
-    """The 0.5 client's transport loop over raw stubs: same instance id on every attempt."""
+class ReconnectingAgent(ReconnectingSession):
+    """The 0.5 client's transport loop over raw stubs, on one broker."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.instance_id = new_instance()
-        self.ready = asyncio.Event()
-        self.refusals: list[tuple[grpc.StatusCode, str]] = []
-        self.task = asyncio.create_task(self._loop())
-
-    async def _loop(self) -> None:
-        backoff = 0.1
-        while True:
-            transport = Transport(self.client.stub, self.instance_id)
-            try:
-                await transport.welcome(timeout=30)
-                self.ready.set()
-                backoff = 0.1
-                while True:
-                    delivery_id, _ = await transport.delivery(timeout=3600)
-                    transport.ack(delivery_id)
-            except grpc.aio.AioRpcError as err:
-                self.refusals.append((err.code(), err.details()))
-                if os.environ.get("MAS_TRACE_REFUSALS"):
-                    print(f"{time.monotonic():.3f} {self.client.channel} {err.code().name} {err.details()} {err.debug_error_string()}")
-            except (AssertionError, asyncio.TimeoutError) as err:
-                self.refusals.append((grpc.StatusCode.UNKNOWN, repr(err)))
-            self.ready.clear()
-            transport.call.cancel()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    def __init__(self, target: str, identity) -> None:
+        super().__init__([target], identity)
 
     async def send_until_accepted(self, target: str, bound_s: float) -> float:
         """Sends until the broker accepts; returns how long that took."""
@@ -65,10 +39,6 @@ class ReconnectingAgent:
                     raise AssertionError(f"never accepted again; last refusal {err.details()}, "
                                          f"stream refusals {self.refusals[-5:]}") from err
                 await asyncio.sleep(0.2)
-
-    async def close(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 def fixed_port_broker(workdir, pki: Pki, redis: RedisServer) -> Broker:
@@ -88,8 +58,8 @@ def redis(tmp_path):
 
 
 async def connected(broker: Broker, pki: Pki) -> tuple[ReconnectingAgent, ReconnectingAgent]:
-    sender = ReconnectingAgent(Client(broker.target, pki.agent("rejoin")))
-    worker = ReconnectingAgent(Client(broker.target, pki.agent("bob")))
+    sender = ReconnectingAgent(broker.target, pki.agent("rejoin"))
+    worker = ReconnectingAgent(broker.target, pki.agent("bob"))
     await asyncio.wait_for(asyncio.gather(sender.ready.wait(), worker.ready.wait()), 10)
     await sender.client.send(sender.instance_id, "bob", "before", {})
     return sender, worker
