@@ -141,10 +141,12 @@ impl Feed {
     pub(super) fn send(&self, chain: String, record: FileRecord) {
         let mut dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
         let missing_before = dropped.get(&chain).copied().unwrap_or(0);
+        // The name is kept only when there is a count to clear (rare): no clone per line.
+        let marked = (missing_before > 0).then(|| chain.clone());
         match self.tx.try_send(Pending { chain, record, missing_before }) {
             Ok(()) => {
-                if missing_before > 0 {
-                    dropped.retain(|_, n| *n == 0); // cheap: only chains with drops are kept
+                if let Some(chain) = marked {
+                    dropped.remove(&chain);
                 }
             }
             Err(full) => {
@@ -242,24 +244,38 @@ mod tests {
         let (tx, rx) = mpsc::channel(2);
         let feed = Feed::new(tx);
         let mut chain = Chain::default();
-        // The writer is not running yet: two lines fit, three are dropped.
+        let mut carol = Chain::default();
+        // The writer is not running yet: two lines fit; three of bob's and one of carol's are
+        // dropped.
         for n in 0..5 {
             feed.send("agent:bob".into(), FileRecord::Message(chain.append(record(n))));
         }
+        feed.send("agent:carol".into(), FileRecord::Message(carol.append(record(0))));
         let writer = tokio::spawn(run(JsonlFile::new(path.clone(), 1_000_000, 1), rx));
         tokio::task::yield_now().await;
         while feed.tx.capacity() < 2 {
             tokio::task::yield_now().await;
         }
+        // Bob's next line clears bob's count only; carol's waits for carol's next line.
         feed.send("agent:bob".into(), FileRecord::Message(chain.append(record(5))));
+        while feed.tx.capacity() < 2 {
+            tokio::task::yield_now().await;
+        }
+        feed.send("agent:carol".into(), FileRecord::Message(carol.append(record(1))));
         drop(feed);
         writer.await.unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<(String, &str)> = text.lines().enumerate().map(|(i, l)| (format!("{}", i + 1), l)).collect();
-        assert_eq!(lines.len(), 4, "two records, a marker, the record after it:\n{text}");
+        assert_eq!(lines.len(), 6, "two records, then a marker before each chain's next record:\n{text}");
         let report = verify_lines(lines.iter().map(|(at, l)| (at, *l)));
         assert!(report.is_intact(), "{:?}", report.errors);
-        assert_eq!(report.gaps, ["3: 3 records of chain agent:bob never reached the file"]);
+        assert_eq!(
+            report.gaps,
+            [
+                "3: 3 records of chain agent:bob never reached the file",
+                "5: 1 records of chain agent:carol never reached the file"
+            ]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
