@@ -613,7 +613,7 @@ impl BrokerConfig {
         const HOUR_MS: u64 = 3_600_000;
         let n = |v: usize| v as u64;
         let (d, l, a, lease) = (&self.delivery, &self.limits, &self.gateway.audit, &self.session_lease);
-        vec![
+        let mut ranges = vec![
             ("delivery.max_in_flight", n(d.max_in_flight), 1, 100_000),
             ("delivery.ack_timeout_ms", d.ack_timeout_ms, 1, DAY_MS),
             ("delivery.max_delivery_attempts", u64::from(d.max_delivery_attempts), 1, 1_000_000),
@@ -637,7 +637,29 @@ impl BrokerConfig {
             ("limits.tls_handshake_timeout_ms", l.tls_handshake_timeout_ms, 1, HOUR_MS),
             ("limits.http2_keepalive_interval_ms", l.http2_keepalive_interval_ms, 1, DAY_MS),
             ("limits.http2_keepalive_timeout_ms", l.http2_keepalive_timeout_ms, 1, DAY_MS),
+        ];
+        ranges.extend(self.redis_ranges());
+        ranges
+    }
+
+    /// The Redis section's ranges (none when the embedded store is used).
+    #[cfg(not(madsim))]
+    fn redis_ranges(&self) -> Vec<(&'static str, u64, u64, u64)> {
+        let Some(r) = &self.redis else { return Vec::new() };
+        let n = |v: usize| v as u64;
+        vec![
+            ("redis.pool_size", n(r.pool_size), 1, 1_024),
+            ("redis.connect_timeout_ms", r.connect_timeout_ms, 1, 3_600_000),
+            ("redis.response_timeout_ms", r.response_timeout_ms, 1, 3_600_000),
+            ("redis.max_queue_len", n(r.max_queue_len), 1, 1_000_000_000),
+            ("redis.max_dead_letters", n(r.max_dead_letters), 1, 100_000_000),
         ]
+    }
+
+    /// Under simulation there is no Redis section.
+    #[cfg(madsim)]
+    fn redis_ranges(&self) -> Vec<(&'static str, u64, u64, u64)> {
+        Vec::new()
     }
 
     /// Checks ranges and cross-references; a bad value is named in the error.

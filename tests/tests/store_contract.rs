@@ -65,13 +65,14 @@ where
 {
     let memory = sequence(Store::Memory(MemoryBackend::new(MemoryStoreConfig {
         max_queue_len: 3,
-        max_dead_letters: 100,
+        max_dead_letters: 3,
         max_audit_records: 6,
     })))
     .await;
     let Some(redis) = RedisServer::start() else { return };
     let mut settings = RedisSettings::new(&redis.url);
     settings.max_queue_len = 3;
+    settings.max_dead_letters = 3;
     let backend =
         RedisBackend::connect(&settings).await.expect("connect to the test redis-server").with_max_audit_records(6);
     let on_redis = sequence(Store::Redis(backend)).await;
@@ -187,6 +188,35 @@ async fn settling_is_fenced_and_released_work_moves_to_a_sibling() {
         log.push(format!("b1 late ack {:?}", store.apply(&b1, vec![ack(&moved[0])], now(), None).await));
         log.push(format!("b2 ack {:?}", store.apply(&b2, vec![ack(&moved[0])], now(), None).await));
         log
+    })
+    .await;
+}
+
+/// Both stores keep the newest `max_dead_letters` dead letters and drop the oldest.
+#[tokio::test]
+async fn dead_letters_are_bounded_keeping_the_newest() {
+    contract(|store| async move {
+        let b1 = session("bob", "b1", "o1");
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        for round in 0..2 {
+            for m in 0..3 {
+                store.enqueue(&work("bob"), Arc::from(format!("d{}", round * 3 + m))).await.unwrap();
+            }
+            let batch = store.claim(&b1, 3, NO_WAIT).await.unwrap();
+            let dead = batch
+                .iter()
+                .map(|m| StoreEffect::DeadLetter {
+                    entry: m.entry.clone(),
+                    envelope: m.envelope.clone(),
+                    attempts: 5,
+                    reason: "boom".into(),
+                    nacked: true,
+                })
+                .collect();
+            store.apply(&b1, dead, now(), None).await.unwrap();
+        }
+        let kept = store.dead_letters(&agent("bob"), 10).await.unwrap();
+        vec![format!("kept {:?}", kept.iter().map(|d| d.envelope.to_string()).collect::<Vec<_>>())]
     })
     .await;
 }

@@ -10,7 +10,8 @@
 //! | `mas:{A}:replies:{I}` (+ `:delayed`) | stream (+ zset) | replies for instance I |
 //! | `mas:{A}:lease:{I}` | string, PX ttl | owner token of the live session of (A, I) |
 //! | `mas:{A}:owners` | zset | owner token → lease deadline; decides whose claimed work is dead |
-//! | `mas:{A}:dlq` | stream | dead letters: `e`, `reason`, `attempts`, `at` |
+//! | `mas:{A}:dlq` | stream | dead letters: `e`, `reason`, `attempts`, `at`; at most `redis.max_dead_letters` |
+//! | `mas:{A}:dlq:dropped` | integer | dead letters dropped (oldest first) at the bound |
 //! | `mas:{A}:state`, `mas:{A}:state:rev` | hash, string | agent state and its revision |
 //! | `mas:{A}:rate` | hash `m`, `h` | GCRA arrival times (µs, Redis clock) of sender A's minute and hour windows |
 //! | `mas:{A}:pending:{C}` | string JSON, PX ttl+60 s | a request of A awaiting its reply |
@@ -72,6 +73,10 @@ pub struct RedisSettings {
     /// Most entries per queue (default 100 000); beyond it sends get `queue_full`.
     #[serde(default = "default_max_queue_len")]
     pub max_queue_len: usize,
+    /// Most dead letters kept per agent (default 10 000, as the embedded store); beyond it the
+    /// oldest are dropped and counted in `mas:{A}:dlq:dropped`.
+    #[serde(default = "default_max_dead_letters")]
+    pub max_dead_letters: usize,
 }
 
 fn default_pool_size() -> usize {
@@ -86,6 +91,9 @@ fn default_response_timeout_ms() -> u64 {
 fn default_max_queue_len() -> usize {
     100_000
 }
+fn default_max_dead_letters() -> usize {
+    mas_core::store::MemoryStoreConfig::default().max_dead_letters
+}
 
 impl RedisSettings {
     /// Settings for `url` with defaults for the rest.
@@ -97,6 +105,7 @@ impl RedisSettings {
             connect_timeout_ms: default_connect_timeout_ms(),
             response_timeout_ms: default_response_timeout_ms(),
             max_queue_len: default_max_queue_len(),
+            max_dead_letters: default_max_dead_letters(),
         }
     }
 }
@@ -248,6 +257,7 @@ pub struct RedisBackend {
     scripts: Arc<Scripts>,
     wakers: Arc<Wakers>,
     max_queue_len: usize,
+    max_dead_letters: usize,
     /// Most records one audit chain may hold.
     max_audit_records: usize,
     /// This database's epoch (see `Store::epoch`), kept at `mas:{#audit}:epoch`.
@@ -294,6 +304,7 @@ impl RedisBackend {
             scripts: Arc::new(Scripts::load()),
             wakers,
             max_queue_len: settings.max_queue_len,
+            max_dead_letters: settings.max_dead_letters,
             max_audit_records: mas_core::store::MemoryStoreConfig::default().max_audit_records,
             writers: Arc::default(),
             epoch: epoch.into(),
@@ -436,11 +447,12 @@ impl RedisBackend {
         let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
         let mut invocation = self.scripts.settle.prepare_invoke();
         invocation.key(work).key(work_delayed).key(replies).key(replies_delayed).key(key(&session.agent, "dlq"));
-        invocation.key(key(&session.agent, "circuit"));
+        invocation.key(key(&session.agent, "circuit")).key(key(&session.agent, "dlq:dropped"));
         invocation.arg(session.owner.as_str()).arg(channel(&session.agent));
         for arg in audit::circuit_args(circuit) {
             invocation.arg(arg);
         }
+        invocation.arg(self.max_dead_letters);
         for effect in &effects {
             let delay_ms = u64::try_from(requeue_delay(effect, now).as_millis()).unwrap_or(u64::MAX);
             let (tag, id) = effect.entry().0.split_once(':').unwrap_or(("w", &effect.entry().0));

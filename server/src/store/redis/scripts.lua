@@ -182,9 +182,10 @@ end
 return out
 
 --@settle
--- KEYS: work, work_delayed, replies, replies_delayed, dlq, circuit.
+-- KEYS: work, work_delayed, replies, replies_delayed, dlq, circuit, dlq dropped counter.
 -- ARGV: owner, notify channel, circuit on (1|0), failure_threshold, window_ms, open_ms,
--- success_threshold, max_probes, then per effect: op (ack|requeue|dead), tag (w|r), id,
+-- success_threshold, max_probes, max dead letters (the oldest beyond it are dropped and
+-- counted), then per effect: op (ack|requeue|dead), tag (w|r), id,
 -- attempt, delay_ms, reason, outcome (s success | f failure | '' none). Each effect is fenced:
 -- applied only if `owner` holds the entry; only applied effects feed the circuit.
 -- Returns one 1 (applied) or 0 (not owner) per effect.
@@ -198,7 +199,8 @@ local circuit, before = nil, nil
 if on then circuit = circuit_load(KEYS[6]); before = circuit_repr(circuit) end
 local results = {}
 local wake = false
-for i = 9, #ARGV, 7 do
+local max_dead = tonumber(ARGV[9])
+for i = 10, #ARGV, 7 do
   local op, tag, id, attempt, delay, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
   local outcome = ARGV[i + 6]
   local stream, delayed = KEYS[1], KEYS[2]
@@ -226,6 +228,11 @@ for i = 9, #ARGV, 7 do
       end
     elseif op == 'dead' then
       redis.call('XADD', KEYS[5], '*', 'e', envelope, 'reason', reason, 'attempts', attempt, 'at', tostring(now))
+      local over = redis.call('XLEN', KEYS[5]) - max_dead
+      if over > 0 then
+        redis.call('XTRIM', KEYS[5], 'MAXLEN', max_dead)
+        redis.call('INCRBY', KEYS[7], over)
+      end
     end
     redis.call('XACK', stream, 'mas', id)
     redis.call('XDEL', stream, id)
