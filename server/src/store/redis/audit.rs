@@ -10,6 +10,7 @@
 //! itself. Brokers sharing the store race only at the head check, and the loser re-links.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use mas_core::delivery::EntryId;
@@ -54,6 +55,8 @@ struct Waiting {
 #[derive(Default)]
 pub(super) struct ChainWriter {
     waiting: Mutex<Vec<Waiting>>,
+    /// A committer task is running (or about to) for this chain: at most one at a time.
+    committing: AtomicBool,
     /// The commit lock, guarding the head this broker believes the chain has.
     pub(super) head: AsyncMutex<KnownHead>,
 }
@@ -99,12 +102,15 @@ impl RedisBackend {
         Ok(TargetGate { live: reply.0 > 0, circuit_admits: reply.1 == 1 })
     }
 
-    /// Queues `admission` for its chain, then, holding the chain's commit lock, commits
-    /// everything queued for that chain in batches until none is left. Whoever holds the lock
-    /// commits for everyone who queued meanwhile, so a decision never waits for more than the
-    /// batches ahead of it. Taking the lock and committing run in their own task, so a caller
-    /// that goes away (a cancelled RPC) neither strands its queued decision nor cuts a batch of
+    /// Queues `admission` for its chain and makes sure one committer task runs for the chain:
+    /// it commits everything queued, in batches, until none is left, so a decision never waits
+    /// for more than the batches ahead of it. The committer is its own task, so a caller that
+    /// goes away (a cancelled RPC) neither strands its queued decision nor cuts a batch of
     /// other callers' decisions in half.
+    ///
+    /// One committer per chain, not one task per decision: tasks that each waited for the
+    /// commit lock piled up faster than the one-per-round-trip rate at which they could take
+    /// it (about 1 KB each: 1.36 GiB after 1.1 M messages under load).
     pub(in crate::store) async fn admit(
         &self,
         admission: Admission,
@@ -114,23 +120,35 @@ impl RedisBackend {
         let chain = admission.chain.clone();
         let (done, outcome) = oneshot::channel();
         writer.waiting.lock().unwrap_or_else(PoisonError::into_inner).push(Waiting { admission, done });
-        let backend = self.clone();
-        let circuit = circuit.copied();
-        tokio::spawn(async move {
-            let mut head = writer.head.lock().await;
-            loop {
-                let batch: Vec<Waiting> = {
-                    let mut waiting = writer.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-                    let take = waiting.len().min(MAX_BATCH);
-                    waiting.drain(..take).collect()
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                backend.commit_batch(&chain, &mut head, batch, circuit.as_ref()).await;
-            }
-        });
+        if !writer.committing.swap(true, Ordering::AcqRel) {
+            let backend = self.clone();
+            let circuit = circuit.copied();
+            tokio::spawn(async move { backend.commit_queued(&chain, &writer, circuit.as_ref()).await });
+        }
         outcome.await.unwrap_or_else(|_| Err(StoreError::Unavailable("audit commit abandoned".into())))
+    }
+
+    /// The committer of one chain: commits what is queued until nothing is, then stands down.
+    /// A decision queued just as it stands down is not stranded: either its caller sees the
+    /// flag cleared and starts a new committer, or this one sees the decision and goes on.
+    async fn commit_queued(&self, chain: &AgentId, writer: &ChainWriter, circuit: Option<&CircuitConfig>) {
+        let mut head = writer.head.lock().await;
+        loop {
+            let batch: Vec<Waiting> = {
+                let mut waiting = writer.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                let take = waiting.len().min(MAX_BATCH);
+                waiting.drain(..take).collect()
+            };
+            if batch.is_empty() {
+                writer.committing.store(false, Ordering::Release);
+                let more = !writer.waiting.lock().unwrap_or_else(PoisonError::into_inner).is_empty();
+                if more && !writer.committing.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                return;
+            }
+            self.commit_batch(chain, &mut head, batch, circuit).await;
+        }
     }
 
     async fn commit_batch(
