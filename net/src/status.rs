@@ -56,6 +56,8 @@ pub mod detail {
     pub const CIRCUIT_OPEN: &str = "circuit_open";
     /// The agent holds `limits.max_sessions_per_agent` sessions on this broker (ours).
     pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
+    /// The requester has `limits.max_pending_requests_per_agent` requests awaiting replies (ours).
+    pub const TOO_MANY_PENDING_REQUESTS: &str = "too_many_pending_requests";
     /// `timeout_ms` is above `limits.max_request_timeout_ms` (ours).
     pub const TIMEOUT_MS_TOO_LARGE: &str = "timeout_ms_too_large";
     /// The audit chain that must record the decision is full (the reference's
@@ -90,6 +92,7 @@ pub fn limit_exceeded(err: LimitExceeded) -> Status {
 pub fn store_failed(err: &StoreError) -> Status {
     match err {
         StoreError::QueueFull => Status::resource_exhausted(detail::QUEUE_FULL),
+        StoreError::TooManyPending => Status::resource_exhausted(detail::TOO_MANY_PENDING_REQUESTS),
         StoreError::AuditFull => {
             tracing::error!("audit chain full: refusing messages it would record until it is archived");
             Status::resource_exhausted(detail::AUDIT_CAPACITY_EXCEEDED)

@@ -104,12 +104,14 @@ impl Broker {
             let backend = crate::store::redis::RedisBackend::connect(settings)
                 .await
                 .map_err(StartError::Store)?
-                .with_max_audit_records(config.gateway.audit.max_records_per_chain);
+                .with_max_audit_records(config.gateway.audit.max_records_per_chain)
+                .with_max_pending_requests(config.limits.max_pending_requests_per_agent);
             return Self::with_store(config, Store::Redis(backend));
         }
         let store = MemoryBackend::new(MemoryStoreConfig {
             max_queue_len: config.max_queue_len,
             max_audit_records: config.gateway.audit.max_records_per_chain,
+            max_pending_requests: config.limits.max_pending_requests_per_agent,
             ..Default::default()
         });
         Self::with_store(config, Store::Memory(store))

@@ -198,6 +198,9 @@ pub struct LimitSettings {
     pub max_streams_per_connection: u32,
     /// Longest `timeout_ms` a request may ask for (default 3 600 000 = 1 h).
     pub max_request_timeout_ms: u64,
+    /// Requests of one agent awaiting replies at once (default 10 000), in the store, so the
+    /// bound holds across brokers.
+    pub max_pending_requests_per_agent: usize,
     /// A connection must finish its TLS handshake within this (default 10 000 ms).
     pub tls_handshake_timeout_ms: u64,
     /// Idle connections are pinged this often (default 30 000 ms) ...
@@ -219,6 +222,7 @@ impl Default for LimitSettings {
             max_connections: 4_096,
             max_streams_per_connection: 1_024,
             max_request_timeout_ms: 3_600_000,
+            max_pending_requests_per_agent: MemoryStoreConfig::default().max_pending_requests,
             tls_handshake_timeout_ms: 10_000,
             http2_keepalive_interval_ms: 30_000,
             http2_keepalive_timeout_ms: 10_000,
@@ -634,6 +638,7 @@ impl BrokerConfig {
             ("limits.max_connections", n(l.max_connections), 1, 1_000_000),
             ("limits.max_streams_per_connection", u64::from(l.max_streams_per_connection), 1, 1_000_000),
             ("limits.max_request_timeout_ms", l.max_request_timeout_ms, 1, DAY_MS),
+            ("limits.max_pending_requests_per_agent", n(l.max_pending_requests_per_agent), 1, 100_000_000),
             ("limits.tls_handshake_timeout_ms", l.tls_handshake_timeout_ms, 1, HOUR_MS),
             ("limits.http2_keepalive_interval_ms", l.http2_keepalive_interval_ms, 1, DAY_MS),
             ("limits.http2_keepalive_timeout_ms", l.http2_keepalive_timeout_ms, 1, DAY_MS),

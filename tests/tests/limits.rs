@@ -25,6 +25,7 @@ fn small_limits() -> LimitSettings {
         max_state_bytes: 200,
         max_sessions_per_agent: 3,
         max_request_timeout_ms: 60_000,
+        max_pending_requests_per_agent: 3,
         ..LimitSettings::default()
     }
 }
@@ -101,6 +102,27 @@ async fn message_bounds_refuse_with_their_detail_and_leave_no_trace() {
     };
     assert_eq!(refusal(alice.request(request(60_001)).await), (Code::InvalidArgument, "timeout_ms_too_large".into()));
     alice.request(request(60_000)).await.expect("the longest allowed timeout");
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn requests_awaiting_replies_are_bounded_per_requester() {
+    let tb = broker().await;
+    let (mut alice, _alice_session) = session(&tb, "alice", "i1").await.unwrap();
+    let (_bob, _bob_session) = session(&tb, "bob", "b1").await.unwrap();
+    let request = || RequestRequest {
+        instance_id: "i1".into(),
+        target_id: "bob".into(),
+        message_type: "t".into(),
+        data_json: "{}".into(),
+        timeout_ms: 60_000,
+    };
+    for _ in 0..3 {
+        alice.request(request()).await.expect("within the bound");
+    }
+    let refused = alice.request(request()).await;
+    assert_eq!(refusal(refused), (Code::ResourceExhausted, "too_many_pending_requests".into()));
+    assert_eq!(tb.queue_len("bob").await, 3, "the refused request was not queued");
     tb.stop().await;
 }
 

@@ -67,14 +67,18 @@ where
         max_queue_len: 3,
         max_dead_letters: 3,
         max_audit_records: 6,
+        max_pending_requests: 2,
     })))
     .await;
     let Some(redis) = RedisServer::start() else { return };
     let mut settings = RedisSettings::new(&redis.url);
     settings.max_queue_len = 3;
     settings.max_dead_letters = 3;
-    let backend =
-        RedisBackend::connect(&settings).await.expect("connect to the test redis-server").with_max_audit_records(6);
+    let backend = RedisBackend::connect(&settings)
+        .await
+        .expect("connect to the test redis-server")
+        .with_max_audit_records(6)
+        .with_max_pending_requests(2);
     let on_redis = sequence(Store::Redis(backend)).await;
     if std::env::var_os("CONTRACT_LOG").is_some() {
         eprintln!("{}", memory.join("\n"));
@@ -322,6 +326,38 @@ async fn a_restarted_broker_takes_over_the_leases_and_work_of_its_previous_proce
         log.push(format!("restarted {:?}", store.acquire_lease(&restarted, LEASE).await));
         log.push(format!("restarted claims {}", show(&store.claim(&restarted, 1, NO_WAIT).await.unwrap())));
         log.push(format!("dead renews {:?}", store.renew_lease(&dead, LEASE).await));
+        log
+    })
+    .await;
+}
+
+/// A requester's pending requests are bounded; an answered one frees its place, and a
+/// refused request writes nothing (no queue entry, no audit record).
+#[tokio::test]
+async fn pending_requests_are_bounded_per_requester() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let a1 = session("alice", "a1", "oa1");
+        store.acquire_lease(&a1, LEASE).await.unwrap();
+        let pending =
+            PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
+        for cid in ["1.alice", "2.alice", "3.alice"] {
+            let opened =
+                store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", cid), None).await;
+            log.push(format!("open {cid} {:?}", opened.map(|a| a.entry.is_some())));
+        }
+        log.push(format!("bob queue {:?}", store.queue_len(&work("bob")).await));
+        log.push(format!("bob's chain {}", chain(&store, "bob").await));
+        let receipt = ReplyReceipt { sender: agent("bob"), fingerprint: "f".into(), message_id: "r1".into() };
+        let record = record("alice", Decision::Allowed);
+        let committed = store.commit_reply("1.alice", &pending, receipt, Arc::from("rep"), record).await;
+        log.push(format!("answered {:?}", committed.map(|c| c.map(|(commit, _)| commit))));
+        let opened =
+            store.open_request("4.alice", pending.clone(), Duration::from_secs(10), routed("bob", "4"), None).await;
+        log.push(format!("open 4.alice {:?}", opened.map(|a| a.entry.is_some())));
+        let other = PendingRequest { requester: agent("carol"), ..pending.clone() };
+        let opened = store.open_request("1.carol", other, Duration::from_secs(10), routed("dave", "c"), None).await;
+        log.push(format!("carol is not bounded by alice {:?}", opened.map(|a| a.entry.is_some())));
         log
     })
     .await;

@@ -23,11 +23,20 @@ pub struct MemoryStoreConfig {
     /// Most records one audit chain holds; beyond it admissions recorded in that chain are
     /// refused ([`StoreError::AuditFull`]) rather than silently unaudited.
     pub max_audit_records: usize,
+    /// Most requests of one requester awaiting replies (each counts until it is answered or
+    /// forgotten after its deadline); beyond it requests are refused
+    /// ([`StoreError::TooManyPending`]).
+    pub max_pending_requests: usize,
 }
 
 impl Default for MemoryStoreConfig {
     fn default() -> Self {
-        MemoryStoreConfig { max_queue_len: 100_000, max_dead_letters: 10_000, max_audit_records: 100_000 }
+        MemoryStoreConfig {
+            max_queue_len: 100_000,
+            max_dead_letters: 10_000,
+            max_audit_records: 100_000,
+            max_pending_requests: 10_000,
+        }
     }
 }
 
@@ -76,6 +85,8 @@ pub struct MemoryStore {
     /// Live lease owners and their expiry, for fencing and reclaiming.
     owners: BTreeMap<OwnerToken, Instant>,
     pending: BTreeMap<String, Expiring<PendingRequest>>,
+    /// Entries of `pending` per requester, for the bound.
+    pending_per_requester: BTreeMap<AgentId, usize>,
     receipts: BTreeMap<String, Expiring<ReplyReceipt>>,
     states: BTreeMap<AgentId, StateSnapshot>,
     rates: BTreeMap<AgentId, RateState>,
@@ -353,14 +364,38 @@ impl MemoryStore {
         circuit: Option<&CircuitConfig>,
         now: Instant,
     ) -> Result<Admitted, StoreError> {
+        self.forget_expired_correlations(now);
+        let held = self.pending_per_requester.get(&pending.requester).copied().unwrap_or(0);
+        if held >= self.config.max_pending_requests {
+            return Err(StoreError::TooManyPending);
+        }
         let admitted = self.admit(admission, circuit, now)?;
         if admitted.entry.is_some() {
-            self.forget_expired_correlations(now);
             let expires_at = now + ttl;
             self.forget_at.insert((expires_at + REQUEST_EXPIRED_GRACE, correlation_id.to_string()));
-            self.pending.insert(correlation_id.to_string(), Expiring { value: pending, expires_at });
+            *self.pending_per_requester.entry(pending.requester.clone()).or_default() += 1;
+            let replaced = self.pending.insert(correlation_id.to_string(), Expiring { value: pending, expires_at });
+            if let Some(old) = replaced {
+                self.uncount_pending(&old.value.requester);
+            }
         }
         Ok(admitted)
+    }
+
+    /// Removes a pending request, keeping the per-requester count.
+    fn remove_pending(&mut self, correlation_id: &str) -> Option<Expiring<PendingRequest>> {
+        let removed = self.pending.remove(correlation_id)?;
+        self.uncount_pending(&removed.value.requester);
+        Some(removed)
+    }
+
+    fn uncount_pending(&mut self, requester: &AgentId) {
+        if let Some(n) = self.pending_per_requester.get_mut(requester) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending_per_requester.remove(requester);
+            }
+        }
     }
 
     /// What `correlation_id` refers to now. A request past its deadline reads as
@@ -388,7 +423,7 @@ impl MemoryStore {
                 self.receipts.remove(&id);
             }
             if self.pending.get(&id).is_some_and(|p| p.expires_at + REQUEST_EXPIRED_GRACE <= now) {
-                self.pending.remove(&id);
+                self.remove_pending(&id);
             }
         }
     }
@@ -427,7 +462,7 @@ impl MemoryStore {
                     return Ok(Err(ReplyError::Completed));
                 }
                 let record = self.append_audit(&current.requester, record);
-                let expires_at = self.pending.remove(correlation_id).map_or(now, |p| p.expires_at);
+                let expires_at = self.remove_pending(correlation_id).map_or(now, |p| p.expires_at);
                 let message_id = receipt.message_id.clone();
                 self.forget_at.insert((expires_at, correlation_id.to_string()));
                 self.receipts.insert(correlation_id.to_string(), Expiring { value: receipt, expires_at });

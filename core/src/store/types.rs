@@ -261,6 +261,10 @@ pub enum StoreError {
     /// recorded or queued. Operators must archive (or raise the bound) before it takes more.
     #[error("audit_capacity_exceeded")]
     AuditFull,
+    /// The requester has its configured number of requests awaiting replies; nothing was
+    /// recorded or queued.
+    #[error("too_many_pending_requests")]
+    TooManyPending,
     /// The backend could not be reached or failed; the step may or may not have happened.
     #[error("storage_unavailable: {0}")]
     Unavailable(String),

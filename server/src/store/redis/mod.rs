@@ -15,6 +15,7 @@
 //! | `mas:{A}:state`, `mas:{A}:state:rev` | hash, string | agent state and its revision |
 //! | `mas:{A}:rate` | hash `m`, `h` | GCRA arrival times (µs, Redis clock) of sender A's minute and hour windows |
 //! | `mas:{A}:pending:{C}` | string JSON, PX ttl+60 s | a request of A awaiting its reply |
+//! | `mas:{A}:pending_index` | zset | A's pending correlation ids → when each is forgotten; bounds them |
 //! | `mas:{A}:receipt:{C}` | string JSON, PX remaining | the committed reply, for idempotent retries |
 //! | `mas:{A}:circuit` | hash | A's circuit breaker (state, failures, window start, open until, probes, successes) |
 //! | `mas:{A}:audit`, `mas:{A}:audit:head` | stream (`r` = record JSON), string | A's audit chain (live part) and its head hash |
@@ -258,6 +259,7 @@ pub struct RedisBackend {
     wakers: Arc<Wakers>,
     max_queue_len: usize,
     max_dead_letters: usize,
+    max_pending_requests: usize,
     /// Most records one audit chain may hold.
     max_audit_records: usize,
     /// This database's epoch (see `Store::epoch`), kept at `mas:{#audit}:epoch`.
@@ -305,6 +307,7 @@ impl RedisBackend {
             wakers,
             max_queue_len: settings.max_queue_len,
             max_dead_letters: settings.max_dead_letters,
+            max_pending_requests: mas_core::store::MemoryStoreConfig::default().max_pending_requests,
             max_audit_records: mas_core::store::MemoryStoreConfig::default().max_audit_records,
             writers: Arc::default(),
             epoch: epoch.into(),
@@ -319,6 +322,12 @@ impl RedisBackend {
     /// Sets the bound of each audit chain (`gateway.audit.max_records_per_chain`).
     pub fn with_max_audit_records(mut self, max: usize) -> Self {
         self.max_audit_records = max;
+        self
+    }
+
+    /// Bounds the requests of one requester awaiting replies (`limits.max_pending_requests_per_agent`).
+    pub fn with_max_pending_requests(mut self, max: usize) -> Self {
+        self.max_pending_requests = max;
         self
     }
 
@@ -564,23 +573,36 @@ impl RedisBackend {
         circuit: Option<&CircuitConfig>,
     ) -> Result<Admitted, StoreError> {
         let pending_key = key(&pending.requester, &format!("pending:{correlation_id}"));
-        let _: i64 = self
+        let index_key = key(&pending.requester, "pending_index");
+        let opened: i64 = self
             .scripts
             .open_request
             .key(&pending_key)
+            .key(&index_key)
             .arg(pending.requester.as_str())
             .arg(pending.requester_instance.as_str())
             .arg(pending.target.as_str())
             .arg(ttl.as_millis().max(1) as u64)
             .arg(REQUEST_EXPIRED_GRACE.as_millis() as u64)
+            .arg(self.max_pending_requests)
+            .arg(correlation_id)
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
+        if opened == 0 {
+            return Err(StoreError::TooManyPending);
+        }
         let admitted = self.admit(admission, circuit).await;
         if !matches!(admitted, Ok(Admitted { entry: Some(_), .. })) {
-            // The request was not queued: nobody can answer it. Best effort; the record
-            // expires on its own if this fails too.
-            let _: Result<i64, _> = redis::cmd("DEL").arg(&pending_key).query_async(&mut self.con()).await;
+            // The request was not queued: nobody can answer it. Best effort; both expire on
+            // their own if this fails too.
+            let _: Result<(), _> = redis::pipe()
+                .del(&pending_key)
+                .ignore()
+                .zrem(&index_key, correlation_id)
+                .ignore()
+                .query_async(&mut self.con())
+                .await;
         }
         admitted
     }
@@ -645,6 +667,7 @@ impl RedisBackend {
                 replies_delayed.clone(),
                 key(requester, "audit"),
                 key(requester, "audit:head"),
+                key(requester, "pending_index"),
             ];
             let receipt = receipt.clone();
             let envelope = envelope.clone();
@@ -666,7 +689,8 @@ impl RedisBackend {
                     .arg(audit::expected_arg(&head))
                     .arg(json)
                     .arg(&new_head)
-                    .arg(self.max_audit_records);
+                    .arg(self.max_audit_records)
+                    .arg(correlation_id);
                 let reply: Vec<String> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
                 let done = |value| Ok(audit::Linked::Done { value, new_head: None });
                 match (reply.first().map(String::as_str), reply.get(1)) {

@@ -312,12 +312,20 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 
 --@open_request
--- KEYS: pending. ARGV: requester, requester_instance, target, ttl_ms, grace_ms.
+-- KEYS: pending, pending index (zset: correlation id -> when it is forgotten).
+-- ARGV: requester, requester_instance, target, ttl_ms, grace_ms, max pending, correlation id.
+-- Returns 1, or 0 when the requester already has max pending requests (nothing written).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[4])
+local keep = ttl + tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return 0 end
 local record = cjson.encode({requester = ARGV[1], requester_instance = ARGV[2], target = ARGV[3], expires_at = now + ttl})
-redis.call('SET', KEYS[1], record, 'PX', ttl + tonumber(ARGV[5]))
+redis.call('SET', KEYS[1], record, 'PX', keep)
+redis.call('ZADD', KEYS[2], now + keep, ARGV[7])
+redis.call('PEXPIRE', KEYS[2], keep, 'NX')
+redis.call('PEXPIRE', KEYS[2], keep, 'GT')
 return 1
 
 --@correlation
@@ -337,11 +345,11 @@ if now >= p.expires_at then return {'expired'} end
 return {'pending', p.requester, p.requester_instance, p.target}
 
 --@commit_reply
--- KEYS: pending, receipt, replies stream, replies delayed, audit stream, audit head (all the
--- requester's).
+-- KEYS: pending, receipt, replies stream, replies delayed, audit stream, audit head, pending
+-- index (all the requester's).
 -- ARGV: requester, requester_instance, target, sender, fingerprint, message_id, envelope,
 -- max_len, notify channel, expected audit head ('' empty chain, '?' unknown), audit record,
--- new audit head, max audit records.
+-- new audit head, max audit records, correlation id.
 -- Returns {'queued', id} | {'already', id} | {'completed'} | {'expired'} | {'unknown'} |
 -- {'head', actual head} (nothing written; re-link and retry) | {'full'} (audit chain full).
 local receipt = redis.call('GET', KEYS[2])
@@ -367,6 +375,7 @@ redis.call('SET', KEYS[6], ARGV[12])
 local remaining = math.max(1, p.expires_at - now)
 redis.call('SET', KEYS[2], cjson.encode({sender = ARGV[4], fingerprint = ARGV[5], message_id = ARGV[6]}), 'PX', remaining)
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[7], ARGV[14])
 redis.call('PUBLISH', ARGV[9], '1')
 return {'queued', ARGV[6]}
 
