@@ -11,11 +11,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mas_core::policy::repeats::{Repeats, Verdict};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::clock::Clock;
 
 /// Accepted connections waiting for tonic to pick them up; the accept loop waits beyond it.
 const HANDOFF: usize = 64;
@@ -43,7 +46,13 @@ pub fn accept(listener: TcpListener, max_connections: usize) -> ReceiverStream<i
 }
 
 async fn accept_loop(listener: TcpListener, slots: Arc<Semaphore>, tx: mpsc::Sender<io::Result<Connection>>) {
-    let (mut refused, mut starved) = (Throttled::default(), Throttled::default());
+    // One warning per kind and period, counting the occurrences in between.
+    let clock = Clock::new();
+    let mut warnings = Repeats::new(LOG_EVERY, 2);
+    let mut due = |kind: &str| match warnings.note(kind, clock.now().mono) {
+        Verdict::Record { suppressed } => Some(suppressed + 1),
+        Verdict::Suppress => None,
+    };
     let mut backoff = FIRST_BACKOFF;
     loop {
         let accepted = tokio::select! {
@@ -54,7 +63,7 @@ async fn accept_loop(listener: TcpListener, slots: Arc<Semaphore>, tx: mpsc::Sen
             Ok((stream, peer)) => {
                 backoff = FIRST_BACKOFF;
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    if let Some(n) = refused.note() {
+                    if let Some(n) = due("refused") {
                         tracing::warn!(%peer, refused = n, "connection closed: limits.max_connections are open");
                     }
                     continue; // Dropping the stream closes it.
@@ -67,7 +76,7 @@ async fn accept_loop(listener: TcpListener, slots: Arc<Semaphore>, tx: mpsc::Sen
                 }
             }
             Err(err) if is_resource_shortage(&err) => {
-                if let Some(n) = starved.note() {
+                if let Some(n) = due("starved") {
                     tracing::warn!(error = %err, errors = n, ?backoff, "cannot accept (out of descriptors or memory); backing off");
                 }
                 tokio::time::sleep(backoff).await;
@@ -76,7 +85,7 @@ async fn accept_loop(listener: TcpListener, slots: Arc<Semaphore>, tx: mpsc::Sen
             // The peer gave up between SYN and accept: nothing to do.
             Err(err) if is_peer_gone(&err) => {}
             Err(err) => {
-                if let Some(n) = starved.note() {
+                if let Some(n) = due("starved") {
                     tracing::warn!(error = %err, errors = n, "accept failed");
                 }
                 tokio::time::sleep(FIRST_BACKOFF).await;
@@ -92,26 +101,6 @@ fn is_resource_shortage(err: &io::Error) -> bool {
 
 fn is_peer_gone(err: &io::Error) -> bool {
     matches!(err.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted)
-}
-
-/// A log line at most every [`LOG_EVERY`], counting what happened in between.
-#[derive(Default)]
-struct Throttled {
-    since_last: u64,
-    last: Option<tokio::time::Instant>,
-}
-
-impl Throttled {
-    /// Counts one occurrence; returns how many to report when a line is due.
-    fn note(&mut self) -> Option<u64> {
-        self.since_last += 1;
-        let now = tokio::time::Instant::now();
-        if self.last.is_some_and(|last| now.duration_since(last) < LOG_EVERY) {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.since_last))
-    }
 }
 
 impl Connected for Connection {

@@ -3,7 +3,7 @@
 //! for the window to end, as Redis does under SIGSTOP). Drawn from madsim's seeded RNG, so a
 //! seed replays the same outage.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use madsim::rand::{Rng, thread_rng};
@@ -42,7 +42,7 @@ pub struct FaultPlan {
     pub max_latency: Duration,
     /// The outage windows.
     pub windows: Vec<Window>,
-    injected: Mutex<u64>,
+    injected: AtomicU64,
 }
 
 impl FaultPlan {
@@ -65,7 +65,7 @@ impl FaultPlan {
             lost_answer_rate: rng.gen_range(0.0..0.01),
             max_latency: Duration::from_millis(rng.gen_range(0..20)),
             windows,
-            injected: Mutex::new(0),
+            injected: AtomicU64::new(0),
         }
     }
 
@@ -84,14 +84,14 @@ impl FaultPlan {
 
     /// Steps that met a fault so far (any kind).
     pub fn faults_injected(&self) -> u64 {
-        *self.injected.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.injected.load(Ordering::Relaxed)
     }
 }
 
 impl StoreFaults for FaultPlan {
     fn before(&self, _op: &'static str) -> Fault {
         let elapsed = self.start.elapsed();
-        let count = || *self.injected.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        let count = || self.injected.fetch_add(1, Ordering::Relaxed);
         for w in &self.windows {
             if elapsed >= w.from && elapsed < w.from + w.length {
                 count();

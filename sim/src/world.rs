@@ -198,6 +198,35 @@ pub async fn partition(
     trace.record("nemesis", "heal partition");
 }
 
+/// When a node was killed and when it was restarted (virtual ms, as the trace counts).
+#[derive(Debug, Clone, Copy)]
+pub struct Crash {
+    /// The kill.
+    pub killed_ms: f64,
+    /// The restart.
+    pub restarted_ms: f64,
+}
+
+/// After `after`, kills node `label` (`node`), and restarts it `down_for` later.
+pub async fn kill_and_restart(
+    handle: &Handle,
+    trace: &Trace,
+    label: &str,
+    node: &NodeHandle,
+    after: Duration,
+    down_for: Duration,
+) -> Crash {
+    tokio::time::sleep(after).await;
+    let killed_ms = trace.now_ms();
+    trace.record("nemesis", format_args!("kill {label}"));
+    handle.kill(node.id());
+    tokio::time::sleep(down_for).await;
+    trace.record("nemesis", format_args!("restart {label}"));
+    let restarted_ms = trace.now_ms();
+    handle.restart(node.id());
+    Crash { killed_ms, restarted_ms }
+}
+
 /// Runs `future` on a new node named `name` at `ip`.
 pub fn spawn_node<F>(handle: &Handle, name: &str, ip: &str, future: F) -> NodeHandle
 where

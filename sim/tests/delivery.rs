@@ -14,7 +14,9 @@ use mas_server::config::DeliverySettings;
 use sim::seeds::{run_each, simulate};
 use sim::trace::Trace;
 use sim::workload::{Accepted, ConsumerSpec, HandledLog, Outcome, settle, start_consumer, start_producer};
-use sim::world::{BROKER_ADDR, Brokers, broker_config, memory_store, partition, start_broker, start_observed_broker};
+use sim::world::{
+    BROKER_ADDR, Brokers, broker_config, kill_and_restart, memory_store, partition, start_broker, start_observed_broker,
+};
 
 /// Messages the producer sends per run.
 const MESSAGES: u32 = 40;
@@ -42,14 +44,8 @@ fn crash_and_restart(seed: u64) -> Outcome {
             let mut rng = thread_rng();
             (Duration::from_millis(rng.gen_range(200..1200)), Duration::from_millis(rng.gen_range(100..3000)))
         };
-        tokio::time::sleep(kill_after).await;
-        let crash_ms = trace.now_ms();
-        trace.record("nemesis", "kill bob");
-        handle.kill(bob.id());
-        tokio::time::sleep(down_for).await;
-        trace.record("nemesis", "restart bob");
-        handle.restart(bob.id());
-        settle(trace, &accepted, &handled, MESSAGES, Some((crash_ms, "b0".to_string())), &store).await
+        let crash = kill_and_restart(&handle, &trace, "bob", &bob, kill_after, down_for).await;
+        settle(trace, &accepted, &handled, MESSAGES, Some((crash.killed_ms, "b0".to_string())), &store).await
     })
 }
 

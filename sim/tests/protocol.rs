@@ -19,8 +19,8 @@ use sim::seeds::{run_each, simulate};
 use sim::trace::Trace;
 use sim::workload::{Accepted, ConsumerSpec, HandledLog, Outcome, settle, start_consumer, start_producer};
 use sim::world::{
-    BROKER_ADDR, Brokers, agent_config, broker_config, id, memory_store, partition, spawn_node, start_agent,
-    start_broker, start_broker_at, start_observed_broker, wait_until,
+    BROKER_ADDR, Brokers, agent_config, broker_config, id, kill_and_restart, memory_store, partition, spawn_node,
+    start_agent, start_broker, start_broker_at, start_observed_broker, wait_until,
 };
 
 const MESSAGES: u32 = 30;
@@ -217,12 +217,7 @@ fn broker_crash(seed: u64) -> Outcome {
             let mut rng = thread_rng();
             (Duration::from_millis(rng.gen_range(100..1000)), Duration::from_millis(rng.gen_range(500..5000)))
         };
-        tokio::time::sleep(kill_after).await;
-        trace.record("nemesis", "kill broker1");
-        handle.kill(b1.id());
-        tokio::time::sleep(down_for).await;
-        trace.record("nemesis", "restart broker1");
-        handle.restart(b1.id());
+        kill_and_restart(&handle, &trace, "broker1", &b1, kill_after, down_for).await;
         settle(trace, &accepted, &handled, MESSAGES, None, &store).await
     })
 }
@@ -267,14 +262,8 @@ fn restarted_broker(seed: u64) -> (Outcome, f64) {
             let mut rng = thread_rng();
             (Duration::from_millis(rng.gen_range(100..1000)), Duration::from_millis(rng.gen_range(200..3000)))
         };
-        tokio::time::sleep(kill_after).await;
-        trace.record("nemesis", "kill broker1");
-        handle.kill(broker.id());
-        tokio::time::sleep(down_for).await;
-        trace.record("nemesis", "restart broker1");
-        let restarted_ms = trace.now_ms();
-        handle.restart(broker.id());
-        (settle(trace, &accepted, &handled, MESSAGES, None, &store).await, restarted_ms)
+        let crash = kill_and_restart(&handle, &trace, "broker1", &broker, kill_after, down_for).await;
+        (settle(trace, &accepted, &handled, MESSAGES, None, &store).await, crash.restarted_ms)
     })
 }
 
