@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::audit::{AuditReport, AuditTrail};
 use crate::clock::Clock;
 use crate::config::{AgentDefinition, BrokerConfig};
+use crate::metrics::Metrics;
 use crate::store::{MemoryBackend, Store};
 
 /// Key of a live session.
@@ -52,6 +53,9 @@ pub struct Broker {
     /// Counts live session tasks; `shutdown` waits for it to reach zero.
     live_tasks: watch::Sender<usize>,
     stats: Counters,
+    /// The last shutdown gave up waiting for sessions.
+    drain_overran: std::sync::atomic::AtomicBool,
+    metrics: Metrics,
 }
 
 /// Event counters of one broker, for operators and for the simulation's checkers.
@@ -59,6 +63,7 @@ pub struct Broker {
 struct Counters {
     fenced_effects: AtomicU64,
     leases_lost: AtomicU64,
+    drain_handed_back: AtomicU64,
 }
 
 /// A snapshot of a broker's counters.
@@ -69,6 +74,25 @@ pub struct BrokerStats {
     pub fenced_effects: u64,
     /// Sessions ended because their lease could not be renewed.
     pub leases_lost: u64,
+    /// Deliveries still unacknowledged when a shutdown's drain deadline passed, handed back
+    /// to their queues (not lost: redelivered later, possibly elsewhere).
+    pub drain_handed_back: u64,
+}
+
+/// How a shutdown's drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Deliveries unacknowledged at the drain deadline, handed back to their queues.
+    pub handed_back: u64,
+    /// Some session had not ended by the drain deadline plus its margin.
+    pub sessions_overran: bool,
+}
+
+impl DrainOutcome {
+    /// Nothing was cut short.
+    pub fn is_clean(&self) -> bool {
+        self.handed_back == 0 && !self.sessions_overran
+    }
 }
 
 /// Why a session could not be opened.
@@ -106,7 +130,7 @@ impl Broker {
                 .map_err(StartError::Store)?
                 .with_max_audit_records(config.gateway.audit.max_records_per_chain)
                 .with_max_pending_requests(config.limits.max_pending_requests_per_agent);
-            return Self::with_store(config, Store::Redis(backend));
+            return Self::with_store(config, Store::from(backend));
         }
         let store = MemoryBackend::new(MemoryStoreConfig {
             max_queue_len: config.max_queue_len,
@@ -114,7 +138,7 @@ impl Broker {
             max_pending_requests: config.limits.max_pending_requests_per_agent,
             ..Default::default()
         });
-        Self::with_store(config, Store::Memory(store))
+        Self::with_store(config, Store::from(store))
     }
 
     /// A broker over an existing store (shared by several brokers in one process, or tests).
@@ -129,6 +153,8 @@ impl Broker {
             true => Some(compiled_dlp(&config.gateway.dlp)?),
             false => None,
         };
+        let config_agents: Vec<AgentId> = config.agents.keys().cloned().collect();
+        let store_metrics = &store.metrics().clone();
         Ok(Arc::new(Broker {
             authz: RwLock::new(config.authz_policy()),
             dlp,
@@ -145,6 +171,8 @@ impl Broker {
             shutdown: watch::channel(false).0,
             live_tasks: watch::channel(0).0,
             stats: Counters::default(),
+            drain_overran: std::sync::atomic::AtomicBool::new(false),
+            metrics: Metrics::new(config_agents.iter(), store_metrics),
         }))
     }
 
@@ -206,16 +234,26 @@ impl Broker {
         self.dlp.as_deref()
     }
 
+    /// The broker's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The broker's counters.
     pub fn stats(&self) -> BrokerStats {
         BrokerStats {
             fenced_effects: self.stats.fenced_effects.load(Ordering::Relaxed),
             leases_lost: self.stats.leases_lost.load(Ordering::Relaxed),
+            drain_handed_back: self.stats.drain_handed_back.load(Ordering::Relaxed),
         }
     }
 
     pub(crate) fn count_fenced(&self, n: u64) {
         self.stats.fenced_effects.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_drain_cut_short(&self, handed_back: u64) {
+        self.stats.drain_handed_back.fetch_add(handed_back, Ordering::Relaxed);
     }
 
     pub(crate) fn count_lease_lost(&self) {
@@ -273,6 +311,7 @@ impl Broker {
         match self.store.acquire_lease(&session, self.config.session_lease.ttl()).await {
             Ok(true) => {
                 self.live_tasks.send_modify(|n| *n += 1);
+                self.metrics.session_changed(&key.0, 1);
                 Ok((session, self.broker_tag ^ seq.rotate_left(32)))
             }
             outcome => {
@@ -299,6 +338,7 @@ impl Broker {
             tracing::warn!(agent = %session.agent, error = %err, "lease release failed; it expires on its own");
         }
         self.live_tasks.send_modify(|n| *n = n.saturating_sub(1));
+        self.metrics.session_changed(&session.agent, -1);
     }
 
     /// Whether `key` has a live session: here, or (leased) on another broker sharing the store.
@@ -324,11 +364,22 @@ impl Broker {
     /// sessions have ended, or after the drain timeout plus a margin.
     pub async fn shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.metrics.draining();
         let mut live = self.live_tasks.subscribe();
         let limit = self.config.delivery.drain_timeout() + Duration::from_secs(2);
         let all_ended = live.wait_for(|n| *n == 0);
         if tokio::time::timeout(limit, all_ended).await.is_err() {
+            self.drain_overran.store(true, Ordering::Relaxed);
             tracing::warn!("sessions still open after the drain limit; stopping anyway");
+        }
+    }
+
+    /// How the last shutdown's drain went: clean when every delivery was settled by its agent
+    /// before the deadline and every session ended in time.
+    pub fn drain_outcome(&self) -> DrainOutcome {
+        DrainOutcome {
+            handed_back: self.stats.drain_handed_back.load(Ordering::Relaxed),
+            sessions_overran: self.drain_overran.load(Ordering::Relaxed),
         }
     }
 }

@@ -174,6 +174,25 @@ impl LeaseSettings {
     }
 }
 
+/// The admin HTTP listener: metrics and health probes (see `crate::admin`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `null` turns the listener off.
+    /// Default `127.0.0.1:9464` (loopback: the probes and metrics carry no payloads, but
+    /// nothing outside the host needs them unless you say so).
+    pub listen_addr: Option<SocketAddr>,
+    /// How long readiness waits for the store to answer (default 1 000 ms); also bounds the
+    /// store reads of a `/metrics` scrape.
+    pub readiness_timeout_ms: u64,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings { listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))), readiness_timeout_ms: 1_000 }
+    }
+}
+
 /// Bounds on every input and connection resource; see the README's limits table for the
 /// status a client gets when it hits each one.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -300,6 +319,9 @@ pub struct BrokerConfig {
     /// taken from the broker's working directory.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The admin HTTP listener.
+    #[serde(default)]
+    pub admin: AdminSettings,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -574,6 +596,7 @@ impl BrokerConfig {
             gateway: GatewaySettings::default(),
             limits: LimitSettings::default(),
             data_dir: default_data_dir(),
+            admin: AdminSettings::default(),
         }
     }
 
@@ -624,6 +647,7 @@ impl BrokerConfig {
             ("delivery.retry_backoff_initial_ms", d.retry_backoff_initial_ms, 0, DAY_MS),
             ("delivery.retry_backoff_max_ms", d.retry_backoff_max_ms, 0, DAY_MS),
             ("delivery.drain_timeout_ms", d.drain_timeout_ms, 0, HOUR_MS),
+            ("admin.readiness_timeout_ms", self.admin.readiness_timeout_ms, 1, HOUR_MS),
             ("max_queue_len", n(self.max_queue_len), 1, 1_000_000_000),
             ("session_lease.ttl_ms", lease.ttl_ms, 3, HOUR_MS),
             ("gateway.audit.max_records_per_chain", n(a.max_records_per_chain), 2, 1_000_000_000),

@@ -9,11 +9,14 @@
 //! the admission pipeline), [`session`] (one task per agent instance driving `mas_core`'s
 //! delivery machine), [`store`] (the embedded and Redis stores), [`audit`] (file sink,
 //! archiving, security events, verification and queries), [`serve`] (listener setup; the only
-//! code that differs under madsim).
+//! code that differs under madsim), [`metrics`] (Prometheus instruments), [`admin`] (the admin HTTP
+//! listener: metrics and health probes).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(not(madsim))]
+pub mod admin;
 pub mod audit;
 pub mod broker;
 pub mod clock;
@@ -22,6 +25,7 @@ pub mod config;
 pub mod demo;
 #[cfg(not(madsim))]
 pub mod listener;
+pub mod metrics;
 #[cfg(not(madsim))]
 pub mod preflight;
 pub mod serve;

@@ -21,7 +21,7 @@ mod cli {
     use mas_core::policy::audit::{AuditFilter, Decision, to_csv, to_json};
     use mas_net::tls::TlsFiles;
     use mas_server::audit::offline;
-    use mas_server::{Broker, BrokerConfig, serve};
+    use mas_server::{Broker, BrokerConfig, admin, serve};
 
     #[derive(Parser)]
     #[command(name = "mas", version, about = "mas broker: secure, at-least-once messaging for agents")]
@@ -141,18 +141,18 @@ mod cli {
         }
     }
 
-    /// Resolves on SIGINT (Ctrl-C) or SIGTERM (how systemd, Kubernetes and process
-    /// supervisors stop a service): either starts the same graceful drain. The handlers are
-    /// installed when this is called, not when the future is first polled, so a signal that
-    /// arrives while the broker is still starting is not the default action (exit 143).
+    /// SIGINT (Ctrl-C) and SIGTERM (how systemd, Kubernetes and process supervisors stop a
+    /// service): the first of either starts the graceful drain, a second one ends the process
+    /// at once with `128 + signal number` (130 or 143), as if the signal had killed it. The
+    /// handlers are installed when this is called, not when the future is first polled, so a
+    /// signal that arrives while the broker is still starting is not the default action.
     fn stop_requested() -> impl std::future::Future<Output = ()> {
         use tokio::signal::unix::{Signal, SignalKind, signal};
 
         let install = |name: &str, kind: SignalKind| {
             signal(kind).map_err(|err| eprintln!("cannot listen for {name} ({err}); stop with another signal")).ok()
         };
-        let (mut interrupt, mut terminate) =
-            (install("SIGINT", SignalKind::interrupt()), install("SIGTERM", SignalKind::terminate()));
+        let mut signals = (install("SIGINT", SignalKind::interrupt()), install("SIGTERM", SignalKind::terminate()));
         async fn received(signal: &mut Option<Signal>) {
             match signal {
                 Some(signal) => {
@@ -161,17 +161,28 @@ mod cli {
                 None => std::future::pending().await,
             }
         }
-        async move {
+        /// The number of the next signal received.
+        async fn next(signals: &mut (Option<Signal>, Option<Signal>)) -> u8 {
             tokio::select! {
-                () = received(&mut interrupt) => {}
-                () = received(&mut terminate) => {}
+                () = received(&mut signals.0) => 2,
+                () = received(&mut signals.1) => 15,
             }
+        }
+        async move {
+            let first = next(&mut signals).await;
+            eprintln!("signal {first} received: draining (a second signal stops at once)");
+            tokio::spawn(async move {
+                let second = next(&mut signals).await;
+                eprintln!("signal {second} received again: stopping without finishing the drain");
+                std::process::exit(128 + i32::from(second));
+            });
         }
     }
 
     async fn run(command: Command) -> anyhow::Result<ExitCode> {
         match command {
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
+            Command::Serve { config } => serve_from(config).await,
             other => run_command(other).await.map(|()| ExitCode::SUCCESS),
         }
     }
@@ -179,7 +190,7 @@ mod cli {
     /// Every command but `audit verify`, whose outcome has more than two exit codes.
     async fn run_command(command: Command) -> anyhow::Result<()> {
         match command {
-            Command::Serve { config } => serve_from(config).await,
+            Command::Serve { config } => serve_from(config).await.map(|_| ()),
             Command::DevCerts { dir, agents } => {
                 let agents = agents.iter().map(|a| AgentId::new(a)).collect::<Result<Vec<_>, _>>()?;
                 mas_net::pki::write_dev_pki(&dir, &agents)?;
@@ -263,7 +274,11 @@ mod cli {
         Ok(ExitCode::SUCCESS)
     }
 
-    async fn serve_from(path: PathBuf) -> anyhow::Result<()> {
+    /// Exit code of a broker whose drain deadline cut work short: deliveries were handed back
+    /// to their queues unacknowledged (nothing is lost; they are redelivered later).
+    const DRAIN_CUT_SHORT: u8 = 3;
+
+    async fn serve_from(path: PathBuf) -> anyhow::Result<ExitCode> {
         let stop = stop_requested();
         let config = BrokerConfig::from_file(&path)?;
         let tls = config.tls.as_ref().context("config: `tls` is required to serve (mTLS is mandatory)")?;
@@ -277,13 +292,47 @@ mod cli {
         mas_server::preflight::check_paths(&config)?;
         let bound = serve::bind(config.listen_addr).await?;
         let addr = bound.local_addr;
+        let admin = match config.admin.listen_addr {
+            Some(admin_addr) => Some(
+                admin::bind(admin_addr)
+                    .await
+                    .with_context(|| format!("cannot listen on admin.listen_addr {admin_addr}"))?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|a| a.local_addr.to_string());
         let broker = Broker::connect(config).await?;
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = admin.map(|admin| {
+            tokio::spawn(admin::serve(broker.clone(), admin, async move {
+                let _ = stopped_rx.await;
+            }))
+        });
         println!(
             "{}",
-            serde_json::json!({"event": "mas.broker.ready", "pid": std::process::id(), "listen_addr": addr.to_string()})
+            serde_json::json!({
+                "event": "mas.broker.ready",
+                "pid": std::process::id(),
+                "listen_addr": addr.to_string(),
+                "admin_addr": admin_addr,
+            })
         );
-        serve::serve_tls(broker, bound, &pem, stop).await?;
+        let served = serve::serve_tls(broker.clone(), bound, &pem, stop).await;
+        let _ = stopped_tx.send(());
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        served?;
+        let outcome = broker.drain_outcome();
+        if !outcome.is_clean() {
+            eprintln!(
+                "broker stopped; the drain deadline cut work short: {} deliveries handed back unacknowledged{}",
+                outcome.handed_back,
+                if outcome.sessions_overran { ", some sessions did not end in time" } else { "" }
+            );
+            return Ok(ExitCode::from(DRAIN_CUT_SHORT));
+        }
         eprintln!("broker stopped");
-        Ok(())
+        Ok(ExitCode::SUCCESS)
     }
 }

@@ -106,7 +106,8 @@ mod real {
     /// Serves the broker over mTLS until `shutdown` resolves; then drains every session
     /// (see [`Broker::shutdown`]) before the listener closes. Connections are bounded in
     /// number (see [`crate::listener`]), must finish the TLS handshake in time, and are
-    /// pinged when idle and closed when a ping goes unanswered.
+    /// pinged when idle and closed when a ping goes unanswered. The standard gRPC health
+    /// service answers on the same port (see [`crate::admin::track_grpc_health`]).
     pub async fn serve_tls(
         broker: Arc<Broker>,
         bound: Bound,
@@ -117,6 +118,12 @@ mod real {
         let limits = broker.config().limits.clone();
         let ms = Duration::from_millis;
         let (runtime, mas_v1) = services!(broker);
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let names = vec![
+            <RuntimeServiceServer<Service> as tonic::server::NamedService>::NAME,
+            <MasServiceServer<MasV1Service> as tonic::server::NamedService>::NAME,
+        ];
+        tokio::spawn(crate::admin::track_grpc_health(broker.clone(), reporter, names));
         let incoming = crate::listener::accept(bound.listener, limits.max_connections);
         let drained = drain_after(broker, shutdown);
         Server::builder()
@@ -125,6 +132,7 @@ mod real {
             .http2_keepalive_interval(Some(ms(limits.http2_keepalive_interval_ms)))
             .http2_keepalive_timeout(Some(ms(limits.http2_keepalive_timeout_ms)))
             .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .add_service(health)
             .add_service(runtime)
             .add_service(mas_v1)
             .serve_with_incoming_shutdown(incoming, drained)

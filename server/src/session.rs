@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use mas_core::delivery::{Output, QueuedMessage, SessionDelivery, StoreEffect};
+use mas_core::delivery::{Output, QueuedMessage, RequeueReason, SessionDelivery, StoreEffect};
 use mas_core::ids::DeliveryId;
 use mas_core::store::{SessionRef, StoreError};
 use mas_net::status::detail;
@@ -58,8 +58,16 @@ pub async fn run(
 ) {
     let machine = SessionDelivery::new(broker.config().delivery.machine_config(), seed);
     let outage = Outage::new(tokio::time::Instant::now() + broker.config().session_lease.ttl());
-    let mut task =
-        Session { broker: broker.clone(), session, generation, machine, outbound, outage, claim_unanswered: false };
+    let mut task = Session {
+        broker: broker.clone(),
+        session,
+        generation,
+        machine,
+        outbound,
+        outage,
+        claim_unanswered: false,
+        reported_in_flight: 0,
+    };
     let end = task.drive(inbound).await;
     task.finish(end).await;
 }
@@ -73,6 +81,8 @@ struct Session {
     outage: Outage,
     /// A claim failed: it may have claimed entries this session never heard of.
     claim_unanswered: bool,
+    /// What this session last added to its agent's in-flight gauge.
+    reported_in_flight: i64,
 }
 
 /// A session's view of store trouble: until when its lease is certainly valid, how long to
@@ -262,7 +272,11 @@ impl Session {
                     Generation::Runtime => nack.retryable,
                     Generation::MasV1 => crate::service::mas_v1::nack_retryable(&nack.reason, nack.retryable),
                 };
+                let settled_before = self.machine.stats().nacked;
                 self.machine.handle_nack(now, &id, &nack.reason, retryable);
+                if self.machine.stats().nacked > settled_before {
+                    self.broker.metrics().nacked(&self.session.agent, retryable);
+                }
                 Ok(())
             }
             Some(client_event::Event::Hello(_) | client_event::Event::Heartbeat(_)) | None => {
@@ -276,9 +290,11 @@ impl Session {
     async fn flush(&mut self) -> Option<End> {
         let mut effects = Vec::new();
         let mut end = None;
+        let mut delivered = 0;
         while let Some(output) = self.machine.poll_output() {
             match output {
                 Output::Deliver(d) => {
+                    delivered += 1;
                     let event = ServerEvent {
                         event: Some(server_event::Event::Delivery(Delivery {
                             delivery_id: d.delivery_id.to_string(),
@@ -293,6 +309,7 @@ impl Session {
                 Output::Drained => end = Some(End::Drained),
             }
         }
+        self.report_in_flight(delivered);
         if let Err(end) = self.apply_retrying(effects).await {
             return Some(end);
         }
@@ -352,12 +369,35 @@ impl Session {
 
     /// Applies effects; entries fenced off (reclaimed by another session) are only logged.
     /// A store failure leaves the entries claimed by us; they are reclaimed once our lease ends.
+    /// Counts `delivered` new deliveries and brings the in-flight gauge to the machine's count.
+    fn report_in_flight(&mut self, delivered: u64) {
+        let metrics = self.broker.metrics();
+        if delivered > 0 {
+            metrics.delivered(&self.session.agent, delivered);
+        }
+        let now_in_flight = i64::try_from(self.machine.in_flight()).unwrap_or(i64::MAX);
+        if now_in_flight != self.reported_in_flight {
+            metrics.in_flight_changed(&self.session.agent, now_in_flight - self.reported_in_flight);
+            self.reported_in_flight = now_in_flight;
+        }
+    }
+
     async fn apply(&self, effects: Vec<StoreEffect>) -> Result<(), StoreError> {
         if effects.is_empty() {
             return Ok(());
         }
         let now = self.broker.clock().now();
-        let results = self.broker.store().apply(&self.session, effects, now, self.broker.circuit()).await?;
+        let results = self.broker.store().apply(&self.session, effects.clone(), now, self.broker.circuit()).await?;
+        let applied: Vec<&StoreEffect> =
+            effects.iter().zip(&results).filter(|(_, result)| result.is_ok()).map(|(effect, _)| effect).collect();
+        self.broker.metrics().settled(&self.session.agent, &applied);
+        let cut_short = effects
+            .iter()
+            .filter(|e| matches!(e, StoreEffect::Requeue { reason: RequeueReason::DrainDeadline, .. }))
+            .count();
+        if cut_short > 0 {
+            self.broker.count_drain_cut_short(cut_short as u64);
+        }
         let fenced = results.iter().filter(|r| r.is_err()).count();
         if fenced > 0 {
             self.broker.count_fenced(fenced as u64);
@@ -368,6 +408,7 @@ impl Session {
 
     async fn finish(mut self, end: End) {
         self.machine.handle_disconnect(self.broker.clock().now());
+        self.report_in_flight(0);
         // Only hand-backs remain; a closed session delivers nothing more.
         let effects: Vec<StoreEffect> = std::iter::from_fn(|| self.machine.poll_output())
             .filter_map(|o| if let Output::Store(e) = o { Some(e) } else { None })

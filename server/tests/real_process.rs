@@ -32,6 +32,7 @@ fn setup(dir: &Path, limits: serde_json::Value, client_ca: Option<&Path>) -> Pat
     assert!(out.status.success(), "dev-certs: {}", String::from_utf8_lossy(&out.stderr));
     let config = serde_json::json!({
         "listen_addr": "127.0.0.1:0",
+        "admin": { "listen_addr": "127.0.0.1:0" },
         "data_dir": dir.join("data"),
         "tls": {
             "server_cert_path": certs.join("server.pem"),

@@ -173,7 +173,7 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
 
 /// A fresh embedded store, shared by whichever broker nodes a scenario starts.
 pub fn memory_store() -> Store {
-    Store::Memory(mas_server::store::MemoryBackend::new(mas_core::store::MemoryStoreConfig::default()))
+    Store::from(mas_server::store::MemoryBackend::new(mas_core::store::MemoryStoreConfig::default()))
 }
 
 /// After `after`, cuts the link between `a` and `b` both ways for `duration`, then heals it.

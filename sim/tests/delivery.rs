@@ -141,8 +141,8 @@ fn store_outages(seed: u64) -> OutageRun {
         // The broker's handle meets the faults; the checker reads the same data through a
         // clean one.
         let clean = mas_server::store::MemoryBackend::new(mas_core::store::MemoryStoreConfig::default());
-        let faulty = mas_server::store::Store::Memory(clean.clone().with_faults(plan.clone()));
-        let store = mas_server::store::Store::Memory(clean);
+        let faulty = mas_server::store::Store::from(clean.clone().with_faults(plan.clone()));
+        let store = mas_server::store::Store::from(clean);
         let brokers = Brokers::default();
         let config = broker_config(&grants(), seed, DeliverySettings::default());
         start_observed_broker(&handle, "broker", BROKER_ADDR, faulty, config, &brokers);

@@ -201,8 +201,10 @@ class Broker:
     """`mas serve` as a process: started from a config file, ready when it prints its ready
     line, stopped by a signal."""
 
-    def __init__(self, workdir: Path, config_path: Path, proc: subprocess.Popen, addr: str) -> None:
+    def __init__(self, workdir: Path, config_path: Path, proc: subprocess.Popen, addr: str,
+                 admin_addr: str | None = None) -> None:
         self.workdir, self.config_path, self.proc, self.addr = workdir, config_path, proc, addr
+        self.admin_addr = admin_addr
         self.log_path = workdir / "broker.log"
 
     @property
@@ -220,6 +222,8 @@ class Broker:
                 "client_ca_path": str(pki.client_ca_bundle),
             },
             "agents": AGENTS,
+            # The admin listener (metrics, health) on a free port: the ready line names it.
+            "admin": {"listen_addr": "127.0.0.1:0"},
             # Quick retries, so redelivery tests take milliseconds.
             "delivery": {"retry_backoff_initial_ms": 50, "retry_backoff_max_ms": 200},
             # The suite sends far more than the reference's 100 messages a minute.
@@ -257,7 +261,18 @@ class Broker:
         ready = json.loads(line)
         assert ready["event"] == "mas.broker.ready", ready
         assert ready["pid"] == proc.pid
-        return cls(workdir, config_path, proc, ready["listen_addr"])
+        return cls(workdir, config_path, proc, ready["listen_addr"], ready.get("admin_addr"))
+
+    def admin_get(self, path: str, timeout: float = 5) -> tuple[int, str, str]:
+        """GET `path` on the admin listener: (status, content type, body)."""
+        import urllib.error
+        import urllib.request
+        assert self.admin_addr, "the broker runs without an admin listener"
+        try:
+            with urllib.request.urlopen(f"http://{self.admin_addr}{path}", timeout=timeout) as response:
+                return response.status, response.headers.get("Content-Type", ""), response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get("Content-Type", ""), err.read().decode()
 
     def restart(self) -> "Broker":
         """The same configuration again (a port 0 config gets a new port)."""

@@ -12,7 +12,7 @@ use std::time::Duration;
 use mas_agent::HandlerError;
 use mas_core::policy::audit::{AuditFilter, Decision, verify_lines};
 use mas_server::config::DeliverySettings;
-use mas_server::store::Store;
+use mas_server::store::Backend;
 use mas_tests::{TestBroker, eventually_async, id, scratch_dir};
 use tonic::Code;
 
@@ -92,7 +92,7 @@ async fn verify_passes_on_a_real_run_and_fails_after_one_record_is_edited() {
         })
         .await
     );
-    let Store::Memory(memory) = tb.broker.store() else { panic!("embedded store expected") };
+    let Backend::Memory(memory) = tb.broker.store().backend() else { panic!("embedded store expected") };
     assert!(memory.tamper_with_audit(&id("bob"), 7, |r| r.decision = Decision::DlpBlocked));
     let report = tb.broker.verify_audit().await.unwrap();
     assert!(!report.is_intact(), "an edited record must fail verification");

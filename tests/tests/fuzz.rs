@@ -79,13 +79,14 @@ fn base_config() -> serde_json::Value {
     serde_json::json!({
         "listen_addr": "127.0.0.1:0",
         "agents": { "alice": { "allowed_targets": ["bob"] }, "bob": {} },
-        "delivery": {}, "limits": {}, "session_lease": {},
+        "delivery": {}, "limits": {}, "session_lease": {}, "admin": {},
         "gateway": { "circuit_breaker": {}, "audit": {}, "rate_limit": {} }
     })
 }
 
 /// Every bounded key of the configuration, as (section path, key).
 const CONFIG_KEYS: &[(&[&str], &str)] = &[
+    (&["admin"], "readiness_timeout_ms"),
     (&["delivery"], "max_in_flight"),
     (&["delivery"], "ack_timeout_ms"),
     (&["delivery"], "max_delivery_attempts"),

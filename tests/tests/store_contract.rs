@@ -63,7 +63,7 @@ where
     F: Fn(Store) -> Fut,
     Fut: Future<Output = Vec<String>>,
 {
-    let memory = sequence(Store::Memory(MemoryBackend::new(MemoryStoreConfig {
+    let memory = sequence(Store::from(MemoryBackend::new(MemoryStoreConfig {
         max_queue_len: 3,
         max_dead_letters: 3,
         max_audit_records: 6,
@@ -79,7 +79,7 @@ where
         .expect("connect to the test redis-server")
         .with_max_audit_records(6)
         .with_max_pending_requests(2);
-    let on_redis = sequence(Store::Redis(backend)).await;
+    let on_redis = sequence(Store::from(backend)).await;
     if std::env::var_os("CONTRACT_LOG").is_some() {
         eprintln!("{}", memory.join("\n"));
     }

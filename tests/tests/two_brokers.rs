@@ -125,6 +125,7 @@ async fn sigkill_of_one_broker_loses_no_accepted_message() {
             },
             "agents": { "alice": { "allowed_targets": ["bob"] }, "bob": {} },
             "session_lease": { "ttl_ms": 1500, "renewal_ms": 500 },
+            "admin": { "listen_addr": "127.0.0.1:0" },
             "gateway": { "rate_limit": { "per_minute": 100000, "per_hour": 1000000 } },
             "redis": { "url": redis.url },
         });

@@ -87,7 +87,28 @@ pub enum Outcome {
     Failure,
 }
 
+/// Where a circuit is, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitPhase {
+    /// Traffic flows.
+    Closed,
+    /// Probing after an open period.
+    HalfOpen,
+    /// Traffic refused.
+    Open,
+}
+
 impl Circuit {
+    /// The phase at `now`: an open circuit whose open period has passed is half-open (it
+    /// moves there on its next admission).
+    pub fn phase(&self, now: Instant) -> CircuitPhase {
+        match *self {
+            Circuit::Closed { .. } => CircuitPhase::Closed,
+            Circuit::Open { until } if now < until => CircuitPhase::Open,
+            Circuit::Open { .. } | Circuit::HalfOpen { .. } => CircuitPhase::HalfOpen,
+        }
+    }
+
     /// Whether [`Circuit::admit`] would admit a message at `now`, without taking a probe.
     /// Used where the pipeline must know the circuit's verdict before it decides to route.
     pub fn would_admit(&self, config: &CircuitConfig, now: Instant) -> bool {

@@ -3,8 +3,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Admission, Admitted, Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueKey,
+    Admission, Admitted, Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueGauges, QueueKey,
     REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
+    envelope_timestamp,
 };
 use crate::delivery::{EntryId, QueuedMessage, StoreEffect};
 use crate::ids::{AgentId, InstanceId};
@@ -277,6 +278,21 @@ impl MemoryStore {
     /// Entries in `queue`: ready, delayed and claimed.
     pub fn queue_len(&self, queue: &QueueKey) -> usize {
         self.queues.get(queue).map_or(0, |q| q.len)
+    }
+
+    /// Depth, head-of-queue age and circuit of `agent`'s work queue.
+    pub fn queue_gauges(&self, agent: &AgentId, now: Instant) -> QueueGauges {
+        let queue = QueueKey::Work(agent.clone());
+        let head = self.queues.get(&queue).and_then(|q| {
+            let ready = q.ready.iter().map(|&(_, seq)| seq).min();
+            let claimed = q.claimed.keys().next().copied();
+            ready.into_iter().chain(claimed).min()
+        });
+        QueueGauges {
+            depth: self.queue_len(&queue),
+            oldest_timestamp: head.and_then(|seq| self.entries.get(&seq)).and_then(|e| envelope_timestamp(&e.envelope)),
+            circuit: self.circuit(agent).phase(now),
+        }
     }
 
     /// The dead letters kept, oldest first.

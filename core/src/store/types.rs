@@ -248,6 +248,28 @@ pub struct TargetGate {
     pub circuit_admits: bool,
 }
 
+/// What the store holds for one agent, read for gauges and operators (not atomic with the
+/// message path; a snapshot of one moment per agent).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueGauges {
+    /// Entries in the agent's work queue: ready, delayed and in flight.
+    pub depth: usize,
+    /// The `timestamp` (seconds since the Unix epoch) of the envelope at the head of the work
+    /// queue, if any: its admission time.
+    pub oldest_timestamp: Option<f64>,
+    /// The agent's circuit.
+    pub circuit: crate::policy::circuit::CircuitPhase,
+}
+
+/// The admission time an envelope carries (its `timestamp`), if it can be read.
+pub fn envelope_timestamp(envelope: &str) -> Option<f64> {
+    #[derive(serde::Deserialize)]
+    struct Stamped {
+        timestamp: f64,
+    }
+    serde_json::from_str::<Stamped>(envelope).ok().map(|s| s.timestamp)
+}
+
 /// Why a store step was refused. Nothing changes when a step fails.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {

@@ -77,7 +77,7 @@ mod from_store {
 
     async fn store_of(config: &BrokerConfig) -> Result<Store, OfflineError> {
         let settings = config.redis.as_ref().ok_or(OfflineError::EmbeddedStore)?;
-        Ok(Store::Redis(crate::store::redis::RedisBackend::connect(settings).await?))
+        Ok(Store::from(crate::store::redis::RedisBackend::connect(settings).await?))
     }
 
     /// Verifies every chain in the store of `config`.

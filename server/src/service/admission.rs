@@ -132,6 +132,9 @@ impl Service {
             None => (Decision::Allowed, Vec::new(), payload),
             Some(dlp) => {
                 let scan = dlp.scan(&payload);
+                for violation in &scan.violations {
+                    self.broker.metrics().dlp_finding(&violation.kind, violation.action);
+                }
                 let kinds = scan.kinds();
                 match scan.action {
                     None => (Decision::Allowed, kinds, payload),
@@ -212,11 +215,18 @@ impl Service {
     ) -> Result<Admitted, Status> {
         match committed {
             Ok(admitted) => {
-                self.broker.audit().recorded(chain, &admitted.record);
+                self.committed(chain, &admitted.record);
                 Ok(admitted)
             }
             Err(err) => Err(self.audit_step_failed(chain, err)),
         }
+    }
+
+    /// A decision record committed to `chain`: to the file sink, the archiver's count and the
+    /// admission metrics.
+    pub(super) fn committed(&self, chain: &AgentId, record: &AuditRecord) {
+        self.broker.audit().recorded(chain, record);
+        self.broker.metrics().admitted(record.decision, &record.sender_id);
     }
 
     /// The status of a failed step that records in `chain`; a full chain is handed to the

@@ -18,6 +18,8 @@ use mas_proto::runtime::{
     UpdateStateRequest, UpdateStateResponse,
 };
 
+use crate::metrics::Method;
+
 use super::{EventResponse, EventStream, Generation, Service};
 
 /// The reason a 0.4 client gives when a handler's payload model rejected the message
@@ -50,7 +52,7 @@ impl MasService for MasV1Service {
     type TransportStream = EventStream;
 
     async fn transport(&self, request: Request<Streaming<ClientEvent>>) -> EventResponse {
-        self.0.open_transport(request, Generation::MasV1).await
+        self.0.observed(Method::transport, self.0.open_transport(request, Generation::MasV1)).await
     }
 
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {

@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::{Broker, OpenError};
+use crate::metrics::Method;
 use crate::session;
 
 mod admission;
@@ -204,15 +205,9 @@ async fn read_hello(inbound: &mut Streaming<ClientEvent>) -> Result<InstanceId, 
     }
 }
 
-#[tonic::async_trait]
-impl RuntimeService for Service {
-    type TransportStream = EventStream;
-
-    async fn transport(&self, request: Request<Streaming<ClientEvent>>) -> EventResponse {
-        self.open_transport(request, Generation::Runtime).await
-    }
-
-    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+/// The RPC handlers, each timed and counted by [`Service::observed`].
+impl Service {
+    async fn handle_send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
@@ -239,7 +234,7 @@ impl RuntimeService for Service {
         Ok(Response::new(SendResponse { message_id }))
     }
 
-    async fn request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
+    async fn handle_request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
@@ -282,7 +277,7 @@ impl RuntimeService for Service {
         Ok(Response::new(RequestResponse { message_id, correlation_id }))
     }
 
-    async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+    async fn handle_reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
         let req = request.into_inner();
@@ -355,7 +350,7 @@ impl RuntimeService for Service {
         match committed {
             Ok((commit, record)) => {
                 if let Some(record) = record {
-                    self.broker.audit().recorded(&pending.requester, &record);
+                    self.committed(&pending.requester, &record);
                 }
                 let (ReplyCommit::Queued { message_id } | ReplyCommit::AlreadyQueued { message_id }) = commit;
                 Ok(Response::new(ReplyResponse { message_id }))
@@ -366,7 +361,7 @@ impl RuntimeService for Service {
         }
     }
 
-    async fn discover(&self, request: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
+    async fn handle_discover(&self, request: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
         let sender = caller(&request)?;
         let wanted = request.into_inner().capabilities;
         // Exactly what authorization allows; the allowlist is a BTreeMap, so sorted by id.
@@ -394,7 +389,7 @@ impl RuntimeService for Service {
         Ok(Response::new(DiscoverResponse { agents }))
     }
 
-    async fn get_state(&self, request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
+    async fn handle_get_state(&self, request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
         let agent = caller(&request)?;
         let snapshot = self.broker.store().get_state(&agent).await.map_err(store_failed)?;
         Ok(Response::new(GetStateResponse {
@@ -403,7 +398,7 @@ impl RuntimeService for Service {
         }))
     }
 
-    async fn update_state(
+    async fn handle_update_state(
         &self,
         request: Request<UpdateStateRequest>,
     ) -> Result<Response<UpdateStateResponse>, Status> {
@@ -423,11 +418,69 @@ impl RuntimeService for Service {
         Ok(Response::new(UpdateStateResponse { revision: revision_or_conflict(written)? }))
     }
 
-    async fn reset_state(&self, request: Request<ResetStateRequest>) -> Result<Response<ResetStateResponse>, Status> {
+    async fn handle_reset_state(
+        &self,
+        request: Request<ResetStateRequest>,
+    ) -> Result<Response<ResetStateResponse>, Status> {
         let agent = caller(&request)?;
         let req = request.into_inner();
         let written = self.broker.store().reset_state(&agent, req.expected_revision).await.map_err(store_failed)?;
         Ok(Response::new(ResetStateResponse { revision: revision_or_conflict(written)? }))
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for Service {
+    type TransportStream = EventStream;
+
+    async fn transport(&self, request: Request<Streaming<ClientEvent>>) -> EventResponse {
+        self.observed(Method::transport, self.open_transport(request, Generation::Runtime)).await
+    }
+
+    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        self.observed(Method::send, self.handle_send(request)).await
+    }
+
+    async fn request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
+        self.observed(Method::request, self.handle_request(request)).await
+    }
+
+    async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+        self.observed(Method::reply, self.handle_reply(request)).await
+    }
+
+    async fn discover(&self, request: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
+        self.observed(Method::discover, self.handle_discover(request)).await
+    }
+
+    async fn get_state(&self, request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
+        self.observed(Method::get_state, self.handle_get_state(request)).await
+    }
+
+    async fn update_state(
+        &self,
+        request: Request<UpdateStateRequest>,
+    ) -> Result<Response<UpdateStateResponse>, Status> {
+        self.observed(Method::update_state, self.handle_update_state(request)).await
+    }
+
+    async fn reset_state(&self, request: Request<ResetStateRequest>) -> Result<Response<ResetStateResponse>, Status> {
+        self.observed(Method::reset_state, self.handle_reset_state(request)).await
+    }
+}
+
+impl Service {
+    /// Runs one RPC's handler and records its latency and status code.
+    async fn observed<T>(
+        &self,
+        method: Method,
+        rpc: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = tokio::time::Instant::now();
+        let result = rpc.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.broker.metrics().rpc(method, code, started.elapsed());
+        result
     }
 }
 

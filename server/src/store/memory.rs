@@ -14,8 +14,8 @@ use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Chained, Checkpoint, S
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueKey,
-    ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
+    Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueGauges,
+    QueueKey, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
 use tokio::sync::Notify;
@@ -315,6 +315,14 @@ impl MemoryBackend {
 
     pub(super) async fn own_pending(&self, session: &SessionRef, max: usize) -> Result<Vec<QueuedMessage>, StoreError> {
         Ok(self.lock().store.own_pending(session, max))
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    pub(super) async fn queue_gauges(&self, agent: &AgentId) -> Result<QueueGauges, StoreError> {
+        Ok(self.lock().store.queue_gauges(agent, self.clock.now().mono))
     }
 
     pub(super) async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {

@@ -22,14 +22,16 @@ use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Checkpoint, SecurityEv
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Limited, Limits};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyReceipt,
-    SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
+    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, ReplyCommit, ReplyError,
+    ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
 
+use crate::metrics::StoreMetrics;
+
 /// A store backend, chosen by configuration: the embedded memory store, or Redis.
 #[derive(Clone)]
-pub enum Store {
+pub enum Backend {
     /// In-process; the default without a Redis URL, and the store under simulation.
     Memory(MemoryBackend),
     /// Redis (standalone or cluster-compatible key layout).
@@ -37,45 +39,93 @@ pub enum Store {
     Redis(redis::RedisBackend),
 }
 
+/// The store of one or more brokers: a backend and the latency and error counts of its steps.
+/// Clones share both.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    metrics: StoreMetrics,
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Store::Memory(_) => f.write_str("Store::Memory"),
+        match self.backend {
+            Backend::Memory(_) => f.write_str("Store::Memory"),
             #[cfg(not(madsim))]
-            Store::Redis(_) => f.write_str("Store::Redis"),
+            Backend::Redis(_) => f.write_str("Store::Redis"),
         }
+    }
+}
+
+impl From<MemoryBackend> for Store {
+    fn from(backend: MemoryBackend) -> Self {
+        Store { backend: Backend::Memory(backend), metrics: StoreMetrics::default() }
+    }
+}
+
+#[cfg(not(madsim))]
+impl From<redis::RedisBackend> for Store {
+    fn from(backend: redis::RedisBackend) -> Self {
+        Store { backend: Backend::Redis(backend), metrics: StoreMetrics::default() }
     }
 }
 
 macro_rules! dispatch {
     ($self:ident, $backend:ident => $call:expr) => {
-        match $self {
-            Store::Memory($backend) => $call,
+        match &$self.backend {
+            Backend::Memory($backend) => $call,
             #[cfg(not(madsim))]
-            Store::Redis($backend) => $call,
+            Backend::Redis($backend) => $call,
         }
     };
 }
 
-/// [`dispatch!`] for a store step named `$op`: the embedded store first asks its fault hook
-/// (if one is installed), so injected outages hit every step the way a Redis outage would.
+/// [`dispatch!`] for a store step named `$op`, timed and counted in the store's metrics. The
+/// embedded store first asks its fault hook (if one is installed), so injected outages hit
+/// every step the way a Redis outage would.
 macro_rules! step {
-    ($self:ident, $op:literal, $backend:ident => $call:expr) => {
-        match $self {
-            Store::Memory($backend) => match $backend.fault($op).await? {
-                faults::Answer::Keep => $call,
-                faults::Answer::Lose => {
-                    let _ = $call;
-                    Err(faults::lost_answer($op))
-                }
-            },
-            #[cfg(not(madsim))]
-            Store::Redis($backend) => $call,
+    ($self:ident, $op:literal, $backend:ident => $call:expr) => {{
+        let started = tokio::time::Instant::now();
+        let result = async {
+            match &$self.backend {
+                Backend::Memory($backend) => match $backend.fault($op).await? {
+                    faults::Answer::Keep => $call,
+                    faults::Answer::Lose => {
+                        let _ = $call;
+                        Err(faults::lost_answer($op))
+                    }
+                },
+                #[cfg(not(madsim))]
+                Backend::Redis($backend) => $call,
+            }
         }
-    };
+        .await;
+        $self.metrics.observe($op, started.elapsed(), result.is_err());
+        result
+    }};
 }
 
 impl Store {
+    /// The backend (tests reach into the embedded store through it).
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Latency and error counts of this store's steps.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+
+    /// Whether the store answers at all (Redis: `PING`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        step!(self, "ping", b => b.ping().await)
+    }
+
+    /// Depth, head-of-queue admission time and circuit of `agent`'s work queue.
+    pub async fn queue_gauges(&self, agent: &AgentId) -> Result<QueueGauges, StoreError> {
+        step!(self, "queue_gauges", b => b.queue_gauges(agent).await)
+    }
+
     /// Names this store's lifetime: fixed for a Redis database (kept in it), fresh for every
     /// embedded store. Archive segments live under it, so chains that begin anew never
     /// overwrite older segments.

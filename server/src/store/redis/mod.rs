@@ -35,11 +35,11 @@ use mas_core::delivery::Outcome;
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, Chain};
-use mas_core::policy::circuit::CircuitConfig;
+use mas_core::policy::circuit::{CircuitConfig, CircuitPhase};
 use mas_core::policy::ratelimit::{Limited, Limits, Window};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
-    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
+    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, REQUEST_EXPIRED_GRACE,
+    ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, envelope_timestamp,
 };
 use mas_core::time::Now;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -129,6 +129,7 @@ struct Scripts {
     state_reset: Script,
     rate_admit: Script,
     gate: Script,
+    queue_gauges: Script,
     admit: Script,
     audit_append: Script,
     audit_tail: Script,
@@ -178,6 +179,7 @@ impl Scripts {
             state_reset: get("state_reset"),
             rate_admit: get("rate_admit"),
             gate: get("gate"),
+            queue_gauges: get("queue_gauges"),
             admit: get("admit"),
             audit_append: get("audit_append"),
             audit_tail: get("audit_tail"),
@@ -782,6 +784,29 @@ impl RedisBackend {
             .await
             .map_err(unavailable)?;
         Ok(revision_outcome(reply))
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        redis::cmd("PING").query_async::<()>(&mut self.con()).await.map_err(unavailable)
+    }
+
+    pub(super) async fn queue_gauges(&self, agent: &AgentId) -> Result<QueueGauges, StoreError> {
+        let (stream, delayed) = Self::queue_keys(&QueueKey::Work(agent.clone()));
+        let (depth, envelope, phase): (usize, String, String) = self
+            .scripts
+            .queue_gauges
+            .key(stream)
+            .key(delayed)
+            .key(key(agent, "circuit"))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
+        let circuit = match phase.as_str() {
+            "o" => CircuitPhase::Open,
+            "h" => CircuitPhase::HalfOpen,
+            _ => CircuitPhase::Closed,
+        };
+        Ok(QueueGauges { depth, oldest_timestamp: envelope_timestamp(&envelope), circuit })
     }
 
     pub(super) async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {

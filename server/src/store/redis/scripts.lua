@@ -442,6 +442,23 @@ local admits = 1
 if ARGV[1] == '1' and not circuit_admit(circuit_load(KEYS[2]), circuit_config(ARGV, 2), now) then admits = 0 end
 return {live, admits}
 
+--@queue_gauges
+-- KEYS: work stream, work delayed, circuit. Reads only. Returns {depth, envelope at the head
+-- of the stream or '', circuit phase c|h|o}; an open circuit past its open period reads 'h'.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local depth = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local envelope = ''
+if head[1] then
+  local fields = head[1][2]
+  for i = 1, #fields, 2 do if fields[i] == 'e' then envelope = fields[i + 1] end end
+end
+local c = redis.call('HMGET', KEYS[3], 's', 'u')
+local phase = c[1] or 'c'
+if phase == 'o' and now >= tonumber(c[2] or '0') then phase = 'h' end
+return {depth, envelope, phase}
+
 --@admit
 -- Audited admission of a batch of decisions recorded in one agent's chain (group commit).
 -- KEYS: audit stream, audit head, circuit, work stream, work delayed (all of one agent).
