@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::AgentConfig;
 use crate::handler::{HandlerError, Handlers, Message};
 use crate::requests::Correlations;
+use crate::trace;
 use crate::transport::{Transport, open_transport};
 
 /// Why an agent operation failed.
@@ -206,8 +207,9 @@ impl Agent {
             data_json: object_json(data)?,
             instance_id: self.inner.instance_id.to_string(),
         };
-        let response = self.client().send(request).await.map_err(AgentError::Rpc)?;
-        Ok(response.into_inner().message_id)
+        let span = trace::client_span("mas.send", self.inner.agent_id.as_str(), Some(target), Some(message_type));
+        let call = async { self.client().send(trace::traced(request)).await.map_err(AgentError::Rpc) };
+        Ok(trace::client_call(span, call).await?.into_inner().message_id)
     }
 
     /// Sends a request and waits for its reply. The whole operation (RPC and wait) is bounded
@@ -232,19 +234,22 @@ impl Agent {
             timeout_ms,
             instance_id: self.inner.instance_id.to_string(),
         };
+        let span = trace::client_span("mas.request", self.inner.agent_id.as_str(), Some(target), Some(message_type));
         let mut registered = None;
         let exchange = async {
-            let response = self.client().request(request).await.map_err(AgentError::Rpc)?.into_inner();
+            let response = self.client().request(trace::traced(request)).await.map_err(AgentError::Rpc)?.into_inner();
             let reply =
                 self.correlations().register(&response.correlation_id, target).map_err(|_| AgentError::Stopped)?;
             registered = Some(response.correlation_id);
             reply.await.map_err(|_| AgentError::Stopped)
         };
-        let outcome = tokio::time::timeout(timeout, exchange).await;
+        let bounded =
+            async { tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(AgentError::RequestTimeout(timeout))) };
+        let result = trace::client_call(span, bounded).await;
         if let Some(cid) = registered {
             self.correlations().unregister(&cid);
         }
-        outcome.unwrap_or(Err(AgentError::RequestTimeout(timeout)))
+        result
     }
 
     /// Replies to `request` (a message that carries a correlation id). An identical retry
@@ -263,14 +268,19 @@ impl Agent {
             data_json: object_json(data)?,
             instance_id: self.inner.instance_id.to_string(),
         };
-        Ok(self.client().reply(reply).await.map_err(AgentError::Rpc)?.into_inner().message_id)
+        let span =
+            trace::client_span("mas.reply", self.inner.agent_id.as_str(), Some(&request.sender_id), Some(message_type));
+        let call = async { self.client().reply(trace::traced(reply)).await.map_err(AgentError::Rpc) };
+        Ok(trace::client_call(span, call).await?.into_inner().message_id)
     }
 
     /// Agents this agent may message that are live, having any of `capabilities` (all if
     /// empty), sorted by id.
     pub async fn discover(&self, capabilities: &[&str]) -> Result<Vec<AgentInfo>, AgentError> {
         let request = DiscoverRequest { capabilities: capabilities.iter().map(|c| c.to_string()).collect() };
-        let response = self.client().discover(request).await.map_err(AgentError::Rpc)?.into_inner();
+        let span = trace::client_span("mas.discover", self.inner.agent_id.as_str(), None, None);
+        let call = async { self.client().discover(trace::traced(request)).await.map_err(AgentError::Rpc) };
+        let response = trace::client_call(span, call).await?.into_inner();
         Ok(response
             .agents
             .into_iter()

@@ -30,6 +30,7 @@ mod config;
 mod handler;
 mod requests;
 mod state;
+mod trace;
 mod transport;
 
 pub use agent::{Agent, AgentBuilder, AgentError, AgentInfo};

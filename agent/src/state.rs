@@ -65,7 +65,9 @@ impl<T: Serialize + DeserializeOwned + Default> TypedState<T> {
         let request =
             UpdateStateRequest { updates: encoded.into_iter().collect(), expected_revision: Some(self.revision) };
         let mut client = self.agent.client();
-        let revision = client.update_state(request).await.map_err(AgentError::Rpc)?.into_inner().revision;
+        let span = crate::trace::client_span("mas.update_state", self.agent.agent_id().as_str(), None, None);
+        let call = async { client.update_state(crate::trace::traced(request)).await.map_err(AgentError::Rpc) };
+        let revision = crate::trace::client_call(span, call).await?.into_inner().revision;
         self.value = value;
         self.revision = revision;
         Ok(revision)
@@ -76,7 +78,9 @@ impl<T: Serialize + DeserializeOwned + Default> TypedState<T> {
         let defaults = T::default();
         let mut client = self.agent.client();
         let request = ResetStateRequest { expected_revision: Some(self.revision) };
-        let revision = client.reset_state(request).await.map_err(AgentError::Rpc)?.into_inner().revision;
+        let span = crate::trace::client_span("mas.reset_state", self.agent.agent_id().as_str(), None, None);
+        let call = async { client.reset_state(crate::trace::traced(request)).await.map_err(AgentError::Rpc) };
+        let revision = crate::trace::client_call(span, call).await?.into_inner().revision;
         self.value = defaults;
         self.revision = revision;
         Ok(revision)
@@ -85,7 +89,9 @@ impl<T: Serialize + DeserializeOwned + Default> TypedState<T> {
 
 async fn read<T: Serialize + DeserializeOwned + Default>(agent: &Agent) -> Result<(T, u64), AgentError> {
     let mut client = agent.client();
-    let response = client.get_state(GetStateRequest {}).await.map_err(AgentError::Rpc)?.into_inner();
+    let span = crate::trace::client_span("mas.get_state", agent.agent_id().as_str(), None, None);
+    let call = async { client.get_state(crate::trace::traced(GetStateRequest {})).await.map_err(AgentError::Rpc) };
+    let response = crate::trace::client_call(span, call).await?.into_inner();
     let mut fields = match serde_json::to_value(T::default()) {
         Ok(Value::Object(map)) => map,
         _ => return Err(AgentError::State("the state type must serialise to a JSON object".into())),

@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
 use crate::agent::{Agent, AgentError, connect};
 use crate::config::AgentConfig;
@@ -166,14 +167,16 @@ impl Transport {
             };
             if let (true, Some(cid)) = (envelope.meta.is_reply, envelope.meta.correlation_id.clone()) {
                 // Replies never reach handlers: route them, and ack at once.
+                crate::trace::reply_received(self.agent.agent_id().as_str(), &envelope);
                 self.agent.correlations().deliver(&cid, envelope);
                 let _ = outgoing.send(settle(delivery.delivery_id, Outcome::Ack)).await;
                 continue;
             }
             let (agent, handlers, outgoing) = (self.agent.clone(), self.handlers.clone(), outgoing.clone());
             running.retain(|task| !task.is_finished());
+            let span = crate::trace::handler_span(agent.agent_id().as_str(), &envelope);
             running.push(tokio::spawn(async move {
-                let outcome = handlers.dispatch(agent, envelope).await;
+                let outcome = handlers.dispatch(agent, envelope).instrument(span).await;
                 let _ = outgoing.send(settle(delivery.delivery_id, outcome)).await;
                 drop(permit);
             }));

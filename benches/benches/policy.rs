@@ -114,6 +114,7 @@ fn engines(c: &mut Criterion) {
                 sender_instance_id: Some("a1".into()),
                 target_id: "bob".into(),
                 timestamp: 1_700_000_000.25,
+                trace_id: None,
                 violations: Vec::new(),
             };
             chain.append(record)
@@ -168,6 +169,7 @@ fn pipeline(c: &mut Criterion) {
                     sender_instance_id: Some(a1.to_string()),
                     target_id: bob.to_string(),
                     timestamp: 1_700_000_000.25,
+                    trace_id: None,
                     violations: scan.kinds(),
                 };
                 let envelope = Envelope::new_send(

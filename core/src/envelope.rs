@@ -106,7 +106,36 @@ pub struct Envelope {
     pub message_id: String,
 }
 
+/// Where the `traceparent` value of an envelope serialised by [`Envelope::to_json`] starts
+/// and ends, if it has one.
+fn traceparent_span(json: &str) -> Option<std::ops::Range<usize>> {
+    const KEY: &str = "\"traceparent\":\"";
+    let start = json.find(KEY)? + KEY.len();
+    let len = json[start..].find('"')?;
+    Some(start..start + len)
+}
+
+/// The `meta.traceparent` of an envelope serialised by [`Envelope::to_json`], found without
+/// parsing it (a delivery reads it on the hot path when tracing is on).
+pub fn traceparent_of(json: &str) -> Option<&str> {
+    traceparent_span(json).map(|r| &json[r])
+}
+
+/// The envelope with its `meta.traceparent` replaced by `traceparent` (the context of the
+/// delivery attempt, so the receiving handler's span is its child); `None` when it has none.
+pub fn with_traceparent(json: &str, traceparent: &str) -> Option<String> {
+    let range = traceparent_span(json)?;
+    Some(format!("{}{traceparent}{}", &json[..range.start], &json[range.end..]))
+}
+
 impl Envelope {
+    /// Sets the W3C trace context the message carries.
+    pub fn traced(mut self, traceparent: Option<String>, tracestate: Option<String>) -> Self {
+        self.meta.traceparent = traceparent;
+        self.meta.tracestate = tracestate;
+        self
+    }
+
     /// Builds the envelope of a plain send, stamped at broker ingress.
     pub fn new_send(
         sender: &AgentId,
@@ -176,6 +205,36 @@ impl Envelope {
     /// Parses the JSON wire form.
     pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(s)
+    }
+}
+
+#[cfg(test)]
+mod trace_tests {
+    use super::*;
+
+    #[test]
+    fn the_traceparent_is_found_and_replaced_in_place() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let env = Envelope::new_send(
+            &AgentId::new("alice").unwrap(),
+            &InstanceId::new("i1").unwrap(),
+            &AgentId::new("bob").unwrap(),
+            "t".into(),
+            Payload::new(),
+            "m".into(),
+            UnixMillis(1),
+        )
+        .traced(Some(tp.into()), None);
+        let json = env.to_json();
+        assert_eq!(traceparent_of(&json), Some(tp));
+        let next = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
+        let replaced = with_traceparent(&json, next).unwrap();
+        let parsed: Envelope = serde_json::from_str(&replaced).unwrap();
+        assert_eq!(parsed.meta.traceparent.as_deref(), Some(next));
+        assert_eq!(parsed, env.clone().traced(Some(next.into()), None));
+        let untraced = env.traced(None, None).to_json();
+        assert_eq!(traceparent_of(&untraced), None);
+        assert_eq!(with_traceparent(&untraced, next), None);
     }
 }
 

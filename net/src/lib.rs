@@ -6,6 +6,7 @@
 //! * [`status`]: the one mapping from our errors to gRPC status codes and the reference's
 //!   detail strings, which clients match on.
 //! * [`client`]: the interceptor-carrying client type, named once for both modes.
+//! * [`telemetry`]: tracing settings, the OTLP pipeline, W3C context on the wire.
 //! * `tls` and `pki` (production only): rustls configuration and the pure-Rust dev PKI.
 
 #![forbid(unsafe_code)]
@@ -16,5 +17,6 @@ pub mod identity;
 #[cfg(not(madsim))]
 pub mod pki;
 pub mod status;
+pub mod telemetry;
 #[cfg(not(madsim))]
 pub mod tls;

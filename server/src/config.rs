@@ -322,6 +322,9 @@ pub struct BrokerConfig {
     /// The admin HTTP listener.
     #[serde(default)]
     pub admin: AdminSettings,
+    /// Distributed tracing (off unless `telemetry.otlp_endpoint` is set).
+    #[serde(default)]
+    pub telemetry: mas_net::telemetry::TelemetrySettings,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -597,6 +600,7 @@ impl BrokerConfig {
             limits: LimitSettings::default(),
             data_dir: default_data_dir(),
             admin: AdminSettings::default(),
+            telemetry: mas_net::telemetry::TelemetrySettings::default(),
         }
     }
 
@@ -698,6 +702,7 @@ impl BrokerConfig {
                 return Err(ConfigError::Invalid(format!("{name} is {value}; it must be between {min} and {max}")));
             }
         }
+        self.telemetry.validate().map_err(ConfigError::Invalid)?;
         let d = &self.delivery;
         if d.retry_backoff_initial_ms > d.retry_backoff_max_ms {
             return Err(ConfigError::Invalid(

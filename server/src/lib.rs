@@ -21,6 +21,7 @@ pub mod audit;
 pub mod broker;
 pub mod clock;
 pub mod config;
+mod delivery_trace;
 #[cfg(not(madsim))]
 pub mod demo;
 #[cfg(not(madsim))]

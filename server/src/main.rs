@@ -118,12 +118,6 @@ mod cli {
     }
 
     pub fn main() -> ExitCode {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,mas_server=info".into()),
-            )
-            .with_writer(std::io::stderr)
-            .init();
         let cli = Cli::parse();
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -179,7 +173,33 @@ mod cli {
         }
     }
 
+    /// Logs to stderr (filtered by `RUST_LOG`, default `warn,mas_server=info`; lines inside a
+    /// traced RPC name its `trace_id`), plus the OTLP layer when telemetry is configured: spans
+    /// are exported whatever `RUST_LOG` says. Returns the pipeline's guard (flushes on drop).
+    fn init_logging(
+        telemetry: Option<&mas_net::telemetry::TelemetrySettings>,
+    ) -> anyhow::Result<Option<mas_net::telemetry::TelemetryGuard>> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::{EnvFilter, Layer};
+
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,mas_server=info".into());
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+        let (otel, guard) = match telemetry {
+            Some(settings) => match mas_net::telemetry::start(settings, "mas-broker")? {
+                Some((layer, guard)) => (Some(layer), Some(guard)),
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        tracing_subscriber::registry().with(fmt).with(otel).init();
+        Ok(guard)
+    }
+
     async fn run(command: Command) -> anyhow::Result<ExitCode> {
+        if !matches!(command, Command::Serve { .. }) {
+            init_logging(None)?;
+        }
         match command {
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
             Command::Serve { config } => serve_from(config).await,
@@ -281,6 +301,7 @@ mod cli {
     async fn serve_from(path: PathBuf) -> anyhow::Result<ExitCode> {
         let stop = stop_requested();
         let config = BrokerConfig::from_file(&path)?;
+        let _telemetry = init_logging(Some(&config.telemetry))?;
         let tls = config.tls.as_ref().context("config: `tls` is required to serve (mTLS is mandatory)")?;
         let files = TlsFiles {
             ca: tls.client_ca_path.clone(),

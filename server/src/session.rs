@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::broker::Broker;
+use crate::delivery_trace::DeliveryTraces;
 use crate::service::Generation;
 
 /// How long one claim waits for work before the loop re-checks its other inputs. Only bounds
@@ -67,6 +68,7 @@ pub async fn run(
         outage,
         claim_unanswered: false,
         reported_in_flight: 0,
+        traces: DeliveryTraces::default(),
     };
     let end = task.drive(inbound).await;
     task.finish(end).await;
@@ -83,6 +85,8 @@ struct Session {
     claim_unanswered: bool,
     /// What this session last added to its agent's in-flight gauge.
     reported_in_flight: i64,
+    /// Spans of the deliveries in flight (tracing on only).
+    traces: DeliveryTraces,
 }
 
 /// A session's view of store trouble: until when its lease is certainly valid, how long to
@@ -295,17 +299,22 @@ impl Session {
             match output {
                 Output::Deliver(d) => {
                     delivered += 1;
+                    let envelope_json =
+                        self.traces.start(&self.session.agent, &d).unwrap_or_else(|| d.envelope.to_string());
                     let event = ServerEvent {
                         event: Some(server_event::Event::Delivery(Delivery {
                             delivery_id: d.delivery_id.to_string(),
-                            envelope_json: d.envelope.to_string(),
+                            envelope_json,
                         })),
                     };
                     if self.outbound.send(Ok(event)).await.is_err() {
                         end = Some(End::Disconnected);
                     }
                 }
-                Output::Store(effect) => effects.push(effect),
+                Output::Store(effect) => {
+                    self.traces.settled(&effect);
+                    effects.push(effect);
+                }
                 Output::Drained => end = Some(End::Drained),
             }
         }
@@ -413,6 +422,9 @@ impl Session {
         let effects: Vec<StoreEffect> = std::iter::from_fn(|| self.machine.poll_output())
             .filter_map(|o| if let Output::Store(e) = o { Some(e) } else { None })
             .collect();
+        for effect in &effects {
+            self.traces.settled(effect);
+        }
         if let Err(err) = self.apply(effects).await {
             tracing::warn!(agent = %self.session.agent, error = %err, "hand-back failed; work returns when the lease ends");
         }

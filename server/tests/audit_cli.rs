@@ -22,6 +22,7 @@ fn record(n: u32, decision: Decision) -> AuditRecord {
         sender_instance_id: Some("i".into()),
         target_id: "bob".into(),
         timestamp: 1_700_000_000.0 + f64::from(n),
+        trace_id: None,
         violations: if decision == Decision::Alert { vec!["email".into()] } else { vec![] },
     }
 }

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import uuid
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+import mas_pb2
 from harness import Broker, Pki, RedisServer
 from runtime_client import Client, channel, refusal
 
@@ -232,3 +234,38 @@ def test_a_second_signal_stops_at_once(pki: Pki, tmp_path) -> None:
 
     asyncio.run(main())
     assert broker.stop() == 130, "128 + SIGINT"
+
+
+def test_a_callers_traceparent_reaches_the_receiver(broker: Broker, pki: Pki) -> None:
+    """A grpcio client that sends W3C trace context in its metadata finds its trace id in the
+    delivered envelope (the broker records nothing here: the context is passed through);
+    a malformed one is dropped."""
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+
+    async def main():
+        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
+        a, b = await alice.connect(), await bob.connect()
+        await alice.stub.Send(
+            mas_pb2.SendRequest(target_id="bob", message_type="traced", data_json="{}", instance_id=a.instance_id),
+            metadata=(("traceparent", traceparent), ("tracestate", "vendor=1")),
+            timeout=10,
+        )
+        delivery_id, envelope = await b.delivery()
+        b.ack(delivery_id)
+        assert envelope["meta"]["traceparent"] == traceparent
+        assert envelope["meta"]["tracestate"] == "vendor=1"
+        await alice.stub.Send(
+            mas_pb2.SendRequest(target_id="bob", message_type="untraced", data_json="{}", instance_id=a.instance_id),
+            metadata=(("traceparent", "not-a-traceparent"),),
+            timeout=10,
+        )
+        delivery_id, envelope = await b.delivery()
+        b.ack(delivery_id)
+        assert envelope["meta"]["traceparent"] is None, "a malformed traceparent is dropped"
+        for t in (a, b):
+            await t.close()
+        for c in (alice, bob):
+            await c.close()
+
+    asyncio.run(main())

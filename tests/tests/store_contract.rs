@@ -101,6 +101,7 @@ fn record(target: &str, decision: Decision) -> AuditRecord {
         sender_instance_id: Some("a1".into()),
         target_id: target.into(),
         timestamp: 1_700_000_000.125,
+        trace_id: None,
         violations: Vec::new(),
     }
 }

@@ -229,6 +229,7 @@ mod tests {
             sender_instance_id: None,
             target_id: "bob".into(),
             timestamp: 1.0,
+            trace_id: None,
             violations: vec![],
         }
     }

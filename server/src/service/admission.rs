@@ -12,6 +12,7 @@ use mas_core::policy::dlp::Action;
 use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use mas_core::time::Instant;
 use mas_net::status::{self, detail};
+use mas_net::telemetry::WireContext;
 use tonic::Status;
 
 use super::{Service, store_failed};
@@ -27,6 +28,8 @@ pub(super) struct Ingress<'a> {
     pub message_id: &'a str,
     /// When the RPC began (broker's monotonic clock), for `latency_ms`.
     pub started: Instant,
+    /// The trace context the message carries (its trace id goes into the audit record).
+    pub trace: &'a WireContext,
 }
 
 /// The fields a send and a request share.
@@ -76,6 +79,7 @@ impl Service {
         sender: &AgentId,
         outgoing: Outgoing<'_>,
         correlation_id: Option<&str>,
+        trace: &WireContext,
     ) -> Result<Screened, Status> {
         let sender_instance = self.connected_instance(sender, outgoing.instance_id).await?;
         // Bounded before anything is parsed, screened or audited: no field of a refused
@@ -94,6 +98,7 @@ impl Service {
             correlation_id,
             message_id: &message_id,
             started,
+            trace,
         };
         let passed = self.pass_policies(&ingress, Exchange::Message, data).await?;
         Ok(Screened { sender_instance, message_id, passed })
@@ -173,6 +178,7 @@ impl Service {
             sender_instance_id: Some(ingress.sender_instance.to_string()),
             target_id: ingress.target_id.to_string(),
             timestamp: now.wall.0 as f64 / 1000.0,
+            trace_id: ingress.trace.trace_id().map(str::to_string),
             violations,
         }
     }
@@ -227,6 +233,7 @@ impl Service {
     pub(super) fn committed(&self, chain: &AgentId, record: &AuditRecord) {
         self.broker.audit().recorded(chain, record);
         self.broker.metrics().admitted(record.decision, &record.sender_id);
+        tracing::Span::current().record("mas.decision", record.decision.as_str());
     }
 
     /// The status of a failed step that records in `chain`; a full chain is handed to the

@@ -51,8 +51,9 @@ impl MasV1Service {
 impl MasService for MasV1Service {
     type TransportStream = EventStream;
 
-    async fn transport(&self, request: Request<Streaming<ClientEvent>>) -> EventResponse {
-        self.0.observed(Method::transport, self.0.open_transport(request, Generation::MasV1)).await
+    async fn transport(&self, mut request: Request<Streaming<ClientEvent>>) -> EventResponse {
+        let span = super::spans::rpc_span(Method::transport, &mut request);
+        self.0.observed(Method::transport, span, self.0.open_transport(request, Generation::MasV1)).await
     }
 
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {

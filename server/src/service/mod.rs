@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::broker::{Broker, OpenError};
 use crate::metrics::Method;
@@ -33,6 +34,7 @@ use crate::session;
 
 mod admission;
 pub(crate) mod mas_v1;
+mod spans;
 
 pub use mas_v1::MasV1Service;
 
@@ -210,34 +212,43 @@ impl Service {
     async fn handle_send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
+        let trace = spans::ingress_context(&request);
         let req = request.into_inner();
+        spans::record_parties(sender.as_str(), &req.instance_id, Some(&req.target_id), Some(&req.message_type));
         let outgoing = Outgoing {
             instance_id: &req.instance_id,
             target_id: &req.target_id,
             message_type: &req.message_type,
             data_json: &req.data_json,
         };
-        let Screened { sender_instance, message_id, passed } =
-            self.screen_outgoing(started, &sender, outgoing, None).await?;
-        let now = self.broker.clock().now().wall;
-        let envelope = Envelope::new_send(
-            &sender,
-            &sender_instance,
-            &passed.target,
-            req.message_type,
-            passed.payload,
-            message_id.clone(),
-            now,
-        );
-        let envelope = Some(Arc::from(envelope.to_json()));
-        self.admit(Admission { chain: passed.target, record: passed.record, envelope }).await?;
+        let admitted = async {
+            let Screened { sender_instance, message_id, passed } =
+                self.screen_outgoing(started, &sender, outgoing, None, &trace).await?;
+            let now = self.broker.clock().now().wall;
+            let envelope = Envelope::new_send(
+                &sender,
+                &sender_instance,
+                &passed.target,
+                req.message_type.clone(),
+                passed.payload,
+                message_id.clone(),
+                now,
+            )
+            .traced(trace.traceparent.clone(), trace.tracestate.clone());
+            let envelope = Some(Arc::from(envelope.to_json()));
+            self.admit(Admission { chain: passed.target, record: passed.record, envelope }).await?;
+            Ok::<_, Status>(message_id)
+        };
+        let message_id = admitted.instrument(spans::admission_span()).await?;
         Ok(Response::new(SendResponse { message_id }))
     }
 
     async fn handle_request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
+        let trace = spans::ingress_context(&request);
         let req = request.into_inner();
+        spans::record_parties(sender.as_str(), &req.instance_id, Some(&req.target_id), Some(&req.message_type));
         let longest = self.broker.config().limits.max_request_timeout_ms;
         let timeout = match req.timeout_ms {
             ms if ms < 0 => return Err(Status::invalid_argument(detail::INVALID_TIMEOUT_MS)),
@@ -254,33 +265,47 @@ impl Service {
             message_type: &req.message_type,
             data_json: &req.data_json,
         };
-        let Screened { sender_instance, message_id, passed } =
-            self.screen_outgoing(started, &sender, outgoing, Some(&correlation_id)).await?;
-        let now = self.broker.clock().now().wall;
-        let envelope = Envelope::new_request(
-            &sender,
-            &sender_instance,
-            &passed.target,
-            req.message_type,
-            passed.payload,
-            message_id.clone(),
-            correlation_id.clone(),
-            now,
-        );
-        let target = passed.target;
-        let pending = PendingRequest { requester: sender, requester_instance: sender_instance, target: target.clone() };
-        let envelope = Some(Arc::from(envelope.to_json()));
-        let admission = Admission { chain: target.clone(), record: passed.record, envelope };
-        let committed =
-            self.broker.store().open_request(&correlation_id, pending, timeout, admission, self.broker.circuit()).await;
-        admission::routed(&self.recorded(&target, committed)?)?;
+        let admitted = async {
+            let Screened { sender_instance, message_id, passed } =
+                self.screen_outgoing(started, &sender, outgoing, Some(&correlation_id), &trace).await?;
+            let now = self.broker.clock().now().wall;
+            let envelope = Envelope::new_request(
+                &sender,
+                &sender_instance,
+                &passed.target,
+                req.message_type.clone(),
+                passed.payload,
+                message_id.clone(),
+                correlation_id.clone(),
+                now,
+            )
+            .traced(trace.traceparent.clone(), trace.tracestate.clone());
+            let target = passed.target;
+            let pending = PendingRequest {
+                requester: sender.clone(),
+                requester_instance: sender_instance,
+                target: target.clone(),
+            };
+            let envelope = Some(Arc::from(envelope.to_json()));
+            let admission = Admission { chain: target.clone(), record: passed.record, envelope };
+            let committed = self
+                .broker
+                .store()
+                .open_request(&correlation_id, pending, timeout, admission, self.broker.circuit())
+                .await;
+            admission::routed(&self.recorded(&target, committed)?)?;
+            Ok::<_, Status>(message_id)
+        };
+        let message_id = admitted.instrument(spans::admission_span()).await?;
         Ok(Response::new(RequestResponse { message_id, correlation_id }))
     }
 
     async fn handle_reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
         let started = self.broker.clock().now().mono;
         let sender = caller(&request)?;
+        let trace = spans::ingress_context(&request);
         let req = request.into_inner();
+        spans::record_parties(sender.as_str(), &req.instance_id, None, Some(&req.message_type));
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
         let limits = self.broker.config().limits.input();
         limits.check_message_type(&req.message_type).map_err(status::limit_exceeded)?;
@@ -327,8 +352,12 @@ impl Service {
             correlation_id: Some(&req.correlation_id),
             message_id: &message_id,
             started,
+            trace: &trace,
         };
-        let passed = self.pass_policies(&ingress, Exchange::Reply(&pending.requester), data).await?;
+        let passed = self
+            .pass_policies(&ingress, Exchange::Reply(&pending.requester), data)
+            .instrument(spans::admission_span())
+            .await?;
         let envelope = Envelope::new_reply(
             &sender,
             &sender_instance,
@@ -339,7 +368,8 @@ impl Service {
             message_id.clone(),
             req.correlation_id.clone(),
             self.broker.clock().now().wall,
-        );
+        )
+        .traced(trace.traceparent.clone(), trace.tracestate.clone());
         let receipt = ReplyReceipt { sender, fingerprint, message_id };
         let committed = self
             .broker
@@ -433,52 +463,68 @@ impl Service {
 impl RuntimeService for Service {
     type TransportStream = EventStream;
 
-    async fn transport(&self, request: Request<Streaming<ClientEvent>>) -> EventResponse {
-        self.observed(Method::transport, self.open_transport(request, Generation::Runtime)).await
+    async fn transport(&self, mut request: Request<Streaming<ClientEvent>>) -> EventResponse {
+        let span = spans::rpc_span(Method::transport, &mut request);
+        self.observed(Method::transport, span, self.open_transport(request, Generation::Runtime)).await
     }
 
-    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        self.observed(Method::send, self.handle_send(request)).await
+    async fn send(&self, mut request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let span = spans::rpc_span(Method::send, &mut request);
+        self.observed(Method::send, span, self.handle_send(request)).await
     }
 
-    async fn request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
-        self.observed(Method::request, self.handle_request(request)).await
+    async fn request(&self, mut request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
+        let span = spans::rpc_span(Method::request, &mut request);
+        self.observed(Method::request, span, self.handle_request(request)).await
     }
 
-    async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
-        self.observed(Method::reply, self.handle_reply(request)).await
+    async fn reply(&self, mut request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+        let span = spans::rpc_span(Method::reply, &mut request);
+        self.observed(Method::reply, span, self.handle_reply(request)).await
     }
 
-    async fn discover(&self, request: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
-        self.observed(Method::discover, self.handle_discover(request)).await
+    async fn discover(&self, mut request: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
+        let span = spans::rpc_span(Method::discover, &mut request);
+        self.observed(Method::discover, span, self.handle_discover(request)).await
     }
 
-    async fn get_state(&self, request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
-        self.observed(Method::get_state, self.handle_get_state(request)).await
+    async fn get_state(&self, mut request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
+        let span = spans::rpc_span(Method::get_state, &mut request);
+        self.observed(Method::get_state, span, self.handle_get_state(request)).await
     }
 
     async fn update_state(
         &self,
-        request: Request<UpdateStateRequest>,
+        mut request: Request<UpdateStateRequest>,
     ) -> Result<Response<UpdateStateResponse>, Status> {
-        self.observed(Method::update_state, self.handle_update_state(request)).await
+        let span = spans::rpc_span(Method::update_state, &mut request);
+        self.observed(Method::update_state, span, self.handle_update_state(request)).await
     }
 
-    async fn reset_state(&self, request: Request<ResetStateRequest>) -> Result<Response<ResetStateResponse>, Status> {
-        self.observed(Method::reset_state, self.handle_reset_state(request)).await
+    async fn reset_state(
+        &self,
+        mut request: Request<ResetStateRequest>,
+    ) -> Result<Response<ResetStateResponse>, Status> {
+        let span = spans::rpc_span(Method::reset_state, &mut request);
+        self.observed(Method::reset_state, span, self.handle_reset_state(request)).await
     }
 }
 
 impl Service {
-    /// Runs one RPC's handler and records its latency and status code.
+    /// Runs one RPC's handler inside its span (see [`spans::rpc_span`]) and records its
+    /// latency and status code.
     async fn observed<T>(
         &self,
         method: Method,
+        span: tracing::Span,
         rpc: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
+        use tracing::Instrument;
+
         let started = tokio::time::Instant::now();
-        let result = rpc.await;
+        let result = rpc.instrument(span.clone()).await;
         let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        spans::record_status(&span, code);
         self.broker.metrics().rpc(method, code, started.elapsed());
         result
     }

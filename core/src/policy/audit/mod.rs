@@ -113,6 +113,11 @@ pub struct AuditRecord {
     pub target_id: String,
     /// Wall-clock seconds since the Unix epoch.
     pub timestamp: f64,
+    /// The W3C trace id of the message (32 hex digits), when it carried a trace context: the
+    /// way from a decision to the whole trace. Absent (not null) otherwise, so records without
+    /// one hash exactly as the reference's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// Violation types (DLP) or denial reasons.
     pub violations: Vec<String>,
 }

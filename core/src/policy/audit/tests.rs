@@ -12,6 +12,7 @@ fn record(n: u32) -> AuditRecord {
         decision: if n == 3 { Decision::DlpBlocked } else { Decision::Allowed },
         latency_ms: 0.25,
         payload_hash: payload_hash(&serde_json::Map::new()),
+        trace_id: None,
         violations: vec![],
         previous_hash: None,
         hash_version: 0,

@@ -36,6 +36,7 @@ fn record(target: &str, decision: Decision) -> AuditRecord {
         sender_instance_id: None,
         target_id: target.into(),
         timestamp: 0.0,
+        trace_id: None,
         violations: Vec::new(),
     }
 }
