@@ -11,7 +11,7 @@ use tracing::field::Empty;
 
 /// The CLIENT span of one call (`mas.send`, `mas.request`, …) to `target`.
 pub(crate) fn client_span(name: &'static str, agent: &str, target: Option<&str>, message_type: Option<&str>) -> Span {
-    if !telemetry::enabled() {
+    if !telemetry::enabled() || !telemetry::should_record(&telemetry::wire_context(&Span::current())) {
         return Span::none();
     }
     tracing::info_span!(
@@ -41,7 +41,7 @@ fn carried(envelope: &Envelope) -> WireContext {
 
 /// The CONSUMER span of a handler run for `envelope`.
 pub(crate) fn handler_span(agent: &str, envelope: &Envelope) -> Span {
-    if !telemetry::enabled() {
+    if !telemetry::enabled() || envelope.meta.traceparent.is_none() || !telemetry::should_record(&carried(envelope)) {
         return Span::none();
     }
     let span = tracing::info_span!(
@@ -62,7 +62,7 @@ pub(crate) fn handler_span(agent: &str, envelope: &Envelope) -> Span {
 /// Records a reply's arrival at the requester: a CONSUMER span, parented on the reply's
 /// delivery, that ends at once.
 pub(crate) fn reply_received(agent: &str, envelope: &Envelope) {
-    if !telemetry::enabled() {
+    if !telemetry::enabled() || envelope.meta.traceparent.is_none() || !telemetry::should_record(&carried(envelope)) {
         return;
     }
     let span = tracing::info_span!(

@@ -77,10 +77,47 @@ fn is_header_char(b: u8) -> bool {
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// `sample_ratio` as `f64` bits.
+static RATIO_BITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Whether spans are being recorded in this process.
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether a span with this parent context should be recorded: a caller's decision (the
+/// `sampled` flag) is followed; without a caller, a new trace is started with probability
+/// `sample_ratio`. Deciding before the span exists is what makes a low ratio cheap: an
+/// unsampled message creates no span objects at all, not just none that are exported.
+pub fn should_record(parent: &WireContext) -> bool {
+    if !enabled() {
+        return false;
+    }
+    match parent.traceparent.as_deref() {
+        Some(tp) => sampled_flag(tp),
+        None => draw(f64::from_bits(RATIO_BITS.load(Ordering::Relaxed))),
+    }
+}
+
+/// The `sampled` bit of a well-formed `traceparent`.
+fn sampled_flag(traceparent: &str) -> bool {
+    u8::from_str_radix(traceparent.get(53..55).unwrap_or("00"), 16).is_ok_and(|flags| flags & 1 == 1)
+}
+
+/// True with probability `ratio`: a counter hashed with a per-process random key.
+fn draw(ratio: f64) -> bool {
+    use std::hash::{BuildHasher, RandomState};
+    static KEY: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if ratio >= 1.0 {
+        return true;
+    }
+    if ratio <= 0.0 {
+        return false;
+    }
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let hash = KEY.get_or_init(RandomState::new).hash_one(n);
+    (hash >> 11) as f64 / (1u64 << 53) as f64 <= ratio
 }
 
 /// A W3C trace context as carried on the wire: the `traceparent` and `tracestate` values.
@@ -148,6 +185,7 @@ mod real {
     use opentelemetry_sdk::propagation::TraceContextPropagator;
     use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::Layer as _;
 
     /// Why the tracing pipeline could not start.
     #[derive(Debug, thiserror::Error)]
@@ -210,12 +248,21 @@ mod real {
         let service = settings.service_name.clone().unwrap_or_else(|| default_service.to_string());
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio))))
+            // Roots are chosen by `should_record` before they exist; the SDK records those and
+            // follows the parent's flag for the rest.
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
             .build();
         let tracer = provider.tracer("mas");
+        RATIO_BITS.store(settings.sample_ratio.to_bits(), Ordering::Relaxed);
         ENABLED.store(true, Ordering::Relaxed);
-        let layer = tracing_opentelemetry::layer().with_tracer(tracer);
+        // Only our own spans (and the events inside them): without this filter every trace-level
+        // event of h2, hyper and tonic reached the layer, which cost five times the broker's
+        // own work per message.
+        let ours = tracing_subscriber::filter::Targets::new()
+            .with_target("mas_server", tracing::Level::INFO)
+            .with_target("mas_agent", tracing::Level::INFO);
+        let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(ours);
         Ok(Some((layer, TelemetryGuard { provider })))
     }
 
@@ -295,6 +342,16 @@ mod tests {
             tracestate: None,
         };
         assert_eq!(wire.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
+
+    #[test]
+    fn the_sampled_flag_is_read_and_the_draw_follows_the_ratio() {
+        assert!(sampled_flag("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(!sampled_flag("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"));
+        assert!((0..1000).all(|_| draw(1.0)));
+        assert!(!(0..1000).any(|_| draw(0.0)));
+        let hits = (0..100_000).filter(|_| draw(0.1)).count();
+        assert!((9_000..11_000).contains(&hits), "{hits} of 100 000 at ratio 0.1");
     }
 
     #[test]

@@ -25,7 +25,10 @@ impl DeliveryTraces {
         if !telemetry::enabled() {
             return None;
         }
-        let parent = traceparent_of(&d.envelope)?;
+        let parent = WireContext { traceparent: Some(traceparent_of(&d.envelope)?.to_string()), tracestate: None };
+        if !telemetry::should_record(&parent) {
+            return None;
+        }
         let span = tracing::info_span!(
             "mas.deliver",
             otel.kind = "producer",
@@ -34,7 +37,7 @@ impl DeliveryTraces {
             mas.message_id = message_id_of(&d.envelope).unwrap_or(""),
             mas.attempt = d.attempt,
         );
-        telemetry::set_parent(&span, &WireContext { traceparent: Some(parent.to_string()), tracestate: None });
+        telemetry::set_parent(&span, &parent);
         let own = telemetry::wire_context(&span);
         let retraced = own.traceparent.as_deref().and_then(|tp| with_traceparent(&d.envelope, tp));
         self.open.insert(d.entry.clone(), span);

@@ -18,6 +18,7 @@ use mas_net::tls::{TlsFiles, TlsPem};
 use mas_server::config::DeliverySettings;
 use mas_server::{AgentDefinition, Broker, BrokerConfig, serve};
 
+pub mod otlp;
 pub mod redis_server;
 pub mod scenarios;
 use tokio::sync::oneshot;

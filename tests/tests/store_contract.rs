@@ -516,7 +516,12 @@ async fn circuit_opens_on_failed_messages_and_recovers_through_bounded_probes() 
         store.acquire_lease(&b1, LEASE).await.unwrap();
         let gate = |label: &'static str| {
             let store = store.clone();
-            async move { format!("{label} {:?}", store.gate(&agent("bob"), Some(&config)).await) }
+            async move {
+                let gate = store.gate(&agent("bob"), Some(&config)).await;
+                // What operators see (metrics): depth, head-of-queue admission time, phase.
+                let gauges = store.queue_gauges(&agent("bob")).await;
+                format!("{label} {gate:?} {gauges:?}")
+            }
         };
         log.push(gate("fresh").await);
         for n in 0..3 {

@@ -7,62 +7,18 @@
 #![cfg(not(madsim))]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mas_agent::Message;
 use mas_core::policy::audit::AuditFilter;
 use mas_net::telemetry::TelemetrySettings;
+use mas_tests::otlp::Collector;
 use mas_tests::{TestBroker, eventually};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde::Deserialize;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-
-/// Every span the collector was sent.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans);
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-impl Collector {
-    async fn start(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(self.clone());
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-        format!("http://{addr}")
-    }
-
-    fn spans(&self) -> Vec<Span> {
-        self.spans.lock().unwrap().clone()
-    }
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -83,8 +39,8 @@ struct Ask {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_and_its_reply_form_one_linked_trace() {
-    let collector = Collector::default();
-    let endpoint = collector.start().await;
+    let collector = Collector::keeping();
+    let endpoint = collector.start().await.unwrap();
     let settings = TelemetrySettings { otlp_endpoint: Some(endpoint), ..Default::default() };
     let (layer, guard) = mas_net::telemetry::start(&settings, "mas-e2e").unwrap().expect("endpoint set");
     tracing_subscriber::registry().with(layer).init();

@@ -52,6 +52,10 @@ mod load {
         /// producers back off and retry, as a real producer would.
         #[arg(long)]
         max_queue_len: Option<usize>,
+        /// Trace with this sample ratio (0.0–1.0): broker and agents export their spans over
+        /// OTLP/gRPC to an in-process collector that counts them. Off when absent.
+        #[arg(long)]
+        trace_ratio: Option<f64>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -72,7 +76,25 @@ mod load {
         runtime.block_on(run(args))
     }
 
+    /// Starts tracing into a counting collector when `--trace-ratio` is given.
+    async fn start_tracing(
+        ratio: Option<f64>,
+    ) -> anyhow::Result<Option<(mas_tests::otlp::Collector, mas_net::telemetry::TelemetryGuard)>> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+
+        let Some(sample_ratio) = ratio else { return Ok(None) };
+        let collector = mas_tests::otlp::Collector::counting();
+        let endpoint = collector.start().await?;
+        let settings =
+            mas_net::telemetry::TelemetrySettings { otlp_endpoint: Some(endpoint), sample_ratio, ..Default::default() };
+        let (layer, guard) = mas_net::telemetry::start(&settings, "mas-load")?.context("no endpoint")?;
+        tracing_subscriber::registry().with(layer).init();
+        Ok(Some((collector, guard)))
+    }
+
     async fn run(args: Args) -> anyhow::Result<()> {
+        let tracing = start_tracing(args.trace_ratio).await?;
         let dir = std::env::temp_dir().join(format!("mas-load-{}", std::process::id()));
         let producers: Vec<AgentId> =
             (0..args.producers).map(|i| AgentId::new(&format!("p{i}"))).collect::<Result<_, _>>()?;
@@ -207,6 +229,10 @@ mod load {
         println!("peak RSS before verification: {} MiB", peak_kib.map_or("?".into(), |k| (k / 1024).to_string()));
         for s in senders.iter().chain(sinks.iter()) {
             s.stop().await;
+        }
+        if let Some((collector, guard)) = tracing {
+            drop(guard);
+            println!("tracing at ratio {}: {} spans exported", args.trace_ratio.unwrap_or(0.0), collector.received());
         }
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())

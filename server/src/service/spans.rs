@@ -28,7 +28,7 @@ fn span_name(method: Method) -> &'static str {
 /// context (`Span::none()` while tracing is off).
 pub(super) fn rpc_span<T>(method: Method, request: &mut Request<T>) -> Span {
     let caller = WireContext::from_metadata(request.metadata());
-    let span = match telemetry::enabled() {
+    let span = match telemetry::should_record(&caller) {
         true => tracing::info_span!(
             "mas.rpc",
             otel.name = span_name(method),
@@ -85,7 +85,8 @@ pub(super) fn record_parties(sender: &str, instance: &str, target: Option<&str>,
 /// The span of one message's admission; its `mas.decision` is recorded when the decision is
 /// committed.
 pub(super) fn admission_span() -> Span {
-    match telemetry::enabled() {
+    // Only inside a recorded RPC span: never the root of a trace of its own.
+    match telemetry::enabled() && !Span::current().is_none() {
         true => tracing::info_span!("mas.admission", otel.kind = "internal", mas.decision = Empty),
         false => Span::none(),
     }
