@@ -138,9 +138,9 @@ impl WireContext {
         WireContext { traceparent, tracestate }
     }
 
-    /// The 32 hex digits of the trace id, if there is a context.
+    /// The 32 hex digits of the trace id, if there is a well-formed context.
     pub fn trace_id(&self) -> Option<&str> {
-        self.traceparent.as_deref().map(|tp| &tp[3..35])
+        self.traceparent.as_deref().filter(|tp| is_traceparent(tp)).and_then(|tp| tp.get(3..35))
     }
 
     /// Adds the context to outgoing gRPC metadata.
@@ -342,6 +342,8 @@ mod tests {
             tracestate: None,
         };
         assert_eq!(wire.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        let short = WireContext { traceparent: Some("00-4b".into()), tracestate: None };
+        assert_eq!(short.trace_id(), None, "a malformed context has no trace id (and no panic)");
     }
 
     #[test]

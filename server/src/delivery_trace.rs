@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use mas_core::delivery::{Delivery, EntryId, RequeueReason, StoreEffect};
+use mas_core::delivery::{Delivery, EntryId, StoreEffect};
 use mas_core::envelope::{traceparent_of, with_traceparent};
 use mas_core::ids::AgentId;
 use mas_net::telemetry::{self, WireContext};
@@ -53,14 +53,12 @@ impl DeliveryTraces {
         span.in_scope(|| match effect {
             StoreEffect::Ack { .. } => tracing::info!(event = "ack", "delivery acknowledged"),
             StoreEffect::Requeue { reason, attempt, .. } => {
-                let why = match reason {
-                    RequeueReason::RetryableNack => "nack",
-                    RequeueReason::AckTimeout => "ack_timeout",
-                    RequeueReason::Disconnected => "disconnected",
-                    RequeueReason::DrainDeadline => "drain_deadline",
-                    RequeueReason::NotAccepted => "not_accepted",
-                };
-                tracing::info!(event = "requeue", reason = why, next_attempt = attempt, "delivery requeued");
+                tracing::info!(
+                    event = "requeue",
+                    reason = reason.as_str(),
+                    next_attempt = attempt,
+                    "delivery requeued"
+                );
             }
             StoreEffect::DeadLetter { reason, .. } => {
                 tracing::info!(event = "dead_letter", reason = %reason, "delivery dead-lettered");

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use mas_core::delivery::{RequeueReason, StoreEffect};
+use mas_core::delivery::StoreEffect;
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::Decision;
 use mas_core::policy::circuit::CircuitPhase;
@@ -335,7 +335,7 @@ impl Metrics {
                     }
                 }
                 StoreEffect::Requeue { reason, .. } => {
-                    let reason = requeue_reason(*reason);
+                    let reason = reason.as_str();
                     self.redeliveries.get_or_create(&AgentReasonLabels { agent: agent.to_string(), reason }).inc();
                 }
                 StoreEffect::DeadLetter { nacked, reason, .. } => {
@@ -411,16 +411,6 @@ pub struct AgentReading {
 
 fn to_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn requeue_reason(reason: RequeueReason) -> &'static str {
-    match reason {
-        RequeueReason::RetryableNack => "retryable_nack",
-        RequeueReason::AckTimeout => "ack_timeout",
-        RequeueReason::Disconnected => "disconnected",
-        RequeueReason::DrainDeadline => "drain_deadline",
-        RequeueReason::NotAccepted => "not_accepted",
-    }
 }
 
 /// A dead letter's reason class: refused outright by the handler, retried to the limit after

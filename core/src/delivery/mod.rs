@@ -121,6 +121,17 @@ pub enum RequeueReason {
 }
 
 impl RequeueReason {
+    /// The reason's name in metrics and traces.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequeueReason::RetryableNack => "retryable_nack",
+            RequeueReason::AckTimeout => "ack_timeout",
+            RequeueReason::Disconnected => "disconnected",
+            RequeueReason::DrainDeadline => "drain_deadline",
+            RequeueReason::NotAccepted => "not_accepted",
+        }
+    }
+
     /// Whether this requeue consumed a delivery attempt.
     pub fn counts_as_attempt(self) -> bool {
         matches!(self, RequeueReason::RetryableNack | RequeueReason::AckTimeout)
