@@ -21,6 +21,11 @@
 //!
 //! Delivery is at least once: handlers must tolerate seeing a message twice (deduplicate on
 //! `message.envelope.message_id`, which is stable across redeliveries).
+//!
+//! Tracing: with [`telemetry::install`] (or your own subscriber carrying the layer of
+//! `mas_net::telemetry::start`) the SDK emits a CLIENT span per call to the broker, with the
+//! context in the call's metadata, and a CONSUMER span around every handler, parented on the
+//! delivered envelope's `meta.traceparent`; calls made inside a handler continue its trace.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -32,6 +37,14 @@ mod requests;
 mod state;
 mod trace;
 mod transport;
+
+/// Distributed tracing for agents: the `telemetry` settings and the subscriber installer,
+/// shared with the broker.
+pub mod telemetry {
+    pub use mas_net::telemetry::TelemetrySettings;
+    #[cfg(not(madsim))]
+    pub use mas_net::telemetry::{TelemetryError, TelemetryGuard, install};
+}
 
 pub use agent::{Agent, AgentBuilder, AgentError, AgentInfo};
 pub use config::AgentConfig;

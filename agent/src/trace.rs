@@ -53,9 +53,11 @@ pub(crate) fn handler_span(agent: &str, envelope: &Envelope) -> Span {
         mas.sender_id = %envelope.sender_id,
         mas.message_type = %envelope.message_type,
         mas.message_id = %envelope.message_id,
-        mas.outcome = Empty,
+        trace_id = Empty,
+        span_id = Empty,
     );
     telemetry::set_parent(&span, &carried(envelope));
+    telemetry::wire_context(&span).record_ids(&span);
     span
 }
 

@@ -143,6 +143,20 @@ impl WireContext {
         self.traceparent.as_deref().filter(|tp| is_traceparent(tp)).and_then(|tp| tp.get(3..35))
     }
 
+    /// The 16 hex digits of the parent (for a span's own context: the span's) id.
+    pub fn span_id(&self) -> Option<&str> {
+        self.traceparent.as_deref().filter(|tp| is_traceparent(tp)).and_then(|tp| tp.get(36..52))
+    }
+
+    /// Records this context's `trace_id` and `span_id` on `span` (fields declared on it), so
+    /// every log line inside the span names them.
+    pub fn record_ids(&self, span: &tracing::Span) {
+        if let (Some(trace_id), Some(span_id)) = (self.trace_id(), self.span_id()) {
+            span.record("trace_id", trace_id);
+            span.record("span_id", span_id);
+        }
+    }
+
     /// Adds the context to outgoing gRPC metadata.
     pub fn inject(&self, metadata: &mut tonic::metadata::MetadataMap) {
         let mut put = |key, value: &Option<String>| {
@@ -266,6 +280,30 @@ mod real {
         Ok(Some((layer, TelemetryGuard { provider })))
     }
 
+    /// Installs the process's global `tracing` subscriber: log lines to stderr, filtered by
+    /// `RUST_LOG` (else `default_filter`; lines inside a traced RPC or handler name its
+    /// `trace_id`), plus the OTLP layer when `settings` names an endpoint (spans are exported
+    /// whatever `RUST_LOG` says). Keep the returned guard alive; dropping it flushes. Call once,
+    /// inside a tokio runtime.
+    pub fn install(
+        settings: Option<&TelemetrySettings>,
+        default_service: &str,
+        default_filter: &str,
+    ) -> Result<Option<TelemetryGuard>, TelemetryError> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::{EnvFilter, Layer};
+
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+        let (otel, guard) = match settings.map(|s| start(s, default_service)).transpose()?.flatten() {
+            Some((layer, guard)) => (Some(layer), Some(guard)),
+            None => (None, None),
+        };
+        tracing_subscriber::registry().with(fmt).with(otel).init();
+        Ok(guard)
+    }
+
     /// Makes `parent` (from the wire) the parent of `span`. A span without a valid parent
     /// starts a new trace (subject to sampling).
     pub fn set_parent(span: &tracing::Span, parent: &WireContext) {
@@ -342,6 +380,7 @@ mod tests {
             tracestate: None,
         };
         assert_eq!(wire.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(wire.span_id(), Some("00f067aa0ba902b7"));
         let short = WireContext { traceparent: Some("00-4b".into()), tracestate: None };
         assert_eq!(short.trace_id(), None, "a malformed context has no trace id (and no panic)");
     }

@@ -173,27 +173,12 @@ mod cli {
         }
     }
 
-    /// Logs to stderr (filtered by `RUST_LOG`, default `warn,mas_server=info`; lines inside a
-    /// traced RPC name its `trace_id`), plus the OTLP layer when telemetry is configured: spans
-    /// are exported whatever `RUST_LOG` says. Returns the pipeline's guard (flushes on drop).
+    /// Logs to stderr (`RUST_LOG`, default `warn,mas_server=info`) and, when `telemetry` names
+    /// an OTLP endpoint, exports spans; the guard flushes them when dropped.
     fn init_logging(
         telemetry: Option<&mas_net::telemetry::TelemetrySettings>,
     ) -> anyhow::Result<Option<mas_net::telemetry::TelemetryGuard>> {
-        use tracing_subscriber::layer::SubscriberExt;
-        use tracing_subscriber::util::SubscriberInitExt;
-        use tracing_subscriber::{EnvFilter, Layer};
-
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,mas_server=info".into());
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
-        let (otel, guard) = match telemetry {
-            Some(settings) => match mas_net::telemetry::start(settings, "mas-broker")? {
-                Some((layer, guard)) => (Some(layer), Some(guard)),
-                None => (None, None),
-            },
-            None => (None, None),
-        };
-        tracing_subscriber::registry().with(fmt).with(otel).init();
-        Ok(guard)
+        Ok(mas_net::telemetry::install(telemetry, "mas-broker", "warn,mas_server=info")?)
     }
 
     async fn run(command: Command) -> anyhow::Result<ExitCode> {

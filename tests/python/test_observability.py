@@ -269,3 +269,90 @@ def test_a_callers_traceparent_reaches_the_receiver(broker: Broker, pki: Pki) ->
             await c.close()
 
     asyncio.run(main())
+
+
+class _Collector:
+    """An OTLP trace collector (the service of the `opentelemetry-proto` package) on a free
+    loopback port, keeping every span with its resource's service name."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        spans = self.spans = []
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for resource in request.resource_spans:
+                    service = next((a.value.string_value for a in resource.resource.attributes
+                                    if a.key == "service.name"), None)
+                    for scope in resource.scope_spans:
+                        spans.extend((service, s) for s in scope.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def of_trace(self, trace_id: str) -> list:
+        return [(service, s) for service, s in self.spans if s.trace_id.hex() == trace_id]
+
+
+def test_the_broker_binary_exports_its_spans_over_otlp(pki: Pki, tmp_path) -> None:
+    """`mas serve` with a `telemetry` section sends its spans to a real OTLP collector: the
+    RPC span is the child of the caller's span, the delivered envelope carries the delivery
+    span's context, an unsampled caller context is followed (nothing recorded), log lines
+    inside a traced RPC name the trace, and SIGTERM flushes what is buffered."""
+    collector = _Collector()
+    broker = Broker.start(tmp_path, pki, telemetry={"otlp_endpoint": f"http://127.0.0.1:{collector.port}",
+                                                    "service_name": "mas-broker-under-test"})
+    sampled_trace, caller_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    unsampled_trace = uuid.uuid4().hex
+    denied_trace = uuid.uuid4().hex
+
+    async def main():
+        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
+        dave = Client(broker.target, pki.agent("dave"))
+        a, b, d = await alice.connect(), await bob.connect(), await dave.connect()
+
+        async def send(client, transport, trace, span, flags, target="bob"):
+            return await client.stub.Send(
+                mas_pb2.SendRequest(target_id=target, message_type="traced", data_json="{}",
+                                    instance_id=transport.instance_id),
+                metadata=(("traceparent", f"00-{trace}-{span}-{flags}"),), timeout=10)
+
+        await send(alice, a, sampled_trace, caller_span, "01")
+        delivery_id, sampled = await b.delivery()
+        b.ack(delivery_id)
+        await send(alice, a, unsampled_trace, caller_span, "00")
+        delivery_id, unsampled = await b.delivery()
+        b.ack(delivery_id)
+        code, _ = await refusal(send(dave, d, denied_trace, caller_span, "01"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        await asyncio.sleep(0.3)
+        for t in (a, b, d):
+            await t.close()
+        for c in (alice, bob, dave):
+            await c.close()
+        return sampled, unsampled
+
+    sampled, unsampled = asyncio.run(main())
+    assert broker.stop() == 0
+    collector.server.stop(grace=None)
+
+    _, trace, delivery_span, flags = sampled["meta"]["traceparent"].split("-")
+    assert trace == sampled_trace and flags == "01"
+    assert delivery_span != caller_span, "the envelope carries the broker's delivery span"
+    spans = {s.name: (service, s) for service, s in collector.of_trace(sampled_trace)}
+    assert {"mas.rpc.send", "mas.admission", "mas.deliver"} <= set(spans), sorted(spans)
+    service, rpc = spans["mas.rpc.send"]
+    assert service == "mas-broker-under-test"
+    assert rpc.parent_span_id.hex() == caller_span, "the RPC span is the caller's child"
+    assert spans["mas.deliver"][1].span_id.hex() == delivery_span
+    assert spans["mas.admission"][1].parent_span_id == rpc.span_id
+
+    assert unsampled["meta"]["traceparent"] == f"00-{unsampled_trace}-{caller_span}-00", "passed through"
+    assert collector.of_trace(unsampled_trace) == [], "an unsampled caller is followed: nothing recorded"
+    assert denied_trace in broker.log_path.read_text(), "the denial's log line names its trace"

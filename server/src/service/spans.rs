@@ -41,16 +41,17 @@ pub(super) fn rpc_span<T>(method: Method, request: &mut Request<T>) -> Span {
             mas.agent_id = Empty,
             mas.instance_id = Empty,
             trace_id = Empty,
+            span_id = Empty,
         ),
         false => Span::none(),
     };
     if !span.is_none() {
         telemetry::set_parent(&span, &caller);
-        if let Some(trace_id) = telemetry::wire_context(&span).trace_id() {
-            span.record("trace_id", trace_id);
-        }
+        telemetry::wire_context(&span).record_ids(&span);
     }
-    request.extensions_mut().insert(caller);
+    if caller.traceparent.is_some() {
+        request.extensions_mut().insert(caller);
+    }
     span
 }
 
