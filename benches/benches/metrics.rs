@@ -3,8 +3,6 @@
 //! admission, claim and settle, its delivery and its ack), on one thread. Compare with the
 //! admission pipeline bench (`policy.rs`, `pipeline/*`) for the share of a message's work.
 
-#![cfg(not(madsim))]
-
 use std::hint::black_box;
 use std::time::Duration;
 
