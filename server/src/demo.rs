@@ -32,10 +32,12 @@ struct Greeting {
     text: String,
 }
 
-/// Runs the demo until `shutdown` resolves or `max_messages` greetings were delivered.
+/// Runs the demo until `shutdown` resolves or `max_messages` greetings were delivered; with
+/// `admin`, metrics and health probes are served there (a busy port only costs a warning).
 pub async fn run(
     certs_dir: &Path,
     listen: SocketAddr,
+    admin: Option<SocketAddr>,
     max_messages: Option<u64>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -64,6 +66,23 @@ pub async fn run(
         }
     });
     println!("broker listening on {addr} (mTLS, embedded store)");
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = match admin {
+        Some(at) => match crate::admin::bind(at).await {
+            Ok(listener) => {
+                let base = format!("http://{}", listener.local_addr);
+                println!("metrics on {base}/metrics, probes on {base}/healthz and {base}/readyz");
+                Some(tokio::spawn(crate::admin::serve(broker.clone(), listener, async move {
+                    let _ = admin_stopped.await;
+                })))
+            }
+            Err(err) => {
+                println!("no metrics listener: cannot listen on {at} ({err}); pass --admin with another address");
+                None
+            }
+        },
+        None => None,
+    };
 
     let endpoint = format!("https://{addr}");
     let mut bob_agent = DemoAgent::connect(&endpoint, &pki.agent(&bob), &bob).await.context("starting bob")?;
@@ -103,6 +122,10 @@ pub async fn run(
     bob_agent.close().await;
     let _ = stop_tx.send(());
     server.await.context("broker task")??;
+    let _ = admin_stop.send(());
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
     println!("stopped cleanly ({sent} sent, {received} delivered)");
     Ok(())
 }

@@ -59,6 +59,9 @@ mod cli {
             /// Stop after this many greetings were delivered (default: run until Ctrl-C).
             #[arg(long)]
             messages: Option<u64>,
+            /// Where to serve metrics and health probes (`none` to turn them off).
+            #[arg(long, default_value = "127.0.0.1:9464", value_parser = admin_addr)]
+            admin: AdminAddr,
         },
         /// Verify or query the audit trail.
         Audit {
@@ -115,6 +118,17 @@ mod cli {
             #[arg(long, default_value = "json")]
             format: String,
         },
+    }
+
+    /// `--admin`: an address, or `none`.
+    #[derive(Debug, Clone, Copy)]
+    struct AdminAddr(Option<SocketAddr>);
+
+    fn admin_addr(value: &str) -> Result<AdminAddr, String> {
+        match value {
+            "none" => Ok(AdminAddr(None)),
+            addr => addr.parse().map(|a| AdminAddr(Some(a))).map_err(|err| format!("{addr:?}: {err}")),
+        }
     }
 
     pub fn main() -> ExitCode {
@@ -206,8 +220,8 @@ mod cli {
                 );
                 Ok(())
             }
-            Command::Demo { certs_dir, listen, messages } => {
-                mas_server::demo::run(&certs_dir, listen, messages, stop_requested()).await
+            Command::Demo { certs_dir, listen, messages, admin } => {
+                mas_server::demo::run(&certs_dir, listen, admin.0, messages, stop_requested()).await
             }
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await.map(|_| ()),
             Command::Audit {
