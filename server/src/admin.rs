@@ -109,20 +109,34 @@ async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
     ([(header::CONTENT_TYPE, OPENMETRICS)], broker.metrics().encode()).into_response()
 }
 
-/// The store-held gauges of every allowlisted agent; `None` when the store cannot be read.
-async fn read_store(broker: &Broker) -> Option<Vec<AgentReading>> {
+/// How many agents' gauges a scrape reads from the store at once.
+const SCRAPE_CONCURRENCY: usize = 16;
+
+/// The store-held gauges of every allowlisted agent (one store step each, up to
+/// [`SCRAPE_CONCURRENCY`] at a time); `None` when the store cannot be read.
+async fn read_store(broker: &Arc<Broker>) -> Option<Vec<AgentReading>> {
     let now = broker.clock().now().wall.0 as f64 / 1000.0;
-    let mut readings = Vec::with_capacity(broker.config().agents.len());
-    for agent in broker.config().agents.keys() {
-        let gauges = broker.store().queue_gauges(agent).await.ok()?;
-        let audit_len = broker.store().audit_len(agent).await.ok()?;
-        readings.push(AgentReading {
-            agent: agent.clone(),
-            queue_depth: gauges.depth,
-            oldest_age: gauges.oldest_timestamp.map(|at| Duration::from_secs_f64((now - at).max(0.0))),
-            circuit: gauges.circuit,
-            audit_len,
-        });
+    let agents: Vec<_> = broker.config().agents.keys().cloned().collect();
+    let mut readings = Vec::with_capacity(agents.len());
+    for chunk in agents.chunks(SCRAPE_CONCURRENCY) {
+        let mut reads = tokio::task::JoinSet::new();
+        for agent in chunk {
+            let (store, agent) = (broker.store().clone(), agent.clone());
+            reads.spawn(async move { store.queue_gauges(&agent).await.map(|g| (agent, g)) });
+        }
+        while let Some(read) = reads.join_next().await {
+            let (agent, gauges) = read.ok()?.ok()?;
+            readings.push(AgentReading {
+                agent,
+                queue_depth: gauges.depth,
+                // An envelope from elsewhere may carry any number: never trust it to fit.
+                oldest_age: gauges
+                    .oldest_timestamp
+                    .and_then(|at| Duration::try_from_secs_f64((now - at).max(0.0)).ok()),
+                circuit: gauges.circuit,
+                audit_len: gauges.audit_len,
+            });
+        }
     }
     Some(readings)
 }

@@ -179,6 +179,8 @@ def test_sigterm_drains_a_delivery_in_flight(pki: Pki, tmp_path) -> None:
         found = scrape(broker)
         assert value(found, "mas_draining") == 1
         assert value(found, "mas_in_flight", agent="bob") == 1
+        assert value(found, "mas_queue_depth", agent="bob") == 1, "in flight is still in the queue"
+        assert 0.4 < value(found, "mas_oldest_message_age_seconds", agent="bob") < 30
         b.ack(delivery_id)
         # Drained: the broker ends the session's stream by itself, then stops (its admin
         # listener with it, so the outcome is read from the exit code and the log).

@@ -292,6 +292,7 @@ impl MemoryStore {
             depth: self.queue_len(&queue),
             oldest_timestamp: head.and_then(|seq| self.entries.get(&seq)).and_then(|e| envelope_timestamp(&e.envelope)),
             circuit: self.circuit(agent).phase(now),
+            audit_len: self.audit_len(agent),
         }
     }
 

@@ -259,6 +259,8 @@ pub struct QueueGauges {
     pub oldest_timestamp: Option<f64>,
     /// The agent's circuit.
     pub circuit: crate::policy::circuit::CircuitPhase,
+    /// Live records in the agent's audit chain.
+    pub audit_len: usize,
 }
 
 /// The admission time an envelope carries (its `timestamp`), if it can be read.

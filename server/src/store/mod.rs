@@ -121,7 +121,8 @@ impl Store {
         step!(self, "ping", b => b.ping().await)
     }
 
-    /// Depth, head-of-queue admission time and circuit of `agent`'s work queue.
+    /// Depth, head-of-queue admission time and circuit of `agent`'s work queue, and the length
+    /// of its audit chain: one read-only step.
     pub async fn queue_gauges(&self, agent: &AgentId) -> Result<QueueGauges, StoreError> {
         step!(self, "queue_gauges", b => b.queue_gauges(agent).await)
     }

@@ -792,12 +792,13 @@ impl RedisBackend {
 
     pub(super) async fn queue_gauges(&self, agent: &AgentId) -> Result<QueueGauges, StoreError> {
         let (stream, delayed) = Self::queue_keys(&QueueKey::Work(agent.clone()));
-        let (depth, envelope, phase): (usize, String, String) = self
+        let (depth, envelope, phase, audit_len): (usize, String, String, usize) = self
             .scripts
             .queue_gauges
             .key(stream)
             .key(delayed)
             .key(key(agent, "circuit"))
+            .key(key(agent, "audit"))
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
@@ -806,7 +807,7 @@ impl RedisBackend {
             "h" => CircuitPhase::HalfOpen,
             _ => CircuitPhase::Closed,
         };
-        Ok(QueueGauges { depth, oldest_timestamp: envelope_timestamp(&envelope), circuit })
+        Ok(QueueGauges { depth, oldest_timestamp: envelope_timestamp(&envelope), circuit, audit_len })
     }
 
     pub(super) async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {
