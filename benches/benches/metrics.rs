@@ -10,7 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use mas_core::delivery::{EntryId, StoreEffect};
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::Decision;
-use mas_server::metrics::{Method, Metrics, StoreMetrics};
+use mas_server::metrics::{Method, Metrics, Settled, StoreMetrics};
 
 fn per_message(c: &mut Criterion) {
     let agents: Vec<AgentId> = ["alice", "bob"].iter().map(|a| AgentId::new(a).expect("id")).collect();
@@ -28,7 +28,7 @@ fn per_message(c: &mut Criterion) {
             metrics.admitted(Decision::Allowed, "alice");
             metrics.delivered(bob, 1);
             metrics.in_flight_changed(bob, 1);
-            metrics.settled(bob, &[black_box(&ack)]);
+            metrics.settled(bob, [Settled::of(black_box(&ack))]);
             metrics.in_flight_changed(bob, -1);
         })
     });

@@ -153,8 +153,7 @@ impl Broker {
             true => Some(compiled_dlp(&config.gateway.dlp)?),
             false => None,
         };
-        let config_agents: Vec<AgentId> = config.agents.keys().cloned().collect();
-        let store_metrics = &store.metrics().clone();
+        let metrics = Metrics::new(config.agents.keys(), store.metrics());
         Ok(Arc::new(Broker {
             authz: RwLock::new(config.authz_policy()),
             dlp,
@@ -172,7 +171,7 @@ impl Broker {
             live_tasks: watch::channel(0).0,
             stats: Counters::default(),
             drain_overran: std::sync::atomic::AtomicBool::new(false),
-            metrics: Metrics::new(config_agents.iter(), store_metrics),
+            metrics,
         }))
     }
 

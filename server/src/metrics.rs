@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use mas_core::delivery::StoreEffect;
+use mas_core::delivery::{RequeueReason, StoreEffect};
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::Decision;
 use mas_core::policy::circuit::CircuitPhase;
@@ -325,21 +325,20 @@ impl Metrics {
         }
     }
 
-    /// Store effects of `agent`'s session that the store applied.
-    pub fn settled(&self, agent: &AgentId, effects: &[&StoreEffect]) {
-        for effect in effects {
-            match effect {
-                StoreEffect::Ack { .. } => {
+    /// Settlements of `agent`'s deliveries that the store applied.
+    pub fn settled(&self, agent: &AgentId, settled: impl IntoIterator<Item = Settled>) {
+        for settlement in settled {
+            match settlement {
+                Settled::Ack => {
                     if let Some(a) = self.agent(agent) {
                         a.acks.inc();
                     }
                 }
-                StoreEffect::Requeue { reason, .. } => {
+                Settled::Requeue(reason) => {
                     let reason = reason.as_str();
                     self.redeliveries.get_or_create(&AgentReasonLabels { agent: agent.to_string(), reason }).inc();
                 }
-                StoreEffect::DeadLetter { nacked, reason, .. } => {
-                    let reason = dead_letter_reason(*nacked, reason);
+                Settled::DeadLetter(reason) => {
                     self.dead_letters.get_or_create(&AgentReasonLabels { agent: agent.to_string(), reason }).inc();
                 }
             }
@@ -390,6 +389,29 @@ impl Metrics {
             };
             self.circuit_state.get_or_create(&labels).set(state);
             self.audit_chain_length.get_or_create(&ChainLabels { chain: r.agent.to_string() }).set(to_i64(r.audit_len));
+        }
+    }
+}
+
+/// What a store effect did to a delivery, as the metrics count it (taken before the effect is
+/// handed to the store, so the effects need not be kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Acknowledged and removed.
+    Ack,
+    /// Put back in its queue.
+    Requeue(RequeueReason),
+    /// Dead-lettered, with its reason class.
+    DeadLetter(&'static str),
+}
+
+impl Settled {
+    /// The settlement `effect` makes.
+    pub fn of(effect: &StoreEffect) -> Self {
+        match effect {
+            StoreEffect::Ack { .. } => Settled::Ack,
+            StoreEffect::Requeue { reason, .. } => Settled::Requeue(*reason),
+            StoreEffect::DeadLetter { nacked, reason, .. } => Settled::DeadLetter(dead_letter_reason(*nacked, reason)),
         }
     }
 }

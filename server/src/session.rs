@@ -17,6 +17,7 @@ use tonic::{Status, Streaming};
 
 use crate::broker::Broker;
 use crate::delivery_trace::DeliveryTraces;
+use crate::metrics::Settled;
 use crate::service::Generation;
 
 /// How long one claim waits for work before the loop re-checks its other inputs. Only bounds
@@ -396,14 +397,11 @@ impl Session {
             return Ok(());
         }
         let now = self.broker.clock().now();
-        let results = self.broker.store().apply(&self.session, effects.clone(), now, self.broker.circuit()).await?;
-        let applied: Vec<&StoreEffect> =
-            effects.iter().zip(&results).filter(|(_, result)| result.is_ok()).map(|(effect, _)| effect).collect();
-        self.broker.metrics().settled(&self.session.agent, &applied);
-        let cut_short = effects
-            .iter()
-            .filter(|e| matches!(e, StoreEffect::Requeue { reason: RequeueReason::DrainDeadline, .. }))
-            .count();
+        let settled: Vec<Settled> = effects.iter().map(Settled::of).collect();
+        let results = self.broker.store().apply(&self.session, effects, now, self.broker.circuit()).await?;
+        let applied = settled.iter().zip(&results).filter(|(_, result)| result.is_ok()).map(|(s, _)| *s);
+        self.broker.metrics().settled(&self.session.agent, applied);
+        let cut_short = settled.iter().filter(|s| **s == Settled::Requeue(RequeueReason::DrainDeadline)).count();
         if cut_short > 0 {
             self.broker.count_drain_cut_short(cut_short as u64);
         }
