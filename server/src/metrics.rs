@@ -175,7 +175,6 @@ pub struct Metrics {
 impl Metrics {
     /// The registry for a broker allowlisting `agents` over a store with `store` instruments.
     pub fn new<'a>(agents: impl IntoIterator<Item = &'a AgentId>, store: &StoreMetrics) -> Self {
-        let mut registry = Registry::with_prefix("mas");
         let deliveries = Family::<AgentLabels, Counter>::default();
         let acks = Family::<AgentLabels, Counter>::default();
         let nacks = Family::<NackLabels, Counter>::default();
@@ -200,7 +199,7 @@ impl Metrics {
                 (agent.clone(), instruments)
             })
             .collect();
-        let metrics = Metrics {
+        let mut metrics = Metrics {
             agents,
             admitted: Family::default(),
             redeliveries: Family::default(),
@@ -214,9 +213,9 @@ impl Metrics {
             audit_chain_length: Family::default(),
             store_up: Gauge::default(),
             draining: Gauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("mas"),
         };
-        let r = &mut registry;
+        let r = &mut metrics.registry;
         r.register(
             "messages_admitted",
             "Admission decisions, one per message (routable or refused)",
@@ -273,7 +272,7 @@ impl Metrics {
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "The broker's version (always 1)", build);
-        Metrics { registry, ..metrics }
+        metrics
     }
 
     /// The registry in the OpenMetrics text format.
@@ -284,17 +283,22 @@ impl Metrics {
         text
     }
 
-    fn agent(&self, agent: &AgentId) -> Option<&AgentInstruments> {
-        self.agents.get(agent)
+    /// Runs `count` on `agent`'s instruments (an agent outside the allowlist has none).
+    fn for_agent(&self, agent: &AgentId, count: impl FnOnce(&AgentInstruments)) {
+        if let Some(instruments) = self.agents.get(agent) {
+            count(instruments);
+        }
     }
 
     /// A message's admission decision (routable or refused), and who was rate-limited.
     pub fn admitted(&self, decision: Decision, sender: &str) {
         self.admitted.get_or_create(&DecisionLabels { decision: decision.as_str() }).inc();
         if decision == Decision::RateLimited
-            && let Some(sender) = AgentId::new(sender).ok().and_then(|s| self.agent(&s))
+            && let Ok(sender) = AgentId::new(sender)
         {
-            sender.rate_limited.inc();
+            self.for_agent(&sender, |s| {
+                s.rate_limited.inc();
+            });
         }
     }
 
@@ -310,30 +314,28 @@ impl Metrics {
 
     /// `n` delivery attempts sent to `agent`.
     pub fn delivered(&self, agent: &AgentId, n: u64) {
-        if let Some(a) = self.agent(agent) {
+        self.for_agent(agent, |a| {
             a.deliveries.inc_by(n);
-        }
+        });
     }
 
     /// A nack from `agent`.
     pub fn nacked(&self, agent: &AgentId, retryable: bool) {
-        if let Some(a) = self.agent(agent) {
+        self.for_agent(agent, |a| {
             match retryable {
                 true => a.nacks_retryable.inc(),
                 false => a.nacks_final.inc(),
             };
-        }
+        });
     }
 
     /// Settlements of `agent`'s deliveries that the store applied.
     pub fn settled(&self, agent: &AgentId, settled: impl IntoIterator<Item = Settled>) {
         for settlement in settled {
             match settlement {
-                Settled::Ack => {
-                    if let Some(a) = self.agent(agent) {
-                        a.acks.inc();
-                    }
-                }
+                Settled::Ack => self.for_agent(agent, |a| {
+                    a.acks.inc();
+                }),
                 Settled::Requeue(reason) => {
                     let reason = reason.as_str();
                     self.redeliveries.get_or_create(&AgentReasonLabels { agent: agent.to_string(), reason }).inc();
@@ -347,16 +349,16 @@ impl Metrics {
 
     /// `agent`'s deliveries awaiting an ack changed by `delta`.
     pub fn in_flight_changed(&self, agent: &AgentId, delta: i64) {
-        if let Some(a) = self.agent(agent) {
+        self.for_agent(agent, |a| {
             a.in_flight.inc_by(delta);
-        }
+        });
     }
 
     /// A session of `agent` opened (`+1`) or closed (`-1`).
     pub fn session_changed(&self, agent: &AgentId, delta: i64) {
-        if let Some(a) = self.agent(agent) {
+        self.for_agent(agent, |a| {
             a.sessions.inc_by(delta);
-        }
+        });
     }
 
     /// An RPC answered with `code` after `elapsed`.

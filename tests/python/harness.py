@@ -55,6 +55,16 @@ def free_port() -> int:
 
 
 @dataclass(frozen=True)
+def wait_for(condition, bound_s: float, step: float = 0.05) -> bool:
+    """Polls `condition` until it holds (True) or `bound_s` seconds passed (its last value)."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
 class Identity:
     """A client's TLS files."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Broker, Pki, RedisServer, free_port
+from harness import Broker, Pki, RedisServer, free_port, wait_for
 
 HERE = Path(__file__).parent
 MESSAGES = 600
@@ -105,15 +105,6 @@ def read_log(path: Path) -> list[list[str]]:
     if not path.exists():
         return []
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(condition, bound_s: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + bound_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
 
 
 @pytest.mark.parametrize("run", range(3))

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 import mas_pb2
-from harness import Broker, Pki, RedisServer
+from harness import Broker, Pki, RedisServer, wait_for
 from runtime_client import Client, channel, refusal
 
 SENDS, REJECTED, REQUESTS, DENIED = 12, 3, 4, 2
@@ -124,15 +124,6 @@ def health_status(broker: Broker, pki: Pki, service: str = "") -> int:
     return asyncio.run(check())
 
 
-def wait_for(predicate, timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_health_follows_the_store(pki: Pki, tmp_path) -> None:
     redis = RedisServer.start(tmp_path, fsync="everysec")
     broker = Broker.start(tmp_path, pki, redis_url=redis.url, admin={"listen_addr": "127.0.0.1:0",
@@ -147,16 +138,26 @@ def test_health_follows_the_store(pki: Pki, tmp_path) -> None:
         status, _, body = broker.admin_get("/readyz")
         assert status == 503 and "store_" in body, (status, body)
         assert broker.admin_get("/healthz")[0] == 200, "alive while the store is away"
-        wait_for(lambda: health_status(broker, pki) == health_pb2.HealthCheckResponse.NOT_SERVING,
-                 what="gRPC health NOT_SERVING")
+        assert wait_for(lambda: health_status(broker, pki) == health_pb2.HealthCheckResponse.NOT_SERVING, 10), \
+            "gRPC health NOT_SERVING"
         assert value(scrape(broker), "mas_store_up") == 0
         redis = redis.restart()
-        wait_for(lambda: broker.admin_get("/readyz")[0] == 200, what="/readyz 200 again")
-        wait_for(lambda: health_status(broker, pki) == serving, what="gRPC health SERVING again")
+        assert wait_for(lambda: broker.admin_get("/readyz")[0] == 200, 10), "/readyz 200 again"
+        assert wait_for(lambda: health_status(broker, pki) == serving, 10), "gRPC health SERVING again"
     finally:
         code = broker.stop()
         redis.stop()
     assert code == 0, f"the broker exited {code}; log: {broker.log_path}"
+
+
+async def one_delivery_in_flight(broker: Broker, pki: Pki):
+    """alice sends bob one job and bob receives it without acking: returns (clients,
+    alice's transport, bob's transport, the delivery id)."""
+    alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
+    a, b = await alice.connect(), await bob.connect()
+    await alice.send(a.instance_id, "bob", "job", {})
+    delivery_id, _ = await b.delivery()
+    return (alice, bob), a, b, delivery_id
 
 
 def test_sigterm_drains_a_delivery_in_flight(pki: Pki, tmp_path) -> None:
@@ -165,10 +166,8 @@ def test_sigterm_drains_a_delivery_in_flight(pki: Pki, tmp_path) -> None:
     broker = Broker.start(tmp_path, pki, delivery={"drain_timeout_ms": 10_000})
 
     async def main():
-        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
-        a, b = await alice.connect(), await bob.connect()
-        await alice.send(a.instance_id, "bob", "job", {"slow": True})
-        delivery_id, _ = await b.delivery()
+        clients, a, b, delivery_id = await one_delivery_in_flight(broker, pki)
+        alice = clients[0]
         broker.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         status, _, body = broker.admin_get("/readyz")
@@ -185,7 +184,7 @@ def test_sigterm_drains_a_delivery_in_flight(pki: Pki, tmp_path) -> None:
         # Drained: the broker ends the session's stream by itself, then stops (its admin
         # listener with it, so the outcome is read from the exit code and the log).
         await b.end(timeout=10)
-        for c in (alice, bob):
+        for c in clients:
             await c.close()
 
     asyncio.run(main())
@@ -201,13 +200,10 @@ def test_a_drain_cut_short_exits_3(pki: Pki, tmp_path) -> None:
     broker = Broker.start(tmp_path, pki, delivery={"drain_timeout_ms": 300})
 
     async def main():
-        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
-        a, b = await alice.connect(), await bob.connect()
-        await alice.send(a.instance_id, "bob", "job", {})
-        await b.delivery()
+        clients, *_ = await one_delivery_in_flight(broker, pki)
         broker.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(2)
-        for c in (alice, bob):
+        for c in clients:
             await c.close()
 
     asyncio.run(main())
@@ -220,10 +216,7 @@ def test_a_second_signal_stops_at_once(pki: Pki, tmp_path) -> None:
     broker = Broker.start(tmp_path, pki, delivery={"drain_timeout_ms": 60_000})
 
     async def main():
-        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
-        a, b = await alice.connect(), await bob.connect()
-        await alice.send(a.instance_id, "bob", "job", {})
-        await b.delivery()
+        clients, *_ = await one_delivery_in_flight(broker, pki)
         broker.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         assert broker.proc.poll() is None, "draining: waits up to a minute for the ack"
@@ -231,7 +224,7 @@ def test_a_second_signal_stops_at_once(pki: Pki, tmp_path) -> None:
         broker.proc.send_signal(signal.SIGINT)
         broker.proc.wait(timeout=5)
         assert time.monotonic() - started < 5
-        for c in (alice, bob):
+        for c in clients:
             await c.close()
 
     asyncio.run(main())

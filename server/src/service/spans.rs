@@ -59,9 +59,11 @@ pub(super) fn rpc_span<T>(method: Method, request: &mut Request<T>) -> Span {
 /// on, else the caller's as it came (passed through, so a traced client still sees its trace
 /// continue on the receiving side of a broker that records nothing).
 pub(super) fn ingress_context<T>(request: &Request<T>) -> WireContext {
-    let own = telemetry::wire_context(&Span::current());
-    if own.traceparent.is_some() {
-        return own;
+    if telemetry::enabled() {
+        let own = telemetry::wire_context(&Span::current());
+        if own.traceparent.is_some() {
+            return own;
+        }
     }
     request.extensions().get::<WireContext>().cloned().unwrap_or_default()
 }
