@@ -54,7 +54,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass(frozen=True)
 def wait_for(condition, bound_s: float, step: float = 0.05) -> bool:
     """Polls `condition` until it holds (True) or `bound_s` seconds passed (its last value)."""
     deadline = time.monotonic() + bound_s
@@ -65,6 +64,7 @@ def wait_for(condition, bound_s: float, step: float = 0.05) -> bool:
     return condition()
 
 
+@dataclass(frozen=True)
 class Identity:
     """A client's TLS files."""
 
