@@ -75,8 +75,82 @@ pub fn agent_from_certificate(der: &[u8]) -> Result<AgentId, IdentityError> {
 #[cfg(not(madsim))]
 pub fn peer_agent<T>(req: &tonic::Request<T>) -> Result<AgentId, IdentityError> {
     let certs = req.peer_certs().ok_or(IdentityError::MissingPeerCertificate)?;
+    leaf_agent(&certs)
+}
+
+#[cfg(not(madsim))]
+fn leaf_agent(certs: &[rustls::pki_types::CertificateDer<'static>]) -> Result<AgentId, IdentityError> {
     let leaf = certs.first().ok_or(IdentityError::MissingPeerCertificate)?;
     agent_from_certificate(leaf.as_ref())
+}
+
+/// The peer certificates of one TLS connection, as tonic hands them to every request on it.
+#[cfg(not(madsim))]
+type PeerCerts = std::sync::Arc<Vec<rustls::pki_types::CertificateDer<'static>>>;
+
+/// The identity of each connection's peer, parsed from its certificate once per connection
+/// rather than once per RPC (an X.509 parse was a visible share of a small send's cost).
+///
+/// tonic shares one `Arc` of the verified chain among all requests of a connection, so the
+/// cache is keyed by that allocation. Each entry holds a `Weak` to it: while the entry
+/// exists the allocation cannot be reused for another connection's chain, so a key never
+/// names a different peer. Entries of closed connections are pruned when the cache is full;
+/// beyond `capacity` live connections, identities are parsed per request, as without a cache.
+#[cfg(not(madsim))]
+pub struct PeerIdentities {
+    by_connection: std::sync::RwLock<std::collections::HashMap<usize, KnownPeer>>,
+    capacity: usize,
+}
+
+#[cfg(not(madsim))]
+struct KnownPeer {
+    certs: std::sync::Weak<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    identity: Result<AgentId, IdentityError>,
+}
+
+#[cfg(not(madsim))]
+impl PeerIdentities {
+    /// A cache for up to `capacity` connections (the broker's connection bound).
+    pub fn new(capacity: usize) -> Self {
+        PeerIdentities { by_connection: Default::default(), capacity }
+    }
+
+    /// The authenticated agent of a request, as [`peer_agent`] finds it.
+    pub fn peer_agent<T>(&self, req: &tonic::Request<T>) -> Result<AgentId, IdentityError> {
+        let certs = req.peer_certs().ok_or(IdentityError::MissingPeerCertificate)?;
+        self.identify(&certs)
+    }
+
+    fn identify(&self, certs: &PeerCerts) -> Result<AgentId, IdentityError> {
+        use std::sync::{Arc, PoisonError, Weak};
+
+        let key = Arc::as_ptr(certs) as usize;
+        {
+            let known = self.by_connection.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(peer) = known.get(&key).filter(|peer| Weak::as_ptr(&peer.certs) == Arc::as_ptr(certs)) {
+                return peer.identity.clone();
+            }
+        }
+        let identity = leaf_agent(certs);
+        let mut known = self.by_connection.write().unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= self.capacity {
+            known.retain(|_, peer| peer.certs.strong_count() > 0);
+        }
+        if known.len() < self.capacity {
+            known.insert(key, KnownPeer { certs: Arc::downgrade(certs), identity: identity.clone() });
+        }
+        identity
+    }
+
+    /// Connections currently remembered (for tests).
+    pub fn len(&self) -> usize {
+        self.by_connection.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Whether no connection is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The authenticated agent of a request: under simulation, from the identity header that
@@ -85,6 +159,23 @@ pub fn peer_agent<T>(req: &tonic::Request<T>) -> Result<AgentId, IdentityError> 
 pub fn peer_agent<T>(req: &tonic::Request<T>) -> Result<AgentId, IdentityError> {
     let uri = req.metadata().get(SIM_IDENTITY_HEADER).and_then(|v| v.to_str().ok()).ok_or(IdentityError::MissingSan)?;
     agent_from_uri_sans(Some([uri]))
+}
+
+/// Under simulation identities come from a header on every request; nothing to cache.
+#[cfg(madsim)]
+pub struct PeerIdentities;
+
+#[cfg(madsim)]
+impl PeerIdentities {
+    /// A cache that keeps nothing (the capacity is that of the real one).
+    pub fn new(_capacity: usize) -> Self {
+        PeerIdentities
+    }
+
+    /// The authenticated agent of a request, as [`peer_agent`] finds it.
+    pub fn peer_agent<T>(&self, req: &tonic::Request<T>) -> Result<AgentId, IdentityError> {
+        peer_agent(req)
+    }
 }
 
 #[cfg(test)]
@@ -108,5 +199,56 @@ mod tests {
         assert_eq!(agent_from_uri_sans(Some(["spiffe://other/agent/a"])), Err(IdentityError::InvalidFormat));
         assert_eq!(agent_from_uri_sans(Some(["spiffe://mas/agent/a b"])), Err(IdentityError::InvalidFormat));
         assert_eq!(agent_from_uri_sans(Some(["spiffe://mas/agent/"])), Err(IdentityError::InvalidFormat));
+    }
+
+    #[cfg(not(madsim))]
+    mod cache {
+        use std::sync::Arc;
+
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+
+        use super::super::*;
+        use crate::pki::DevCa;
+
+        fn chain(ca: &DevCa, agent: &str) -> PeerCerts {
+            let pair = ca.agent_cert(&AgentId::new(agent).expect("id")).expect("certificate");
+            Arc::new(vec![CertificateDer::from_pem_slice(pair.cert.as_bytes()).expect("PEM").into_owned()])
+        }
+
+        #[test]
+        fn a_connection_is_parsed_once_and_each_names_its_own_peer() {
+            let ca = DevCa::new("test").expect("CA");
+            let peers = PeerIdentities::new(8);
+            let (alice, bob) = (chain(&ca, "alice"), chain(&ca, "bob"));
+            for _ in 0..3 {
+                assert_eq!(peers.identify(&alice).map(|a| a.to_string()), Ok("alice".to_string()));
+                assert_eq!(peers.identify(&bob).map(|a| a.to_string()), Ok("bob".to_string()));
+            }
+            assert_eq!(peers.len(), 2, "one entry per connection, however many requests");
+            // A refused certificate is remembered as refused.
+            let no_san = Arc::new(vec![CertificateDer::from(vec![0x30, 0x00])]);
+            assert_eq!(peers.identify(&no_san), Err(IdentityError::InvalidPeerCertificate));
+            assert_eq!(peers.identify(&no_san), Err(IdentityError::InvalidPeerCertificate));
+            assert_eq!(peers.identify(&Arc::new(Vec::new())), Err(IdentityError::MissingPeerCertificate));
+        }
+
+        #[test]
+        fn closed_connections_make_room_and_a_full_cache_still_identifies() {
+            let ca = DevCa::new("test").expect("CA");
+            let peers = PeerIdentities::new(1);
+            let alice = chain(&ca, "alice");
+            assert!(peers.identify(&alice).is_ok());
+            // Full with a live connection: bob is identified, not remembered.
+            let bob = chain(&ca, "bob");
+            assert_eq!(peers.identify(&bob).map(|a| a.to_string()), Ok("bob".to_string()));
+            assert_eq!(peers.len(), 1);
+            // Alice's connection closes: her entry is pruned for the next newcomer.
+            drop(alice);
+            let carol = chain(&ca, "carol");
+            assert_eq!(peers.identify(&carol).map(|a| a.to_string()), Ok("carol".to_string()));
+            assert_eq!(peers.len(), 1);
+            assert_eq!(peers.identify(&bob).map(|a| a.to_string()), Ok("bob".to_string()));
+        }
     }
 }

@@ -1,6 +1,13 @@
 //! The `mas` command: `serve` runs the broker, `dev-certs` writes a development PKI, `demo`
 //! runs a broker with two agents.
 
+/// mimalloc rather than glibc malloc: the broker allocates and frees small buffers on many
+/// worker threads at once, and glibc's arena locks showed up as futex contention in profiles
+/// (benches/README.md has the A/B).
+#[cfg(not(madsim))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[cfg(madsim)]
 fn main() {}
 

@@ -4,18 +4,21 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use mas_net::identity::PeerIdentities;
 use mas_proto::mas_v1::mas_service_server::MasServiceServer;
 use mas_proto::runtime::runtime_service_server::RuntimeServiceServer;
 
 use crate::broker::Broker;
 use crate::service::{MasV1Service, Service, authenticate};
 
-/// The authentication interceptor, bound to `broker`'s allowlist.
+/// The authentication interceptor, bound to `broker`'s allowlist and to the peer identities
+/// of the connections it has seen (shared by both wire generations).
 fn interceptor(
     broker: &Arc<Broker>,
+    peers: &Arc<PeerIdentities>,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<> {
-    let broker = broker.clone();
-    move |req| authenticate(&broker, req)
+    let (broker, peers) = (broker.clone(), peers.clone());
+    move |req| authenticate(&broker, &peers, req)
 }
 
 /// Both wire generations over one service, each behind the authentication interceptor.
@@ -23,6 +26,7 @@ fn interceptor(
 macro_rules! services {
     ($broker:expr) => {{
         let service = Service::new($broker.clone());
+        let peers = Arc::new(PeerIdentities::new($broker.config().limits.max_connections));
         #[cfg(not(madsim))]
         let servers = {
             use tonic::service::interceptor::InterceptedService;
@@ -30,18 +34,18 @@ macro_rules! services {
             (
                 InterceptedService::new(
                     RuntimeServiceServer::new(service.clone()).max_decoding_message_size(max),
-                    interceptor(&$broker),
+                    interceptor(&$broker, &peers),
                 ),
                 InterceptedService::new(
                     MasServiceServer::new(MasV1Service::new(service)).max_decoding_message_size(max),
-                    interceptor(&$broker),
+                    interceptor(&$broker, &peers),
                 ),
             )
         };
         #[cfg(madsim)]
         let servers = (
-            RuntimeServiceServer::with_interceptor(service.clone(), interceptor(&$broker)),
-            MasServiceServer::with_interceptor(MasV1Service::new(service), interceptor(&$broker)),
+            RuntimeServiceServer::with_interceptor(service.clone(), interceptor(&$broker, &peers)),
+            MasServiceServer::with_interceptor(MasV1Service::new(service), interceptor(&$broker, &peers)),
         );
         servers
     }};

@@ -4,6 +4,11 @@
 //!
 //! `cargo run --release -p mas-benches --bin mas-load -- --messages 20000 --redis redis://127.0.0.1:6400`
 
+/// The allocator the broker binary uses too (see `server/src/main.rs`).
+#[cfg(not(madsim))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[cfg(madsim)]
 fn main() {}
 

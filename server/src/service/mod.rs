@@ -13,7 +13,7 @@ use mas_core::policy::dlp::Action;
 use mas_core::store::{
     Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
 };
-use mas_net::identity::peer_agent;
+use mas_net::identity::PeerIdentities;
 use mas_net::status::{self, detail};
 use mas_proto::runtime::runtime_service_server::RuntimeService;
 use mas_proto::runtime::{
@@ -57,19 +57,19 @@ pub struct Caller(pub Result<AgentId, Status>);
 /// audited here; they are returned by the handler ([`caller`]), never by the interceptor,
 /// so that a `Transport` stream is refused only after its `Hello` was read (see
 /// `Service::open_transport`).
-pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>, Status> {
-    let caller = identify(broker, &req);
+pub fn authenticate(broker: &Broker, peers: &PeerIdentities, mut req: Request<()>) -> Result<Request<()>, Status> {
+    let caller = identify(broker, peers, &req);
     req.extensions_mut().insert(Caller(caller));
     Ok(req)
 }
 
 /// Denials are audited and logged once per peer identity and reason per window, with a count
 /// of the repeats in between (see [`crate::audit::AuditTrail::denial`]).
-fn identify(broker: &Broker, req: &Request<()>) -> Result<AgentId, Status> {
+fn identify(broker: &Broker, peers: &PeerIdentities, req: &Request<()>) -> Result<AgentId, Status> {
     let denied = |key: &str, details: serde_json::Value| {
         broker.audit().denial(key, "authentication_denied", details, broker.clock().now())
     };
-    let agent = peer_agent(req).map_err(|err| {
+    let agent = peers.peer_agent(req).map_err(|err| {
         let reason = err.to_string();
         if denied(&reason, serde_json::json!({ "reason": reason })) {
             tracing::info!(%reason, "authentication denied (repeats within 10 s are counted, not logged)");
