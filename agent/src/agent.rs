@@ -8,7 +8,8 @@ use std::time::Duration;
 use mas_core::envelope::Envelope;
 use mas_core::ids::{AgentId, InstanceId};
 use mas_net::client::{RuntimeClient, runtime_client};
-use mas_proto::runtime::{DiscoverRequest, ReplyRequest, RequestRequest, SendRequest};
+use mas_net::telemetry;
+use mas_proto::runtime::{BatchedSend, DiscoverRequest, ReplyRequest, RequestRequest, SendRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -18,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::config::AgentConfig;
 use crate::handler::{HandlerError, Handlers, Message};
+use crate::outbox::Outbox;
 use crate::requests::Correlations;
 use crate::trace;
 use crate::transport::{Transport, open_transport};
@@ -128,6 +130,8 @@ impl AgentBuilder {
                 instance_id: instance_id.clone(),
                 client: RwLock::new(client.clone()),
                 correlations: Correlations::default(),
+                outbox: Arc::default(),
+                batch_sends: config.batch_sends,
                 stop: stop_tx,
                 transport: Mutex::new(None),
             }),
@@ -151,6 +155,9 @@ struct Inner {
     /// Replaced when the transport reconnects to another broker.
     client: RwLock<RuntimeClient>,
     correlations: Correlations,
+    /// Sends waiting to share a call, when `batch_sends` is on.
+    outbox: Arc<Outbox>,
+    batch_sends: bool,
     stop: watch::Sender<bool>,
     transport: Mutex<Option<JoinHandle<()>>>,
 }
@@ -201,10 +208,18 @@ impl Agent {
     /// id the broker assigned. Denials come back as [`AgentError::Rpc`] with the broker's
     /// detail, e.g. `PERMISSION_DENIED not_authorized`.
     pub async fn send(&self, target: &str, message_type: &str, data: &impl Serialize) -> Result<String, AgentError> {
+        let data_json = object_json(data)?;
+        // A traced send carries its own span's context, so it goes out on its own call;
+        // otherwise sends waiting together share one (see `crate::outbox`).
+        if self.inner.batch_sends && !telemetry::enabled() {
+            let send = BatchedSend { target_id: target.to_string(), message_type: message_type.to_string(), data_json };
+            let sent = self.inner.outbox.send(self.client(), self.inner.instance_id.as_str(), send).await;
+            return sent.map_err(AgentError::Rpc);
+        }
         let request = SendRequest {
             target_id: target.to_string(),
             message_type: message_type.to_string(),
-            data_json: object_json(data)?,
+            data_json,
             instance_id: self.inner.instance_id.to_string(),
         };
         let span = trace::client_span("mas.send", self.inner.agent_id.as_str(), Some(target), Some(message_type));

@@ -28,6 +28,9 @@ pub struct AgentConfig {
     pub handler_drain_timeout: Duration,
     /// On stop: how long to wait for the broker to confirm it has our last acks.
     pub ack_flush_timeout: Duration,
+    /// Sends waiting together share one `SendBatch` call (default on; a lone send is always a
+    /// plain `Send`). Off: one `Send` per message, as the reference client does.
+    pub batch_sends: bool,
 }
 
 impl AgentConfig {
@@ -54,6 +57,7 @@ impl AgentConfig {
             welcome_timeout: Duration::from_secs(10),
             handler_drain_timeout: Duration::from_secs(5),
             ack_flush_timeout: Duration::from_secs(2),
+            batch_sends: true,
         }
     }
 }

@@ -33,6 +33,7 @@
 mod agent;
 mod config;
 mod handler;
+mod outbox;
 mod requests;
 mod state;
 mod trace;

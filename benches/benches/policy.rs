@@ -152,7 +152,7 @@ fn pipeline(c: &mut Criterion) {
                     store = fresh_store();
                 }
                 policy.authorize(&alice, &bob, true).expect("granted");
-                store.admit_rate(&alice, limits, now).expect("within limits");
+                assert_eq!(store.admit_rate(&alice, limits, now, 1).admitted, 1, "within limits");
                 assert!(store.gate(&bob, Some(&config), now).circuit_admits);
                 let scan = scanner.scan(black_box(payload));
                 let delivered = scan.redacted.clone().unwrap_or_else(|| payload.clone());

@@ -1,4 +1,8 @@
-//! Criterion benches of mas hot paths; see `benches/`. Fixtures shared by the benches live here.
+//! Criterion benches of mas hot paths; see `benches/`. Fixtures shared by the benches live here,
+//! and the bare-Redis baseline of `mas-load`.
+
+#[cfg(not(madsim))]
+pub mod redis_baseline;
 
 use std::sync::Arc;
 

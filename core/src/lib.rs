@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admission;
 pub mod delivery;
 pub mod envelope;
 pub mod ids;

@@ -54,6 +54,8 @@ pub mod detail {
     pub const BROKER_SHUTTING_DOWN: &str = "broker_shutting_down";
     /// The target's circuit breaker is open.
     pub const CIRCUIT_OPEN: &str = "circuit_open";
+    /// A `SendBatch` beyond the most sends one call may carry (ours).
+    pub const BATCH_TOO_LARGE: &str = "batch_too_large";
     /// The agent holds `limits.max_sessions_per_agent` sessions on this broker (ours).
     pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
     /// The requester has `limits.max_pending_requests_per_agent` requests awaiting replies (ours).

@@ -40,6 +40,8 @@ fn latency_histogram() -> Histogram {
 pub enum Method {
     /// `Send`.
     send,
+    /// `SendBatch` (ours).
+    send_batch,
     /// `Request`.
     request,
     /// `Reply`.

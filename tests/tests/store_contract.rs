@@ -453,16 +453,37 @@ async fn rate_limits_admit_a_burst_then_refuse_without_consuming() {
         let mut log = Vec::new();
         let two_per_minute = Limits { per_minute: 2, per_hour: 100 };
         for _ in 0..3 {
-            let r = store.admit_rate(&agent("alice"), two_per_minute).await.unwrap();
-            log.push(format!("{:?}", r.map_err(|l| l.window)));
+            let r = store.admit_rate(&agent("alice"), two_per_minute, 1).await.unwrap();
+            log.push(format!("{} {:?}", r.admitted, r.refused.map(|l| l.window)));
         }
         let one_per_hour = Limits { per_minute: 100, per_hour: 1 };
         for _ in 0..2 {
-            let r = store.admit_rate(&agent("bob"), one_per_hour).await.unwrap();
-            log.push(format!("{:?}", r.map_err(|l| l.window)));
+            let r = store.admit_rate(&agent("bob"), one_per_hour, 1).await.unwrap();
+            log.push(format!("{} {:?}", r.admitted, r.refused.map(|l| l.window)));
         }
-        let never = store.admit_rate(&agent("carol"), Limits { per_minute: 0, per_hour: 100 }).await.unwrap();
+        let never = store.admit_rate(&agent("carol"), Limits { per_minute: 0, per_hour: 100 }, 1).await.unwrap();
         log.push(format!("{never:?}"));
+        log
+    })
+    .await;
+}
+
+/// A batch is granted the prefix that single admissions would get: 5 of 7 under a burst of
+/// 5, nothing for the next batch, and an empty batch touches nothing.
+#[tokio::test]
+async fn rate_limits_grant_a_batch_its_admissible_prefix() {
+    use mas_core::policy::ratelimit::Limits;
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let five_per_minute = Limits { per_minute: 5, per_hour: 100 };
+        for count in [0, 3, 4, 2] {
+            let r = store.admit_rate(&agent("dave"), five_per_minute, count).await.unwrap();
+            log.push(format!("{count}: {} {:?}", r.admitted, r.refused.map(|l| l.window)));
+        }
+        let hourly = Limits { per_minute: 100, per_hour: 3 };
+        let r = store.admit_rate(&agent("erin"), hourly, 10).await.unwrap();
+        log.push(format!("{} {:?}", r.admitted, r.refused.map(|l| l.window)));
+        assert_eq!(log[1..4], ["3: 3 None", "4: 2 Some(Minute)", "2: 0 Some(Minute)"], "{log:?}");
         log
     })
     .await;

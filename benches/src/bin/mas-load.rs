@@ -33,7 +33,7 @@ mod load {
     use serde::Deserialize;
     use tokio::sync::Mutex;
 
-    #[derive(Parser, Debug)]
+    #[derive(Parser, Debug, Clone)]
     struct Args {
         /// Messages to send in total.
         #[arg(long, default_value_t = 20_000)]
@@ -61,6 +61,20 @@ mod load {
         /// OTLP/gRPC to an in-process collector that counts them. Off when absent.
         #[arg(long)]
         trace_ratio: Option<f64>,
+        /// One `Send` per message (the SDK's `batch_sends` off), as the reference client does.
+        #[arg(long)]
+        unary: bool,
+        /// Run the broker as its own process from this `mas` binary (so its CPU is its own);
+        /// in-process when absent.
+        #[arg(long)]
+        broker_bin: Option<std::path::PathBuf>,
+        /// Also run the bare-Redis Streams baseline of the same shape, in the same invocation,
+        /// and print mas / baseline (needs `--redis`).
+        #[arg(long)]
+        baseline: bool,
+        /// Repeat the run (fresh broker each time) and print min / median / max.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     }
 
     #[derive(Debug, Deserialize)]
@@ -69,14 +83,23 @@ mod load {
     }
 
     /// The process's peak resident set (`VmHWM`), in KiB, where /proc has it.
-    fn peak_rss_kib() -> Option<u64> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    fn peak_rss_kib(pid: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// CPU seconds (user + system) a process has used, from /proc (clock ticks of 10 ms).
+    fn cpu_seconds(pid: u32) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
+
     pub fn main() -> anyhow::Result<()> {
         let args = Args::parse();
+        anyhow::ensure!(!args.baseline || args.redis.is_some(), "--baseline needs --redis");
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         runtime.block_on(run(args))
     }
@@ -98,46 +121,265 @@ mod load {
         Ok(Some((collector, guard)))
     }
 
+    /// What one round measured.
+    struct Round {
+        msg_per_s: f64,
+        p50_ms: f64,
+        p99_ms: f64,
+        /// Broker CPU per message (external broker only).
+        broker_cpu_us: Option<f64>,
+        /// Peak RSS of the broker's process (of mas-load itself when in-process), MiB.
+        peak_mib: Option<u64>,
+    }
+
+    /// Percentile `p` (0–1) of sorted nanoseconds, in milliseconds.
+    fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
+        sorted
+            .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+            .map_or(0.0, |ns| *ns as f64 / 1e6)
+    }
+
+    /// The allowlist: producers p0… may send to `sink`.
+    struct Cast {
+        producers: Vec<AgentId>,
+        consumer: AgentId,
+    }
+
     async fn run(args: Args) -> anyhow::Result<()> {
         let tracing = start_tracing(args.trace_ratio).await?;
         let dir = std::env::temp_dir().join(format!("mas-load-{}", std::process::id()));
         let producers: Vec<AgentId> =
             (0..args.producers).map(|i| AgentId::new(&format!("p{i}"))).collect::<Result<_, _>>()?;
-        let consumer = AgentId::new("sink")?;
-        let mut all = producers.clone();
-        all.push(consumer.clone());
+        let cast = Cast { producers, consumer: AgentId::new("sink")? };
+        let mut all = cast.producers.clone();
+        all.push(cast.consumer.clone());
         let pki = mas_net::pki::write_dev_pki(&dir, &all)?;
-        let mut agents: BTreeMap<AgentId, AgentDefinition> =
-            producers.iter().map(|p| (p.clone(), AgentDefinition::allowing(&["sink"]))).collect();
-        agents.insert(consumer.clone(), AgentDefinition::allowing::<&str>(&[]));
-        let mut config = BrokerConfig::new("127.0.0.1:0".parse()?, agents);
-        config.delivery = DeliverySettings::default();
-        config.data_dir = dir.join("data");
-        if let Some(max) = args.max_queue_len {
-            config.max_queue_len = max;
-        }
-        config.gateway.rate_limit = mas_server::config::RateLimitSettings::unlimited();
-        config.redis = args.redis.as_ref().map(|url| {
-            let mut s = mas_server::store::redis::RedisSettings::new(url);
-            if let Some(max) = args.max_queue_len {
-                s.max_queue_len = max;
+        println!(
+            "store={} messages={} payload={}B concurrency={} producers={} consumers={} sends={} broker={}",
+            if args.redis.is_some() { "redis" } else { "memory" },
+            args.messages,
+            args.payload,
+            args.concurrency,
+            args.producers,
+            args.consumers,
+            if args.unary { "unary" } else { "batched" },
+            if args.broker_bin.is_some() { "own process" } else { "in process" },
+        );
+        let mut rounds = Vec::new();
+        let mut baselines = Vec::new();
+        for round in 0..args.rounds {
+            if args.baseline
+                && let Some(url) = &args.redis
+            {
+                let load = mas_benches::redis_baseline::BaselineLoad {
+                    url: url.clone(),
+                    messages: args.messages,
+                    producers: args.producers,
+                    concurrency: args.concurrency,
+                    consumers: args.consumers,
+                    payload: args.payload,
+                };
+                let report = mas_benches::redis_baseline::run(load).await.context("bare Redis baseline")?;
+                let rate = args.messages as f64 / report.elapsed.as_secs_f64();
+                println!(
+                    "round {round}: bare Redis Streams {rate:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
+                    percentile_ms(&report.latencies_ns, 0.5),
+                    percentile_ms(&report.latencies_ns, 0.99)
+                );
+                baselines.push(rate);
             }
-            s
-        });
-        let bound = serve::bind(config.listen_addr).await?;
-        let endpoint = format!("https://{}", bound.local_addr);
-        let broker = Broker::connect(config).await.context("broker")?;
-        let tls = pki.server.load()?;
-        let served = broker.clone();
-        tokio::spawn(async move { serve::serve_tls(served, bound, &tls, std::future::pending()).await });
+            let measured = run_round(&args, &cast, &dir, &pki).await?;
+            println!(
+                "round {round}: mas {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms{}{}",
+                measured.msg_per_s,
+                measured.p50_ms,
+                measured.p99_ms,
+                measured.broker_cpu_us.map_or(String::new(), |us| format!(", broker CPU {us:.1} µs/msg")),
+                measured.peak_mib.map_or(String::new(), |mib| format!(", peak RSS {mib} MiB")),
+            );
+            rounds.push(measured);
+        }
+        let mmm = |mut values: Vec<f64>| -> String {
+            values.sort_by(f64::total_cmp);
+            match values.as_slice() {
+                [] => "-".to_string(),
+                v => format!("{:.0} / {:.0} / {:.0}", v[0], v[v.len() / 2], v[v.len() - 1]),
+            }
+        };
+        let mmm2 = |mut values: Vec<f64>| -> String {
+            values.sort_by(f64::total_cmp);
+            match values.as_slice() {
+                [] => "-".to_string(),
+                v => format!("{:.2} / {:.2} / {:.2}", v[0], v[v.len() / 2], v[v.len() - 1]),
+            }
+        };
+        println!("summary over {} round(s), min / median / max:", rounds.len());
+        println!("  mas msg/s            {}", mmm(rounds.iter().map(|r| r.msg_per_s).collect()));
+        println!("  mas p50 ms           {}", mmm2(rounds.iter().map(|r| r.p50_ms).collect()));
+        println!("  mas p99 ms           {}", mmm2(rounds.iter().map(|r| r.p99_ms).collect()));
+        if rounds.iter().all(|r| r.broker_cpu_us.is_some()) {
+            println!("  broker CPU µs/msg    {}", mmm2(rounds.iter().filter_map(|r| r.broker_cpu_us).collect()));
+        }
+        if !baselines.is_empty() {
+            println!("  bare Redis msg/s     {}", mmm(baselines.clone()));
+            let ratios = rounds.iter().zip(&baselines).map(|(r, b)| r.msg_per_s / b).collect();
+            println!("  mas / bare Redis     {}", mmm2(ratios));
+        }
+        if let Some((collector, guard)) = tracing {
+            drop(guard);
+            println!("tracing at ratio {}: {} spans exported", args.trace_ratio.unwrap_or(0.0), collector.received());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
 
+    /// The broker under load: in this process, or a `mas serve` child.
+    enum BrokerUnderTest {
+        InProcess(Arc<Broker>),
+        Process { child: std::process::Child, config: std::path::PathBuf, bin: std::path::PathBuf },
+    }
+
+    impl BrokerUnderTest {
+        async fn start(
+            args: &Args,
+            cast: &Cast,
+            dir: &std::path::Path,
+            pki: &mas_net::pki::DevPkiFiles,
+        ) -> anyhow::Result<(Self, String)> {
+            let mut agents: BTreeMap<AgentId, AgentDefinition> =
+                cast.producers.iter().map(|p| (p.clone(), AgentDefinition::allowing(&["sink"]))).collect();
+            agents.insert(cast.consumer.clone(), AgentDefinition::allowing::<&str>(&[]));
+            let Some(bin) = &args.broker_bin else {
+                let mut config = BrokerConfig::new("127.0.0.1:0".parse()?, agents);
+                config.delivery = DeliverySettings::default();
+                config.data_dir = dir.join("data");
+                config.admin.listen_addr = None;
+                if let Some(max) = args.max_queue_len {
+                    config.max_queue_len = max;
+                }
+                config.gateway.rate_limit = mas_server::config::RateLimitSettings::unlimited();
+                config.redis = args.redis.as_ref().map(|url| {
+                    let mut s = mas_server::store::redis::RedisSettings::new(url);
+                    if let Some(max) = args.max_queue_len {
+                        s.max_queue_len = max;
+                    }
+                    s
+                });
+                let bound = serve::bind(config.listen_addr).await?;
+                let endpoint = format!("https://{}", bound.local_addr);
+                let broker = Broker::connect(config).await.context("broker")?;
+                let tls = pki.server.load()?;
+                let served = broker.clone();
+                tokio::spawn(async move { serve::serve_tls(served, bound, &tls, std::future::pending()).await });
+                return Ok((BrokerUnderTest::InProcess(broker), endpoint));
+            };
+            let allowlist: serde_json::Map<String, serde_json::Value> = agents
+                .keys()
+                .map(|a| {
+                    let targets = if *a == cast.consumer { vec![] } else { vec!["sink"] };
+                    (a.to_string(), serde_json::json!({ "allowed_targets": targets }))
+                })
+                .collect();
+            let unlimited = mas_server::config::RateLimitSettings::unlimited();
+            let mut config = serde_json::json!({
+                "listen_addr": "127.0.0.1:0",
+                "tls": {
+                    "server_cert_path": pki.server.cert,
+                    "server_key_path": pki.server.key,
+                    "client_ca_path": pki.server.ca,
+                },
+                "agents": allowlist,
+                "data_dir": dir.join("data"),
+                "admin": { "listen_addr": null },
+                "gateway": { "rate_limit": { "per_minute": unlimited.per_minute, "per_hour": unlimited.per_hour } },
+            });
+            if let Some(max) = args.max_queue_len {
+                config["max_queue_len"] = max.into();
+            }
+            if let Some(url) = &args.redis {
+                config["redis"] = serde_json::json!({ "url": url });
+                if let Some(max) = args.max_queue_len {
+                    config["redis"]["max_queue_len"] = max.into();
+                }
+            }
+            let path = dir.join("broker.json");
+            std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+            let mut child = std::process::Command::new(bin)
+                .args(["serve", "--config"])
+                .arg(&path)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("cannot start {}", bin.display()))?;
+            let stdout = child.stdout.take().context("broker stdout")?;
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            let ready: serde_json::Value = loop {
+                let line = lines.next().context("the broker exited before its ready line")??;
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                    && value["event"] == "mas.broker.ready"
+                {
+                    break value;
+                }
+            };
+            let addr = ready["listen_addr"].as_str().context("listen_addr in the ready line")?;
+            let endpoint = format!("https://{addr}");
+            Ok((BrokerUnderTest::Process { child, config: path, bin: bin.clone() }, endpoint))
+        }
+
+        fn pid(&self) -> Option<u32> {
+            match self {
+                BrokerUnderTest::InProcess(_) => None,
+                BrokerUnderTest::Process { child, .. } => Some(child.id()),
+            }
+        }
+
+        /// Stops the broker and verifies the audit trail where it outlives the broker: the
+        /// in-process broker's, or a Redis store's through `mas audit verify`.
+        async fn stop_and_verify(self, redis: bool) -> anyhow::Result<String> {
+            match self {
+                BrokerUnderTest::InProcess(broker) => {
+                    let report = broker.verify_audit().await.context("audit verification")?;
+                    anyhow::ensure!(report.is_intact(), "audit trail does not verify: {report:?}");
+                    let chain = report.chains.iter().find(|c| c.chain == "agent:sink").context("sink chain")?;
+                    Ok(format!("{} live records, {} archived (verified)", chain.records, chain.archived))
+                }
+                BrokerUnderTest::Process { mut child, config, bin } => {
+                    let status =
+                        std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+                    anyhow::ensure!(status.success(), "cannot signal the broker");
+                    let exit = child.wait()?;
+                    anyhow::ensure!(exit.success(), "the broker exited with {exit} after SIGTERM");
+                    if !redis {
+                        return Ok("not verified (embedded store, gone with the broker's process)".to_string());
+                    }
+                    let verify =
+                        std::process::Command::new(bin).args(["audit", "verify", "--config"]).arg(&config).output()?;
+                    anyhow::ensure!(
+                        verify.status.success(),
+                        "mas audit verify: {}",
+                        String::from_utf8_lossy(&verify.stdout)
+                    );
+                    Ok("verified by `mas audit verify`".to_string())
+                }
+            }
+        }
+    }
+
+    async fn run_round(
+        args: &Args,
+        cast: &Cast,
+        dir: &std::path::Path,
+        pki: &mas_net::pki::DevPkiFiles,
+    ) -> anyhow::Result<Round> {
+        let (broker, endpoint) = BrokerUnderTest::start(args, cast, dir, pki).await?;
+        let cpu_before = broker.pid().and_then(cpu_seconds);
         let epoch = Instant::now();
         let handled = Arc::new(AtomicU64::new(0));
         let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.messages as usize)));
         let mut sinks = Vec::new();
         for _ in 0..args.consumers {
             let (handled, latencies) = (handled.clone(), latencies.clone());
-            let mut cfg = AgentConfig::new(consumer.clone(), endpoint.clone(), pki.agent(&consumer));
+            let mut cfg = AgentConfig::new(cast.consumer.clone(), endpoint.clone(), pki.agent(&cast.consumer));
             cfg.max_concurrent_handlers = 256;
             let sink = AgentBuilder::new(cfg)
                 .on("job", move |_, msg: Message<Job>| {
@@ -154,8 +396,10 @@ mod load {
             sinks.push(sink);
         }
         let mut senders = Vec::new();
-        for p in &producers {
-            senders.push(AgentBuilder::new(AgentConfig::new(p.clone(), endpoint.clone(), pki.agent(p))).start().await?);
+        for p in &cast.producers {
+            let mut cfg = AgentConfig::new(p.clone(), endpoint.clone(), pki.agent(p));
+            cfg.batch_sends = !args.unary;
+            senders.push(AgentBuilder::new(cfg).start().await?);
         }
         let filler = "x".repeat(args.payload.saturating_sub(40));
         let next = Arc::new(AtomicU64::new(0));
@@ -185,61 +429,35 @@ mod load {
         for t in tasks {
             t.await?;
         }
-        let sent_in = started.elapsed();
         let deadline = Instant::now() + Duration::from_secs(120);
         while handled.load(Ordering::Relaxed) < args.messages && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let done_in = started.elapsed();
-        let peak_kib = peak_rss_kib();
-        let report = broker.verify_audit().await.context("audit verification")?;
-        anyhow::ensure!(report.is_intact(), "audit trail does not verify: {report:?}");
-        let chain = report.chains.iter().find(|c| c.chain == "agent:sink").cloned().context("sink chain")?;
-        let mut lat = latencies.lock().await.clone();
-        lat.sort_unstable();
-        let pct = |p: f64| {
-            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-                .map_or(0.0, |ns| *ns as f64 / 1e6)
+        anyhow::ensure!(handled.load(Ordering::Relaxed) >= args.messages, "not every message was handled in time");
+        let broker_cpu_us = match (broker.pid().and_then(cpu_seconds), cpu_before) {
+            (Some(after), Some(before)) => Some((after - before) * 1e6 / args.messages as f64),
+            _ => None,
         };
-        println!(
-            "store={} messages={} handled={} payload={}B concurrency={} producers={} consumers={}",
-            if args.redis.is_some() { "redis" } else { "memory" },
-            args.messages,
-            handled.load(Ordering::Relaxed),
-            args.payload,
-            args.concurrency,
-            args.producers,
-            args.consumers
-        );
-        println!(
-            "send phase {:.2}s ({:.0} msg/s accepted); end to end {:.2}s ({:.0} msg/s delivered+acked)",
-            sent_in.as_secs_f64(),
-            args.messages as f64 / sent_in.as_secs_f64(),
-            done_in.as_secs_f64(),
-            args.messages as f64 / done_in.as_secs_f64()
-        );
-        println!(
-            "latency send->handler ms: p50 {:.2} p95 {:.2} p99 {:.2} max {:.2}",
-            pct(0.50),
-            pct(0.95),
-            pct(0.99),
-            pct(1.0)
-        );
-        println!(
-            "sends retried after queue_full: {}; audit chain {} live records, {} archived (verified)",
-            queue_full.load(Ordering::Relaxed),
-            chain.records,
-            chain.archived
-        );
-        println!("peak RSS before verification: {} MiB", peak_kib.map_or("?".into(), |k| (k / 1024).to_string()));
+        let peak_mib = peak_rss_kib(&broker.pid().map_or("self".to_string(), |pid| pid.to_string())).map(|k| k / 1024);
         for s in senders.iter().chain(sinks.iter()) {
             s.stop().await;
         }
-        if let Some((collector, guard)) = tracing {
-            drop(guard);
-            println!("tracing at ratio {}: {} spans exported", args.trace_ratio.unwrap_or(0.0), collector.received());
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(())
+        let audit = broker.stop_and_verify(args.redis.is_some()).await?;
+        let mut lat = latencies.lock().await.clone();
+        lat.sort_unstable();
+        println!(
+            "  handled {} in {:.2}s; sends retried after queue_full: {}; audit: {audit}",
+            handled.load(Ordering::Relaxed),
+            done_in.as_secs_f64(),
+            queue_full.load(Ordering::Relaxed)
+        );
+        Ok(Round {
+            msg_per_s: args.messages as f64 / done_in.as_secs_f64(),
+            p50_ms: percentile_ms(&lat, 0.5),
+            p99_ms: percentile_ms(&lat, 0.99),
+            broker_cpu_us,
+            peak_mib,
+        })
     }
 }

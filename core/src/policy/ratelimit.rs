@@ -73,6 +73,29 @@ pub fn admit(limits: Limits, state: RateState, now: Instant) -> Result<RateState
     Ok(RateState { minute_tat, hour_tat })
 }
 
+/// What a sender's limiter granted to `count` messages arriving together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// How many of them, from the first, are admitted.
+    pub admitted: usize,
+    /// Why the next one was refused; `None` when all were admitted.
+    pub refused: Option<Limited>,
+}
+
+/// Admits up to `count` messages of a sender arriving together at `now`, in order: exactly
+/// what `count` calls of [`admit`] at `now` would decide. Since a refusal consumes nothing and
+/// time does not move within the batch, every message after the first refused one is refused
+/// too, so the admitted ones are a prefix. Returns the new state and the grant.
+pub fn admit_many(limits: Limits, mut state: RateState, now: Instant, count: usize) -> (RateState, Grant) {
+    for admitted in 0..count {
+        match admit(limits, state, now) {
+            Ok(next) => state = next,
+            Err(limited) => return (state, Grant { admitted, refused: Some(limited) }),
+        }
+    }
+    (state, Grant { admitted: count, refused: None })
+}
+
 fn step(limit: u64, tat: Instant, now: Instant, window: Window) -> Result<Instant, Limited> {
     if limit == 0 {
         return Err(Limited { window, retry_after: None });
@@ -137,6 +160,28 @@ mod tests {
     }
 
     proptest! {
+        /// A batch decides what the messages one by one at the same instant would.
+        #[test]
+        fn a_batch_grants_what_single_admissions_would(
+            per_minute in 0u64..12, per_hour in 0u64..20, count in 0usize..30, earlier in 0usize..15, gap_ms in 0u64..5_000,
+        ) {
+            let limits = Limits { per_minute, per_hour };
+            let t0 = at_ms(50_000_000);
+            let (start, _) = admit_many(limits, RateState::default(), t0, earlier);
+            let now = t0 + Duration::from_millis(gap_ms);
+            let (batched, grant) = admit_many(limits, start, now, count);
+            let (mut single, mut admitted, mut refused) = (start, 0, None);
+            for _ in 0..count {
+                match admit(limits, single, now) {
+                    Ok(next) if refused.is_none() => { single = next; admitted += 1; }
+                    Ok(_) => prop_assert!(false, "admitted after a refusal at the same instant"),
+                    Err(limited) => { refused.get_or_insert(limited); }
+                }
+            }
+            prop_assert_eq!(batched, single);
+            prop_assert_eq!(grant, Grant { admitted, refused });
+        }
+
         /// GCRA's guarantee: between any two admissions `t_i ≤ t_k`, at most
         /// `L + (t_k − t_i) / I` messages were admitted (a burst of `L`, then the rate).
         #[test]

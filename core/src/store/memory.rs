@@ -11,7 +11,7 @@ use crate::delivery::{EntryId, QueuedMessage, StoreEffect};
 use crate::ids::{AgentId, InstanceId};
 use crate::policy::audit::{AuditRecord, SecurityEvent};
 use crate::policy::circuit::{Circuit, CircuitConfig};
-use crate::policy::ratelimit::{self, Limited, Limits, RateState};
+use crate::policy::ratelimit::{self, Grant, Limits, RateState};
 use crate::time::Instant;
 
 /// Bounds of the in-memory store.
@@ -490,13 +490,15 @@ impl MemoryStore {
 
     // ---- rate limits ----------------------------------------------------------------------
 
-    /// Admits one message of `sender` under `limits` (GCRA, both windows); a refusal
-    /// consumes nothing.
-    pub fn admit_rate(&mut self, sender: &AgentId, limits: Limits, now: Instant) -> Result<(), Limited> {
+    /// Admits up to `count` messages of `sender` arriving together under `limits` (GCRA, both
+    /// windows; see [`ratelimit::admit_many`]); a refusal consumes nothing.
+    pub fn admit_rate(&mut self, sender: &AgentId, limits: Limits, now: Instant, count: usize) -> Grant {
         let state = self.rates.get(sender).copied().unwrap_or_default();
-        let next = ratelimit::admit(limits, state, now)?;
-        self.rates.insert(sender.clone(), next);
-        Ok(())
+        let (next, grant) = ratelimit::admit_many(limits, state, now, count);
+        if grant.admitted > 0 {
+            self.rates.insert(sender.clone(), next);
+        }
+        grant
     }
 
     // ---- state ----------------------------------------------------------------------------

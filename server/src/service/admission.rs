@@ -1,14 +1,22 @@
 //! The admission pipeline of sends, requests and replies, in the reference's order:
 //! authorization → rate limit → circuit breaker → DLP → audit + enqueue.
 //!
+//! The order and the decisions are `mas_core::admission`'s; this shell gathers what they need
+//! for a batch of one sender's messages (one gate read per distinct target, one rate-limit
+//! step for the whole batch) and records and queues what comes out. A unary send is a batch
+//! of one; `SendBatch` hands over many.
+//!
 //! Every decision is audited: a denial is recorded in the store before its error returns, and
 //! an admitted message is recorded in the same store step that queues it (the store may still
 //! turn it into `CIRCUIT_OPEN` or `QUEUE_FULL` at that moment, and records that instead).
 
+use std::collections::BTreeMap;
+
+use mas_core::admission::{Authorization, Batch, Verdict};
 use mas_core::envelope::{Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, Decision, payload_hash};
-use mas_core::policy::dlp::Action;
+use mas_core::policy::ratelimit::Grant;
 use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use mas_core::time::Instant;
 use mas_net::status::{self, detail};
@@ -70,6 +78,23 @@ pub(super) struct Passed {
     pub record: AuditRecord,
 }
 
+/// A message the policies refused: its decision record, to be committed to `chain` before
+/// the refusal is answered (see [`Service::refuse`]).
+pub(super) struct Refused {
+    chain: AgentId,
+    record: AuditRecord,
+}
+
+/// What the policies made of one message of a batch.
+pub(super) type Screening = Result<Passed, Refused>;
+
+/// Where a message stands after authorization: its target and gate, or the chain a denial is
+/// recorded in (the target's when it is an allowlisted agent, else the sender's).
+enum Authorized {
+    To(AgentId),
+    Denied { chain: AgentId },
+}
+
 impl Service {
     /// The common front of a send and a request: the sender's session, the payload's form, a
     /// fresh message id, then the policies. `started` is when the RPC began.
@@ -82,13 +107,7 @@ impl Service {
         trace: &WireContext,
     ) -> Result<Screened, Status> {
         let sender_instance = self.connected_instance(sender, outgoing.instance_id).await?;
-        // Bounded before anything is parsed, screened or audited: no field of a refused
-        // message is ever kept at a size the peer chose.
-        let limits = self.broker.config().limits.input();
-        limits
-            .check_message(outgoing.target_id, outgoing.message_type, outgoing.data_json)
-            .map_err(status::limit_exceeded)?;
-        let data = parse_payload(outgoing.data_json).map_err(status::payload_invalid)?;
+        let data = self.checked_payload(&outgoing)?;
         let message_id = self.broker.next_message_id();
         let ingress = Ingress {
             sender,
@@ -104,56 +123,124 @@ impl Service {
         Ok(Screened { sender_instance, message_id, passed })
     }
 
-    /// Runs authorization, rate limit, circuit and DLP. A denial is audited, then returned as
-    /// its reference status.
+    /// The input bounds and the payload's form, checked before anything is screened or
+    /// audited: no field of a refused message is ever kept at a size the peer chose.
+    pub(super) fn checked_payload(&self, outgoing: &Outgoing<'_>) -> Result<Payload, Status> {
+        let limits = self.broker.config().limits.input();
+        limits
+            .check_message(outgoing.target_id, outgoing.message_type, outgoing.data_json)
+            .map_err(status::limit_exceeded)?;
+        parse_payload(outgoing.data_json).map_err(status::payload_invalid)
+    }
+
+    /// Runs authorization, rate limit, circuit and DLP over one message. A denial is
+    /// audited, then returned as its reference status.
     pub(super) async fn pass_policies(
         &self,
         ingress: &Ingress<'_>,
         exchange: Exchange<'_>,
         payload: Payload,
     ) -> Result<Passed, Status> {
-        let (target, gate) = match exchange {
-            Exchange::Reply(requester) => (requester.clone(), TargetGate { live: true, circuit_admits: true }),
-            Exchange::Message => match self.authorize(ingress.sender, ingress.target_id).await? {
-                Ok(authorized) => authorized,
-                Err(chain) => {
-                    let violations = vec!["authorization_denied".to_string()];
-                    return Err(self.deny(ingress, &chain, &payload, Decision::AuthzDenied, violations).await);
-                }
-            },
-        };
-        let limits = self.broker.config().gateway.rate_limit.limits_for(ingress.sender);
-        if let Err(limited) = self.broker.store().admit_rate(ingress.sender, limits).await.map_err(store_failed)? {
-            tracing::info!(sender = %ingress.sender, window = ?limited.window, "rate limited");
-            let violations = vec!["rate_limit_exceeded".to_string()];
-            return Err(self.deny(ingress, &target, &payload, Decision::RateLimited, violations).await);
+        let mut decided = self.pass_policies_batch(std::slice::from_ref(ingress), exchange, vec![payload]).await?;
+        match decided.pop() {
+            Some(Ok(passed)) => Ok(passed),
+            Some(Err(refused)) => Err(self.refuse(refused).await),
+            None => Err(Status::internal("admission decided no message")),
         }
-        if !gate.circuit_admits {
-            tracing::info!(sender = %ingress.sender, %target, "circuit open");
-            let violations = vec!["circuit_open".to_string()];
-            return Err(self.deny(ingress, &target, &payload, Decision::CircuitOpen, violations).await);
-        }
-        let (decision, violations, payload) = match self.broker.dlp() {
-            None => (Decision::Allowed, Vec::new(), payload),
-            Some(dlp) => {
-                let scan = dlp.scan(&payload);
-                for violation in &scan.violations {
-                    self.broker.metrics().dlp_finding(&violation.kind, violation.action);
-                }
-                let kinds = scan.kinds();
-                match scan.action {
-                    None => (Decision::Allowed, kinds, payload),
-                    Some(Action::Alert) => (Decision::Alert, kinds, payload),
-                    Some(Action::Redact) => (Decision::DlpRedacted, kinds, scan.redacted.unwrap_or(payload)),
-                    Some(Action::Block) => {
-                        tracing::info!(sender = %ingress.sender, violations = ?kinds, "DLP blocked");
-                        return Err(self.deny(ingress, &target, &payload, Decision::DlpBlocked, kinds).await);
-                    }
-                }
+    }
+
+    /// Runs the policies over messages of one sender (`ingresses` and `payloads` in the same
+    /// order): authorization by policy, one gate read per distinct target, one rate-limit
+    /// step for the batch, then `mas_core::admission` decides. Nothing is recorded yet: the
+    /// caller commits every message's record in sending order — a passed one with its
+    /// envelope ([`Service::admit`]), a refused one through [`Service::refuse`] — so a chain
+    /// lists a batch's decisions in the order its messages were sent. The outer error is a
+    /// store failure before any decision.
+    pub(super) async fn pass_policies_batch(
+        &self,
+        ingresses: &[Ingress<'_>],
+        exchange: Exchange<'_>,
+        payloads: Vec<Payload>,
+    ) -> Result<Vec<Screening>, Status> {
+        let Some(sender) = ingresses.first().map(|ingress| ingress.sender) else { return Ok(Vec::new()) };
+        let authorized: Vec<Authorized> = match exchange {
+            Exchange::Reply(requester) => ingresses.iter().map(|_| Authorized::To(requester.clone())).collect(),
+            Exchange::Message => {
+                ingresses.iter().map(|ingress| self.authorize(ingress.sender, ingress.target_id)).collect()
             }
         };
-        let record = self.record(ingress, &payload, decision, violations);
-        Ok(Passed { target, payload, record })
+        let gates = match exchange {
+            Exchange::Reply(_) => BTreeMap::new(),
+            Exchange::Message => self.gates(&authorized).await?,
+        };
+        let authorizations: Vec<Authorization> = authorized
+            .iter()
+            .map(|authorized| match (authorized, exchange) {
+                (Authorized::To(_), Exchange::Reply(_)) => Authorization::REPLY,
+                (Authorized::To(target), Exchange::Message) => {
+                    gates.get(target).map_or(Authorization::Denied, |gate| Authorization::Granted(*gate))
+                }
+                (Authorized::Denied { .. }, _) => Authorization::Denied,
+            })
+            .collect();
+        let batch = Batch::new(authorizations);
+        let grant = match batch.rate_demand() {
+            0 => Grant { admitted: 0, refused: None },
+            demand => {
+                let limits = self.broker.config().gateway.rate_limit.limits_for(sender);
+                self.broker.store().admit_rate(sender, limits, demand).await.map_err(store_failed)?
+            }
+        };
+        let verdicts = batch.decide(grant, payloads, self.broker.dlp());
+        let decided = ingresses.iter().zip(authorized).zip(verdicts);
+        Ok(decided.map(|((ingress, authorized), verdict)| self.screening(ingress, authorized, verdict)).collect())
+    }
+
+    /// Turns one verdict into a passed message or a refusal to record.
+    fn screening(&self, ingress: &Ingress<'_>, authorized: Authorized, verdict: Verdict) -> Screening {
+        for finding in &verdict.findings {
+            self.broker.metrics().dlp_finding(&finding.kind, finding.action);
+        }
+        let chain = match authorized {
+            Authorized::To(target) => target,
+            Authorized::Denied { chain } => chain,
+        };
+        match verdict.decision {
+            Decision::Allowed | Decision::Alert | Decision::DlpRedacted => {}
+            Decision::AuthzDenied | Decision::QueueFull => {}
+            Decision::RateLimited => {
+                let window = verdict.limited.map(|limited| limited.window);
+                tracing::info!(sender = %ingress.sender, ?window, "rate limited");
+            }
+            Decision::CircuitOpen => tracing::info!(sender = %ingress.sender, target = %chain, "circuit open"),
+            Decision::DlpBlocked => {
+                tracing::info!(sender = %ingress.sender, violations = ?verdict.violations, "DLP blocked");
+            }
+        }
+        let record = self.record(ingress, &verdict.payload, verdict.decision, verdict.violations);
+        match verdict.decision {
+            Decision::Allowed | Decision::Alert | Decision::DlpRedacted => {
+                Ok(Passed { target: chain, payload: verdict.payload, record })
+            }
+            _ => Err(Refused { chain, record }),
+        }
+    }
+
+    /// The gate of every distinct target the policy let messages through to.
+    async fn gates(&self, authorized: &[Authorized]) -> Result<BTreeMap<AgentId, TargetGate>, Status> {
+        let mut gates = BTreeMap::new();
+        for authorized in authorized {
+            if let Authorized::To(target) = authorized
+                && !gates.contains_key(target)
+            {
+                let gate = self.broker.store().gate(target, self.broker.circuit()).await.map_err(store_failed)?;
+                if !gate.live {
+                    tracing::info!(%target, "message not authorized: target has no live session");
+                }
+                gates.insert(target.clone(), gate);
+            }
+        }
+        Ok(gates)
     }
 
     /// The audit record of a decision about `payload`.
@@ -183,20 +270,14 @@ impl Service {
         }
     }
 
-    /// Audits a denial in `chain`, then returns its status — or the store's error if the
-    /// denial could not be recorded (nothing is refused unaudited either).
-    async fn deny(
-        &self,
-        ingress: &Ingress<'_>,
-        chain: &AgentId,
-        payload: &Payload,
-        decision: Decision,
-        violations: Vec<String>,
-    ) -> Status {
-        let record = self.record(ingress, payload, decision, violations);
+    /// Records a refusal in its chain, then returns its status — or the store's error if
+    /// the refusal could not be recorded (nothing is refused unaudited either).
+    pub(super) async fn refuse(&self, refused: Refused) -> Status {
+        let Refused { chain, record } = refused;
+        let decision = record.decision;
         let admission = Admission { chain: chain.clone(), record, envelope: None };
         let committed = self.broker.store().admit(admission, self.broker.circuit()).await;
-        match self.recorded(chain, committed) {
+        match self.recorded(&chain, committed) {
             Ok(_) => denial_status(decision),
             Err(status) => status,
         }
@@ -245,31 +326,21 @@ impl Service {
         store_failed(err)
     }
 
-    /// Deny by default: the target must be allowlisted and hold a live session, must not be
-    /// blocked for the sender, and must be granted (per-agent grant or RBAC role). Returns the
-    /// target and its gate, or the chain the denial is recorded in (the target's when it is an
-    /// allowlisted agent, else the sender's).
-    async fn authorize(
-        &self,
-        sender: &AgentId,
-        target_id: &str,
-    ) -> Result<Result<(AgentId, TargetGate), AgentId>, Status> {
+    /// Deny by default, by policy (no store step): the target must be allowlisted, must not
+    /// be blocked for the sender, and must be granted (per-agent grant or RBAC role). Whether
+    /// it holds a live session is its gate's to say.
+    fn authorize(&self, sender: &AgentId, target_id: &str) -> Authorized {
         let denied = |why: &str, chain: &AgentId| {
             tracing::info!(%sender, target = target_id, why, "message not authorized");
-            Ok(Err(chain.clone()))
+            Authorized::Denied { chain: chain.clone() }
         };
         let Some(target) = AgentId::new(target_id).ok().filter(|t| self.broker.agent(t).is_some()) else {
             return denied("target not an allowlisted agent", sender);
         };
-        // Policy first: a denied message costs no store round trip.
-        if let Err(denial) = self.broker.authorize(sender, &target, true) {
-            return denied(&format!("{denial:?}"), &target);
+        match self.broker.authorize(sender, &target, true) {
+            Ok(_) => Authorized::To(target),
+            Err(denial) => denied(&format!("{denial:?}"), &target),
         }
-        let gate = self.broker.store().gate(&target, self.broker.circuit()).await.map_err(store_failed)?;
-        if !gate.live {
-            return denied("target has no live session", &target);
-        }
-        Ok(Ok((target, gate)))
     }
 }
 

@@ -18,8 +18,9 @@ use mas_net::status::{self, detail};
 use mas_proto::runtime::runtime_service_server::RuntimeService;
 use mas_proto::runtime::{
     AgentRecord, ClientEvent, DiscoverRequest, DiscoverResponse, GetStateRequest, GetStateResponse, ReplyRequest,
-    ReplyResponse, RequestRequest, RequestResponse, ResetStateRequest, ResetStateResponse, SendRequest, SendResponse,
-    ServerEvent, UpdateStateRequest, UpdateStateResponse, Welcome, client_event, server_event,
+    ReplyResponse, RequestRequest, RequestResponse, ResetStateRequest, ResetStateResponse, SendBatchRequest,
+    SendBatchResponse, SendRequest, SendResponse, ServerEvent, UpdateStateRequest, UpdateStateResponse, Welcome,
+    client_event, server_event,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -34,9 +35,11 @@ use crate::session;
 
 mod admission;
 pub(crate) mod mas_v1;
+mod send_batch;
 mod spans;
 
 pub use mas_v1::MasV1Service;
+pub use send_batch::MAX_SENDS_PER_BATCH;
 
 use admission::{Exchange, Ingress, Outgoing, Screened};
 
@@ -471,6 +474,11 @@ impl RuntimeService for Service {
     async fn send(&self, mut request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let span = spans::rpc_span(Method::send, &mut request);
         self.observed(Method::send, span, self.handle_send(request)).await
+    }
+
+    async fn send_batch(&self, mut request: Request<SendBatchRequest>) -> Result<Response<SendBatchResponse>, Status> {
+        let span = spans::rpc_span(Method::send_batch, &mut request);
+        self.observed(Method::send_batch, span, self.handle_send_batch(request)).await
     }
 
     async fn request(&self, mut request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {

@@ -13,6 +13,7 @@ use crate::metrics::Method;
 fn span_name(method: Method) -> &'static str {
     match method {
         Method::send => "mas.rpc.send",
+        Method::send_batch => "mas.rpc.send_batch",
         Method::request => "mas.rpc.request",
         Method::reply => "mas.rpc.reply",
         Method::transport => "mas.rpc.transport",

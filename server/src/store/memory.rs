@@ -12,7 +12,7 @@ use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Chained, Checkpoint, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
-use mas_core::policy::ratelimit::{Limited, Limits};
+use mas_core::policy::ratelimit::{Grant, Limits};
 use mas_core::store::{
     Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueGauges,
     QueueKey, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
@@ -287,8 +287,8 @@ impl MemoryBackend {
         self.lock().store.tamper_with_audit(chain, index, edit)
     }
 
-    pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {
-        Ok(self.lock().store.admit_rate(sender, limits, self.clock.now().mono))
+    pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits, count: usize) -> Result<Grant, StoreError> {
+        Ok(self.lock().store.admit_rate(sender, limits, self.clock.now().mono, count))
     }
 
     pub(super) async fn get_state(&self, agent: &AgentId) -> Result<StateSnapshot, StoreError> {

@@ -20,7 +20,7 @@ use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::AgentId;
 use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Checkpoint, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
-use mas_core::policy::ratelimit::{Limited, Limits};
+use mas_core::policy::ratelimit::{Grant, Limits};
 use mas_core::store::{
     Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, ReplyCommit, ReplyError,
     ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
@@ -294,10 +294,11 @@ impl Store {
         step!(self, "trim_audit", b => b.trim_audit(chain, count, last).await)
     }
 
-    /// Admits one message of `sender` under `limits` (GCRA over the store's clock, one step);
-    /// a refusal consumes nothing.
-    pub async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {
-        step!(self, "admit_rate", b => b.admit_rate(sender, limits).await)
+    /// Admits up to `count` messages of `sender` arriving together under `limits` (GCRA over
+    /// the store's clock, one step): the first `admitted` of them pass, exactly as `count`
+    /// single admissions at that instant would decide. A refusal consumes nothing.
+    pub async fn admit_rate(&self, sender: &AgentId, limits: Limits, count: usize) -> Result<Grant, StoreError> {
+        step!(self, "admit_rate", b => b.admit_rate(sender, limits, count).await)
     }
 
     /// The agent's state and revision, read atomically.

@@ -36,7 +36,7 @@ use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, Chain};
 use mas_core::policy::circuit::{CircuitConfig, CircuitPhase};
-use mas_core::policy::ratelimit::{Limited, Limits, Window};
+use mas_core::policy::ratelimit::{Grant, Limited, Limits, Window};
 use mas_core::store::{
     Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, REQUEST_EXPIRED_GRACE,
     ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, envelope_timestamp,
@@ -716,24 +716,31 @@ impl RedisBackend {
         .await
     }
 
-    pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits) -> Result<Result<(), Limited>, StoreError> {
+    pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits, count: usize) -> Result<Grant, StoreError> {
         let reply: Vec<i64> = self
             .scripts
             .rate_admit
             .key(key(sender, "rate"))
             .arg(limits.per_minute)
             .arg(limits.per_hour)
+            .arg(count)
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
-        Ok(match reply.as_slice() {
-            [1] => Ok(()),
-            [0, window, retry_us] => Err(Limited {
-                window: if *window == 0 { Window::Minute } else { Window::Hour },
-                retry_after: u64::try_from(*retry_us).ok().map(Duration::from_micros),
-            }),
-            _ => return Err(StoreError::Unavailable("malformed rate limit reply".into())),
-        })
+        let malformed = || StoreError::Unavailable("malformed rate limit reply".into());
+        let (admitted, refused) = match reply.as_slice() {
+            [admitted] => (*admitted, None),
+            [admitted, window, retry_us] => {
+                let window = if *window == 0 { Window::Minute } else { Window::Hour };
+                (
+                    *admitted,
+                    Some(Limited { window, retry_after: u64::try_from(*retry_us).ok().map(Duration::from_micros) }),
+                )
+            }
+            _ => return Err(malformed()),
+        };
+        let admitted = usize::try_from(admitted).ok().filter(|n| *n <= count).ok_or_else(malformed)?;
+        Ok(Grant { admitted, refused })
     }
 
     pub(super) async fn get_state(&self, agent: &AgentId) -> Result<StateSnapshot, StoreError> {

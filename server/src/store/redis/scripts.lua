@@ -411,9 +411,11 @@ redis.call('DEL', KEYS[1])
 return {1, redis.call('INCR', KEYS[2])}
 
 --@rate_admit
--- KEYS: rate hash. ARGV: per_minute, per_hour. GCRA per window (times in µs, Redis clock):
--- admit if max(tat, now) + I - now <= T with I = T / limit; a refusal writes nothing.
--- Returns {1} or {0, window (0 minute, 1 hour), retry_after_us (-1: limit 0)}.
+-- KEYS: rate hash. ARGV: per_minute, per_hour, count. GCRA per window (times in µs, Redis
+-- clock), for up to `count` messages arriving together (mas_core ratelimit::admit_many):
+-- admit if max(tat, now) + I - now <= T with I = T / limit; a refusal writes nothing, and every
+-- message after it is refused too. Returns {admitted} when all were admitted, else
+-- {admitted, window (0 minute, 1 hour), retry_after_us (-1: limit 0)}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function step(limit, period, tat)
@@ -422,13 +424,23 @@ local function step(limit, period, tat)
   if new - now > period then return nil, new - now - period end
   return new, 0
 end
-local m, retry_m = step(tonumber(ARGV[1]), 60000000, tonumber(redis.call('HGET', KEYS[1], 'm') or '0'))
-if not m then return {0, 0, retry_m} end
-local h, retry_h = step(tonumber(ARGV[2]), 3600000000, tonumber(redis.call('HGET', KEYS[1], 'h') or '0'))
-if not h then return {0, 1, retry_h} end
-redis.call('HSET', KEYS[1], 'm', string.format('%.0f', m), 'h', string.format('%.0f', h))
-redis.call('PEXPIRE', KEYS[1], 3601000)
-return {1}
+local per_minute, per_hour, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local m = tonumber(redis.call('HGET', KEYS[1], 'm') or '0')
+local h = tonumber(redis.call('HGET', KEYS[1], 'h') or '0')
+local admitted, refusal = 0, nil
+while admitted < count do
+  local next_m, retry_m = step(per_minute, 60000000, m)
+  if not next_m then refusal = {0, retry_m} break end
+  local next_h, retry_h = step(per_hour, 3600000000, h)
+  if not next_h then refusal = {1, retry_h} break end
+  m, h, admitted = next_m, next_h, admitted + 1
+end
+if admitted > 0 then
+  redis.call('HSET', KEYS[1], 'm', string.format('%.0f', m), 'h', string.format('%.0f', h))
+  redis.call('PEXPIRE', KEYS[1], 3601000)
+end
+if refusal then return {admitted, refusal[1], refusal[2]} end
+return {admitted}
 
 --@gate
 -- KEYS: owners, circuit. ARGV: circuit on (1|0), failure_threshold, window_ms, open_ms,
