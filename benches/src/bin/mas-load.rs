@@ -75,6 +75,10 @@ mod load {
         /// Repeat the run (fresh broker each time) and print min / median / max.
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Print the throughput of every window of this many handled messages and the
+        /// broker's resident memory then (for long runs: both must stay flat).
+        #[arg(long)]
+        report_every: Option<u64>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -87,6 +91,30 @@ mod load {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// The current resident set (`VmRSS`) of a process (`self` for this one), in KiB.
+    fn rss_kib(pid: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Reports every `every` handled messages: that window's throughput and the RSS of the
+    /// process `pid`. Ends when `total` are handled.
+    async fn report_windows(handled: Arc<AtomicU64>, every: u64, total: u64, pid: String) {
+        let mut window_start = (Instant::now(), 0u64);
+        while window_start.1 + every <= total {
+            let mark = window_start.1 + every;
+            while handled.load(Ordering::Relaxed) < mark {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let now = Instant::now();
+            let rate = every as f64 / now.duration_since(window_start.0).as_secs_f64();
+            let rss = rss_kib(&pid).map_or("?".to_string(), |k| (k / 1024).to_string());
+            println!("  {mark:>9} handled: {rate:>8.0} msg/s in this window, broker RSS {rss} MiB");
+            window_start = (now, mark);
+        }
     }
 
     /// CPU seconds (user + system) a process has used, from /proc (clock ticks of 10 ms).
@@ -304,11 +332,13 @@ mod load {
             }
             let path = dir.join("broker.json");
             std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+            // The broker's log goes to a file beside its config, not into the report.
+            let log = std::fs::File::create(dir.join("broker.log"))?;
             let mut child = std::process::Command::new(bin)
                 .args(["serve", "--config"])
                 .arg(&path)
                 .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::inherit())
+                .stderr(log)
                 .spawn()
                 .with_context(|| format!("cannot start {}", bin.display()))?;
             let stdout = child.stdout.take().context("broker stdout")?;
@@ -405,6 +435,10 @@ mod load {
         let next = Arc::new(AtomicU64::new(0));
         let queue_full = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
+        let reporter = args.report_every.map(|every| {
+            let pid = broker.pid().map_or("self".to_string(), |pid| pid.to_string());
+            tokio::spawn(report_windows(handled.clone(), every.max(1), args.messages, pid))
+        });
         let mut tasks = Vec::new();
         for w in 0..args.concurrency {
             let sender = senders[(w % args.producers) as usize].clone();
@@ -434,6 +468,9 @@ mod load {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let done_in = started.elapsed();
+        if let Some(reporter) = reporter {
+            reporter.abort();
+        }
         anyhow::ensure!(handled.load(Ordering::Relaxed) >= args.messages, "not every message was handled in time");
         let broker_cpu_us = match (broker.pid().and_then(cpu_seconds), cpu_before) {
             (Some(after), Some(before)) => Some((after - before) * 1e6 / args.messages as f64),

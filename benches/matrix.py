@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""The benchmark matrix of benches/README.md: one-way throughput with `mas-load` (broker in its
+own process, bare Redis Streams baseline of the same shape in the same invocation) and
+request/reply with `mas-rr`, on private redis-servers (AOF everysec and AOF always) that this
+script starts on free ports and stops by pid. Standard library only.
+
+  python3 benches/matrix.py [--messages 50000] [--rounds 3] [--quick]
+
+Prints a Markdown table (min / median / max of the rounds). Needs the release binaries
+(`cargo build --release -p mas-server -p mas-benches`) and `redis-server` on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    """A private redis-server with the given append-only fsync policy."""
+
+    def __init__(self, fsync: str, workdir: Path):
+        self.port = free_port()
+        self.dir = workdir / f"redis-{fsync}"
+        self.dir.mkdir()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", fsync, "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}"
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def flush(self) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], check=True, stdout=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def summary(output: str, label: str) -> str:
+    m = re.search(rf"^  {re.escape(label)}\s+(.*)$", output, re.M)
+    return m.group(1).strip() if m else "-"
+
+
+def one_way(args, redis: Redis | None, **shape) -> dict:
+    messages = shape.pop("messages", args.messages)
+    cmd = [str(BIN / "mas-load"), "--messages", str(messages), "--rounds", str(args.rounds),
+           "--broker-bin", str(BIN / "mas")]
+    for key, value in shape.items():
+        if value is True:
+            cmd.append(f"--{key}")
+        elif value is not False:
+            cmd += [f"--{key}", str(value)]
+    if redis:
+        redis.flush()
+        cmd += ["--redis", redis.url, "--baseline"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return {"msg/s": summary(out, "mas msg/s"), "p50 ms": summary(out, "mas p50 ms"),
+            "p99 ms": summary(out, "mas p99 ms"), "broker µs/msg": summary(out, "broker CPU µs/msg"),
+            "bare Redis msg/s": summary(out, "bare Redis msg/s"), "mas / Redis": summary(out, "mas / bare Redis")}
+
+
+def request_reply(args, redis: Redis | None, concurrency: int, workdir: Path) -> dict:
+    certs = workdir / "rr-certs"
+    if not certs.exists():
+        subprocess.run([str(BIN / "mas"), "dev-certs", "--dir", str(certs), "--agents", "alice,bob"], check=True,
+                       capture_output=True)
+    config = {
+        "listen_addr": "127.0.0.1:0",
+        "tls": {"server_cert_path": str(certs / "server.pem"), "server_key_path": str(certs / "server.key"),
+                "client_ca_path": str(certs / "ca.pem")},
+        "agents": {"alice": {"allowed_targets": ["bob"]}, "bob": {"allowed_targets": []}},
+        "data_dir": str(workdir / "rr-data"),
+        "admin": {"listen_addr": None},
+        "gateway": {"rate_limit": {"per_minute": 10**15, "per_hour": 10**15}},
+    }
+    if redis:
+        redis.flush()
+        config["redis"] = {"url": redis.url}
+    path = workdir / "rr.json"
+    path.write_text(json.dumps(config))
+    rows = []
+    for _ in range(args.rounds):
+        broker = subprocess.Popen([str(BIN / "mas"), "serve", "--config", str(path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            ready = None
+            while ready is None:
+                line = broker.stdout.readline()
+                if not line:
+                    raise RuntimeError("broker exited before its ready line")
+                if '"mas.broker.ready"' in line:
+                    ready = json.loads(line)
+            out = subprocess.run(
+                [str(BIN / "mas-rr"), "--endpoint", f"https://{ready['listen_addr']}", "--certs", str(certs),
+                 "--client", "alice", "--worker", "bob", "--concurrency", str(concurrency),
+                 "--requests", str(args.requests)], check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            broker.terminate()
+            broker.wait()
+
+    def mmm(key: str, fmt: str) -> str:
+        values = sorted(r[key] for r in rows)
+        return " / ".join(fmt.format(v) for v in (values[0], values[len(values) // 2], values[-1]))
+
+    return {"req/s": mmm("req_per_s", "{:.0f}"), "p50 ms": mmm("p50_ms", "{:.2f}"), "p99 ms": mmm("p99_ms", "{:.2f}")}
+
+
+def idle_sessions(sessions: int, redis: Redis | None, workdir: Path) -> dict:
+    certs = workdir / "idle-certs"
+    if not certs.exists():
+        subprocess.run([str(BIN / "mas"), "dev-certs", "--dir", str(certs), "--agents", "idle"], check=True,
+                       capture_output=True)
+    config = {
+        "listen_addr": "127.0.0.1:0",
+        "tls": {"server_cert_path": str(certs / "server.pem"), "server_key_path": str(certs / "server.key"),
+                "client_ca_path": str(certs / "ca.pem")},
+        "agents": {"idle": {"allowed_targets": []}},
+        "data_dir": str(workdir / "idle-data"),
+        "admin": {"listen_addr": None},
+        "limits": {"max_sessions_per_agent": sessions, "max_streams_per_connection": sessions},
+    }
+    if redis:
+        redis.flush()
+        config["redis"] = {"url": redis.url}
+    path = workdir / "idle.json"
+    path.write_text(json.dumps(config))
+    broker = subprocess.Popen([str(BIN / "mas"), "serve", "--config", str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready = None
+        while ready is None:
+            line = broker.stdout.readline()
+            if not line:
+                raise RuntimeError("broker exited before its ready line")
+            if '"mas.broker.ready"' in line:
+                ready = json.loads(line)
+        out = subprocess.run(
+            [str(BIN / "mas-idle"), "--endpoint", f"https://{ready['listen_addr']}", "--certs", str(certs),
+             "--agent", "idle", "--sessions", str(sessions), "--broker-pid", str(ready["pid"])],
+            check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+    finally:
+        broker.terminate()
+        broker.wait()
+    return {"sessions": str(r["sessions"]), "broker RSS MiB": f"{r['broker_rss_mib']:.0f}",
+            "before MiB": f"{r['broker_rss_before_mib']:.0f}", "KiB per session": f"{r['per_session_kib']:.1f}",
+            "opened in s": f"{r['opened_s']:.1f}"}
+
+
+def table(title: str, rows: list[tuple[str, dict]]) -> None:
+    print(f"\n### {title}\n")
+    columns = list(rows[0][1].keys())
+    print("| workload | " + " | ".join(columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
+    for name, row in rows:
+        print(f"| {name} | " + " | ".join(row[c] for c in columns) + " |")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--requests", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="only the headline rows")
+    parser.add_argument("--only", choices=["one-way", "rr", "idle"], help="one table only")
+    args = parser.parse_args()
+    for tool in ("mas", "mas-load", "mas-rr", "mas-idle"):
+        if not (BIN / tool).exists():
+            sys.exit(f"missing {BIN / tool}: cargo build --release -p mas-server -p mas-benches")
+    if not shutil.which("redis-server"):
+        sys.exit("redis-server is not on PATH")
+    cpus = os.cpu_count()
+    print(f"machine: {cpus} CPUs, {os.uname().sysname} {os.uname().release}; {args.messages} messages per run, "
+          f"min / median / max of {args.rounds} rounds; broker in its own process; governance on (authz, rate "
+          f"limits, circuit breakers, default DLP rules, hash-chained audit)")
+    workdir = Path(tempfile.mkdtemp(prefix="mas-matrix-"))
+    everysec, always = Redis("everysec", workdir), Redis("always", workdir)
+    try:
+        rows = [
+            ("memory, 2 producers × 128 in flight, batched", one_way(args, None)),
+            ("memory, unary Send", one_way(args, None, unary=True)),
+            ("Redis everysec, 2 × 128, batched", one_way(args, everysec)),
+            ("Redis everysec, unary Send", one_way(args, everysec, unary=True)),
+            ("Redis always, batched", one_way(args, always)),
+        ]
+        if not args.quick:
+            rows += [
+                ("Redis everysec, 4 producers × 64, 1 consumer", one_way(args, everysec, producers=4, concurrency=256, consumers=1)),
+                ("Redis everysec, 4 producers × 1, 1 consumer", one_way(args, everysec, producers=4, concurrency=4, consumers=1, messages=10_000)),
+                ("Redis everysec, 1 producer × 1, 1 consumer", one_way(args, everysec, producers=1, concurrency=1, consumers=1, messages=5_000)),
+                ("Redis everysec, 4 consumers", one_way(args, everysec, consumers=4)),
+                ("Redis everysec, 2 KB payload", one_way(args, everysec, payload=2048)),
+                ("memory, 2 KB payload", one_way(args, None, payload=2048)),
+            ]
+        table("one-way (send → handler → ack)", rows)
+        rr = [
+            ("memory, c=1", request_reply(args, None, 1, workdir)),
+            ("memory, c=32", request_reply(args, None, 32, workdir)),
+            ("Redis everysec, c=1", request_reply(args, everysec, 1, workdir)),
+            ("Redis everysec, c=32", request_reply(args, everysec, 32, workdir)),
+        ]
+        table("request/reply through the Rust SDK", rr)
+        table("idle sessions (16 mTLS connections)", [
+            ("memory", idle_sessions(10_000, None, workdir)),
+            ("Redis everysec", idle_sessions(10_000, everysec, workdir)),
+        ])
+    finally:
+        everysec.stop()
+        always.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
