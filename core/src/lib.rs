@@ -17,5 +17,6 @@ pub mod envelope;
 pub mod ids;
 pub mod limits;
 pub mod policy;
+pub mod reply;
 pub mod store;
 pub mod time;

@@ -3,6 +3,7 @@
 
 use mas_core::envelope::PayloadError;
 use mas_core::limits::LimitExceeded;
+use mas_core::reply::ReplyRefusal;
 use mas_core::store::StoreError;
 use tonic::{Code, Status};
 
@@ -88,6 +89,19 @@ pub fn limit_exceeded(err: LimitExceeded) -> Status {
     }
 }
 
+/// A refused reply: `INVALID_ARGUMENT` for a correlation id that names no open request,
+/// `FAILED_PRECONDITION correlation_id_expired`, `PERMISSION_DENIED reply_sender_mismatch`.
+pub fn reply_refused(refusal: ReplyRefusal) -> Status {
+    let detail = refusal.to_string();
+    match refusal {
+        ReplyRefusal::MissingCorrelationId | ReplyRefusal::Unknown | ReplyRefusal::Completed => {
+            Status::invalid_argument(detail)
+        }
+        ReplyRefusal::Expired => Status::failed_precondition(detail),
+        ReplyRefusal::SenderMismatch => Status::permission_denied(detail),
+    }
+}
+
 /// Store failures: a full queue is `RESOURCE_EXHAUSTED queue_full`, a full audit chain
 /// `RESOURCE_EXHAUSTED audit_capacity_exceeded`; anything else is `UNAVAILABLE
 /// storage_unavailable` (backend text is logged, never sent to the peer).
@@ -126,5 +140,15 @@ mod tests {
         assert!(is(&store_failed(&StoreError::AuditFull), Code::ResourceExhausted, "audit_capacity_exceeded"));
         assert!(is(&limit_exceeded(LimitExceeded::PayloadTooLarge), Code::ResourceExhausted, "payload_too_large"));
         assert!(is(&limit_exceeded(LimitExceeded::JsonTooDeep), Code::InvalidArgument, "json_too_deep"));
+        let reply = |r| reply_refused(r);
+        assert!(is(&reply(ReplyRefusal::MissingCorrelationId), Code::InvalidArgument, detail::MISSING_CORRELATION_ID));
+        assert!(is(&reply(ReplyRefusal::Unknown), Code::InvalidArgument, detail::UNKNOWN_CORRELATION_ID));
+        assert!(is(
+            &reply(ReplyRefusal::Completed),
+            Code::InvalidArgument,
+            detail::UNKNOWN_OR_COMPLETED_CORRELATION_ID
+        ));
+        assert!(is(&reply(ReplyRefusal::Expired), Code::FailedPrecondition, detail::CORRELATION_ID_EXPIRED));
+        assert!(is(&reply(ReplyRefusal::SenderMismatch), Code::PermissionDenied, detail::REPLY_SENDER_MISMATCH));
     }
 }

@@ -10,9 +10,8 @@ use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::limits::LimitExceeded;
 use mas_core::policy::dlp::Action;
-use mas_core::store::{
-    Admission, Correlation, PendingRequest, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError,
-};
+use mas_core::reply::{self, ReplyRefusal, ReplyRoute};
+use mas_core::store::{Admission, PendingRequest, ReplyCommit, ReplyReceipt, SessionRef, StateError};
 use mas_net::identity::PeerIdentities;
 use mas_net::status::{self, detail};
 use mas_proto::runtime::runtime_service_server::RuntimeService;
@@ -22,7 +21,6 @@ use mas_proto::runtime::{
     SendBatchResponse, SendRequest, SendResponse, ServerEvent, UpdateStateRequest, UpdateStateResponse, Welcome,
     client_event, server_event,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,10 +40,6 @@ pub use mas_v1::MasV1Service;
 pub use send_batch::MAX_SENDS_PER_BATCH;
 
 use admission::{Exchange, Ingress, Outgoing, Screened};
-
-/// Longer than any correlation id this broker issues (`{random}.{agent id}`); a longer one
-/// is unknown without a store lookup.
-const MAX_CORRELATION_ID_BYTES: usize = 256;
 
 /// A request's pending lifetime when the client gives `timeout_ms = 0` (reference default).
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -102,13 +96,6 @@ fn instance(id: &str) -> Result<InstanceId, Status> {
 
 fn store_failed(err: mas_core::store::StoreError) -> Status {
     status::store_failed(&err)
-}
-
-/// SHA-256 of compact JSON `[sender, message_type, payload]` (object keys sorted): two replies
-/// are "identical" when their fingerprints match.
-fn reply_fingerprint(sender: &AgentId, message_type: &str, payload: &Payload) -> String {
-    let canonical = serde_json::json!([sender.as_str(), message_type, payload]).to_string();
-    Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `RuntimeService` implementation.
@@ -314,35 +301,20 @@ impl Service {
         limits.check_message_type(&req.message_type).map_err(status::limit_exceeded)?;
         limits.check_payload(&req.data_json).map_err(status::limit_exceeded)?;
         let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
-        if req.correlation_id.is_empty() {
-            return Err(Status::invalid_argument(detail::MISSING_CORRELATION_ID));
-        }
-        let unknown = || Status::invalid_argument(detail::UNKNOWN_CORRELATION_ID);
-        if req.correlation_id.len() > MAX_CORRELATION_ID_BYTES {
-            return Err(unknown());
-        }
-        let requester = req
-            .correlation_id
-            .rsplit_once('.')
-            .and_then(|(_, requester)| AgentId::new(requester).ok())
-            .ok_or_else(unknown)?;
-        let fingerprint = reply_fingerprint(&sender, &req.message_type, &data);
-        let pending =
-            match self.broker.store().correlation(&requester, &req.correlation_id).await.map_err(store_failed)? {
-                Correlation::Pending(pending) => pending,
-                Correlation::Answered(receipt) if receipt.sender == sender && receipt.fingerprint == fingerprint => {
-                    return Ok(Response::new(ReplyResponse { message_id: receipt.message_id }));
+        let requester = reply::requester_of(&req.correlation_id).map_err(status::reply_refused)?;
+        let fingerprint = reply::fingerprint(&sender, &req.message_type, &data);
+        let correlation =
+            self.broker.store().correlation(&requester, &req.correlation_id).await.map_err(store_failed)?;
+        let pending = match reply::route(correlation, &sender, &fingerprint) {
+            Ok(ReplyRoute::Answer(pending)) => pending,
+            Ok(ReplyRoute::AlreadyAnswered { message_id }) => return Ok(Response::new(ReplyResponse { message_id })),
+            Err(refusal) => {
+                if refusal == ReplyRefusal::SenderMismatch {
+                    tracing::info!(%sender, "reply from someone other than the request's target");
                 }
-                Correlation::Answered(_) => {
-                    return Err(Status::invalid_argument(detail::UNKNOWN_OR_COMPLETED_CORRELATION_ID));
-                }
-                Correlation::Expired => return Err(Status::failed_precondition(detail::CORRELATION_ID_EXPIRED)),
-                Correlation::Unknown => return Err(unknown()),
-            };
-        if pending.target != sender {
-            tracing::info!(%sender, expected = %pending.target, "reply from someone other than the request's target");
-            return Err(Status::permission_denied(detail::REPLY_SENDER_MISMATCH));
-        }
+                return Err(status::reply_refused(refusal));
+            }
+        };
         // The request authorized this exchange: a reply needs no grant of its own (the
         // reference requires one, which breaks one-way grants). It is still rate-limited and
         // screened, and a refusal leaves the request pending for a better answer.
@@ -388,9 +360,7 @@ impl Service {
                 let (ReplyCommit::Queued { message_id } | ReplyCommit::AlreadyQueued { message_id }) = commit;
                 Ok(Response::new(ReplyResponse { message_id }))
             }
-            Err(ReplyError::Expired) => Err(Status::failed_precondition(detail::CORRELATION_ID_EXPIRED)),
-            Err(ReplyError::Unknown) => Err(unknown()),
-            Err(ReplyError::Completed) => Err(Status::invalid_argument(detail::UNKNOWN_OR_COMPLETED_CORRELATION_ID)),
+            Err(err) => Err(status::reply_refused(ReplyRefusal::from(err))),
         }
     }
 
@@ -575,20 +545,4 @@ fn revision_or_conflict(written: Result<u64, StateError>) -> Result<u64, Status>
         StateError::RevisionConflict { .. } => Status::aborted(detail::STATE_REVISION_CONFLICT),
         StateError::TooLarge { .. } => status::limit_exceeded(LimitExceeded::StateTooLarge),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprint_ignores_key_order_but_not_content() {
-        let bob = AgentId::new("bob").unwrap();
-        let a = parse_payload(r#"{"x":1,"y":2}"#).unwrap();
-        let b = parse_payload(r#"{"y":2,"x":1}"#).unwrap();
-        let c = parse_payload(r#"{"x":1,"y":3}"#).unwrap();
-        assert_eq!(reply_fingerprint(&bob, "t", &a), reply_fingerprint(&bob, "t", &b));
-        assert_ne!(reply_fingerprint(&bob, "t", &a), reply_fingerprint(&bob, "t", &c));
-        assert_ne!(reply_fingerprint(&bob, "t", &a), reply_fingerprint(&bob, "u", &a));
-    }
 }
