@@ -422,6 +422,45 @@ async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
     .await;
 }
 
+/// Replies to one requester arriving together (Redis commits them as one batch): each gets
+/// what it would alone — the first of two different replies wins, an identical retry gets the
+/// winner's id, a reply to an unknown request is refused — and the chain links them all.
+#[tokio::test]
+async fn concurrent_replies_to_one_requester_each_get_their_own_outcome() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let a1 = session("alice", "a1", "oa1");
+        store.acquire_lease(&a1, LEASE).await.unwrap();
+        let pending =
+            PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
+        for cid in ["10.alice", "11.alice"] {
+            store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", cid), None).await.unwrap();
+        }
+        let reply = |cid: &'static str, fp: &'static str, id: &'static str| {
+            let (store, pending) = (store.clone(), pending.clone());
+            async move {
+                let receipt = ReplyReceipt { sender: agent("bob"), fingerprint: fp.into(), message_id: id.into() };
+                let committed =
+                    store.commit_reply(cid, &pending, receipt, Arc::from(id), record("alice", Decision::Allowed)).await;
+                format!("{cid} {fp}: {:?}", committed.map(|c| c.map(|(commit, linked)| (commit, linked.is_some()))))
+            }
+        };
+        let outcomes = futures_util::future::join_all([
+            reply("10.alice", "f", "m1"),
+            reply("10.alice", "g", "m2"),
+            reply("10.alice", "f", "m3"),
+            reply("11.alice", "h", "m4"),
+            reply("12.alice", "k", "m5"),
+        ])
+        .await;
+        log.extend(outcomes);
+        log.push(format!("alice's chain {}", chain(&store, "alice").await));
+        log.push(format!("a1 gets {}", show(&store.claim(&a1, 5, NO_WAIT).await.unwrap())));
+        log
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn state_compare_and_set() {
     contract(|store| async move {

@@ -86,7 +86,12 @@ pub(super) struct Refused {
 }
 
 /// What the policies made of one message of a batch.
-pub(super) type Screening = Result<Passed, Refused>;
+pub(super) enum Screening {
+    /// On to the store, to be queued with its record.
+    Passed(Passed),
+    /// Refused: its record is committed, then the refusal answered.
+    Refused(Refused),
+}
 
 /// Where a message stands after authorization: its target and gate, or the chain a denial is
 /// recorded in (the target's when it is an allowlisted agent, else the sender's).
@@ -143,8 +148,8 @@ impl Service {
     ) -> Result<Passed, Status> {
         let mut decided = self.pass_policies_batch(std::slice::from_ref(ingress), exchange, vec![payload]).await?;
         match decided.pop() {
-            Some(Ok(passed)) => Ok(passed),
-            Some(Err(refused)) => Err(self.refuse(refused).await),
+            Some(Screening::Passed(passed)) => Ok(passed),
+            Some(Screening::Refused(refused)) => Err(self.refuse(refused).await),
             None => Err(Status::internal("admission decided no message")),
         }
     }
@@ -220,9 +225,9 @@ impl Service {
         let record = self.record(ingress, &verdict.payload, verdict.decision, verdict.violations);
         match verdict.decision {
             Decision::Allowed | Decision::Alert | Decision::DlpRedacted => {
-                Ok(Passed { target: chain, payload: verdict.payload, record })
+                Screening::Passed(Passed { target: chain, payload: verdict.payload, record })
             }
-            _ => Err(Refused { chain, record }),
+            _ => Screening::Refused(Refused { chain, record }),
         }
     }
 

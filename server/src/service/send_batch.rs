@@ -17,7 +17,7 @@ use mas_proto::runtime::{SendBatchRequest, SendBatchResponse, SendOutcome};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::admission::{Exchange, Ingress, Outgoing, Passed};
+use super::admission::{Exchange, Ingress, Outgoing, Passed, Screening};
 use super::{Service, caller, spans};
 
 /// The most sends one call may carry: bounds the work and memory of one call (its bytes are
@@ -80,8 +80,8 @@ impl Service {
             let (sends, sender, sender_instance, trace) = (&req.sends, &sender, &sender_instance, &trace);
             let admissions = decided.into_iter().zip(&checked).map(|(decided, (index, message_id))| async move {
                 let Passed { target, payload, record } = match decided {
-                    Ok(passed) => passed,
-                    Err(refused) => return Err(self.refuse(refused).await),
+                    Screening::Passed(passed) => passed,
+                    Screening::Refused(refused) => return Err(self.refuse(refused).await),
                 };
                 let send = &sends[*index];
                 let envelope = Envelope::new_send(

@@ -1,5 +1,6 @@
 //! Governance steps of the Redis backend: the target gate, audited admission with group
-//! commit per chain, the security chain, and reading chains back for verification.
+//! commit per chain (replies have their own committer in `replies.rs`, under the same head
+//! lock), the security chain, and reading chains back for verification.
 //!
 //! A chain's hash links are computed here (Redis Lua has no SHA-256), so every append is a
 //! compare-and-append: the script writes only if the chain's stored head is the one the
@@ -24,13 +25,13 @@ use tokio::sync::{Mutex as AsyncMutex, oneshot};
 use super::{RedisBackend, channel, key, text, unavailable};
 
 /// Most decisions one admission script carries.
-const MAX_BATCH: usize = 256;
+pub(super) const MAX_BATCH: usize = 256;
 /// Re-links after which a commit gives up (each one means another broker appended first, or
 /// the batch had refusals to record).
-const MAX_RELINKS: usize = 16;
+pub(super) const MAX_RELINKS: usize = 16;
 
 /// The head this broker believes a chain has: `None` until first learned from Redis.
-type KnownHead = Option<Option<String>>;
+pub(super) type KnownHead = Option<Option<String>>;
 
 /// The expected-head argument of the scripts: `?` (never a stored head) when unknown.
 pub(super) fn expected_arg(head: &KnownHead) -> String {
@@ -59,6 +60,10 @@ pub(super) struct ChainWriter {
     committing: AtomicBool,
     /// The commit lock, guarding the head this broker believes the chain has.
     pub(super) head: AsyncMutex<KnownHead>,
+    /// Replies to this chain's agent waiting to be committed (see `replies.rs`).
+    pub(super) replies: Mutex<Vec<super::replies::WaitingReply>>,
+    /// A reply committer is running (or about to) for this chain.
+    pub(super) committing_replies: AtomicBool,
 }
 
 /// The chain writers of one backend, one per chain ever written (bounded by the allowlist).
@@ -309,8 +314,8 @@ impl RedisBackend {
         .await
     }
 
-    /// The chain writer of `chain`, whose head lock steps that append outside a batch (reply
-    /// commits) take.
+    /// The chain writer of `chain`: its admission queue, its reply queue (`replies.rs`) and
+    /// the head lock both committers take.
     pub(super) fn chain_writer(&self, chain: &AgentId) -> Arc<ChainWriter> {
         self.writers.get(chain)
     }

@@ -34,7 +34,7 @@ use std::time::Duration;
 use mas_core::delivery::Outcome;
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
-use mas_core::policy::audit::{AuditRecord, Chain};
+use mas_core::policy::audit::AuditRecord;
 use mas_core::policy::circuit::{CircuitConfig, CircuitPhase};
 use mas_core::policy::ratelimit::{Grant, Limited, Limits, Window};
 use mas_core::store::{
@@ -49,6 +49,7 @@ use tokio::sync::Notify;
 use super::{claim_waiting, requeue_delay};
 
 mod audit;
+mod replies;
 
 const SCRIPTS: &str = include_str!("scripts.lua");
 
@@ -123,7 +124,7 @@ struct Scripts {
     live: Script,
     open_request: Script,
     correlation: Script,
-    commit_reply: Script,
+    commit_replies: Script,
     state_get: Script,
     state_update: Script,
     state_reset: Script,
@@ -173,7 +174,7 @@ impl Scripts {
             live: get("live"),
             open_request: get("open_request"),
             correlation: get("correlation"),
-            commit_reply: get("commit_reply"),
+            commit_replies: get("commit_replies"),
             state_get: get("state_get"),
             state_update: get("state_update"),
             state_reset: get("state_reset"),
@@ -654,66 +655,14 @@ impl RedisBackend {
         envelope: Arc<str>,
         record: AuditRecord,
     ) -> Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError> {
-        let requester = &expected.requester;
-        let (replies, replies_delayed) =
-            Self::queue_keys(&QueueKey::Replies(requester.clone(), expected.requester_instance.clone()));
-        let writer = self.chain_writer(requester);
-        Self::with_chain_head(&writer.head, |head| {
-            let mut links = Chain::resume(head.clone().flatten());
-            let (linked, json) = links.append_json(record.clone());
-            let new_head = links.head().unwrap_or_default().to_string();
-            let keys = [
-                key(requester, &format!("pending:{correlation_id}")),
-                key(requester, &format!("receipt:{correlation_id}")),
-                replies.clone(),
-                replies_delayed.clone(),
-                key(requester, "audit"),
-                key(requester, "audit:head"),
-                key(requester, "pending_index"),
-            ];
-            let receipt = receipt.clone();
-            let envelope = envelope.clone();
-            async move {
-                let mut invocation = self.scripts.commit_reply.prepare_invoke();
-                for k in keys {
-                    invocation.key(k);
-                }
-                invocation
-                    .arg(requester.as_str())
-                    .arg(expected.requester_instance.as_str())
-                    .arg(expected.target.as_str())
-                    .arg(receipt.sender.as_str())
-                    .arg(&receipt.fingerprint)
-                    .arg(&receipt.message_id)
-                    .arg(&*envelope)
-                    .arg(self.max_queue_len)
-                    .arg(channel(requester))
-                    .arg(audit::expected_arg(&head))
-                    .arg(json)
-                    .arg(&new_head)
-                    .arg(self.max_audit_records)
-                    .arg(correlation_id);
-                let reply: Vec<String> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
-                let done = |value| Ok(audit::Linked::Done { value, new_head: None });
-                match (reply.first().map(String::as_str), reply.get(1)) {
-                    (Some("queued"), Some(id)) => Ok(audit::Linked::Done {
-                        value: Ok((ReplyCommit::Queued { message_id: id.clone() }, Some(linked))),
-                        new_head: Some(new_head),
-                    }),
-                    (Some("already"), Some(id)) => {
-                        done(Ok((ReplyCommit::AlreadyQueued { message_id: id.clone() }, None)))
-                    }
-                    (Some("head"), actual) => {
-                        Ok(audit::Linked::Moved(audit::stored_head(actual.cloned().unwrap_or_default())))
-                    }
-                    (Some("full"), _) => Err(StoreError::AuditFull),
-                    (Some("expired"), _) => done(Err(ReplyError::Expired)),
-                    (Some("unknown"), _) => done(Err(ReplyError::Unknown)),
-                    _ => done(Err(ReplyError::Completed)),
-                }
-            }
-        })
-        .await
+        let reply = replies::ReplyToCommit {
+            correlation_id: correlation_id.to_string(),
+            expected: expected.clone(),
+            receipt,
+            envelope,
+            record,
+        };
+        self.commit_reply_grouped(reply).await
     }
 
     pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits, count: usize) -> Result<Grant, StoreError> {

@@ -344,40 +344,74 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if now >= p.expires_at then return {'expired'} end
 return {'pending', p.requester, p.requester_instance, p.target}
 
---@commit_reply
--- KEYS: pending, receipt, replies stream, replies delayed, audit stream, audit head, pending
--- index (all the requester's).
--- ARGV: requester, requester_instance, target, sender, fingerprint, message_id, envelope,
--- max_len, notify channel, expected audit head ('' empty chain, '?' unknown), audit record,
--- new audit head, max audit records, correlation id.
--- Returns {'queued', id} | {'already', id} | {'completed'} | {'expired'} | {'unknown'} |
--- {'head', actual head} (nothing written; re-link and retry) | {'full'} (audit chain full).
-local receipt = redis.call('GET', KEYS[2])
-if receipt then
-  local r = cjson.decode(receipt)
-  if r.sender == ARGV[4] and r.fingerprint == ARGV[5] then return {'already', r.message_id} end
-  return {'completed'}
-end
-local pending = redis.call('GET', KEYS[1])
-if not pending then return {'unknown'} end
-local p = cjson.decode(pending)
-if p.requester ~= ARGV[1] or p.requester_instance ~= ARGV[2] or p.target ~= ARGV[3] then return {'completed'} end
+--@commit_replies
+-- Commits a batch of replies to requests of one requester, with their audit records in the
+-- requester's chain (group commit, as --@admit does for admissions).
+-- KEYS: audit stream, audit head, pending index, then per reply: pending, receipt, replies
+-- stream, replies delayed (all the requester's).
+-- ARGV: requester, expected audit head ('' empty chain, '?' unknown), new audit head, max audit
+-- records, max queue length, notify channel, then per reply: requester_instance, target,
+-- sender, fingerprint, message_id, envelope, audit record, correlation id.
+-- Pass 1 writes nothing: each reply must answer a live pending request of its target, and its
+-- replies queue must have room. Any refusal returns {'refused', index, outcome, message id,
+-- ...} (outcome already | completed | expired | unknown): the broker answers those, re-links
+-- the rest and retries. Pass 2 queues every reply, appends every record, stores the receipts
+-- and moves the head.
+-- Returns {'ok'} | {'head', actual} (nothing written) | {'full'} | {'refused', ...}.
+local head = redis.call('GET', KEYS[2]) or ''
+if head ~= ARGV[2] then return {'head', head} end
+local items = (#ARGV - 6) / 8
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if now >= p.expires_at then return {'expired'} end
-if redis.call('XLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[8]) then return {'completed'} end
-local head = redis.call('GET', KEYS[6]) or ''
-if head ~= ARGV[10] then return {'head', head} end
-if redis.call('XLEN', KEYS[5]) >= tonumber(ARGV[13]) then return {'full'} end
-redis.call('XADD', KEYS[3], '*', 'e', ARGV[7], 'a', '1')
-redis.call('XADD', KEYS[5], '*', 'r', ARGV[11])
-redis.call('SET', KEYS[6], ARGV[12])
-local remaining = math.max(1, p.expires_at - now)
-redis.call('SET', KEYS[2], cjson.encode({sender = ARGV[4], fingerprint = ARGV[5], message_id = ARGV[6]}), 'PX', remaining)
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[7], ARGV[14])
-redis.call('PUBLISH', ARGV[9], '1')
-return {'queued', ARGV[6]}
+local max_len = tonumber(ARGV[5])
+local refused = {'refused'}
+local expires = {}
+local room = {}
+for i = 1, items do
+  local k, a = 3 + 4 * (i - 1), 6 + 8 * (i - 1)
+  local outcome, id = nil, ''
+  local receipt = redis.call('GET', KEYS[k + 2])
+  if receipt then
+    local r = cjson.decode(receipt)
+    if r.sender == ARGV[a + 3] and r.fingerprint == ARGV[a + 4] then outcome, id = 'already', r.message_id
+    else outcome = 'completed' end
+  else
+    local pending = redis.call('GET', KEYS[k + 1])
+    if not pending then outcome = 'unknown'
+    else
+      local p = cjson.decode(pending)
+      if p.requester ~= ARGV[1] or p.requester_instance ~= ARGV[a + 1] or p.target ~= ARGV[a + 2] then
+        outcome = 'completed'
+      elseif now >= p.expires_at then
+        outcome = 'expired'
+      else
+        local stream = KEYS[k + 3]
+        if room[stream] == nil then
+          room[stream] = max_len - redis.call('XLEN', stream) - redis.call('ZCARD', KEYS[k + 4])
+        end
+        if room[stream] <= 0 then outcome = 'completed' else room[stream] = room[stream] - 1 end
+        expires[i] = p.expires_at
+      end
+    end
+  end
+  if outcome then
+    refused[#refused + 1] = i; refused[#refused + 1] = outcome; refused[#refused + 1] = id
+  end
+end
+if #refused > 1 then return refused end
+if redis.call('XLEN', KEYS[1]) + items > tonumber(ARGV[4]) then return {'full'} end
+for i = 1, items do
+  local k, a = 3 + 4 * (i - 1), 6 + 8 * (i - 1)
+  redis.call('XADD', KEYS[k + 3], '*', 'e', ARGV[a + 6], 'a', '1')
+  redis.call('XADD', KEYS[1], '*', 'r', ARGV[a + 7])
+  local remaining = math.max(1, expires[i] - now)
+  redis.call('SET', KEYS[k + 2], cjson.encode({sender = ARGV[a + 3], fingerprint = ARGV[a + 4], message_id = ARGV[a + 5]}), 'PX', remaining)
+  redis.call('DEL', KEYS[k + 1])
+  redis.call('ZREM', KEYS[3], ARGV[a + 8])
+end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[6], '1')
+return {'ok'}
 
 --@state_get
 -- KEYS: state, revision. Returns {revision, field, value, ...}.
