@@ -55,6 +55,40 @@ def test_send_is_delivered_once_and_acked(broker: Broker, pki: Pki) -> None:
     run(main())
 
 
+def test_send_batch_answers_each_message_as_its_own_send_would(broker: Broker, pki: Pki) -> None:
+    """SendBatch (ours, additive to mas.runtime.v1) from plain grpcio stubs of our proto."""
+    async def main():
+        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
+        a, b = await alice.connect(), await bob.connect()
+        marker = uuid.uuid4().hex
+        sends = [
+            mas_pb2.BatchedSend(target_id="bob", message_type="note", data_json=json.dumps({"n": 1, "m": marker})),
+            mas_pb2.BatchedSend(target_id="nobody", message_type="note", data_json="{}"),
+            mas_pb2.BatchedSend(target_id="bob", message_type="note", data_json="[1]"),
+            mas_pb2.BatchedSend(target_id="bob", message_type="note", data_json=json.dumps({"n": 2, "m": marker})),
+        ]
+        resp = await alice.stub.SendBatch(mas_pb2.SendBatchRequest(instance_id=a.instance_id, sends=sends),
+                                          timeout=10)
+        codes = {code.value[0]: code for code in grpc.StatusCode}
+        got = [(codes[o.code], o.detail) for o in resp.outcomes]
+        assert got == [(OK.OK, ""), (OK.PERMISSION_DENIED, "not_authorized"),
+                       (OK.INVALID_ARGUMENT, "payload_must_be_object"), (OK.OK, "")]
+        # The same refusal as a plain Send of that message.
+        assert await refusal(alice.send(a.instance_id, "nobody", "note", {})) == (OK.PERMISSION_DENIED,
+                                                                                 "not_authorized")
+        ids = [resp.outcomes[0].message_id, resp.outcomes[3].message_id]
+        for expected_id, n in zip(ids, (1, 2)):
+            delivery_id, envelope = await b.delivery()
+            assert (envelope["message_id"], envelope["data"]) == (expected_id, {"n": n, "m": marker})
+            b.ack(delivery_id)
+        too_many = mas_pb2.SendBatchRequest(instance_id=a.instance_id, sends=[sends[0]] * 1025)
+        assert await refusal(alice.stub.SendBatch(too_many, timeout=10)) == (OK.INVALID_ARGUMENT, "batch_too_large")
+        await a.close(), await b.close()
+        await alice.close(), await bob.close()
+
+    run(main())
+
+
 def test_retryable_nack_is_redelivered_with_a_fresh_delivery_id(broker: Broker, pki: Pki) -> None:
     async def main():
         alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
