@@ -268,12 +268,45 @@ pub struct RedisBackend {
     /// This database's epoch (see `Store::epoch`), kept at `mas:{#audit}:epoch`.
     epoch: Arc<str>,
     writers: Arc<audit::ChainWriters>,
-    /// When each session last asked Redis to reclaim dead owners' work.
-    last_reclaim: Arc<Mutex<BTreeMap<String, tokio::time::Instant>>>,
+    /// When each queue was last swept for dead owners' work.
+    reclaims: Arc<Reclaims>,
 }
 
-/// How often a waiting session asks Redis to hand back the work of expired sessions.
+/// How often each queue (an agent's work, an instance's replies) is swept for work held by
+/// expired sessions, by whichever of this broker's sessions claims from it first.
 const RECLAIM_EVERY: Duration = Duration::from_millis(500);
+
+/// When each queue was last swept for dead owners' work. One entry per queue claimed from in
+/// the last `RECLAIM_EVERY * 20`; older ones are pruned at most that often, so neither the
+/// map nor the pruning grows with the number of sessions per claim.
+#[derive(Default)]
+struct Reclaims {
+    inner: Mutex<ReclaimTimes>,
+}
+
+#[derive(Default)]
+struct ReclaimTimes {
+    last: std::collections::HashMap<String, tokio::time::Instant>,
+    pruned: Option<tokio::time::Instant>,
+}
+
+impl Reclaims {
+    /// Whether `queue` is due for a sweep now; if so, records that it is swept.
+    fn due(&self, queue: &str) -> bool {
+        let mut times = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        let keep = RECLAIM_EVERY * 20;
+        if times.pruned.is_none_or(|at| now.duration_since(at) >= keep) {
+            times.last.retain(|_, at| now.duration_since(*at) < keep);
+            times.pruned = Some(now);
+        }
+        let due = times.last.get(queue).is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
+        if due {
+            times.last.insert(queue.to_string(), now);
+        }
+        due
+    }
+}
 /// Longest sleep between claims when no wake-up arrives (covers a lost notification).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
@@ -314,7 +347,7 @@ impl RedisBackend {
             max_audit_records: mas_core::store::MemoryStoreConfig::default().max_audit_records,
             writers: Arc::default(),
             epoch: epoch.into(),
-            last_reclaim: Arc::default(),
+            reclaims: Arc::default(),
         })
     }
 
@@ -393,18 +426,8 @@ impl RedisBackend {
         session: &SessionRef,
         max: usize,
     ) -> Result<(Vec<QueuedMessage>, Option<Duration>), StoreError> {
-        let reclaim = {
-            let mut last = self.last_reclaim.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = tokio::time::Instant::now();
-            let due = last.get(session.owner.as_str()).is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
-            if due {
-                // One entry per live session: entries of sessions that stopped claiming long
-                // ago are dropped, so the map cannot grow with every session ever opened.
-                last.retain(|_, at| now.duration_since(*at) < RECLAIM_EVERY * 20);
-                last.insert(session.owner.to_string(), now);
-            }
-            due
-        };
+        let reclaim_work = self.reclaims.due(&format!("w {}", session.agent));
+        let reclaim_replies = self.reclaims.due(&format!("r {} {}", session.agent, session.instance));
         let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
         let reply: Vec<Value> = self
             .scripts
@@ -417,8 +440,9 @@ impl RedisBackend {
             .key(replies_delayed)
             .arg(session.owner.as_str())
             .arg(max)
-            .arg(if reclaim { "1" } else { "0" })
+            .arg(if reclaim_work { "1" } else { "0" })
             .arg(channel(&session.agent))
+            .arg(if reclaim_replies { "1" } else { "0" })
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;

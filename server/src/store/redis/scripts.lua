@@ -66,7 +66,10 @@ return id
 
 --@claim
 -- KEYS: lease, owners, work, work_delayed, replies, replies_delayed.
--- ARGV: owner, max, reclaim (1 = also hand back work of dead owners), notify channel.
+-- ARGV: owner, max, reclaim work (1 = also hand back the agent's work held by dead owners),
+-- notify channel, reclaim replies (1 = the same for this instance's replies). The broker asks
+-- for each at most every 500 ms per queue, not per session: listing the consumers of a work
+-- stream that thousands of sessions share is the costly part.
 -- Returns {status, next_delayed_ms, tag, id, envelope, attempt, ...}; status 'lost' when the
 -- lease is not ours any more (nothing is claimed then).
 local owner = ARGV[1]
@@ -120,9 +123,10 @@ end
 
 promote(KEYS[5], KEYS[6])
 promote(KEYS[3], KEYS[4])
-if ARGV[3] == '1' then
-  if reclaim(KEYS[5]) + reclaim(KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[4], '1') end
-end
+local handed = 0
+if ARGV[5] == '1' then handed = handed + reclaim(KEYS[5]) end
+if ARGV[3] == '1' then handed = handed + reclaim(KEYS[3]) end
+if handed > 0 then redis.call('PUBLISH', ARGV[4], '1') end
 
 local out = {'ok', -1}
 local function read(stream, tag, count)
