@@ -85,45 +85,61 @@ def one_way(args, redis: Redis | None, **shape) -> dict:
             "bare Redis msg/s": summary(out, "bare Redis msg/s"), "mas / Redis": summary(out, "mas / bare Redis")}
 
 
-def request_reply(args, redis: Redis | None, concurrency: int, workdir: Path) -> dict:
-    certs = workdir / "rr-certs"
+def broker_config(workdir: Path, name: str, agents: dict, redis: Redis | None, **extra) -> tuple[Path, Path]:
+    """Dev certificates for `agents` and a broker configuration on them (a fresh Redis
+    database when `redis` is given). Returns (config path, certificate directory)."""
+    certs = workdir / f"{name}-certs"
     if not certs.exists():
-        subprocess.run([str(BIN / "mas"), "dev-certs", "--dir", str(certs), "--agents", "alice,bob"], check=True,
-                       capture_output=True)
+        subprocess.run([str(BIN / "mas"), "dev-certs", "--dir", str(certs), "--agents", ",".join(agents)],
+                       check=True, capture_output=True)
     config = {
         "listen_addr": "127.0.0.1:0",
         "tls": {"server_cert_path": str(certs / "server.pem"), "server_key_path": str(certs / "server.key"),
                 "client_ca_path": str(certs / "ca.pem")},
-        "agents": {"alice": {"allowed_targets": ["bob"]}, "bob": {"allowed_targets": []}},
-        "data_dir": str(workdir / "rr-data"),
+        "agents": agents,
+        "data_dir": str(workdir / f"{name}-data"),
         "admin": {"listen_addr": None},
-        "gateway": {"rate_limit": {"per_minute": 10**15, "per_hour": 10**15}},
+        **extra,
     }
     if redis:
         redis.flush()
         config["redis"] = {"url": redis.url}
-    path = workdir / "rr.json"
+    path = workdir / f"{name}.json"
     path.write_text(json.dumps(config))
+    return path, certs
+
+
+def with_broker(config: Path, client) -> subprocess.CompletedProcess:
+    """Starts `mas serve`, waits for its ready line, runs `client(ready)` (the argv of a
+    client process) and stops the broker again."""
+    broker = subprocess.Popen([str(BIN / "mas"), "serve", "--config", str(config)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        while True:
+            line = broker.stdout.readline()
+            if not line:
+                raise RuntimeError("broker exited before its ready line")
+            if '"mas.broker.ready"' in line:
+                ready = json.loads(line)
+                break
+        return subprocess.run(client(ready), capture_output=True, text=True)
+    finally:
+        broker.terminate()
+        broker.wait()
+
+
+def request_reply(args, redis: Redis | None, concurrency: int, workdir: Path) -> dict:
+    agents = {"alice": {"allowed_targets": ["bob"]}, "bob": {"allowed_targets": []}}
+    unlimited = {"rate_limit": {"per_minute": 10**15, "per_hour": 10**15}}
+    path, certs = broker_config(workdir, "rr", agents, redis, gateway=unlimited)
     rows = []
     for _ in range(args.rounds):
-        broker = subprocess.Popen([str(BIN / "mas"), "serve", "--config", str(path)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
-        try:
-            ready = None
-            while ready is None:
-                line = broker.stdout.readline()
-                if not line:
-                    raise RuntimeError("broker exited before its ready line")
-                if '"mas.broker.ready"' in line:
-                    ready = json.loads(line)
-            out = subprocess.run(
-                [str(BIN / "mas-rr"), "--endpoint", f"https://{ready['listen_addr']}", "--certs", str(certs),
-                 "--client", "alice", "--worker", "bob", "--concurrency", str(concurrency),
-                 "--requests", str(args.requests)], check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-        finally:
-            broker.terminate()
-            broker.wait()
+        run = with_broker(path, lambda ready: [
+            str(BIN / "mas-rr"), "--endpoint", f"https://{ready['listen_addr']}", "--certs", str(certs),
+            "--client", "alice", "--worker", "bob", "--concurrency", str(concurrency),
+            "--requests", str(args.requests)])
+        run.check_returncode()
+        rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
 
     def mmm(key: str, fmt: str) -> str:
         values = sorted(r[key] for r in rows)
@@ -133,41 +149,11 @@ def request_reply(args, redis: Redis | None, concurrency: int, workdir: Path) ->
 
 
 def idle_sessions(sessions: int, redis: Redis | None, workdir: Path) -> dict:
-    certs = workdir / "idle-certs"
-    if not certs.exists():
-        subprocess.run([str(BIN / "mas"), "dev-certs", "--dir", str(certs), "--agents", "idle"], check=True,
-                       capture_output=True)
-    config = {
-        "listen_addr": "127.0.0.1:0",
-        "tls": {"server_cert_path": str(certs / "server.pem"), "server_key_path": str(certs / "server.key"),
-                "client_ca_path": str(certs / "ca.pem")},
-        "agents": {"idle": {"allowed_targets": []}},
-        "data_dir": str(workdir / "idle-data"),
-        "admin": {"listen_addr": None},
-        "limits": {"max_sessions_per_agent": sessions, "max_streams_per_connection": sessions},
-    }
-    if redis:
-        redis.flush()
-        config["redis"] = {"url": redis.url}
-    path = workdir / "idle.json"
-    path.write_text(json.dumps(config))
-    broker = subprocess.Popen([str(BIN / "mas"), "serve", "--config", str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    try:
-        ready = None
-        while ready is None:
-            line = broker.stdout.readline()
-            if not line:
-                raise RuntimeError("broker exited before its ready line")
-            if '"mas.broker.ready"' in line:
-                ready = json.loads(line)
-        run = subprocess.run(
-            [str(BIN / "mas-idle"), "--endpoint", f"https://{ready['listen_addr']}", "--certs", str(certs),
-             "--agent", "idle", "--sessions", str(sessions), "--broker-pid", str(ready["pid"])],
-            capture_output=True, text=True)
-    finally:
-        broker.terminate()
-        broker.wait()
+    limits = {"max_sessions_per_agent": sessions, "max_streams_per_connection": sessions}
+    path, certs = broker_config(workdir, "idle", {"idle": {"allowed_targets": []}}, redis, limits=limits)
+    run = with_broker(path, lambda ready: [
+        str(BIN / "mas-idle"), "--endpoint", f"https://{ready['listen_addr']}", "--certs", str(certs),
+        "--agent", "idle", "--sessions", str(sessions), "--broker-pid", str(ready["pid"])])
     if run.returncode != 0:
         # A finding, not a crash of the matrix: say what the client got.
         error = (run.stderr.strip().splitlines() or ["?"])[0]

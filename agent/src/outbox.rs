@@ -61,12 +61,17 @@ impl Outbox {
     /// Starts a flusher unless enough are running. The flusher is its own task, so a caller
     /// that stops waiting (a cancelled send) never strands the sends queued behind it.
     fn start_flusher(self: &Arc<Self>, client: RuntimeClient, instance_id: &str) {
-        let running = self
-            .flushers
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_CALLS_IN_FLIGHT).then_some(n + 1));
-        if running.is_ok() {
+        if self.take_flusher_slot() {
             tokio::spawn(self.clone().flush(client, instance_id.to_string()));
         }
+    }
+
+    /// Counts one more flusher, unless [`MAX_CALLS_IN_FLIGHT`] are running.
+    fn take_flusher_slot(&self) -> bool {
+        let taken = self
+            .flushers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_CALLS_IN_FLIGHT).then_some(n + 1));
+        taken.is_ok()
     }
 
     async fn flush(self: Arc<Self>, mut client: RuntimeClient, instance_id: String) {
@@ -80,15 +85,7 @@ impl Outbox {
                 self.flushers.fetch_sub(1, Ordering::AcqRel);
                 // A send queued after the drain but before the count went down found every
                 // flusher busy; make sure someone takes it.
-                let left = !self.lock().is_empty();
-                if left
-                    && self
-                        .flushers
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                            (n < MAX_CALLS_IN_FLIGHT).then_some(n + 1)
-                        })
-                        .is_ok()
-                {
+                if !self.lock().is_empty() && self.take_flusher_slot() {
                     continue;
                 }
                 return;

@@ -80,6 +80,15 @@ impl ChainWriters {
     }
 }
 
+/// Whether a committer that found its queue empty must go on. It clears `running`, then
+/// looks again: an item queued just as it stands down is never stranded, since either its
+/// caller sees the flag cleared and starts a committer, or this one sees the item and takes
+/// the flag back.
+pub(super) fn keep_committing(running: &AtomicBool, queue_empty: impl FnOnce() -> bool) -> bool {
+    running.store(false, Ordering::Release);
+    !queue_empty() && !running.swap(true, Ordering::AcqRel)
+}
+
 pub(super) fn circuit_args(circuit: Option<&CircuitConfig>) -> [String; 6] {
     let c = circuit.copied().unwrap_or_default();
     [
@@ -145,9 +154,8 @@ impl RedisBackend {
                 waiting.drain(..take).collect()
             };
             if batch.is_empty() {
-                writer.committing.store(false, Ordering::Release);
-                let more = !writer.waiting.lock().unwrap_or_else(PoisonError::into_inner).is_empty();
-                if more && !writer.committing.swap(true, Ordering::AcqRel) {
+                let empty = || writer.waiting.lock().unwrap_or_else(PoisonError::into_inner).is_empty();
+                if keep_committing(&writer.committing, empty) {
                     continue;
                 }
                 return;

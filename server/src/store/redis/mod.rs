@@ -276,9 +276,12 @@ pub struct RedisBackend {
 /// expired sessions, by whichever of this broker's sessions claims from it first.
 const RECLAIM_EVERY: Duration = Duration::from_millis(500);
 
-/// When each queue was last swept for dead owners' work. One entry per queue claimed from in
-/// the last `RECLAIM_EVERY * 20`; older ones are pruned at most that often, so neither the
-/// map nor the pruning grows with the number of sessions per claim.
+/// When each queue was last swept for dead owners' work, and which sessions have swept once.
+/// A session's first claim always sweeps (a restarted broker's session takes its dead
+/// predecessor's work at once); after that a queue is swept at most every `RECLAIM_EVERY`,
+/// by whichever session claims from it first. Entries older than `RECLAIM_EVERY * 20` are
+/// pruned at most that often, so neither the maps nor the pruning grow with the number of
+/// sessions per claim (a pruned session merely sweeps once more).
 #[derive(Default)]
 struct Reclaims {
     inner: Mutex<ReclaimTimes>,
@@ -286,27 +289,42 @@ struct Reclaims {
 
 #[derive(Default)]
 struct ReclaimTimes {
-    last: std::collections::HashMap<String, tokio::time::Instant>,
+    queues: std::collections::HashMap<String, tokio::time::Instant>,
+    sessions: std::collections::HashMap<String, tokio::time::Instant>,
     pruned: Option<tokio::time::Instant>,
 }
 
 impl Reclaims {
-    /// Whether `queue` is due for a sweep now; if so, records that it is swept.
-    fn due(&self, queue: &str) -> bool {
+    /// Which of `queues` the session `owner` sweeps on this claim; records those sweeps.
+    fn due<const N: usize>(&self, owner: &str, queues: [&str; N]) -> [bool; N] {
         let mut times = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let now = tokio::time::Instant::now();
         let keep = RECLAIM_EVERY * 20;
         if times.pruned.is_none_or(|at| now.duration_since(at) >= keep) {
-            times.last.retain(|_, at| now.duration_since(*at) < keep);
+            times.queues.retain(|_, at| now.duration_since(*at) < keep);
+            times.sessions.retain(|_, at| now.duration_since(*at) < keep);
             times.pruned = Some(now);
         }
-        let due = times.last.get(queue).is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
-        if due {
-            times.last.insert(queue.to_string(), now);
-        }
-        due
+        let first = match times.sessions.get_mut(owner) {
+            Some(seen) => {
+                *seen = now;
+                false
+            }
+            None => {
+                times.sessions.insert(owner.to_string(), now);
+                true
+            }
+        };
+        queues.map(|queue| {
+            let due = first || times.queues.get(queue).is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
+            if due {
+                times.queues.insert(queue.to_string(), now);
+            }
+            due
+        })
     }
 }
+
 /// Longest sleep between claims when no wake-up arrives (covers a lost notification).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
@@ -426,8 +444,9 @@ impl RedisBackend {
         session: &SessionRef,
         max: usize,
     ) -> Result<(Vec<QueuedMessage>, Option<Duration>), StoreError> {
-        let reclaim_work = self.reclaims.due(&format!("w {}", session.agent));
-        let reclaim_replies = self.reclaims.due(&format!("r {} {}", session.agent, session.instance));
+        let (work_queue, replies_queue) =
+            (format!("w {}", session.agent), format!("r {} {}", session.agent, session.instance));
+        let [reclaim_work, reclaim_replies] = self.reclaims.due(session.owner.as_str(), [&work_queue, &replies_queue]);
         let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
         let reply: Vec<Value> = self
             .scripts

@@ -17,7 +17,7 @@ use mas_core::store::{PendingRequest, QueueKey, ReplyCommit, ReplyError, ReplyRe
 use redis::Value;
 use tokio::sync::oneshot;
 
-use super::audit::{ChainWriter, KnownHead, MAX_BATCH, MAX_RELINKS, expected_arg, stored_head};
+use super::audit::{ChainWriter, KnownHead, MAX_BATCH, MAX_RELINKS, expected_arg, keep_committing, stored_head};
 use super::{RedisBackend, channel, key, text, unavailable};
 
 /// What a reply's committer answers its caller.
@@ -52,15 +52,14 @@ impl RedisBackend {
         outcome.await.unwrap_or_else(|_| Err(StoreError::Unavailable("reply commit abandoned".into())))
     }
 
-    /// The reply committer of one chain: commits what is queued until nothing is. A reply
-    /// queued just as it stands down is not stranded (see `commit_queued` for admissions).
+    /// The reply committer of one chain: commits what is queued until nothing is (see
+    /// [`keep_committing`] for how it stands down).
     async fn commit_queued_replies(&self, requester: &AgentId, writer: &ChainWriter) {
         loop {
             let batch = take_batch(writer);
             if batch.is_empty() {
-                writer.committing_replies.store(false, Ordering::Release);
-                let more = !writer.replies.lock().unwrap_or_else(PoisonError::into_inner).is_empty();
-                if more && !writer.committing_replies.swap(true, Ordering::AcqRel) {
+                let empty = || writer.replies.lock().unwrap_or_else(PoisonError::into_inner).is_empty();
+                if keep_committing(&writer.committing_replies, empty) {
                     continue;
                 }
                 return;
