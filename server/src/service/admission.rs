@@ -222,12 +222,11 @@ impl Service {
                 tracing::info!(sender = %ingress.sender, violations = ?verdict.violations, "DLP blocked");
             }
         }
+        let routable = verdict.routable();
         let record = self.record(ingress, &verdict.payload, verdict.decision, verdict.violations);
-        match verdict.decision {
-            Decision::Allowed | Decision::Alert | Decision::DlpRedacted => {
-                Screening::Passed(Passed { target: chain, payload: verdict.payload, record })
-            }
-            _ => Screening::Refused(Refused { chain, record }),
+        match routable {
+            true => Screening::Passed(Passed { target: chain, payload: verdict.payload, record }),
+            false => Screening::Refused(Refused { chain, record }),
         }
     }
 

@@ -40,8 +40,9 @@ impl Service {
         let sender_instance = self.connected_instance(&sender, &req.instance_id).await?;
 
         // Input checks first, per message: a malformed one is answered at once and never
-        // reaches the policies, as with its own Send.
-        let mut outcomes: Vec<Option<Result<String, Status>>> = Vec::with_capacity(req.sends.len());
+        // reaches the policies, as with its own Send. `checks` says per send whether it
+        // passed; `checked` holds the index and fresh message id of each that did.
+        let mut checks: Vec<Result<(), Status>> = Vec::with_capacity(req.sends.len());
         let mut checked: Vec<(usize, String)> = Vec::with_capacity(req.sends.len());
         let mut payloads: Vec<Payload> = Vec::with_capacity(req.sends.len());
         for (index, send) in req.sends.iter().enumerate() {
@@ -51,14 +52,10 @@ impl Service {
                 message_type: &send.message_type,
                 data_json: &send.data_json,
             };
-            match self.checked_payload(&outgoing) {
-                Ok(payload) => {
-                    checked.push((index, self.broker.next_message_id()));
-                    payloads.push(payload);
-                    outcomes.push(None);
-                }
-                Err(status) => outcomes.push(Some(Err(status))),
-            }
+            checks.push(self.checked_payload(&outgoing).map(|payload| {
+                checked.push((index, self.broker.next_message_id()));
+                payloads.push(payload);
+            }));
         }
 
         let admitted = async {
@@ -99,27 +96,26 @@ impl Service {
             });
             Ok::<_, Status>(join_all(admissions).await)
         };
-        let results = admitted.instrument(spans::admission_span()).await?;
-        for ((index, _), result) in checked.iter().zip(results) {
-            outcomes[*index] = Some(result);
-        }
-        let outcomes = outcomes
+        let mut decided = admitted.instrument(spans::admission_span()).await?.into_iter();
+        let outcomes = checks
             .into_iter()
-            .map(|outcome| match outcome {
-                Some(Ok(message_id)) => SendOutcome { message_id, code: 0, detail: String::new() },
-                Some(Err(status)) => SendOutcome {
-                    message_id: String::new(),
-                    code: status.code() as i32,
-                    detail: status.message().to_string(),
-                },
-                // Every message was either answered by its input check or decided.
-                None => SendOutcome {
-                    message_id: String::new(),
-                    code: tonic::Code::Internal as i32,
-                    detail: "undecided".to_string(),
-                },
+            .map(|check| match check {
+                // The decided results come in the order of the checked sends.
+                Ok(()) => decided.next().unwrap_or_else(|| Err(Status::internal("send left undecided"))),
+                Err(status) => Err(status),
             })
+            .map(outcome)
             .collect();
         Ok(Response::new(SendBatchResponse { outcomes }))
+    }
+}
+
+/// What a `Send` would have answered, as a batch reports it.
+fn outcome(result: Result<String, Status>) -> SendOutcome {
+    match result {
+        Ok(message_id) => SendOutcome { message_id, code: 0, detail: String::new() },
+        Err(status) => {
+            SendOutcome { message_id: String::new(), code: status.code() as i32, detail: status.message().to_string() }
+        }
     }
 }
