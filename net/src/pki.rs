@@ -120,6 +120,14 @@ pub struct DevPkiFiles {
 }
 
 impl DevPkiFiles {
+    /// The files of a development PKI in `dir`, laid out as [`write_dev_pki`] (and
+    /// `mas dev-certs`) write them.
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        let server = TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") };
+        DevPkiFiles { server, dir }
+    }
+
     /// An agent's files (CA, its certificate, its key).
     pub fn agent(&self, agent: &AgentId) -> TlsFiles {
         TlsFiles {
@@ -144,8 +152,7 @@ pub fn write_dev_pki(dir: &Path, agents: &[AgentId]) -> Result<DevPkiFiles, PkiE
         write(&dir.join(format!("{agent}.pem")), &pair.cert)?;
         write(&dir.join(format!("{agent}.key")), &pair.key)?;
     }
-    let server = TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") };
-    Ok(DevPkiFiles { server, dir: dir.to_path_buf() })
+    Ok(DevPkiFiles::at(dir))
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), PkiError> {

@@ -332,16 +332,23 @@ async fn a_restarted_broker_takes_over_the_leases_and_work_of_its_previous_proce
     .await;
 }
 
+/// Alice's instance `a1` with a live lease, and the pending-request record of a request from
+/// it to bob.
+async fn alice_asking_bob(store: &Store) -> (SessionRef, PendingRequest) {
+    let a1 = session("alice", "a1", "oa1");
+    store.acquire_lease(&a1, LEASE).await.unwrap();
+    let pending =
+        PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
+    (a1, pending)
+}
+
 /// A requester's pending requests are bounded; an answered one frees its place, and a
 /// refused request writes nothing (no queue entry, no audit record).
 #[tokio::test]
 async fn pending_requests_are_bounded_per_requester() {
     contract(|store| async move {
         let mut log = Vec::new();
-        let a1 = session("alice", "a1", "oa1");
-        store.acquire_lease(&a1, LEASE).await.unwrap();
-        let pending =
-            PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
+        let (_a1, pending) = alice_asking_bob(&store).await;
         for cid in ["1.alice", "2.alice", "3.alice"] {
             let opened =
                 store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", cid), None).await;
@@ -429,10 +436,7 @@ async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
 async fn concurrent_replies_to_one_requester_each_get_their_own_outcome() {
     contract(|store| async move {
         let mut log = Vec::new();
-        let a1 = session("alice", "a1", "oa1");
-        store.acquire_lease(&a1, LEASE).await.unwrap();
-        let pending =
-            PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
+        let (a1, pending) = alice_asking_bob(&store).await;
         for cid in ["10.alice", "11.alice"] {
             store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", cid), None).await.unwrap();
         }

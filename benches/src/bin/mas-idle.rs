@@ -23,6 +23,7 @@ mod idle {
     use clap::Parser;
     use mas_core::ids::AgentId;
     use mas_net::client::runtime_client;
+    use mas_net::pki::DevPkiFiles;
     use mas_proto::runtime::{ClientEvent, Hello, client_event, server_event};
     use tokio::sync::mpsc;
     use tokio_stream::wrappers::ReceiverStream;
@@ -68,19 +69,13 @@ mod idle {
     async fn run(args: Args) -> anyhow::Result<()> {
         mas_net::tls::install_crypto_provider();
         let agent = AgentId::new(&args.agent)?;
-        let read = |name: &str| std::fs::read_to_string(args.certs.join(name));
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .domain_name("localhost")
-            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")?))
-            .identity(tonic::transport::Identity::from_pem(
-                read(&format!("{agent}.pem"))?,
-                read(&format!("{agent}.key"))?,
-            ));
+        let tls = DevPkiFiles::at(&args.certs).agent(&agent).load()?.client_config("localhost");
         let before = rss_mib(args.broker_pid)?;
         let started = Instant::now();
         let mut clients = Vec::new();
         for _ in 0..args.connections.max(1) {
             let channel = tonic::transport::Endpoint::from_shared(args.endpoint.clone())?
+                .tcp_nodelay(true)
                 .tls_config(tls.clone())?
                 .connect()
                 .await?;

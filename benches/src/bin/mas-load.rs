@@ -160,6 +160,15 @@ mod load {
         peak_mib: Option<u64>,
     }
 
+    /// `min / median / max` of `values` with `decimals` places, or `-` for none.
+    fn min_median_max(mut values: Vec<f64>, decimals: usize) -> String {
+        values.sort_by(f64::total_cmp);
+        match values.as_slice() {
+            [] => "-".to_string(),
+            v => format!("{:.decimals$} / {:.decimals$} / {:.decimals$}", v[0], v[v.len() / 2], v[v.len() - 1]),
+        }
+    }
+
     /// Percentile `p` (0–1) of sorted nanoseconds, in milliseconds.
     fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
         sorted
@@ -227,31 +236,20 @@ mod load {
             );
             rounds.push(measured);
         }
-        let mmm = |mut values: Vec<f64>| -> String {
-            values.sort_by(f64::total_cmp);
-            match values.as_slice() {
-                [] => "-".to_string(),
-                v => format!("{:.0} / {:.0} / {:.0}", v[0], v[v.len() / 2], v[v.len() - 1]),
-            }
-        };
-        let mmm2 = |mut values: Vec<f64>| -> String {
-            values.sort_by(f64::total_cmp);
-            match values.as_slice() {
-                [] => "-".to_string(),
-                v => format!("{:.2} / {:.2} / {:.2}", v[0], v[v.len() / 2], v[v.len() - 1]),
-            }
-        };
         println!("summary over {} round(s), min / median / max:", rounds.len());
-        println!("  mas msg/s            {}", mmm(rounds.iter().map(|r| r.msg_per_s).collect()));
-        println!("  mas p50 ms           {}", mmm2(rounds.iter().map(|r| r.p50_ms).collect()));
-        println!("  mas p99 ms           {}", mmm2(rounds.iter().map(|r| r.p99_ms).collect()));
+        println!("  mas msg/s            {}", min_median_max(rounds.iter().map(|r| r.msg_per_s).collect(), 0));
+        println!("  mas p50 ms           {}", min_median_max(rounds.iter().map(|r| r.p50_ms).collect(), 2));
+        println!("  mas p99 ms           {}", min_median_max(rounds.iter().map(|r| r.p99_ms).collect(), 2));
         if rounds.iter().all(|r| r.broker_cpu_us.is_some()) {
-            println!("  broker CPU µs/msg    {}", mmm2(rounds.iter().filter_map(|r| r.broker_cpu_us).collect()));
+            println!(
+                "  broker CPU µs/msg    {}",
+                min_median_max(rounds.iter().filter_map(|r| r.broker_cpu_us).collect(), 2)
+            );
         }
         if !baselines.is_empty() {
-            println!("  bare Redis msg/s     {}", mmm(baselines.clone()));
+            println!("  bare Redis msg/s     {}", min_median_max(baselines.clone(), 0));
             let ratios = rounds.iter().zip(&baselines).map(|(r, b)| r.msg_per_s / b).collect();
-            println!("  mas / bare Redis     {}", mmm2(ratios));
+            println!("  mas / bare Redis     {}", min_median_max(ratios, 2));
         }
         if let Some((collector, guard)) = tracing {
             drop(guard);

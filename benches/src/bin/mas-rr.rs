@@ -23,7 +23,7 @@ mod rr {
     use clap::Parser;
     use mas_agent::{Agent, AgentBuilder, AgentConfig, HandlerError, Message};
     use mas_core::ids::AgentId;
-    use mas_net::tls::TlsFiles;
+    use mas_net::pki::DevPkiFiles;
     use serde_json::Value;
     use tokio::sync::Mutex;
 
@@ -58,12 +58,9 @@ mod rr {
     }
 
     fn config(args: &Args, agent: &str) -> anyhow::Result<AgentConfig> {
-        let files = TlsFiles {
-            ca: args.certs.join("ca.pem"),
-            cert: args.certs.join(format!("{agent}.pem")),
-            key: args.certs.join(format!("{agent}.key")),
-        };
-        Ok(AgentConfig::new(AgentId::new(agent)?, args.endpoint.clone(), files))
+        let agent = AgentId::new(agent)?;
+        let files = DevPkiFiles::at(&args.certs).agent(&agent);
+        Ok(AgentConfig::new(agent, args.endpoint.clone(), files))
     }
 
     async fn answer(agent: Agent, message: Message<Value>) -> Result<(), HandlerError> {

@@ -276,12 +276,13 @@ pub struct RedisBackend {
 /// expired sessions, by whichever of this broker's sessions claims from it first.
 const RECLAIM_EVERY: Duration = Duration::from_millis(500);
 
-/// When each queue was last swept for dead owners' work, and which sessions have swept once.
-/// A session's first claim always sweeps (a restarted broker's session takes its dead
-/// predecessor's work at once); after that a queue is swept at most every `RECLAIM_EVERY`,
-/// by whichever session claims from it first. Entries older than `RECLAIM_EVERY * 20` are
-/// pruned at most that often, so neither the maps nor the pruning grow with the number of
-/// sessions per claim (a pruned session merely sweeps once more).
+/// When each queue was last swept for dead owners' work: an agent's work queue at most every
+/// `RECLAIM_EVERY` by whichever of this broker's sessions claims from it first, a session's
+/// replies queue at most every `RECLAIM_EVERY` by that session — and both at a session's first
+/// claim, so a restarted broker's session takes its dead predecessor's work at once. Entries
+/// older than `RECLAIM_EVERY * 20` are pruned at most that often, so neither the maps nor the
+/// pruning grow with the number of sessions per claim (a pruned session merely sweeps once
+/// more). Lookups borrow the agent id and owner token: a claim allocates only when it sweeps.
 #[derive(Default)]
 struct Reclaims {
     inner: Mutex<ReclaimTimes>,
@@ -289,39 +290,36 @@ struct Reclaims {
 
 #[derive(Default)]
 struct ReclaimTimes {
-    queues: std::collections::HashMap<String, tokio::time::Instant>,
-    sessions: std::collections::HashMap<String, tokio::time::Instant>,
+    /// Last sweep of each agent's work queue.
+    work: std::collections::HashMap<String, tokio::time::Instant>,
+    /// Last sweep of each session's replies queue, by owner token.
+    replies: std::collections::HashMap<String, tokio::time::Instant>,
     pruned: Option<tokio::time::Instant>,
 }
 
 impl Reclaims {
-    /// Which of `queues` the session `owner` sweeps on this claim; records those sweeps.
-    fn due<const N: usize>(&self, owner: &str, queues: [&str; N]) -> [bool; N] {
+    /// Whether `session`'s claim sweeps (its agent's work queue, its replies queue); records
+    /// the sweeps it makes.
+    fn due(&self, session: &SessionRef) -> (bool, bool) {
         let mut times = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let now = tokio::time::Instant::now();
         let keep = RECLAIM_EVERY * 20;
         if times.pruned.is_none_or(|at| now.duration_since(at) >= keep) {
-            times.queues.retain(|_, at| now.duration_since(*at) < keep);
-            times.sessions.retain(|_, at| now.duration_since(*at) < keep);
+            times.work.retain(|_, at| now.duration_since(*at) < keep);
+            times.replies.retain(|_, at| now.duration_since(*at) < keep);
             times.pruned = Some(now);
         }
-        let first = match times.sessions.get_mut(owner) {
-            Some(seen) => {
-                *seen = now;
-                false
-            }
-            None => {
-                times.sessions.insert(owner.to_string(), now);
-                true
-            }
-        };
-        queues.map(|queue| {
-            let due = first || times.queues.get(queue).is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
-            if due {
-                times.queues.insert(queue.to_string(), now);
-            }
-            due
-        })
+        let stale = |at: Option<&tokio::time::Instant>| at.is_none_or(|at| now.duration_since(*at) >= RECLAIM_EVERY);
+        let first = !times.replies.contains_key(session.owner.as_str());
+        let replies = stale(times.replies.get(session.owner.as_str()));
+        let work = first || stale(times.work.get(session.agent.as_str()));
+        if replies {
+            times.replies.insert(session.owner.to_string(), now);
+        }
+        if work {
+            times.work.insert(session.agent.to_string(), now);
+        }
+        (work, replies)
     }
 }
 
@@ -444,9 +442,7 @@ impl RedisBackend {
         session: &SessionRef,
         max: usize,
     ) -> Result<(Vec<QueuedMessage>, Option<Duration>), StoreError> {
-        let (work_queue, replies_queue) =
-            (format!("w {}", session.agent), format!("r {} {}", session.agent, session.instance));
-        let [reclaim_work, reclaim_replies] = self.reclaims.due(session.owner.as_str(), [&work_queue, &replies_queue]);
+        let (reclaim_work, reclaim_replies) = self.reclaims.due(session);
         let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
         let reply: Vec<Value> = self
             .scripts
