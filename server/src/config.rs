@@ -316,7 +316,7 @@ pub struct BrokerConfig {
     pub limits: LimitSettings,
     /// Where the broker keeps its files (audit archive segments unless
     /// `gateway.audit.archive_dir` says otherwise). Default `mas-data`; a relative path is
-    /// taken from the broker's working directory.
+    /// taken from the configuration file's directory.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// The admin HTTP listener.
@@ -538,13 +538,19 @@ pub enum ConfigError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The file is not valid configuration JSON.
-    #[error("invalid config {path}: {source}")]
-    Parse {
+    /// The named file does not exist.
+    #[error("config file not found: {}", .0.display())]
+    NotFound(PathBuf),
+    /// No file was named and no `mas.yaml` was found.
+    #[error("mas.yaml not found in {} or any parent directory; create mas.yaml in the project root, or pass --config or set MAS_RUNNER_CONFIG_FILE", .0.display())]
+    NoProjectFile(PathBuf),
+    /// The file is not valid YAML or JSON, or a key is unknown or of the wrong type.
+    #[error("invalid config {}: {message}", path.display())]
+    Syntax {
         /// The file.
         path: PathBuf,
-        /// The cause, with line and column.
-        source: serde_json::Error,
+        /// What is wrong, with the line and column.
+        message: String,
     },
     /// A value is out of range or inconsistent.
     #[error("invalid config: {0}")]
@@ -627,13 +633,29 @@ impl BrokerConfig {
             .unwrap_or_else(|_| unreachable!("sanitised host and a port form a valid broker id"))
     }
 
-    /// Reads and validates a JSON configuration file.
+    /// Reads and validates a configuration file, either schema, YAML or JSON (see
+    /// [`crate::project`]); relative paths resolve against the file's directory.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: BrokerConfig =
-            serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
-        config.validate()?;
-        Ok(config)
+        crate::project::Project::load(path).map(|project| project.broker)
+    }
+
+    /// Makes every relative path in the configuration absolute against `dir`.
+    pub(crate) fn resolve_paths(&mut self, dir: &Path) {
+        use crate::project::resolve;
+        if let Some(tls) = &mut self.tls {
+            for path in [&mut tls.server_cert_path, &mut tls.server_key_path, &mut tls.client_ca_path] {
+                resolve(dir, path);
+            }
+        }
+        resolve(dir, &mut self.data_dir);
+        let audit = &mut self.gateway.audit;
+        for path in audit.file_path.iter_mut().chain(audit.archive_dir.iter_mut()) {
+            resolve(dir, path);
+        }
+        #[cfg(not(madsim))]
+        if let Some(ca) = self.redis.as_mut().and_then(|r| r.tls_ca_path.as_mut()) {
+            resolve(dir, ca);
+        }
     }
 
     /// Every bounded numeric setting with its accepted range `(name, value, min, max)`. The
@@ -752,6 +774,33 @@ impl BrokerConfig {
                         "agents.{agent}.allowed_targets names {target:?}, which is not an allowlisted agent"
                     )));
                 }
+            }
+        }
+        self.validate_presets()
+    }
+
+    /// Presets name allowlisted agents, with as many as each type needs (the reference's
+    /// bounds: two for `allow_bidirectional`, at least two for a network, at least one
+    /// receiver or target).
+    fn validate_presets(&self) -> Result<(), ConfigError> {
+        for (index, preset) in self.gateway.permissions.iter().enumerate() {
+            let (kind, named, min): (&str, Vec<&AgentId>, usize) = match preset {
+                PermissionPreset::Allow { sender, targets } => {
+                    ("allow", std::iter::once(sender).chain(targets).collect(), 2)
+                }
+                PermissionPreset::AllowBidirectional { agents } => ("allow_bidirectional", agents.iter().collect(), 2),
+                PermissionPreset::AllowNetwork { agents, .. } => ("allow_network", agents.iter().collect(), 2),
+                PermissionPreset::AllowBroadcast { sender, receivers } => {
+                    ("allow_broadcast", std::iter::once(sender).chain(receivers).collect(), 2)
+                }
+                PermissionPreset::AllowWildcard { agent_id } => ("allow_wildcard", vec![agent_id], 1),
+            };
+            let at = format!("permissions[{index}] ({kind})");
+            if named.len() < min {
+                return Err(ConfigError::Invalid(format!("{at} names too few agents")));
+            }
+            if let Some(unknown) = named.iter().find(|a| !self.agents.contains_key(**a)) {
+                return Err(ConfigError::Invalid(format!("{at} names {unknown}, which is not an allowlisted agent")));
             }
         }
         Ok(())

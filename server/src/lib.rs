@@ -29,6 +29,7 @@ pub mod listener;
 pub mod metrics;
 #[cfg(not(madsim))]
 pub mod preflight;
+pub mod project;
 pub mod serve;
 pub mod service;
 pub mod session;
