@@ -48,6 +48,6 @@ pub mod telemetry {
 }
 
 pub use agent::{Agent, AgentBuilder, AgentError, AgentInfo};
-pub use config::AgentConfig;
+pub use config::{AgentConfig, EnvError, env, init_kwargs, instance_index};
 pub use handler::{HandlerError, Handlers, Message, Outcome};
 pub use state::TypedState;

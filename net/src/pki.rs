@@ -138,25 +138,52 @@ impl DevPkiFiles {
     }
 }
 
+/// Where one certificate and its key are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPaths {
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM), written readable by the owner only.
+    pub key: PathBuf,
+}
+
 /// Writes a fresh dev PKI into `dir`: `ca.pem`, `server.pem`/`server.key`, and
 /// `{agent}.pem`/`{agent}.key` per agent. The CA key is not written: nothing else is signed.
 pub fn write_dev_pki(dir: &Path, agents: &[AgentId]) -> Result<DevPkiFiles, PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Write { path: dir.to_path_buf(), source })?;
-    let ca = DevCa::new("mas dev CA")?;
-    write(&dir.join("ca.pem"), &ca.cert_pem())?;
-    let server = ca.server_cert()?;
-    write(&dir.join("server.pem"), &server.cert)?;
-    write(&dir.join("server.key"), &server.key)?;
-    for agent in agents {
-        let pair = ca.agent_cert(agent)?;
-        write(&dir.join(format!("{agent}.pem")), &pair.cert)?;
-        write(&dir.join(format!("{agent}.key")), &pair.key)?;
-    }
+    let pair = |name: &str| CertPaths { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
+    let agents: Vec<_> = agents.iter().map(|agent| (agent.clone(), pair(agent.as_str()))).collect();
+    write_dev_pki_to(&dir.join("ca.pem"), &pair("server"), &agents)?;
     Ok(DevPkiFiles::at(dir))
 }
 
-fn write(path: &Path, contents: &str) -> Result<(), PkiError> {
-    fs::write(path, contents).map_err(|source| PkiError::Write { path: path.to_path_buf(), source })
+/// Writes a fresh dev PKI to the paths given (a project file names each one): the CA
+/// certificate, the server's pair and each agent's. Missing directories are created.
+pub fn write_dev_pki_to(ca_path: &Path, server: &CertPaths, agents: &[(AgentId, CertPaths)]) -> Result<(), PkiError> {
+    let ca = DevCa::new("mas dev CA")?;
+    write(ca_path, &ca.cert_pem(), false)?;
+    write_pair(server, &ca.server_cert()?)?;
+    for (agent, paths) in agents {
+        write_pair(paths, &ca.agent_cert(agent)?)?;
+    }
+    Ok(())
+}
+
+fn write_pair(paths: &CertPaths, pair: &PemPair) -> Result<(), PkiError> {
+    write(&paths.cert, &pair.cert, false)?;
+    write(&paths.key, &pair.key, true)
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |source| PkiError::Write { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|source| PkiError::Write { path: dir.to_path_buf(), source })?;
+    }
+    let mode = if secret { 0o600 } else { 0o644 };
+    let mut file =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(failed)?;
+    file.write_all(contents.as_bytes()).map_err(failed)
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ pub mod metrics;
 #[cfg(not(madsim))]
 pub mod preflight;
 pub mod project;
+#[cfg(not(madsim))]
+pub mod runner;
 pub mod serve;
 pub mod service;
 pub mod session;

@@ -1,5 +1,5 @@
-//! The `mas` command: `serve` runs the broker, `dev-certs` writes a development PKI, `demo`
-//! runs a broker with two agents.
+//! The `mas` command: `serve` runs the broker, `run` runs the broker and a project's agents,
+//! `dev-certs` writes a development PKI, `demo` runs a broker with two agents.
 
 /// mimalloc rather than glibc malloc: the broker allocates and frees small buffers on many
 /// worker threads at once, and glibc's arena locks showed up as futex contention in profiles
@@ -26,9 +26,11 @@ mod cli {
     use clap::{Parser, Subcommand};
     use mas_core::ids::AgentId;
     use mas_core::policy::audit::{AuditFilter, Decision, to_csv, to_json};
+    use mas_net::pki::CertPaths;
     use mas_net::tls::TlsFiles;
     use mas_server::audit::offline;
-    use mas_server::{Broker, BrokerConfig, admin, serve};
+    use mas_server::project::Project;
+    use mas_server::{Broker, BrokerConfig, admin, runner, serve};
 
     #[derive(Parser)]
     #[command(name = "mas", version, about = "mas broker: secure, at-least-once messaging for agents")]
@@ -39,21 +41,34 @@ mod cli {
 
     #[derive(Subcommand)]
     enum Command {
-        /// Run the broker from a JSON configuration file.
+        /// Run the broker from a configuration file (mas.yaml or a JSON broker file).
         Serve {
-            /// Configuration file (see README: listen_addr, tls, agents, delivery).
+            /// Configuration file; default: $MAS_RUNNER_CONFIG_FILE, then the first mas.yaml
+            /// in the working directory or a parent.
             #[arg(long)]
-            config: PathBuf,
+            config: Option<PathBuf>,
+        },
+        /// Run the broker and every agent of a mas.yaml as supervised processes; SIGINT or
+        /// SIGTERM stops the agents, then drains the broker.
+        Run {
+            /// Project file; found as for `serve`.
+            #[arg(long)]
+            config: Option<PathBuf>,
         },
         /// Write a development CA, a server certificate for localhost/127.0.0.1 and one client
-        /// certificate per agent (SPIFFE SAN spiffe://mas/agent/{id}).
+        /// certificate per agent (SPIFFE SAN spiffe://mas/agent/{id}): into `--dir` for the
+        /// `--agents` given, or with `--config` to every path a project file names.
         DevCerts {
             /// Output directory.
-            #[arg(long, default_value = "dev-certs")]
+            #[arg(long, default_value = "dev-certs", conflicts_with = "config")]
             dir: PathBuf,
             /// Agent ids, comma-separated.
-            #[arg(long, value_delimiter = ',', required = true)]
+            #[arg(long, value_delimiter = ',', required_unless_present = "config")]
             agents: Vec<String>,
+            /// Write the CA, the server's and every agent's certificate where this project
+            /// file names them.
+            #[arg(long)]
+            config: Option<PathBuf>,
         },
         /// Run a broker (embedded store, fresh dev certificates) with two demo agents.
         Demo {
@@ -203,12 +218,13 @@ mod cli {
     }
 
     async fn run(command: Command) -> anyhow::Result<ExitCode> {
-        if !matches!(command, Command::Serve { .. }) {
+        if !matches!(command, Command::Serve { .. } | Command::Run { .. }) {
             init_logging(None)?;
         }
         match command {
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
             Command::Serve { config } => serve_from(config).await,
+            Command::Run { config } => run_project(config).await,
             other => run_command(other).await.map(|()| ExitCode::SUCCESS),
         }
     }
@@ -217,7 +233,9 @@ mod cli {
     async fn run_command(command: Command) -> anyhow::Result<()> {
         match command {
             Command::Serve { config } => serve_from(config).await.map(|_| ()),
-            Command::DevCerts { dir, agents } => {
+            Command::Run { config } => run_project(config).await.map(|_| ()),
+            Command::DevCerts { config: Some(config), .. } => dev_certs_for(&config),
+            Command::DevCerts { dir, agents, config: None } => {
                 let agents = agents.iter().map(|a| AgentId::new(a)).collect::<Result<Vec<_>, _>>()?;
                 mas_net::pki::write_dev_pki(&dir, &agents)?;
                 println!(
@@ -304,62 +322,150 @@ mod cli {
     /// to their queues unacknowledged (nothing is lost; they are redelivered later).
     const DRAIN_CUT_SHORT: u8 = 3;
 
-    async fn serve_from(path: PathBuf) -> anyhow::Result<ExitCode> {
+    /// The configuration `--config` names, or the one discovery finds.
+    fn project(config: Option<PathBuf>) -> anyhow::Result<Project> {
+        let cwd = std::env::current_dir().context("cannot read the working directory")?;
+        Ok(Project::discover(config.as_deref(), &cwd)?)
+    }
+
+    async fn serve_from(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         let stop = stop_requested();
-        let config = BrokerConfig::from_file(&path)?;
-        let _telemetry = init_logging(Some(&config.telemetry))?;
-        let tls = config.tls.as_ref().context("config: `tls` is required to serve (mTLS is mandatory)")?;
-        let files = TlsFiles {
-            ca: tls.client_ca_path.clone(),
-            cert: tls.server_cert_path.clone(),
-            key: tls.server_key_path.clone(),
+        let project = project(config)?;
+        let _telemetry = init_logging(Some(&project.broker.telemetry))?;
+        let running = RunningBroker::start(project.broker, stop).await?;
+        running.finish().await
+    }
+
+    /// `mas run`: the broker first, then the agents; on a signal the agents stop first, then
+    /// the broker drains. Exit 0 when both ended cleanly, [`AGENTS_KILLED`] when an agent had
+    /// to be killed, [`DRAIN_CUT_SHORT`] as for `serve`.
+    async fn run_project(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+        let stop = stop_requested();
+        let project = project(config)?;
+        let _telemetry = init_logging(Some(&project.broker.telemetry))?;
+        let (broker_stop, broker_stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = RunningBroker::start(project.broker.clone(), async move {
+            let _ = broker_stopped.await;
+        })
+        .await?;
+        let agents = match runner::launch_specs(&project, running.addr) {
+            Ok(specs) => runner::run_agents(specs, &project.runner, stop).await,
+            Err(err) => {
+                let _ = broker_stop.send(());
+                let _ = running.finish().await;
+                return Err(err.into());
+            }
         };
-        // Everything the file points at is checked before the ready line.
-        let pem = files.load_checked().context("TLS material rejected")?;
-        mas_server::preflight::check_paths(&config)?;
-        let bound = serve::bind(config.listen_addr).await?;
-        let addr = bound.local_addr;
-        let admin = match config.admin.listen_addr {
-            Some(admin_addr) => Some(
-                admin::bind(admin_addr)
-                    .await
-                    .with_context(|| format!("cannot listen on admin.listen_addr {admin_addr}"))?,
-            ),
-            None => None,
-        };
-        let admin_addr = admin.as_ref().map(|a| a.local_addr.to_string());
-        let broker = Broker::connect(config).await?;
-        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-        let admin_task = admin.map(|admin| {
-            tokio::spawn(admin::serve(broker.clone(), admin, async move {
-                let _ = stopped_rx.await;
-            }))
-        });
+        let _ = broker_stop.send(());
+        let broker = running.finish().await?;
+        if agents.killed > 0 {
+            eprintln!("{} agent process(es) outlived runner.stop_timeout_ms and were killed", agents.killed);
+            return Ok(ExitCode::from(AGENTS_KILLED));
+        }
+        Ok(broker)
+    }
+
+    /// Exit code of `mas run` when agent processes had to be killed at stop.
+    const AGENTS_KILLED: u8 = 4;
+
+    /// `mas dev-certs --config`: a fresh CA, the server's and each agent's certificate, at the
+    /// paths the file names.
+    fn dev_certs_for(config: &std::path::Path) -> anyhow::Result<()> {
+        let project = Project::load(config)?;
+        let tls = project.broker.tls.as_ref().context("the file names no TLS paths")?;
+        let server = CertPaths { cert: tls.server_cert_path.clone(), key: tls.server_key_path.clone() };
+        let agents: Vec<_> = project
+            .agents
+            .iter()
+            .map(|a| (a.agent_id.clone(), CertPaths { cert: a.tls_cert_path.clone(), key: a.tls_key_path.clone() }))
+            .collect();
+        mas_net::pki::write_dev_pki_to(&tls.client_ca_path, &server, &agents)?;
         println!(
-            "{}",
-            serde_json::json!({
-                "event": "mas.broker.ready",
-                "pid": std::process::id(),
-                "listen_addr": addr.to_string(),
-                "admin_addr": admin_addr,
-            })
+            "wrote the CA, the server's and {} agent certificate(s) named in {}",
+            project.agents.len(),
+            config.display()
         );
-        let served = serve::serve_tls(broker.clone(), bound, &pem, stop).await;
-        let _ = stopped_tx.send(());
-        if let Some(task) = admin_task {
-            let _ = task.await;
-        }
-        served?;
-        let outcome = broker.drain_outcome();
-        if !outcome.is_clean() {
-            eprintln!(
-                "broker stopped; the drain deadline cut work short: {} deliveries handed back unacknowledged{}",
-                outcome.handed_back,
-                if outcome.sessions_overran { ", some sessions did not end in time" } else { "" }
+        Ok(())
+    }
+
+    /// A broker serving until its stop future resolves, with its admin listener.
+    struct RunningBroker {
+        addr: std::net::SocketAddr,
+        broker: std::sync::Arc<Broker>,
+        served: tokio::task::JoinHandle<Result<(), mas_server::serve::ServeError>>,
+        admin_stop: tokio::sync::oneshot::Sender<()>,
+        admin_task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl RunningBroker {
+        /// Checks the TLS material and paths, binds both listeners, connects the store and
+        /// prints the ready line; then serves until `stop` resolves.
+        async fn start(
+            config: BrokerConfig,
+            stop: impl std::future::Future<Output = ()> + Send + 'static,
+        ) -> anyhow::Result<RunningBroker> {
+            let tls = config.tls.as_ref().context("config: `tls` is required to serve (mTLS is mandatory)")?;
+            let files = TlsFiles {
+                ca: tls.client_ca_path.clone(),
+                cert: tls.server_cert_path.clone(),
+                key: tls.server_key_path.clone(),
+            };
+            // Everything the file points at is checked before the ready line.
+            let pem = files.load_checked().context("TLS material rejected")?;
+            mas_server::preflight::check_paths(&config)?;
+            let bound = serve::bind(config.listen_addr).await?;
+            let addr = bound.local_addr;
+            let admin = match config.admin.listen_addr {
+                Some(admin_addr) => Some(
+                    admin::bind(admin_addr)
+                        .await
+                        .with_context(|| format!("cannot listen on admin.listen_addr {admin_addr}"))?,
+                ),
+                None => None,
+            };
+            let admin_addr = admin.as_ref().map(|a| a.local_addr.to_string());
+            let broker = Broker::connect(config).await?;
+            let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+            let admin_task = admin.map(|admin| {
+                tokio::spawn(admin::serve(broker.clone(), admin, async move {
+                    let _ = admin_stopped.await;
+                }))
+            });
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "mas.broker.ready",
+                    "pid": std::process::id(),
+                    "listen_addr": addr.to_string(),
+                    "admin_addr": admin_addr,
+                })
             );
-            return Ok(ExitCode::from(DRAIN_CUT_SHORT));
+            let served = tokio::spawn({
+                let broker = broker.clone();
+                async move { serve::serve_tls(broker, bound, &pem, stop).await }
+            });
+            Ok(RunningBroker { addr, broker, served, admin_stop, admin_task })
         }
-        eprintln!("broker stopped");
-        Ok(ExitCode::SUCCESS)
+
+        /// Waits for the drain to finish; the exit code says whether it was cut short.
+        async fn finish(self) -> anyhow::Result<ExitCode> {
+            let served = self.served.await.context("the broker's server task failed")?;
+            let _ = self.admin_stop.send(());
+            if let Some(task) = self.admin_task {
+                let _ = task.await;
+            }
+            served?;
+            let outcome = self.broker.drain_outcome();
+            if !outcome.is_clean() {
+                eprintln!(
+                    "broker stopped; the drain deadline cut work short: {} deliveries handed back unacknowledged{}",
+                    outcome.handed_back,
+                    if outcome.sessions_overran { ", some sessions did not end in time" } else { "" }
+                );
+                return Ok(ExitCode::from(DRAIN_CUT_SHORT));
+            }
+            eprintln!("broker stopped");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -251,9 +251,8 @@ impl Format {
     /// Deserialises `text`; errors carry the line and column (and for YAML the line itself).
     fn parse<T: DeserializeOwned>(self, text: &str, path: &Path) -> Result<T, ConfigError> {
         match self {
-            Format::Json => {
-                serde_json::from_str(text).map_err(|err| ConfigError::Syntax { path: path.into(), message: err.to_string() })
-            }
+            Format::Json => serde_json::from_str(text)
+                .map_err(|err| ConfigError::Syntax { path: path.into(), message: err.to_string() }),
             Format::Yaml => serde_saphyr::from_str(text)
                 .map_err(|err| ConfigError::Syntax { path: path.into(), message: err.to_string() }),
         }

@@ -270,7 +270,11 @@ impl ProjectFile {
 
 /// How an entry's processes start: exactly one of `class_path` and `command`, or neither for
 /// an agent that is only allowlisted (it runs elsewhere; `mas run` refuses such a file).
-fn launch_of(at: &str, class_path: Option<String>, command: Option<Vec<String>>) -> Result<Option<Launch>, ConfigError> {
+fn launch_of(
+    at: &str,
+    class_path: Option<String>,
+    command: Option<Vec<String>>,
+) -> Result<Option<Launch>, ConfigError> {
     match (class_path, command) {
         (Some(_), Some(_)) => Err(ConfigError::Invalid(format!("{at}: give class_path or command, not both"))),
         (Some(class_path), None) => {

@@ -209,7 +209,8 @@ fn unknown_keys_are_refused_with_the_key_and_its_line() {
         assert!(err.contains(key), "{key}: {err}");
         assert!(err.contains(&format!("line {line}")), "{key} should be reported at line {line}: {err}");
     }
-    let path = scratch.write("mas.json", r#"{"tls_ca_path":"a","tls_server_cert_path":"b","tls_server_key_path":"c","x":1}"#);
+    let path =
+        scratch.write("mas.json", r#"{"tls_ca_path":"a","tls_server_cert_path":"b","tls_server_key_path":"c","x":1}"#);
     let err = Project::load(&path).unwrap_err().to_string();
     assert!(err.contains("`x`") && err.contains("line 1"), "{err}");
 }
@@ -218,7 +219,8 @@ fn unknown_keys_are_refused_with_the_key_and_its_line() {
 fn runner_rules_are_checked_before_anything_starts() {
     let scratch = Scratch::new("rules");
     let base = "tls_ca_path: ca.pem\ntls_server_cert_path: s.pem\ntls_server_key_path: s.key\nagents:\n";
-    let entry = |rest: &str| format!("{base}  - agent_id: a\n    tls_cert_path: a.pem\n    tls_key_path: a.key\n{rest}");
+    let entry =
+        |rest: &str| format!("{base}  - agent_id: a\n    tls_cert_path: a.pem\n    tls_key_path: a.key\n{rest}");
     let cases = [
         (entry("    class_path: no_colon\n"), "module:ClassName"),
         (entry("    class_path: m:C\n    command: [x]\n"), "not both"),
