@@ -97,6 +97,7 @@ pub enum EnvError {
     },
 }
 
+#[cfg(not(madsim))]
 fn var(name: &'static str) -> Result<String, EnvError> {
     std::env::var(name).map_err(|_| EnvError::Missing(name))
 }

@@ -186,12 +186,12 @@ impl Project {
         for agent in &mut self.agents {
             resolve(dir, &mut agent.tls_cert_path);
             resolve(dir, &mut agent.tls_key_path);
-            if let Some(Launch::Command(argv)) = &mut agent.launch {
-                if let Some(program) = argv.first_mut().filter(|p| p.contains('/')) {
-                    let mut path = PathBuf::from(&*program);
-                    resolve(dir, &mut path);
-                    *program = path.to_string_lossy().into_owned();
-                }
+            if let Some(Launch::Command(argv)) = &mut agent.launch
+                && let Some(program) = argv.first_mut().filter(|p| p.contains('/'))
+            {
+                let mut path = PathBuf::from(&*program);
+                resolve(dir, &mut path);
+                *program = path.to_string_lossy().into_owned();
             }
         }
         if self.runner.python.components().count() > 1 {

@@ -155,6 +155,7 @@ fn the_reference_schema_becomes_the_broker_configuration() {
     let project = Project::load(&scratch.write("mas.yaml", PROJECT_YAML)).unwrap();
     let b = &project.broker;
     assert_eq!(b.listen_addr.to_string(), "0.0.0.0:50999");
+    #[cfg(not(madsim))]
     assert_eq!(b.redis.as_ref().map(|r| r.url.as_str()), Some("redis://127.0.0.1:6390"));
     assert_eq!((b.gateway.rate_limit.per_minute, b.gateway.rate_limit.per_hour), (7, 70));
     assert!(!b.gateway.features.dlp && b.gateway.features.rbac && b.gateway.features.circuit_breaker);
