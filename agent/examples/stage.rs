@@ -47,20 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             agent.send(next, "job", &serde_json::json!({ "job": job })).await?;
         }
     }
-    stop_signal().await;
+    mas_agent::shutdown_signal().await;
     agent.stop().await;
     Ok(())
-}
-
-/// SIGTERM (how `mas run` stops agents) or SIGINT.
-#[cfg(not(madsim))]
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let settings: Settings = mas_agent::init_kwargs()?;
     let state: Arc<Mutex<Option<TypedState<Tally>>>> = Arc::default();
-    let handler_state = state.clone();
+    let (handler_state, loaded) = (state.clone(), state.clone());
     let agent = AgentBuilder::new(AgentConfig::from_env()?)
         .on("job", move |agent, message: Message<Job>| {
             let (state, record, notify) = (handler_state.clone(), settings.record.clone(), settings.notify.clone());
@@ -62,23 +62,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(())
             }
         })
+        // The durable state, loaded once the transport is ready; a stored state that does not
+        // decode stops the agent instead of being silently reset.
+        .on_start(move |agent| async move {
+            *loaded.lock().await = Some(TypedState::load(&agent).await?);
+            Ok(())
+        })
         .start()
         .await?;
-    *state.lock().await = Some(TypedState::load(&agent).await?);
-    stop_signal().await;
+    mas_agent::shutdown_signal().await;
     agent.stop().await;
     Ok(())
-}
-
-/// SIGTERM (how `mas run` stops agents) or SIGINT.
-#[cfg(not(madsim))]
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -2,6 +2,7 @@
 //! dispatches deliveries lives in [`crate::transport`].
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -69,6 +70,34 @@ pub enum AgentError {
     /// A state update does not fit the state type, or stored state does not.
     #[error("invalid state: {0}")]
     State(String),
+    /// The `on_start` hook failed; `on_stop` ran and the agent is stopped.
+    #[error("on_start failed: {0}")]
+    Start(HandlerError),
+}
+
+type HookFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+/// A lifecycle hook (`on_start`, `on_stop`), run once.
+struct Hook(Box<dyn FnOnce(Agent) -> HookFuture + Send>);
+
+impl Hook {
+    fn new<F, Fut>(hook: F) -> Hook
+    where
+        F: FnOnce(Agent) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        Hook(Box::new(move |agent| Box::pin(hook(agent))))
+    }
+
+    async fn run(self, agent: Agent) -> Result<(), HandlerError> {
+        (self.0)(agent).await
+    }
+}
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl AgentError {
@@ -86,12 +115,38 @@ impl AgentError {
 pub struct AgentBuilder {
     config: AgentConfig,
     handlers: Handlers,
+    on_start: Option<Hook>,
+    on_stop: Option<Hook>,
 }
 
 impl AgentBuilder {
     /// A builder with no handlers.
     pub fn new(config: AgentConfig) -> Self {
-        AgentBuilder { config, handlers: Handlers::default() }
+        AgentBuilder { config, handlers: Handlers::default(), on_start: None, on_stop: None }
+    }
+
+    /// Runs `hook` once the transport is ready (after Welcome), before [`AgentBuilder::start`]
+    /// returns: the place to load state or send a first message. If it fails, the `on_stop`
+    /// hook runs, the agent stops, and `start` returns [`AgentError::Start`]. Deliveries may
+    /// already be dispatched to handlers while it runs.
+    pub fn on_start<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: FnOnce(Agent) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.on_start = Some(Hook::new(hook));
+        self
+    }
+
+    /// Runs `hook` first thing in [`Agent::stop`], while the transport is still up (it may
+    /// still send). A failing hook is logged and the stop goes on.
+    pub fn on_stop<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: FnOnce(Agent) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.on_stop = Some(Hook::new(hook));
+        self
     }
 
     /// Handles `message_type` with a typed handler; see [`Handlers::on`].
@@ -132,13 +187,21 @@ impl AgentBuilder {
                 correlations: Correlations::default(),
                 outbox: Arc::default(),
                 batch_sends: config.batch_sends,
+                request_timeout: config.request_timeout,
                 stop: stop_tx,
                 transport: Mutex::new(None),
+                on_stop: Mutex::new(self.on_stop),
             }),
         };
         let transport = Transport::new(agent.clone(), Arc::new(self.handlers), config, instance_id, stop_rx);
         let task = tokio::spawn(transport.run(first));
         *agent.inner.transport.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        if let Some(hook) = self.on_start
+            && let Err(err) = hook.run(agent.clone()).await
+        {
+            agent.stop().await;
+            return Err(AgentError::Start(err));
+        }
         Ok(agent)
     }
 }
@@ -158,8 +221,11 @@ struct Inner {
     /// Sends waiting to share a call, when `batch_sends` is on.
     outbox: Arc<Outbox>,
     batch_sends: bool,
+    request_timeout: Duration,
     stop: watch::Sender<bool>,
     transport: Mutex<Option<JoinHandle<()>>>,
+    /// Taken by the first stop.
+    on_stop: Mutex<Option<Hook>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -267,6 +333,12 @@ impl Agent {
         result
     }
 
+    /// [`Agent::request`] with the configured default timeout
+    /// ([`AgentConfig::request_timeout`], 60 s unless changed).
+    pub async fn ask(&self, target: &str, message_type: &str, data: &impl Serialize) -> Result<Envelope, AgentError> {
+        self.request(target, message_type, data, self.inner.request_timeout).await
+    }
+
     /// Replies to `request` (a message that carries a correlation id). An identical retry
     /// returns the original reply's message id; a late one fails with
     /// `FAILED_PRECONDITION correlation_id_expired`.
@@ -311,9 +383,16 @@ impl Agent {
     /// Stops gracefully: pending requests fail at once with [`AgentError::Stopped`], no new
     /// deliveries are started, running handlers get up to `handler_drain_timeout` to finish,
     /// their acks are flushed, then the transport closes and the broker hands anything
-    /// unacknowledged to another instance. Idempotent. Must not be awaited from inside a
+    /// unacknowledged to another instance. The `on_stop` hook runs first, once. Idempotent.
+    /// Must not be awaited from inside a
     /// handler of this agent (it waits for handlers to finish).
     pub async fn stop(&self) {
+        let on_stop = self.inner.on_stop.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(hook) = on_stop
+            && let Err(err) = hook.run(self.clone()).await
+        {
+            tracing::warn!(error = %err, "on_stop hook failed; stopping anyway");
+        }
         self.inner.correlations.close();
         self.inner.stop.send_replace(true);
         let task = self.inner.transport.lock().unwrap_or_else(PoisonError::into_inner).take();

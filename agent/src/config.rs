@@ -28,6 +28,9 @@ pub struct AgentConfig {
     pub handler_drain_timeout: Duration,
     /// On stop: how long to wait for the broker to confirm it has our last acks.
     pub ack_flush_timeout: Duration,
+    /// The timeout of [`crate::Agent::ask`] (default 60 s, the reference's
+    /// `DEFAULT_REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
     /// Sends waiting together share one `SendBatch` call (default on; a lone send is always a
     /// plain `Send`). Off: one `Send` per message, as the reference client does.
     pub batch_sends: bool,
@@ -39,7 +42,8 @@ impl AgentConfig {
         std::iter::once(self.endpoint.as_str()).chain(self.fallback_endpoints.iter().map(String::as_str))
     }
 
-    /// Settings with the reference's defaults (Welcome 10 s, handler drain 5 s, ack flush 2 s).
+    /// Settings with the reference's defaults (Welcome 10 s, handler drain 5 s, ack flush 2 s,
+    /// request timeout 60 s).
     pub fn new(
         agent_id: AgentId,
         endpoint: impl Into<String>,
@@ -57,6 +61,7 @@ impl AgentConfig {
             welcome_timeout: Duration::from_secs(10),
             handler_drain_timeout: Duration::from_secs(5),
             ack_flush_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(60),
             batch_sends: true,
         }
     }
@@ -144,5 +149,20 @@ pub fn instance_index() -> Result<u32, EnvError> {
         Ok(text) => text
             .parse()
             .map_err(|_| EnvError::Invalid { name: env::INSTANCE_INDEX, reason: format!("{text:?} is not a number") }),
+    }
+}
+
+/// Resolves on SIGTERM (how `mas run`, systemd and Kubernetes stop a process) or SIGINT; an
+/// agent's `main` awaits it, then calls [`crate::Agent::stop`]. Never resolves if the signal
+/// handlers cannot be installed.
+#[cfg(not(madsim))]
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

@@ -12,9 +12,18 @@
 //!         println!("{} says {}", msg.envelope.sender_id, msg.payload.text);
 //!         Ok::<(), HandlerError>(())
 //!     })
+//!     // After Welcome, before `start` returns; a failure stops the agent again.
+//!     .on_start(|agent| async move {
+//!         agent.send("bob", "greeting", &serde_json::json!({"text": "I am up"})).await?;
+//!         Ok(())
+//!     })
+//!     // First thing in `stop`, while the agent can still send.
+//!     .on_stop(|_agent| async { Ok(()) })
 //!     .start()
 //!     .await?;
 //! agent.send("bob", "greeting", &serde_json::json!({"text": "hi"})).await?;
+//! let answer = agent.ask("bob", "question", &serde_json::json!({})).await?; // 60 s default
+//! println!("bob answered {:?}", answer.data);
 //! agent.stop().await;
 //! # Ok(()) }
 //! ```
@@ -48,6 +57,8 @@ pub mod telemetry {
 }
 
 pub use agent::{Agent, AgentBuilder, AgentError, AgentInfo};
+#[cfg(not(madsim))]
+pub use config::shutdown_signal;
 pub use config::{AgentConfig, EnvError, env, init_kwargs, instance_index};
 pub use handler::{HandlerError, Handlers, Message, Outcome};
 pub use state::TypedState;

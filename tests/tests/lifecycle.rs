@@ -1,0 +1,87 @@
+//! The SDK's lifecycle hooks over mTLS: `on_start` runs once the transport is ready (it can
+//! send), `on_stop` runs once, first thing in stop, while the agent can still send; a failing
+//! `on_start` runs `on_stop`, stops the agent and releases its instance.
+
+#![cfg(not(madsim))]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use mas_agent::{AgentError, HandlerError};
+use mas_tests::{TestBroker, eventually};
+
+#[tokio::test]
+async fn on_start_can_send_and_on_stop_runs_once_before_the_transport_goes() {
+    let tb = TestBroker::start(&[("alice", &["bob"]), ("bob", &[])]).await;
+    let (bob, hellos) = tb.counting_agent::<serde_json::Value>("bob", "hello").await;
+    let stops = Arc::new(AtomicU32::new(0));
+    let stop_count = stops.clone();
+    let alice = tb
+        .agent("alice")
+        .on_start(|agent| async move {
+            agent.send("bob", "hello", &serde_json::json!({"phase": "start"})).await?;
+            Ok(())
+        })
+        .on_stop(move |agent| async move {
+            stop_count.fetch_add(1, Ordering::SeqCst);
+            agent.send("bob", "hello", &serde_json::json!({"phase": "stop"})).await?;
+            Ok(())
+        })
+        .start()
+        .await
+        .expect("alice starts");
+    assert!(eventually(Duration::from_secs(5), || hellos.load(Ordering::SeqCst) == 1).await, "on_start's send");
+    alice.stop().await;
+    alice.stop().await;
+    assert_eq!(stops.load(Ordering::SeqCst), 1, "on_stop runs once however often stop is called");
+    assert!(eventually(Duration::from_secs(5), || hellos.load(Ordering::SeqCst) == 2).await, "on_stop's send");
+    assert!(!alice.is_running());
+    bob.stop().await;
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_on_start_runs_on_stop_and_releases_the_instance() {
+    let tb = TestBroker::start(&[("alice", &[])]).await;
+    let stops = Arc::new(AtomicU32::new(0));
+    let stop_count = stops.clone();
+    let mut config = tb.agent_config("alice");
+    config.instance_id = Some(mas_core::ids::InstanceId::new("0000beef").unwrap());
+    let failed = mas_agent::AgentBuilder::new(config.clone())
+        .on_start(|_| async { Err::<(), HandlerError>("cannot load the model".into()) })
+        .on_stop(move |_| async move {
+            stop_count.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .start()
+        .await;
+    match failed {
+        Err(AgentError::Start(err)) => assert_eq!(err.to_string(), "cannot load the model"),
+        other => panic!("expected AgentError::Start, got {other:?}"),
+    }
+    assert_eq!(stops.load(Ordering::SeqCst), 1);
+    // The same instance id may connect again at once: the failed start closed its session.
+    let again = mas_agent::AgentBuilder::new(config).start().await.expect("the instance was released");
+    again.stop().await;
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn ask_uses_the_configured_default_request_timeout() {
+    let tb = TestBroker::start(&[("alice", &["bob"]), ("bob", &[])]).await;
+    assert_eq!(tb.agent_config("alice").request_timeout, Duration::from_secs(60), "the reference's default");
+    // bob takes the request and never answers.
+    let (bob, asked) = tb.counting_agent::<serde_json::Value>("bob", "question").await;
+    let mut config = tb.agent_config("alice");
+    config.request_timeout = Duration::from_millis(300);
+    let alice = mas_agent::AgentBuilder::new(config).start().await.unwrap();
+    match alice.ask("bob", "question", &serde_json::json!({})).await {
+        Err(AgentError::RequestTimeout(timeout)) => assert_eq!(timeout, Duration::from_millis(300)),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}
