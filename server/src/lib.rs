@@ -23,8 +23,6 @@ pub mod clock;
 pub mod config;
 mod delivery_trace;
 #[cfg(not(madsim))]
-pub mod demo;
-#[cfg(not(madsim))]
 pub mod listener;
 pub mod metrics;
 #[cfg(not(madsim))]

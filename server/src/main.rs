@@ -1,5 +1,6 @@
 //! The `mas` command: `serve` runs the broker, `run` runs the broker and a project's agents,
-//! `dev-certs` writes a development PKI, `demo` runs a broker with two agents.
+//! `dev-certs` writes a development PKI, `audit` verifies and queries the audit trail. (The
+//! demo is an SDK example: `cargo run -p mas-agent --example demo`.)
 
 /// mimalloc rather than glibc malloc: the broker allocates and frees small buffers on many
 /// worker threads at once, and glibc's arena locks showed up as futex contention in profiles
@@ -18,7 +19,6 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(not(madsim))]
 mod cli {
-    use std::net::SocketAddr;
     use std::path::PathBuf;
     use std::process::ExitCode;
 
@@ -69,21 +69,6 @@ mod cli {
             /// file names them.
             #[arg(long)]
             config: Option<PathBuf>,
-        },
-        /// Run a broker (embedded store, fresh dev certificates) with two demo agents.
-        Demo {
-            /// Where to write the dev certificates.
-            #[arg(long, default_value = "dev-certs")]
-            certs_dir: PathBuf,
-            /// Broker address.
-            #[arg(long, default_value = "127.0.0.1:50051")]
-            listen: SocketAddr,
-            /// Stop after this many greetings were delivered (default: run until Ctrl-C).
-            #[arg(long)]
-            messages: Option<u64>,
-            /// Where to serve metrics and health probes (`none` to turn them off).
-            #[arg(long, default_value = "127.0.0.1:9464", value_parser = admin_addr)]
-            admin: AdminAddr,
         },
         /// Verify or query the audit trail.
         Audit {
@@ -140,17 +125,6 @@ mod cli {
             #[arg(long, default_value = "json")]
             format: String,
         },
-    }
-
-    /// `--admin`: an address, or `none`.
-    #[derive(Debug, Clone, Copy)]
-    struct AdminAddr(Option<SocketAddr>);
-
-    fn admin_addr(value: &str) -> Result<AdminAddr, String> {
-        match value {
-            "none" => Ok(AdminAddr(None)),
-            addr => addr.parse().map(|a| AdminAddr(Some(a))).map_err(|err| format!("{addr:?}: {err}")),
-        }
     }
 
     pub fn main() -> ExitCode {
@@ -244,9 +218,6 @@ mod cli {
                     dir.display()
                 );
                 Ok(())
-            }
-            Command::Demo { certs_dir, listen, messages, admin } => {
-                mas_server::demo::run(&certs_dir, listen, admin.0, messages, stop_requested()).await
             }
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await.map(|_| ()),
             Command::Audit {
