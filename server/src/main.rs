@@ -319,6 +319,15 @@ mod cli {
             let _ = broker_stopped.await;
         })
         .await?;
+        // Agents stop on a signal, or when the broker stopped serving on its own (then the
+        // error is reported by `finish`).
+        let mut serving = running.serving.clone();
+        let stop = async move {
+            tokio::select! {
+                () = stop => {}
+                _ = serving.wait_for(|serving| !*serving) => eprintln!("the broker stopped serving; stopping the agents"),
+            }
+        };
         let agents = match runner::launch_specs(&project, running.addr) {
             Ok(specs) => runner::run_agents(specs, &project.runner, stop).await,
             Err(err) => {
@@ -364,6 +373,8 @@ mod cli {
         addr: std::net::SocketAddr,
         broker: std::sync::Arc<Broker>,
         served: tokio::task::JoinHandle<Result<(), mas_server::serve::ServeError>>,
+        /// True until the server task ends.
+        serving: tokio::sync::watch::Receiver<bool>,
         admin_stop: tokio::sync::oneshot::Sender<()>,
         admin_task: Option<tokio::task::JoinHandle<()>>,
     }
@@ -411,11 +422,16 @@ mod cli {
                     "admin_addr": admin_addr,
                 })
             );
+            let (serving_tx, serving) = tokio::sync::watch::channel(true);
             let served = tokio::spawn({
                 let broker = broker.clone();
-                async move { serve::serve_tls(broker, bound, &pem, stop).await }
+                async move {
+                    let served = serve::serve_tls(broker, bound, &pem, stop).await;
+                    serving_tx.send_replace(false);
+                    served
+                }
             });
-            Ok(RunningBroker { addr, broker, served, admin_stop, admin_task })
+            Ok(RunningBroker { addr, broker, served, serving, admin_stop, admin_task })
         }
 
         /// Waits for the drain to finish; the exit code says whether it was cut short.
