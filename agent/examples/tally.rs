@@ -64,9 +64,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         // The durable state, loaded once the transport is ready; a stored state that does not
         // decode stops the agent instead of being silently reset.
-        .on_start(move |agent| async move {
-            *loaded.lock().await = Some(TypedState::load(&agent).await?);
-            Ok(())
+        .on_start(move |agent| {
+            let loaded = loaded.clone();
+            async move {
+                *loaded.lock().await = Some(TypedState::load(&agent).await?);
+                Ok(())
+            }
         })
         .start()
         .await?;

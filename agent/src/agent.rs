@@ -70,6 +70,9 @@ pub enum AgentError {
     /// A state update does not fit the state type, or stored state does not.
     #[error("invalid state: {0}")]
     State(String),
+    /// [`Agent::restart`] was called on an agent that is still running.
+    #[error("the agent is still running; stop it before starting it again")]
+    StillRunning,
     /// The `on_start` hook failed; `on_stop` ran and the agent is stopped.
     #[error("on_start failed: {0}")]
     Start(HandlerError),
@@ -77,19 +80,20 @@ pub enum AgentError {
 
 type HookFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
 
-/// A lifecycle hook (`on_start`, `on_stop`), run once.
-struct Hook(Box<dyn FnOnce(Agent) -> HookFuture + Send>);
+/// A lifecycle hook (`on_start`, `on_stop`): run once per start of the agent.
+#[derive(Clone)]
+struct Hook(Arc<dyn Fn(Agent) -> HookFuture + Send + Sync>);
 
 impl Hook {
     fn new<F, Fut>(hook: F) -> Hook
     where
-        F: FnOnce(Agent) -> Fut + Send + 'static,
+        F: Fn(Agent) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
-        Hook(Box::new(move |agent| Box::pin(hook(agent))))
+        Hook(Arc::new(move |agent| Box::pin(hook(agent))))
     }
 
-    async fn run(self, agent: Agent) -> Result<(), HandlerError> {
+    async fn run(&self, agent: Agent) -> Result<(), HandlerError> {
         (self.0)(agent).await
     }
 }
@@ -111,7 +115,7 @@ impl AgentError {
 }
 
 /// Collects handlers, then connects.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AgentBuilder {
     config: AgentConfig,
     handlers: Handlers,
@@ -131,7 +135,7 @@ impl AgentBuilder {
     /// already be dispatched to handlers while it runs.
     pub fn on_start<F, Fut>(mut self, hook: F) -> Self
     where
-        F: FnOnce(Agent) -> Fut + Send + 'static,
+        F: Fn(Agent) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         self.on_start = Some(Hook::new(hook));
@@ -142,7 +146,7 @@ impl AgentBuilder {
     /// still send). A failing hook is logged and the stop goes on.
     pub fn on_stop<F, Fut>(mut self, hook: F) -> Self
     where
-        F: FnOnce(Agent) -> Fut + Send + 'static,
+        F: Fn(Agent) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         self.on_stop = Some(Hook::new(hook));
@@ -173,9 +177,12 @@ impl AgentBuilder {
     /// Connects, opens the transport (Hello → Welcome) and starts dispatching deliveries.
     /// After that, a lost transport is reopened with backoff (0.1 s doubling to 5 s) under the
     /// same instance id until [`Agent::stop`].
-    pub async fn start(self) -> Result<Agent, AgentError> {
+    pub async fn start(mut self) -> Result<Agent, AgentError> {
+        let instance_id = self.config.instance_id.clone().unwrap_or_else(random_instance_id);
+        // What `Agent::restart` starts again: the same settings, handlers, hooks and instance.
+        self.config.instance_id = Some(instance_id.clone());
+        let recipe = self.clone();
         let config = self.config;
-        let instance_id = config.instance_id.clone().unwrap_or_else(random_instance_id);
         let client = runtime_client(connect(&config, &config.endpoint).await?, &config.agent_id);
         let first = open_transport(&config, &instance_id, client.clone()).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -191,6 +198,7 @@ impl AgentBuilder {
                 stop: stop_tx,
                 transport: Mutex::new(None),
                 on_stop: Mutex::new(self.on_stop),
+                recipe,
             }),
         };
         let transport = Transport::new(agent.clone(), Arc::new(self.handlers), config, instance_id, stop_rx);
@@ -226,6 +234,8 @@ struct Inner {
     transport: Mutex<Option<JoinHandle<()>>>,
     /// Taken by the first stop.
     on_stop: Mutex<Option<Hook>>,
+    /// How this agent was started, for [`Agent::restart`].
+    recipe: AgentBuilder,
 }
 
 impl std::fmt::Debug for Inner {
@@ -401,6 +411,16 @@ impl Agent {
         {
             tracing::warn!(error = %err, "transport task ended abnormally");
         }
+    }
+
+    /// Starts a stopped agent again: the same settings, handlers, hooks and instance id, a new
+    /// transport and a new Welcome (TLS files are re-read, so rotated certificates apply);
+    /// `on_start` runs again. Returns the new handle; this one stays stopped.
+    pub async fn restart(&self) -> Result<Agent, AgentError> {
+        if self.is_running() {
+            return Err(AgentError::StillRunning);
+        }
+        self.inner.recipe.clone().start().await
     }
 
     /// Whether the transport task is still running (false after stop).

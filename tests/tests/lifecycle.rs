@@ -23,10 +23,12 @@ async fn on_start_can_send_and_on_stop_runs_once_before_the_transport_goes() {
             agent.send("bob", "hello", &serde_json::json!({"phase": "start"})).await?;
             Ok(())
         })
-        .on_stop(move |agent| async move {
+        .on_stop(move |agent| {
             stop_count.fetch_add(1, Ordering::SeqCst);
-            agent.send("bob", "hello", &serde_json::json!({"phase": "stop"})).await?;
-            Ok(())
+            async move {
+                agent.send("bob", "hello", &serde_json::json!({"phase": "stop"})).await?;
+                Ok(())
+            }
         })
         .start()
         .await
@@ -50,9 +52,9 @@ async fn a_failing_on_start_runs_on_stop_and_releases_the_instance() {
     config.instance_id = Some(mas_core::ids::InstanceId::new("0000beef").unwrap());
     let failed = mas_agent::AgentBuilder::new(config.clone())
         .on_start(|_| async { Err::<(), HandlerError>("cannot load the model".into()) })
-        .on_stop(move |_| async move {
+        .on_stop(move |_| {
             stop_count.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            async { Ok(()) }
         })
         .start()
         .await;
@@ -82,6 +84,38 @@ async fn ask_uses_the_configured_default_request_timeout() {
     }
     assert_eq!(asked.load(Ordering::SeqCst), 1);
     alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopped_agent_starts_again_with_its_handlers_hooks_and_instance() {
+    let tb = TestBroker::start(&[("alice", &["bob"]), ("bob", &[])]).await;
+    let (bob, hellos) = tb.counting_agent::<serde_json::Value>("bob", "hello").await;
+    let starts = Arc::new(AtomicU32::new(0));
+    let start_count = starts.clone();
+    let alice = tb
+        .agent("alice")
+        .on_start(move |agent| {
+            start_count.fetch_add(1, Ordering::SeqCst);
+            async move {
+                agent.send("bob", "hello", &serde_json::json!({})).await?;
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(matches!(alice.restart().await, Err(AgentError::StillRunning)));
+    alice.stop().await;
+    let again = alice.restart().await.expect("starts again");
+    assert_eq!(again.instance_id(), alice.instance_id(), "the same instance");
+    assert!(again.is_running() && !alice.is_running());
+    assert_eq!(starts.load(Ordering::SeqCst), 2, "on_start ran for each start");
+    assert!(eventually(Duration::from_secs(5), || hellos.load(Ordering::SeqCst) == 2).await);
+    again.send("bob", "hello", &serde_json::json!({})).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || hellos.load(Ordering::SeqCst) == 3).await);
+    again.stop().await;
     bob.stop().await;
     tb.stop().await;
 }
