@@ -20,6 +20,17 @@ pub struct Message<T> {
     pub envelope: Envelope,
     /// The payload, decoded.
     pub payload: T,
+    /// The agent that received it, for [`Message::reply`].
+    receiver: Agent,
+}
+
+impl<T> Message<T> {
+    /// Answers this message, a request (as the reference's `message.reply(...)`); see
+    /// [`Agent::reply`]. A message without a correlation id is refused with
+    /// [`crate::AgentError::NotARequest`].
+    pub async fn reply(&self, message_type: &str, data: &impl serde::Serialize) -> Result<String, crate::AgentError> {
+        self.receiver.reply(&self.envelope, message_type, data).await
+    }
 }
 
 /// How a delivery ended, as the broker is told.
@@ -76,7 +87,8 @@ impl Handlers {
                     Ok(payload) => payload,
                     Err(err) => return nack(format!("invalid_payload:{err}"), false),
                 };
-                outcome(handler(agent, Message { envelope, payload }).await)
+                let message = Message { envelope, payload, receiver: agent.clone() };
+                outcome(handler(agent, message).await)
             })
         });
         self.typed.insert(message_type.to_string(), erased);

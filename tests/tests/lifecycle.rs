@@ -119,3 +119,40 @@ async fn a_stopped_agent_starts_again_with_its_handlers_hooks_and_instance() {
     bob.stop().await;
     tb.stop().await;
 }
+
+#[tokio::test]
+async fn a_received_request_is_answered_through_the_message() {
+    let tb = TestBroker::start(&[("alice", &["bob"]), ("bob", &[])]).await;
+    let refused = Arc::new(AtomicU32::new(0));
+    let refusals = refused.clone();
+    let bob = tb
+        .agent("bob")
+        .on("question", |_, question: mas_agent::Message<serde_json::Value>| async move {
+            let n = question.payload["n"].as_u64().unwrap_or_default();
+            question.reply("answer", &serde_json::json!({ "n": n + 1 })).await?;
+            Ok(())
+        })
+        .on("note", move |_, note: mas_agent::Message<serde_json::Value>| {
+            let refusals = refusals.clone();
+            async move {
+                if let Err(AgentError::NotARequest) = note.reply("answer", &serde_json::json!({})).await {
+                    refusals.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let alice = tb.agent("alice").start().await.unwrap();
+    let answer = alice.ask("bob", "question", &serde_json::json!({"n": 41})).await.unwrap();
+    assert_eq!((answer.message_type.as_str(), &answer.data["n"]), ("answer", &serde_json::json!(42)));
+    alice.send("bob", "note", &serde_json::json!({})).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || refused.load(Ordering::SeqCst) == 1).await,
+        "a plain send cannot be answered"
+    );
+    alice.stop().await;
+    bob.stop().await;
+    tb.stop().await;
+}
