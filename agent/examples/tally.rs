@@ -1,5 +1,5 @@
 //! The end of a pipeline, with typed state: counts the distinct jobs it has received in its
-//! durable state (loaded at start, so a restarted process continues the count), appends each
+//! durable state (loaded at start by `with_state`, so a restarted process continues the count), appends each
 //! new job id to `init_kwargs.record` if given, and tells `init_kwargs.notify` (if given)
 //! with a `done` message.
 //!
@@ -13,10 +13,8 @@ fn main() {}
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     use std::io::Write;
-    use std::sync::Arc;
 
-    use mas_agent::{AgentBuilder, AgentConfig, Message, TypedState};
-    use tokio::sync::Mutex;
+    use mas_agent::{AgentBuilder, AgentConfig, Message};
 
     #[derive(serde::Deserialize)]
     struct Settings {
@@ -35,15 +33,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let settings: Settings = mas_agent::init_kwargs()?;
-    let state: Arc<Mutex<Option<TypedState<Tally>>>> = Arc::default();
-    let (handler_state, loaded) = (state.clone(), state.clone());
     let agent = AgentBuilder::new(AgentConfig::from_env()?)
+        // Loaded at start, before the first delivery; a stored state that does not decode
+        // fails the start instead of being silently reset.
+        .with_state::<Tally>()
         .on("job", move |agent, message: Message<Job>| {
-            let (state, record, notify) = (handler_state.clone(), settings.record.clone(), settings.notify.clone());
+            let (record, notify) = (settings.record.clone(), settings.notify.clone());
             async move {
                 let job = message.payload.job;
-                let mut guard = state.lock().await;
-                let Some(tally) = guard.as_mut() else { return Err("state not loaded yet".into()) };
+                let state = agent.state::<Tally>()?;
+                let mut tally = state.lock().await;
                 if !tally.get().jobs.contains(&job) {
                     let mut jobs = tally.get().jobs.clone();
                     jobs.push(job);
@@ -59,15 +58,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if let Some(notify) = &notify {
                     agent.send(notify, "done", &serde_json::json!({ "job": job })).await?;
                 }
-                Ok(())
-            }
-        })
-        // The durable state, loaded once the transport is ready; a stored state that does not
-        // decode stops the agent instead of being silently reset.
-        .on_start(move |agent| {
-            let loaded = loaded.clone();
-            async move {
-                *loaded.lock().await = Some(TypedState::load(&agent).await?);
                 Ok(())
             }
         })

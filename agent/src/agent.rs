@@ -22,6 +22,7 @@ use crate::config::AgentConfig;
 use crate::handler::{HandlerError, Handlers, Message};
 use crate::outbox::Outbox;
 use crate::requests::Correlations;
+use crate::state::TypedState;
 use crate::trace;
 use crate::transport::{Transport, open_transport};
 
@@ -80,6 +81,23 @@ pub enum AgentError {
 
 type HookFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
 
+/// The agent's typed state, shared between its handlers and hooks (see
+/// [`AgentBuilder::with_state`]).
+pub type SharedState<T> = Arc<tokio::sync::Mutex<TypedState<T>>>;
+
+type AnyState = Arc<dyn std::any::Any + Send + Sync>;
+type StateFuture = Pin<Box<dyn Future<Output = Result<AnyState, AgentError>> + Send>>;
+
+/// Loads the state type registered with [`AgentBuilder::with_state`].
+#[derive(Clone)]
+struct StateLoader(Arc<dyn Fn(Agent) -> StateFuture + Send + Sync>);
+
+impl std::fmt::Debug for StateLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateLoader")
+    }
+}
+
 /// A lifecycle hook (`on_start`, `on_stop`): run once per start of the agent.
 #[derive(Clone)]
 struct Hook(Arc<dyn Fn(Agent) -> HookFuture + Send + Sync>);
@@ -121,12 +139,31 @@ pub struct AgentBuilder {
     handlers: Handlers,
     on_start: Option<Hook>,
     on_stop: Option<Hook>,
+    state: Option<StateLoader>,
 }
 
 impl AgentBuilder {
     /// A builder with no handlers.
     pub fn new(config: AgentConfig) -> Self {
-        AgentBuilder { config, handlers: Handlers::default(), on_start: None, on_stop: None }
+        AgentBuilder { config, handlers: Handlers::default(), on_start: None, on_stop: None, state: None }
+    }
+
+    /// Gives the agent a typed state `T`, read from the broker during start: after Welcome,
+    /// before any delivery reaches a handler and before `on_start`. Fields never written take
+    /// `T`'s defaults; a stored state that does not decode into `T` fails the start with
+    /// [`AgentError::State`] (after `on_stop`), never silently resetting it. Handlers and hooks
+    /// reach it with [`Agent::state`].
+    pub fn with_state<T>(mut self) -> Self
+    where
+        T: Serialize + DeserializeOwned + Default + Send + Sync + 'static,
+    {
+        self.state = Some(StateLoader(Arc::new(|agent: Agent| {
+            Box::pin(async move {
+                let state: SharedState<T> = Arc::new(tokio::sync::Mutex::new(TypedState::<T>::load(&agent).await?));
+                Ok(state as AnyState)
+            })
+        })));
+        self
     }
 
     /// Runs `hook` once the transport is ready (after Welcome), before [`AgentBuilder::start`]
@@ -198,9 +235,23 @@ impl AgentBuilder {
                 stop: stop_tx,
                 transport: Mutex::new(None),
                 on_stop: Mutex::new(self.on_stop),
+                state: std::sync::OnceLock::new(),
                 recipe,
             }),
         };
+        // The state is in place before the transport task dispatches the first delivery.
+        if let Some(loader) = &self.state {
+            match (loader.0)(agent.clone()).await {
+                Ok(state) => {
+                    let _ = agent.inner.state.set(state);
+                }
+                Err(err) => {
+                    drop(first);
+                    agent.stop().await;
+                    return Err(err);
+                }
+            }
+        }
         let transport = Transport::new(agent.clone(), Arc::new(self.handlers), config, instance_id, stop_rx);
         let task = tokio::spawn(transport.run(first));
         *agent.inner.transport.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
@@ -234,6 +285,8 @@ struct Inner {
     transport: Mutex<Option<JoinHandle<()>>>,
     /// Taken by the first stop.
     on_stop: Mutex<Option<Hook>>,
+    /// The typed state, when one was registered.
+    state: std::sync::OnceLock<AnyState>,
     /// How this agent was started, for [`Agent::restart`].
     recipe: AgentBuilder,
 }
@@ -411,6 +464,17 @@ impl Agent {
         {
             tracing::warn!(error = %err, "transport task ended abnormally");
         }
+    }
+
+    /// The typed state registered with [`AgentBuilder::with_state`], loaded at start.
+    pub fn state<T: Send + 'static>(&self) -> Result<SharedState<T>, AgentError> {
+        let state = self.inner.state.get().ok_or_else(|| {
+            AgentError::State("this agent has no typed state: register one with AgentBuilder::with_state".into())
+        })?;
+        state
+            .clone()
+            .downcast::<tokio::sync::Mutex<TypedState<T>>>()
+            .map_err(|_| AgentError::State(format!("the agent's state is not a {}", std::any::type_name::<T>())))
     }
 
     /// Starts a stopped agent again: the same settings, handlers, hooks and instance id, a new

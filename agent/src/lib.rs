@@ -56,7 +56,7 @@ pub mod telemetry {
     pub use mas_net::telemetry::{TelemetryError, TelemetryGuard, install};
 }
 
-pub use agent::{Agent, AgentBuilder, AgentError, AgentInfo};
+pub use agent::{Agent, AgentBuilder, AgentError, AgentInfo, SharedState};
 #[cfg(not(madsim))]
 pub use config::shutdown_signal;
 pub use config::{AgentConfig, EnvError, env, init_kwargs, instance_index};

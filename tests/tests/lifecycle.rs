@@ -156,3 +156,72 @@ async fn a_received_request_is_answered_through_the_message() {
     bob.stop().await;
     tb.stop().await;
 }
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Counter {
+    count: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Loose {
+    count: serde_json::Value,
+}
+
+#[tokio::test]
+async fn typed_state_is_loaded_before_on_start_and_a_state_that_does_not_decode_fails_the_start() {
+    let tb = TestBroker::start(&[("alice", &[])]).await;
+    // First life: count to 2 through the shared state.
+    let alice = tb
+        .agent("alice")
+        .with_state::<Counter>()
+        .on_start(|agent| async move {
+            let state = agent.state::<Counter>()?;
+            let mut counter = state.lock().await;
+            let next = counter.get().count + 2;
+            counter.update(serde_json::Map::from_iter([("count".into(), next.into())])).await?;
+            Ok(())
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(matches!(alice.state::<Loose>(), Err(AgentError::State(_))), "the wrong type is refused");
+    alice.stop().await;
+    // Second life: the stored state is there before on_start.
+    let seen = Arc::new(AtomicU32::new(0));
+    let seen_in_hook = seen.clone();
+    let alice = tb
+        .agent("alice")
+        .with_state::<Counter>()
+        .on_start(move |agent| {
+            let seen = seen_in_hook.clone();
+            async move {
+                let count = agent.state::<Counter>()?.lock().await.get().count;
+                seen.store(u32::try_from(count)?, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    alice.stop().await;
+    // Overwrite `count` with a string, which `Counter` cannot decode.
+    let writer = tb.agent("alice").with_state::<Loose>().start().await.unwrap();
+    let state = writer.state::<Loose>().unwrap();
+    state.lock().await.update(serde_json::Map::from_iter([("count".into(), "many".into())])).await.unwrap();
+    writer.stop().await;
+    let stops = Arc::new(AtomicU32::new(0));
+    let stop_count = stops.clone();
+    let refused = tb
+        .agent("alice")
+        .with_state::<Counter>()
+        .on_stop(move |_| {
+            stop_count.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        })
+        .start()
+        .await;
+    assert!(matches!(refused, Err(AgentError::State(_))), "never silently reset: {refused:?}");
+    assert_eq!(stops.load(Ordering::SeqCst), 1, "on_stop runs when the start fails");
+    tb.stop().await;
+}
