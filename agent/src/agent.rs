@@ -265,6 +265,30 @@ impl AgentBuilder {
     }
 }
 
+impl AgentBuilder {
+    /// Starts `count` instances of this agent in this process (the reference's `instances`):
+    /// each has its own instance id and transport, and they share the agent's queue and
+    /// state. A configured `instance_id` is ignored (each needs its own). Stops the ones
+    /// already started if one fails.
+    pub async fn start_instances(self, count: usize) -> Result<Vec<Agent>, AgentError> {
+        let mut started = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut builder = self.clone();
+            builder.config.instance_id = None;
+            match builder.start().await {
+                Ok(agent) => started.push(agent),
+                Err(err) => {
+                    for agent in &started {
+                        agent.stop().await;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(started)
+    }
+}
+
 /// A running agent. Cheap to clone; every clone is the same agent.
 #[derive(Debug, Clone)]
 pub struct Agent {

@@ -202,3 +202,52 @@ def test_mas_run_supervises_rust_and_python_agents_and_stops_cleanly(tmp_path: P
     assert code == 0, f"mas run exited {code}; log:\n{runner_log}"
     assert stopped == {"event": "mas.runner.agents_stopped", "clean": 4, "killed": 0}, stopped
     assert "broker stopped" in runner_log, runner_log
+
+
+def test_mas_run_request_reply_between_rust_examples(tmp_path: Path) -> None:
+    """The echo example with `instances: 2` answers the ask example's requests."""
+    (tmp_path / "mas.yaml").write_text(textwrap.dedent(
+        f"""\
+        server_listen_addr: 127.0.0.1:0
+        tls_ca_path: certs/ca.pem
+        tls_server_cert_path: certs/server.pem
+        tls_server_key_path: certs/server.key
+        admin: {{listen_addr: null}}
+        permissions:
+          - {{type: allow, sender: asker, targets: [echo]}}
+        agents:
+          - agent_id: echo
+            command: [{EXAMPLES / "echo"}]
+            instances: 2
+            tls_cert_path: certs/echo.pem
+            tls_key_path: certs/echo.key
+          - agent_id: asker
+            command: [{EXAMPLES / "ask"}]
+            tls_cert_path: certs/asker.pem
+            tls_key_path: certs/asker.key
+            init_kwargs: {{count: 20, record: answers.txt}}
+        """
+    ))
+    subprocess.run([MAS_BIN, "dev-certs", "--config", str(tmp_path / "mas.yaml")], check=True)
+    log = (tmp_path / "runner.log").open("w")
+    proc = subprocess.Popen([MAS_BIN, "run", "--config", str(tmp_path / "mas.yaml")],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        events = Events(proc.stdout)
+        events.wait(lambda e: e["event"] == "mas.broker.ready")
+        answers = tmp_path / "answers.txt"
+        def answered() -> set[int]:
+            return {int(line.split()[0]) for line in answers.read_text().splitlines()} if answers.exists() else set()
+        wait_until(lambda: answered() == set(range(20)), 60, "20 answers")
+        for line in answers.read_text().splitlines():
+            assert line.split()[1] in {"0", "1"}, f"answered by an echo instance: {line}"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    runner_log = (tmp_path / "runner.log").read_text()
+    assert code == 0, f"mas run exited {code}; log:\n{runner_log}"
+    assert "[asker#0] answer 19 from instance" in runner_log, "the agent's output is labelled"

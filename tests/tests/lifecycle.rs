@@ -225,3 +225,16 @@ async fn typed_state_is_loaded_before_on_start_and_a_state_that_does_not_decode_
     assert_eq!(stops.load(Ordering::SeqCst), 1, "on_stop runs when the start fails");
     tb.stop().await;
 }
+
+#[tokio::test]
+async fn instances_of_one_agent_start_together_with_their_own_instance_ids() {
+    let tb = TestBroker::start(&[("alice", &[])]).await;
+    let instances = tb.agent("alice").start_instances(3).await.unwrap();
+    let ids: std::collections::BTreeSet<String> = instances.iter().map(|a| a.instance_id().to_string()).collect();
+    assert_eq!(ids.len(), 3, "distinct instance ids: {ids:?}");
+    assert!(instances.iter().all(|a| a.is_running()));
+    for agent in &instances {
+        agent.stop().await;
+    }
+    tb.stop().await;
+}
