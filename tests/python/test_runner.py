@@ -251,3 +251,58 @@ def test_mas_run_request_reply_between_rust_examples(tmp_path: Path) -> None:
     runner_log = (tmp_path / "runner.log").read_text()
     assert code == 0, f"mas run exited {code}; log:\n{runner_log}"
     assert "[asker#0] answer 19 from instance" in runner_log, "the agent's output is labelled"
+
+
+def gone(pid: int) -> bool:
+    """True once `pid` has exited (reaped, or a zombie waiting for whoever adopted it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in {"Z", "X"}
+
+
+def test_agents_do_not_outlive_a_runner_killed_by_sigkill(tmp_path: Path) -> None:
+    """No stop sequence runs when the runner is SIGKILLed; the kernel's parent-death signal
+    (set through setpriv) still ends a Rust SDK agent and an arbitrary program."""
+    (tmp_path / "mas.yaml").write_text(textwrap.dedent(
+        f"""\
+        server_listen_addr: 127.0.0.1:0
+        tls_ca_path: certs/ca.pem
+        tls_server_cert_path: certs/server.pem
+        tls_server_key_path: certs/server.key
+        admin: {{listen_addr: null}}
+        agents:
+          - agent_id: echo
+            command: [{EXAMPLES / "echo"}]
+            tls_cert_path: certs/echo.pem
+            tls_key_path: certs/echo.key
+          - agent_id: sleeper
+            command: [sleep, "600"]
+            tls_cert_path: certs/sleeper.pem
+            tls_key_path: certs/sleeper.key
+        """
+    ))
+    subprocess.run([MAS_BIN, "dev-certs", "--config", str(tmp_path / "mas.yaml")], check=True)
+    log = (tmp_path / "runner.log").open("w")
+    proc = subprocess.Popen([MAS_BIN, "run", "--config", str(tmp_path / "mas.yaml")],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    pids: list[int] = []
+    try:
+        events = Events(proc.stdout)
+        for agent in ["echo", "sleeper"]:
+            event = events.wait(lambda e, a=agent: e["event"] == "mas.runner.agent_started" and e["agent"] == a)
+            pids.append(event["pid"])
+        time.sleep(0.5)
+        assert not any(gone(pid) for pid in pids), "both agents run"
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_until(lambda: all(gone(pid) for pid in pids), 20, f"agents {pids} to end with their runner")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()

@@ -10,6 +10,7 @@
 //! Both become one [`BrokerConfig`]. Relative paths in either resolve against the directory of
 //! the file, so a project can be moved or started from anywhere.
 
+mod gateway;
 mod schema;
 
 use std::path::{Path, PathBuf};

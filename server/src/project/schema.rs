@@ -9,14 +9,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use mas_core::ids::{AgentId, BrokerId};
-use mas_net::telemetry::{Protocol, TelemetrySettings};
 use serde::Deserialize;
 
 use crate::config::{
-    AdminSettings, AgentDefinition, AuditSettings, BrokerConfig, CircuitSettings, ConfigError, DeliverySettings,
-    FeatureSettings, GatewaySettings, LeaseSettings, LimitSettings, PermissionPreset, RateLimitSettings, TlsSettings,
+    AdminSettings, AgentDefinition, BrokerConfig, ConfigError, DeliverySettings, LeaseSettings, LimitSettings,
+    PermissionPreset, TlsSettings,
 };
 
+use super::gateway::ProjectGateway;
 use super::{AgentProcess, Launch, Project, RunnerSettings};
 
 /// The whole file. Keys of the reference schema first, then mas's own.
@@ -72,85 +72,6 @@ pub(super) struct ProjectFile {
 
 fn default_listen_addr() -> String {
     "127.0.0.1:50051".to_string()
-}
-
-/// The reference's `gateway` section: its keys, with mas's extensions inside them.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct ProjectGateway {
-    /// Redis; absent means the embedded store (the reference always used Redis).
-    #[cfg(not(madsim))]
-    redis: Option<crate::store::redis::RedisSettings>,
-    rate_limit: RateLimitSettings,
-    features: FeatureSettings,
-    dlp: mas_core::policy::dlp::DlpSettings,
-    audit: AuditSettings,
-    telemetry: ProjectTelemetry,
-    circuit_breaker: CircuitSettings,
-    /// mas: RBAC roles, name → permission patterns.
-    roles: BTreeMap<String, Vec<String>>,
-}
-
-/// The reference's `gateway.telemetry`. Tracing is exported when `enabled` and an
-/// `otlp_endpoint` is given; like the reference, a bare endpoint is an OTLP/HTTP base URL.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct ProjectTelemetry {
-    enabled: bool,
-    service_name: Option<String>,
-    otlp_endpoint: Option<String>,
-    sample_ratio: f64,
-    headers: BTreeMap<String, String>,
-    /// mas: `grpc` or `http`; absent means the reference's OTLP/HTTP.
-    protocol: Option<Protocol>,
-    /// Accepted for compatibility; mas's metrics are served at `/metrics`, not pushed.
-    service_namespace: Option<String>,
-    /// Accepted for compatibility (see `service_namespace`).
-    environment: Option<String>,
-    /// Accepted for compatibility (see `service_namespace`).
-    export_metrics: Option<bool>,
-    /// Accepted for compatibility (see `service_namespace`).
-    metrics_export_interval_ms: Option<u64>,
-}
-
-impl Default for ProjectTelemetry {
-    fn default() -> Self {
-        ProjectTelemetry {
-            enabled: false,
-            service_name: None,
-            otlp_endpoint: None,
-            sample_ratio: 1.0,
-            headers: BTreeMap::new(),
-            protocol: None,
-            service_namespace: None,
-            environment: None,
-            export_metrics: None,
-            metrics_export_interval_ms: None,
-        }
-    }
-}
-
-impl ProjectTelemetry {
-    fn settings(self) -> TelemetrySettings {
-        let endpoint = self.otlp_endpoint.filter(|_| self.enabled);
-        let (protocol, otlp_endpoint) = match self.protocol {
-            Some(protocol) => (protocol, endpoint),
-            None => (Protocol::Http, endpoint.map(http_traces_url)),
-        };
-        TelemetrySettings {
-            otlp_endpoint,
-            protocol,
-            service_name: self.service_name,
-            sample_ratio: self.sample_ratio,
-            headers: self.headers,
-        }
-    }
-}
-
-/// The reference gives OTLP/HTTP a base URL (`http://collector:4318`); spans go to its
-/// `/v1/traces`.
-fn http_traces_url(base: String) -> String {
-    if base.ends_with("/v1/traces") { base } else { format!("{}/v1/traces", base.trim_end_matches('/')) }
 }
 
 /// One `agents[]` entry.
@@ -249,21 +170,13 @@ impl ProjectFile {
             broker.data_dir = dir;
         }
         broker.admin = self.admin;
-        let gateway = self.gateway;
+        let parts = self.gateway.into_parts(self.permissions)?;
         #[cfg(not(madsim))]
         {
-            broker.redis = gateway.redis;
+            broker.redis = parts.redis;
         }
-        broker.telemetry = gateway.telemetry.settings();
-        broker.gateway = GatewaySettings {
-            features: gateway.features,
-            rate_limit: gateway.rate_limit,
-            roles: gateway.roles,
-            permissions: self.permissions,
-            dlp: gateway.dlp,
-            circuit_breaker: gateway.circuit_breaker,
-            audit: gateway.audit,
-        };
+        broker.telemetry = parts.telemetry;
+        broker.gateway = parts.gateway;
         Ok(Project { path, broker, agents: processes, runner: self.runner })
     }
 }
@@ -343,18 +256,5 @@ mod tests {
         assert_eq!(client_addr("0.0.0.0:5000".parse().unwrap()), "localhost:5000");
         assert_eq!(client_addr("[::]:5000".parse().unwrap()), "localhost:5000");
         assert_eq!(client_addr("127.0.0.1:5000".parse().unwrap()), "127.0.0.1:5000");
-    }
-
-    #[test]
-    fn a_bare_otlp_endpoint_is_an_http_base_as_in_the_reference() {
-        let t = ProjectTelemetry {
-            enabled: true,
-            otlp_endpoint: Some("http://c:4318/".into()),
-            ..ProjectTelemetry::default()
-        };
-        let s = t.settings();
-        assert_eq!((s.protocol, s.otlp_endpoint.as_deref()), (Protocol::Http, Some("http://c:4318/v1/traces")));
-        let off = ProjectTelemetry { otlp_endpoint: Some("http://c:4318".into()), ..ProjectTelemetry::default() };
-        assert_eq!(off.settings().otlp_endpoint, None, "not enabled");
     }
 }

@@ -276,3 +276,56 @@ fn broker_files_keep_working_in_json_and_yaml() {
     assert_eq!(tls.client_ca_path, Path::new("/abs/ca.pem"));
     assert!(from_json.broker.authz_policy().visible(&id("alice"), &id("bob")));
 }
+
+/// A `gateway` as the reference writes it, with its Redis and audit-retention keys.
+const REFERENCE_GATEWAY: &str = r#"
+gateway:
+  redis:
+    url: redis://127.0.0.1:6391/2
+    socket_timeout: 2.5
+    pool: {max_connections: 2, acquire_timeout_seconds: 1.5}
+    durability: {replica_count: 0, timeout_ms: 1000, wait_for_aof: false}
+  audit:
+    file_path: audit.jsonl
+    retention: {max_messages: 40000, max_security_events: 60000, batch_size: 500, archive_directory: archive}
+"#;
+
+#[test]
+fn the_references_redis_and_audit_retention_keys_map_onto_mass_settings() {
+    let scratch = Scratch::new("reference-gateway");
+    let base = "tls_ca_path: ca.pem\ntls_server_cert_path: s.pem\ntls_server_key_path: s.key\n\
+                agents: [{agent_id: a, tls_cert_path: a.pem, tls_key_path: a.key}]\n";
+    let project = Project::load(&scratch.write("mas.yaml", &format!("{base}{REFERENCE_GATEWAY}"))).unwrap();
+    let redis = project.broker.redis.as_ref().expect("a redis section");
+    assert_eq!(redis.url, "redis://127.0.0.1:6391/2");
+    assert_eq!(redis.response_timeout_ms, 2_500, "socket_timeout is seconds");
+    assert_eq!(redis.pool_size, 2, "max_connections caps the pool");
+    let audit = &project.broker.gateway.audit;
+    assert_eq!(audit.max_records_per_chain, 60_000, "every chain gets the larger bound");
+    assert_eq!(audit.archive_batch, 500);
+    assert_eq!(audit.archive_dir.as_deref(), Some(scratch.0.join("archive").as_path()), "resolved");
+    assert_eq!(audit.on_full, crate::config::OnFullChain::Archive);
+
+    let bare = Project::load(&scratch.write("mas.yaml", &format!("{base}gateway:\n  redis: {{}}\n"))).unwrap();
+    assert_eq!(bare.broker.redis.unwrap().url, "redis://localhost:6379", "the reference's default URL");
+}
+
+#[test]
+fn reference_keys_mas_cannot_honour_are_refused_by_name() {
+    let scratch = Scratch::new("reference-refused");
+    let base = "tls_ca_path: ca.pem\ntls_server_cert_path: s.pem\ntls_server_key_path: s.key\ngateway:\n";
+    let cases = [
+        ("  redis: {sentinel: {service_name: m, sentinels: [[h, 26379]]}}\n", "gateway.redis.sentinel"),
+        ("  redis: {durability: {replica_count: 1}}\n", "gateway.redis.durability"),
+        ("  redis: {durability: {wait_for_aof: true}}\n", "WAIT/WAITAOF"),
+        ("  redis: {socket_timeout: 0}\n", "gateway.redis.socket_timeout"),
+        ("  redis: {socket_timeout: 1, response_timeout_ms: 5}\n", "give one"),
+        ("  redis: {pool: {max_connections: 0}}\n", "pool.max_connections"),
+        ("  audit: {retention: {batch_size: 20000}}\n", "retention.batch_size"),
+        ("  audit: {retention: {}, max_records_per_chain: 5}\n", "retention and max_records_per_chain"),
+    ];
+    for (extra, expected) in cases {
+        let err = Project::load(&scratch.write("mas.yaml", &format!("{base}{extra}"))).unwrap_err().to_string();
+        assert!(err.contains(expected), "expected {expected:?} in: {err}\n{extra}");
+    }
+}

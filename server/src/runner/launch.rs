@@ -49,6 +49,7 @@ pub struct LaunchSpec {
     init_kwargs: String,
     project_dir: PathBuf,
     python: PathBuf,
+    parent_death: Option<PathBuf>,
 }
 
 impl LaunchSpec {
@@ -59,6 +60,7 @@ impl LaunchSpec {
         ca_path: &Path,
         project_dir: &Path,
         python: &Path,
+        parent_death: Option<&Path>,
     ) -> Option<LaunchSpec> {
         Some(LaunchSpec {
             agent_id: agent.agent_id.clone(),
@@ -70,24 +72,30 @@ impl LaunchSpec {
             init_kwargs: serde_json::Value::Object(agent.init_kwargs.clone()).to_string(),
             project_dir: project_dir.to_path_buf(),
             python: python.to_path_buf(),
+            parent_death: parent_death.map(Path::to_path_buf),
         })
     }
 
     /// The command for instance `index`, output piped so the runner can label it, killed if
-    /// the runner's handle to it is dropped.
+    /// the runner's handle to it is dropped, and sent SIGTERM by the kernel if the runner dies
+    /// (when `setpriv` was found).
     pub fn command(&self, index: u32) -> Command {
-        let mut command = match &self.launch {
-            Launch::Command(argv) => {
-                let mut command = Command::new(&argv[0]);
-                command.args(&argv[1..]);
-                command
-            }
-            Launch::Python { class_path } => {
-                let mut command = Command::new(&self.python);
-                command.arg("-c").arg(PYTHON_HOST).env(ENV_CLASS_PATH, class_path).env("PYTHONUNBUFFERED", "1");
-                command
-            }
+        let (program, args): (&Path, Vec<&std::ffi::OsStr>) = match &self.launch {
+            Launch::Command(argv) => (Path::new(&argv[0]), argv[1..].iter().map(|a| a.as_ref()).collect()),
+            Launch::Python { class_path: _ } => (&self.python, vec!["-c".as_ref(), PYTHON_HOST.as_ref()]),
         };
+        let mut command = match &self.parent_death {
+            Some(setpriv) => {
+                let mut command = Command::new(setpriv);
+                command.args(["--pdeathsig", "TERM", "--"]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        };
+        command.args(args);
+        if let Launch::Python { class_path } = &self.launch {
+            command.env(ENV_CLASS_PATH, class_path).env("PYTHONUNBUFFERED", "1");
+        }
         command
             .current_dir(&self.project_dir)
             .env(ENV_SERVER_ADDR, &self.server_addr)
@@ -104,4 +112,14 @@ impl LaunchSpec {
             .kill_on_drop(true);
         command
     }
+}
+
+/// util-linux's `setpriv`, found on `PATH`. Started through it, an agent is sent SIGTERM by
+/// the kernel when the runner dies, even by SIGKILL (`PR_SET_PDEATHSIG`), so no agent outlives
+/// its runner. Setting that flag directly needs code between fork and exec (`pre_exec`, which
+/// is unsafe); `setpriv` sets it in the child and then execs the agent, so the pid the runner
+/// sees is the agent's own.
+pub fn parent_death_wrapper() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("setpriv")).find(|candidate| candidate.is_file())
 }

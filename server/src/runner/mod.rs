@@ -4,7 +4,8 @@
 //! Each is restarted with bounded backoff when it exits; on stop every process gets SIGTERM
 //! and the runner's `stop_timeout_ms` to exit before it is killed. The broker is started before
 //! the agents and drained after them (by the caller, see the `mas` binary), so nothing an
-//! agent was doing is cut off by the broker going first.
+//! agent was doing is cut off by the broker going first. A runner that dies without stopping
+//! them (SIGKILL) takes its agents with it: see [`launch::parent_death_wrapper`].
 
 mod events;
 pub mod launch;
@@ -41,11 +42,15 @@ pub struct AgentsOutcome {
 pub fn launch_specs(project: &Project, bound: std::net::SocketAddr) -> Result<Vec<(LaunchSpec, u32)>, RunError> {
     let server_addr = client_addr(bound);
     let ca = project.broker.tls.as_ref().map(|t| t.client_ca_path.clone()).unwrap_or_default();
+    let parent_death = launch::parent_death_wrapper();
+    if parent_death.is_none() {
+        eprintln!("mas run: setpriv (util-linux) not found on PATH; agents would outlive a runner killed by SIGKILL");
+    }
     let specs: Vec<_> = project
         .agents
         .iter()
         .filter_map(|agent| {
-            LaunchSpec::new(agent, &server_addr, &ca, project.dir(), &project.runner.python)
+            LaunchSpec::new(agent, &server_addr, &ca, project.dir(), &project.runner.python, parent_death.as_deref())
                 .map(|spec| (spec, agent.instances))
         })
         .collect();
