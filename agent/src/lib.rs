@@ -28,6 +28,33 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Typed state, replies and restart, as a `mas run` agent would use them:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use mas_agent::{AgentBuilder, AgentConfig, Message};
+//!
+//! #[derive(Default, serde::Serialize, serde::Deserialize)]
+//! struct Counter { seen: u64 }
+//!
+//! let builder = AgentBuilder::new(AgentConfig::from_env()?) // MAS_* set by `mas run`
+//!     .with_state::<Counter>() // loaded before the first delivery and before on_start
+//!     .on("ping", |agent, ping: Message<serde_json::Value>| async move {
+//!         let state = agent.state::<Counter>()?;
+//!         let mut counter = state.lock().await;
+//!         let seen = counter.get().seen + 1;
+//!         // A compare-and-set on the loaded revision, merging only the fields given.
+//!         counter.update(serde_json::Map::from_iter([("seen".into(), seen.into())])).await?;
+//!         ping.reply("pong", &serde_json::json!({ "seen": seen })).await?;
+//!         Ok(())
+//!     });
+//! let agent = builder.start().await?;
+//! agent.stop().await;
+//! let agent = agent.restart().await?; // same instance id, a new session
+//! agent.stop().await;
+//! # Ok(()) }
+//! ```
+//!
 //! Delivery is at least once: handlers must tolerate seeing a message twice (deduplicate on
 //! `message.envelope.message_id`, which is stable across redeliveries).
 //!

@@ -306,3 +306,33 @@ def test_agents_do_not_outlive_a_runner_killed_by_sigkill(tmp_path: Path) -> Non
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def test_the_shipped_pipeline_example_runs(tmp_path: Path) -> None:
+    """agent/examples/pipeline/mas.yaml as shipped, moved to a scratch directory: its agent
+    paths point at the built examples and it listens on a free port."""
+    shipped = (Path(__file__).parents[2] / "agent" / "examples" / "pipeline" / "mas.yaml").read_text()
+    for needle in ["../../../target/debug/examples/", "127.0.0.1:50051"]:
+        assert needle in shipped, f"the example no longer contains {needle!r}; update this test"
+    text = shipped.replace("../../../target/debug/examples/", f"{EXAMPLES}/").replace("127.0.0.1:50051", "127.0.0.1:0")
+    (tmp_path / "mas.yaml").write_text(text + "admin: {listen_addr: null}\n")
+    subprocess.run([MAS_BIN, "dev-certs", "--config", str(tmp_path / "mas.yaml")], check=True)
+    log = (tmp_path / "runner.log").open("w")
+    proc = subprocess.Popen([MAS_BIN, "run", "--config", str(tmp_path / "mas.yaml")],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        events = Events(proc.stdout)
+        events.wait(lambda e: e["event"] == "mas.broker.ready")
+        wait_until(lambda: sorted(set(lines(tmp_path / "tail-jobs.txt"))) == list(range(20)), 60,
+                   "the 20 jobs of head to reach tail through middle")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        stopped = events.wait(lambda e: e["event"] == "mas.runner.agents_stopped", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert code == 0, (tmp_path / "runner.log").read_text()
+    assert stopped == {"event": "mas.runner.agents_stopped", "clean": 4, "killed": 0}, stopped
+    assert len(lines(tmp_path / "tail-jobs.txt")) == 20, "each job counted once"
