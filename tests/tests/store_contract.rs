@@ -226,6 +226,57 @@ async fn dead_letters_are_bounded_keeping_the_newest() {
     .await;
 }
 
+/// Redrive moves a dead letter back to the work queue once, with a fresh attempt count, and
+/// only while the queue has room; purge deletes; both ignore ids that are gone.
+#[tokio::test]
+async fn dead_letters_are_redriven_once_with_a_fresh_attempt_and_purged() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let b1 = session("bob", "b1", "o1");
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        for m in ["p0", "p1", "p2"] {
+            store.enqueue(&work("bob"), Arc::from(m)).await.unwrap();
+        }
+        let batch = store.claim(&b1, 3, NO_WAIT).await.unwrap();
+        let dead = batch
+            .iter()
+            .map(|m| StoreEffect::DeadLetter {
+                entry: m.entry.clone(),
+                envelope: m.envelope.clone(),
+                attempts: 4,
+                reason: "poison".into(),
+                nacked: true,
+            })
+            .collect();
+        store.apply(&b1, dead, now(), None).await.unwrap();
+        let letters = store.dead_letters(&agent("bob"), 10).await.unwrap();
+        let ids: Vec<String> = letters.iter().map(|d| d.id.clone()).collect();
+        let summary: Vec<String> = letters.iter().map(|d| format!("{}:{}:{}", d.envelope, d.reason, d.attempts)).collect();
+        log.push(format!("dead {summary:?}, young {}", letters.iter().all(|d| d.age < Duration::from_secs(5))));
+        let show_redrive = |outcomes: Vec<mas_core::store::Redrive>| -> Vec<String> {
+            outcomes
+                .into_iter()
+                .map(|o| match o {
+                    mas_core::store::Redrive::Queued(_) => "queued".to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let first = store.redrive_dead_letters(&agent("bob"), &ids[..2]).await.unwrap();
+        log.push(format!("redrive 0,1 {:?}", show_redrive(first)));
+        let again = store.redrive_dead_letters(&agent("bob"), &ids[..2]).await.unwrap();
+        log.push(format!("again {:?}", show_redrive(again)));
+        store.enqueue(&work("bob"), Arc::from("filler")).await.unwrap();
+        let full = store.redrive_dead_letters(&agent("bob"), &ids[2..]).await.unwrap();
+        log.push(format!("into a full queue {:?}", show_redrive(full)));
+        log.push(format!("redelivered {}", show(&store.claim(&b1, 3, NO_WAIT).await.unwrap())));
+        let purged = store.purge_dead_letters(&agent("bob"), &ids).await.unwrap();
+        log.push(format!("purged {purged}, left {}", store.dead_letters(&agent("bob"), 10).await.unwrap().len()));
+        log
+    })
+    .await;
+}
+
 /// What a session holds is listed for it alone (a claim whose answer it lost is found here),
 /// and an acked entry is no longer held.
 #[tokio::test]

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Admission, Admitted, Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueGauges, QueueKey,
+    Admission, Admitted, Correlation, DeadLetter, LeaseError, Redrive, OwnerToken, PendingRequest, QueueGauges, QueueKey,
     REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
     envelope_timestamp,
 };
@@ -95,8 +95,10 @@ pub struct MemoryStore {
     /// One audit chain per agent that receives messages.
     audit: BTreeMap<AgentId, governance::AuditLog<AuditRecord>>,
     security: governance::AuditLog<SecurityEvent>,
-    dead_letters: VecDeque<DeadLetter>,
+    /// Oldest first, each with the instant it died (its age is read against `now`).
+    dead_letters: VecDeque<(Instant, DeadLetter)>,
     dead_letters_dropped: u64,
+    next_dead_letter: u64,
     /// Correlation ids by the instant their pending request or receipt may be forgotten,
     /// soonest first, so pruning touches only what is due: a full sweep on every lookup made
     /// each reply cost O(requests of the last timeout) under the store lock (55 µs at 600
@@ -223,8 +225,9 @@ impl MemoryStore {
     }
 
     /// Applies a delivery machine's effect, fenced: only if `session` still holds the entry.
-    /// A requeue's `not_before` is in this store's clock. Atomic: on error nothing changed.
-    pub fn apply(&mut self, session: &SessionRef, effect: StoreEffect) -> Result<(), StoreError> {
+    /// A requeue's `not_before` is in this store's clock, as is `now` (when a dead letter
+    /// died). Atomic: on error nothing changed.
+    pub fn apply(&mut self, session: &SessionRef, effect: StoreEffect, now: Instant) -> Result<(), StoreError> {
         let seq = effect.entry().0.parse::<u64>().map_err(|_| StoreError::NotOwner)?;
         let held = self.entries.get(&seq).is_some_and(|e| e.claimed_by.as_ref() == Some(&session.owner));
         if !held {
@@ -243,7 +246,7 @@ impl MemoryStore {
             StoreEffect::DeadLetter { envelope, attempts, reason, .. } => {
                 if let Some(entry) = self.remove(seq) {
                     let agent = entry.queue.agent().clone();
-                    self.push_dead_letter(DeadLetter { agent, envelope, reason, attempts });
+                    self.push_dead_letter(agent, envelope, reason, attempts, now);
                 }
             }
         }
@@ -296,9 +299,12 @@ impl MemoryStore {
         }
     }
 
-    /// The dead letters kept, oldest first.
-    pub fn dead_letters(&self) -> impl Iterator<Item = &DeadLetter> {
-        self.dead_letters.iter()
+    /// The dead letters kept, oldest first, with their ages at `now`.
+    pub fn dead_letters(&self, now: Instant) -> impl Iterator<Item = DeadLetter> + '_ {
+        self.dead_letters.iter().map(move |(died, letter)| DeadLetter {
+            age: now.saturating_duration_since(*died),
+            ..letter.clone()
+        })
     }
 
     /// Dead letters dropped because the bound was reached.
@@ -306,12 +312,48 @@ impl MemoryStore {
         self.dead_letters_dropped
     }
 
-    fn push_dead_letter(&mut self, letter: DeadLetter) {
+    fn push_dead_letter(&mut self, agent: AgentId, envelope: Arc<str>, reason: String, attempts: u32, now: Instant) {
         if self.dead_letters.len() >= self.config.max_dead_letters {
             self.dead_letters.pop_front();
             self.dead_letters_dropped += 1;
         }
-        self.dead_letters.push_back(letter);
+        let id = self.next_dead_letter.to_string();
+        self.next_dead_letter += 1;
+        let letter = DeadLetter { id, agent, envelope, reason, attempts, age: Duration::ZERO };
+        self.dead_letters.push_back((now, letter));
+    }
+
+    /// Puts each of `agent`'s dead letters named in `ids` back in its work queue, ready at
+    /// once with a fresh attempt count, in the order given. Atomic per letter: one that does
+    /// not fit stays a dead letter.
+    pub fn redrive_dead_letters(&mut self, agent: &AgentId, ids: &[String]) -> Vec<Redrive> {
+        ids.iter()
+            .map(|id| {
+                let Some(at) = self.dead_letter_position(agent, id) else { return Redrive::NotFound };
+                let envelope = self.dead_letters[at].1.envelope.clone();
+                match self.enqueue(&QueueKey::Work(agent.clone()), envelope) {
+                    Ok(entry) => {
+                        self.dead_letters.remove(at);
+                        Redrive::Queued(entry)
+                    }
+                    Err(_) => Redrive::QueueFull,
+                }
+            })
+            .collect()
+    }
+
+    /// Deletes each of `agent`'s dead letters named in `ids`; returns how many were there.
+    pub fn purge_dead_letters(&mut self, agent: &AgentId, ids: &[String]) -> usize {
+        ids.iter()
+            .filter(|id| match self.dead_letter_position(agent, id) {
+                Some(at) => self.dead_letters.remove(at).is_some(),
+                None => false,
+            })
+            .count()
+    }
+
+    fn dead_letter_position(&self, agent: &AgentId, id: &str) -> Option<usize> {
+        self.dead_letters.iter().position(|(_, letter)| &letter.agent == agent && letter.id == id)
     }
 
     // ---- leases ---------------------------------------------------------------------------

@@ -102,6 +102,8 @@ impl SessionRef {
 /// A message that could not be delivered, kept whole with the reason and attempts made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// Its id in the agent's dead-letter queue (opaque; stable until it is redriven or purged).
+    pub id: String,
     /// The agent whose queue it came from.
     pub agent: AgentId,
     /// The full envelope JSON.
@@ -110,6 +112,49 @@ pub struct DeadLetter {
     pub reason: String,
     /// Delivery attempts made.
     pub attempts: u32,
+    /// How long ago it was dead-lettered, by the store's clock when it was read.
+    pub age: std::time::Duration,
+}
+
+/// Which dead letters of one agent an operator means: every condition given must hold, and a
+/// selector with none selects nothing unless `all` is set, so a forgotten filter never
+/// redrives or purges a whole queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterSelector {
+    /// Only these ids (empty: any id).
+    pub ids: Vec<String>,
+    /// Only letters with exactly this reason.
+    pub reason: Option<String>,
+    /// Only letters at least this old.
+    pub older_than: Option<std::time::Duration>,
+    /// Select every letter when no condition is given.
+    pub all: bool,
+}
+
+impl DeadLetterSelector {
+    /// Whether the selector names any letter at all (a condition, or `all`).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.reason.is_none() && self.older_than.is_none() && !self.all
+    }
+
+    /// Whether `letter` is selected.
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        !self.is_empty()
+            && (self.ids.is_empty() || self.ids.contains(&letter.id))
+            && self.reason.as_ref().is_none_or(|reason| &letter.reason == reason)
+            && self.older_than.is_none_or(|age| letter.age >= age)
+    }
+}
+
+/// What redriving one dead letter did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redrive {
+    /// Back in the agent's work queue as a new entry with a fresh attempt count.
+    Queued(crate::delivery::EntryId),
+    /// No such letter (already redriven or purged, or never there): redriving is idempotent.
+    NotFound,
+    /// The work queue is full; the letter stays in the dead-letter queue.
+    QueueFull,
 }
 
 /// How long after its deadline a request still answers `correlation_id_expired` rather than

@@ -15,7 +15,7 @@ use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Grant, Limits};
 use mas_core::store::{
     Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueGauges,
-    QueueKey, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
+    QueueKey, Redrive, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
 use tokio::sync::Notify;
@@ -129,7 +129,7 @@ impl MemoryBackend {
                     wake = true;
                 }
                 let outcome = effect.circuit_outcome();
-                let applied = inner.store.apply(session, effect);
+                let applied = inner.store.apply(session, effect, store_now);
                 // Fenced-off effects say nothing: another session owns the message now.
                 if let (Ok(()), Some(outcome), Some(config)) = (&applied, outcome, circuit) {
                     inner.store.record_outcome(&session.agent, outcome, config, store_now);
@@ -330,6 +330,20 @@ impl MemoryBackend {
     }
 
     pub(super) async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        Ok(self.lock().store.dead_letters().filter(|d| &d.agent == agent).take(limit).cloned().collect())
+        let now = self.clock.now().mono;
+        Ok(self.lock().store.dead_letters(now).filter(|d| &d.agent == agent).take(limit).collect())
+    }
+
+    pub(super) async fn redrive_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<Vec<Redrive>, StoreError> {
+        let mut inner = self.lock();
+        let outcomes = inner.store.redrive_dead_letters(agent, ids);
+        if outcomes.iter().any(|o| matches!(o, Redrive::Queued(_))) {
+            inner.waker(agent).notify_waiters();
+        }
+        Ok(outcomes)
+    }
+
+    pub(super) async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
+        Ok(self.lock().store.purge_dead_letters(agent, ids))
     }
 }

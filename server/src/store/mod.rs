@@ -22,7 +22,7 @@ use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Checkpoint, SecurityEv
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Grant, Limits};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, ReplyCommit, ReplyError,
+    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, Redrive, ReplyCommit, ReplyError,
     ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
@@ -335,6 +335,17 @@ impl Store {
     /// Dead letters of `agent`, oldest first (at most `limit`). For tests and operators.
     pub async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         step!(self, "dead_letters", b => b.dead_letters(agent, limit).await)
+    }
+
+    /// Puts `agent`'s dead letters `ids` back in its work queue (fresh attempt count), in
+    /// order; one outcome per id. Idempotent: a letter already moved is `NotFound`.
+    pub async fn redrive_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<Vec<Redrive>, StoreError> {
+        step!(self, "redrive_dead_letters", b => b.redrive_dead_letters(agent, ids).await)
+    }
+
+    /// Deletes `agent`'s dead letters `ids`; returns how many existed.
+    pub async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
+        step!(self, "purge_dead_letters", b => b.purge_dead_letters(agent, ids).await)
     }
 }
 

@@ -3,6 +3,7 @@ use std::time::Duration;
 use super::*;
 use crate::delivery::{Outcome, RequeueReason};
 use crate::policy::audit::{Chained, Decision};
+use crate::store::DeadLetterSelector;
 
 fn agent(s: &str) -> AgentId {
     AgentId::new(s).unwrap()
@@ -69,9 +70,9 @@ fn settling_is_fenced_by_owner() {
     s.enqueue(&work("bob"), Arc::from("m")).unwrap();
     let m = s.claim(&a, 1, at(0)).remove(0);
     let ack = StoreEffect::Ack { entry: m.entry.clone() };
-    assert_eq!(s.apply(&b, ack.clone()), Err(StoreError::NotOwner));
-    assert_eq!(s.apply(&a, ack.clone()), Ok(()));
-    assert_eq!(s.apply(&a, ack), Err(StoreError::NotOwner), "settled twice");
+    assert_eq!(s.apply(&b, ack.clone(), at(0)), Err(StoreError::NotOwner));
+    assert_eq!(s.apply(&a, ack.clone(), at(0)), Ok(()));
+    assert_eq!(s.apply(&a, ack, at(0)), Err(StoreError::NotOwner), "settled twice");
     assert_eq!(s.queue_len(&work("bob")), 0);
 }
 
@@ -89,7 +90,7 @@ fn requeue_respects_not_before_and_keeps_attempt() {
         not_before: at(2000),
         reason: RequeueReason::RetryableNack,
     };
-    s.apply(&a, effect).unwrap();
+    s.apply(&a, effect, at(0)).unwrap();
     assert!(s.claim(&a, 1, at(1999)).is_empty());
     assert_eq!(s.next_ready_at(&a), Some(at(2000)));
     assert_eq!(s.claim(&a, 1, at(2000))[0].attempt, 2);
@@ -108,8 +109,8 @@ fn work_of_an_expired_lease_is_reclaimed_by_a_sibling() {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempt, 1);
     let ack = StoreEffect::Ack { entry: again[0].entry.clone() };
-    assert_eq!(s.apply(&dead, ack.clone()), Err(StoreError::NotOwner), "the dead owner is fenced off");
-    assert_eq!(s.apply(&alive, ack), Ok(()));
+    assert_eq!(s.apply(&dead, ack.clone(), at(0)), Err(StoreError::NotOwner), "the dead owner is fenced off");
+    assert_eq!(s.apply(&alive, ack, at(0)), Ok(()));
 }
 
 #[test]
@@ -266,11 +267,69 @@ fn dead_letters_keep_the_envelope_and_are_bounded() {
             reason: "r".into(),
             nacked: true,
         };
-        s.apply(&a, effect).unwrap();
+        s.apply(&a, effect, at(0)).unwrap();
     }
-    let kept: Vec<_> = s.dead_letters().map(|d| d.envelope.to_string()).collect();
+    let kept: Vec<_> = s.dead_letters(at(0)).map(|d| d.envelope.to_string()).collect();
     assert_eq!(kept, ["m1"]);
     assert_eq!(s.dead_letters_dropped(), 1);
+}
+
+/// Dead-letters `n` messages of bob's queue at `at(0)` with the reasons given in turn.
+fn dead_lettered(s: &mut MemoryStore, reasons: &[&str]) -> SessionRef {
+    let a = session("bob", "b1", "o1");
+    s.acquire_lease(&a, TTL, at(0)).unwrap();
+    for (i, reason) in reasons.iter().enumerate() {
+        s.enqueue(&work("bob"), Arc::from(format!("m{i}"))).unwrap();
+        let m = s.claim(&a, 1, at(0)).remove(0);
+        let effect = StoreEffect::DeadLetter {
+            entry: m.entry,
+            envelope: m.envelope,
+            attempts: 5,
+            reason: reason.to_string(),
+            nacked: true,
+        };
+        s.apply(&a, effect, at(i as u64 * 1_000)).unwrap();
+    }
+    a
+}
+
+#[test]
+fn dead_letters_are_selected_by_id_reason_and_age_and_redriven_once() {
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 10, ..Default::default() });
+    let a = dead_lettered(&mut s, &["poison", "expired", "poison"]);
+    let letters: Vec<DeadLetter> = s.dead_letters(at(2_500)).collect();
+    let ages: Vec<u128> = letters.iter().map(|d| d.age.as_millis()).collect();
+    assert_eq!(ages, [2_500, 1_500, 500]);
+    let select = |selector: DeadLetterSelector| -> Vec<String> {
+        letters.iter().filter(|d| selector.matches(d)).map(|d| d.envelope.to_string()).collect()
+    };
+    assert_eq!(select(DeadLetterSelector::default()), Vec::<String>::new(), "an empty selector selects nothing");
+    assert_eq!(select(DeadLetterSelector { all: true, ..Default::default() }), ["m0", "m1", "m2"]);
+    let poison = DeadLetterSelector { reason: Some("poison".into()), ..Default::default() };
+    assert_eq!(select(poison.clone()), ["m0", "m2"]);
+    let old_poison = DeadLetterSelector { older_than: Some(Duration::from_secs(1)), ..poison };
+    assert_eq!(select(old_poison), ["m0"]);
+    assert_eq!(select(DeadLetterSelector { ids: vec![letters[1].id.clone()], ..Default::default() }), ["m1"]);
+
+    let ids = vec![letters[0].id.clone(), letters[2].id.clone()];
+    let outcomes = s.redrive_dead_letters(&agent("bob"), &ids);
+    assert!(outcomes.iter().all(|o| matches!(o, Redrive::Queued(_))), "{outcomes:?}");
+    assert_eq!(s.redrive_dead_letters(&agent("bob"), &ids), [Redrive::NotFound, Redrive::NotFound], "idempotent");
+    assert_eq!(s.redrive_dead_letters(&agent("alice"), &[letters[1].id.clone()]), [Redrive::NotFound], "per agent");
+    let redelivered: Vec<_> = s.claim(&a, 10, at(3_000)).into_iter().map(|m| (m.envelope.to_string(), m.attempt)).collect();
+    assert_eq!(redelivered, [("m0".to_string(), 1), ("m2".to_string(), 1)], "fresh attempt counts, in order");
+    assert_eq!(s.purge_dead_letters(&agent("bob"), &[letters[1].id.clone(), "nope".into()]), 1);
+    assert_eq!(s.dead_letters(at(3_000)).count(), 0);
+}
+
+#[test]
+fn a_redrive_into_a_full_queue_keeps_the_dead_letter() {
+    let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 1, ..Default::default() });
+    dead_lettered(&mut s, &["poison"]);
+    s.enqueue(&work("bob"), Arc::from("filler")).unwrap();
+    let letter = s.dead_letters(at(0)).next().unwrap();
+    assert_eq!(s.redrive_dead_letters(&agent("bob"), &[letter.id.clone()]), [Redrive::QueueFull]);
+    assert_eq!(s.dead_letters(at(0)).count(), 1, "still a dead letter");
 }
 
 #[test]

@@ -38,7 +38,7 @@ use mas_core::policy::audit::AuditRecord;
 use mas_core::policy::circuit::{CircuitConfig, CircuitPhase};
 use mas_core::policy::ratelimit::{Grant, Limited, Limits, Window};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, REQUEST_EXPIRED_GRACE,
+    Admission, Admitted, Correlation, PendingRequest, QueueGauges, QueueKey, REQUEST_EXPIRED_GRACE,
     ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, envelope_timestamp,
 };
 use mas_core::time::Now;
@@ -49,6 +49,7 @@ use tokio::sync::Notify;
 use super::{claim_waiting, requeue_delay};
 
 mod audit;
+mod dead_letters;
 mod replies;
 
 const SCRIPTS: &str = include_str!("scripts.lua");
@@ -136,6 +137,8 @@ struct Scripts {
     audit_tail: Script,
     audit_oldest: Script,
     audit_trim: Script,
+    dlq_list: Script,
+    dlq_redrive: Script,
 }
 
 impl Scripts {
@@ -186,6 +189,8 @@ impl Scripts {
             audit_tail: get("audit_tail"),
             audit_oldest: get("audit_oldest"),
             audit_trim: get("audit_trim"),
+            dlq_list: get("dlq_list"),
+            dlq_redrive: get("dlq_redrive"),
         }
     }
 }
@@ -816,31 +821,6 @@ impl RedisBackend {
             .await
             .map_err(unavailable)?;
         Ok(len + waiting)
-    }
-
-    pub(super) async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(key(agent, "dlq"))
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit)
-            .query_async(&mut self.con())
-            .await
-            .map_err(unavailable)?;
-        Ok(entries
-            .into_iter()
-            .map(|(_, fields)| {
-                let field =
-                    |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
-                DeadLetter {
-                    agent: agent.clone(),
-                    envelope: Arc::from(field("e")),
-                    reason: field("reason"),
-                    attempts: field("attempts").parse().unwrap_or(0),
-                }
-            })
-            .collect())
     }
 }
 

@@ -616,3 +616,45 @@ end
 local archived = string.format('%d', tonumber(redis.call('HGET', KEYS[2], 'archived') or '0') + count)
 redis.call('HSET', KEYS[2], 'archived', archived, 'base', ARGV[3])
 return {archived, ARGV[3]}
+
+--@dlq_list
+-- KEYS: dlq. ARGV: max. Returns {now_ms, id, envelope, reason, attempts, at_ms, ...}, oldest
+-- first: the ages are read against the same clock that stamped `at`.
+local t = redis.call('TIME')
+local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))) do
+  local f = {}
+  for j = 1, #entry[2], 2 do f[entry[2][j]] = entry[2][j + 1] end
+  out[#out + 1] = entry[1]
+  out[#out + 1] = f.e or ''
+  out[#out + 1] = f.reason or ''
+  out[#out + 1] = f.attempts or '0'
+  out[#out + 1] = f.at or '0'
+end
+return out
+
+--@dlq_redrive
+-- KEYS: dlq, work, work_delayed. ARGV: max queue length, notify channel, then dead-letter
+-- ids. Each letter still in the DLQ moves to the work stream with a fresh attempt count,
+-- unless the queue is full (it then stays). Returns per id: the new entry id, 'missing' or
+-- 'full'.
+local out = {}
+local moved = false
+for i = 3, #ARGV do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #entry == 0 then
+    out[#out + 1] = 'missing'
+  elseif redis.call('XLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then
+    out[#out + 1] = 'full'
+  else
+    local envelope = ''
+    for j = 1, #entry[1][2], 2 do
+      if entry[1][2][j] == 'e' then envelope = entry[1][2][j + 1] end
+    end
+    out[#out + 1] = redis.call('XADD', KEYS[2], '*', 'e', envelope, 'a', '1')
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    moved = true
+  end
+end
+if moved then redis.call('PUBLISH', ARGV[2], '1') end
+return out
