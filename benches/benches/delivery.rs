@@ -76,7 +76,7 @@ fn memory_store_cycle(c: &mut Criterion) {
             let claimed = store.claim(&session, 1, Instant::ZERO);
             for m in claimed {
                 let ack = mas_core::delivery::StoreEffect::Ack { entry: m.entry };
-                store.apply(&session, ack).expect("held");
+                store.apply(&session, ack, Instant::ZERO).expect("held");
             }
         })
     });
