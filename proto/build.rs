@@ -1,7 +1,7 @@
 //! Generates the gRPC code for both real and simulated (madsim) builds with the vendored
 //! protoc, so neither developers nor CI need a system `protoc`.
 
-const PROTOS: [&str; 2] = ["proto/mas.proto", "proto/mas_v1.proto"];
+const PROTOS: [&str; 3] = ["proto/mas.proto", "proto/mas_v1.proto", "proto/mas_admin.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();

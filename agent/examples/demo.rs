@@ -57,7 +57,7 @@ mod demo {
 
     pub async fn run(args: Args) -> anyhow::Result<()> {
         let (alice, bob) = (AgentId::new("alice")?, AgentId::new("bob")?);
-        let pki = mas_net::pki::write_dev_pki(&args.certs_dir, &[alice.clone(), bob.clone()])
+        let pki = mas_net::pki::write_dev_pki(&args.certs_dir, &[alice.clone(), bob.clone()], &[])
             .with_context(|| format!("writing dev certificates to {}", args.certs_dir.display()))?;
         println!("dev certificates written to {}", args.certs_dir.display());
 

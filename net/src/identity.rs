@@ -1,9 +1,50 @@
-//! Agent identity from SPIFFE URIs: exactly one `spiffe://mas/agent/{agent_id}`.
+//! Peer identity from SPIFFE URIs: exactly one `spiffe://mas/agent/{agent_id}` for an agent,
+//! or `spiffe://mas/operator/{name}` for an operator of the admin API (never an agent).
 
 use mas_core::ids::AgentId;
 
 /// The only trust domain and path prefix we accept.
 pub const SPIFFE_PREFIX: &str = "spiffe://mas/agent/";
+
+/// The path prefix of operator identities.
+pub const OPERATOR_SPIFFE_PREFIX: &str = "spiffe://mas/operator/";
+
+/// An operator's name, from `spiffe://mas/operator/{name}`; the same character rules as an
+/// agent id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OperatorId(String);
+
+impl OperatorId {
+    /// `name`, if it follows the agent id rules.
+    pub fn new(name: &str) -> Option<OperatorId> {
+        AgentId::new(name).ok().map(|_| OperatorId(name.to_string()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its SPIFFE URI.
+    pub fn spiffe_uri(&self) -> String {
+        format!("{OPERATOR_SPIFFE_PREFIX}{}", self.0)
+    }
+}
+
+impl std::fmt::Display for OperatorId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who a verified certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// An agent: may use the agent services, never the admin API.
+    Agent(AgentId),
+    /// An operator: may use the admin API (when configured), never the agent services.
+    Operator(OperatorId),
+}
 
 /// Metadata header carrying the SPIFFE id under simulation, where there is no TLS.
 #[cfg(madsim)]
@@ -41,19 +82,44 @@ pub fn spiffe_uri(agent: &AgentId) -> String {
 }
 
 /// Picks the agent identity out of a certificate's URI SANs. `sans` is `None` when the
-/// certificate has no SAN extension at all.
+/// certificate has no SAN extension at all. An operator's certificate is not an agent's
+/// (`invalid_spiffe_format`).
 pub fn agent_from_uri_sans<'a>(sans: Option<impl IntoIterator<Item = &'a str>>) -> Result<AgentId, IdentityError> {
+    match principal_from_uri_sans(sans)? {
+        Principal::Agent(agent) => Ok(agent),
+        Principal::Operator(_) => Err(IdentityError::InvalidFormat),
+    }
+}
+
+/// Picks the principal out of a certificate's URI SANs: exactly one `spiffe://` URI, naming
+/// an agent or an operator.
+pub fn principal_from_uri_sans<'a>(
+    sans: Option<impl IntoIterator<Item = &'a str>>,
+) -> Result<Principal, IdentityError> {
     let sans = sans.ok_or(IdentityError::MissingSan)?;
     let mut spiffe = sans.into_iter().filter(|uri| uri.starts_with("spiffe://"));
-    match (spiffe.next(), spiffe.next()) {
-        (Some(only), None) => agent_from_spiffe_uri(only),
-        _ => Err(IdentityError::InvalidSan),
+    let uri = match (spiffe.next(), spiffe.next()) {
+        (Some(only), None) => only,
+        _ => return Err(IdentityError::InvalidSan),
+    };
+    match uri.strip_prefix(OPERATOR_SPIFFE_PREFIX) {
+        Some(name) => OperatorId::new(name).map(Principal::Operator).ok_or(IdentityError::InvalidFormat),
+        None => agent_from_spiffe_uri(uri).map(Principal::Agent),
     }
 }
 
 /// Extracts the agent identity from a DER certificate.
 #[cfg(not(madsim))]
 pub fn agent_from_certificate(der: &[u8]) -> Result<AgentId, IdentityError> {
+    match principal_from_certificate(der)? {
+        Principal::Agent(agent) => Ok(agent),
+        Principal::Operator(_) => Err(IdentityError::InvalidFormat),
+    }
+}
+
+/// Extracts the principal (agent or operator) from a DER certificate.
+#[cfg(not(madsim))]
+pub fn principal_from_certificate(der: &[u8]) -> Result<Principal, IdentityError> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::InvalidPeerCertificate)?;
@@ -68,7 +134,15 @@ pub fn agent_from_certificate(der: &[u8]) -> Result<AgentId, IdentityError> {
             })
             .collect::<Vec<&str>>()
     });
-    agent_from_uri_sans(uris.as_ref().map(|v| v.iter().copied()))
+    principal_from_uri_sans(uris.as_ref().map(|v| v.iter().copied()))
+}
+
+/// The authenticated principal of a request, from the verified TLS client certificate.
+#[cfg(not(madsim))]
+pub fn peer_principal<T>(req: &tonic::Request<T>) -> Result<Principal, IdentityError> {
+    let certs = req.peer_certs().ok_or(IdentityError::MissingPeerCertificate)?;
+    let leaf = certs.first().ok_or(IdentityError::MissingPeerCertificate)?;
+    principal_from_certificate(leaf.as_ref())
 }
 
 /// The authenticated agent of a request: from the verified TLS client certificate.
@@ -183,6 +257,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn operators_are_their_own_principals() {
+        let ops = principal_from_uri_sans(Some(["spiffe://mas/operator/ops-1"]));
+        assert_eq!(ops, Ok(Principal::Operator(OperatorId::new("ops-1").unwrap())));
+        assert_eq!(principal_from_uri_sans(Some(["spiffe://mas/operator/"])), Err(IdentityError::InvalidFormat));
+        assert_eq!(principal_from_uri_sans(Some(["spiffe://mas/operator/a/b"])), Err(IdentityError::InvalidFormat));
+        let agent = principal_from_uri_sans(Some(["spiffe://mas/agent/alice"]));
+        assert!(matches!(agent, Ok(Principal::Agent(_))));
+    }
+
+    #[test]
     fn accepts_exactly_one_well_formed_spiffe_uri() {
         let ok = agent_from_uri_sans(Some(["https://x", "spiffe://mas/agent/alice"]));
         assert_eq!(ok.map(|a| a.to_string()), Ok("alice".to_string()));
@@ -198,6 +282,11 @@ mod tests {
         );
         assert_eq!(agent_from_uri_sans(Some(["spiffe://other/agent/a"])), Err(IdentityError::InvalidFormat));
         assert_eq!(agent_from_uri_sans(Some(["spiffe://mas/agent/a b"])), Err(IdentityError::InvalidFormat));
+        assert_eq!(
+            agent_from_uri_sans(Some(["spiffe://mas/operator/ops"])),
+            Err(IdentityError::InvalidFormat),
+            "an operator is never an agent"
+        );
         assert_eq!(agent_from_uri_sans(Some(["spiffe://mas/agent/"])), Err(IdentityError::InvalidFormat));
     }
 

@@ -17,7 +17,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::identity::spiffe_uri;
+use crate::identity::{OperatorId, Principal, spiffe_uri};
 use crate::tls::TlsFiles;
 
 /// Why the dev PKI could not be made.
@@ -88,6 +88,21 @@ impl DevCa {
         self.client_cert(agent.as_str(), vec![SanType::URI(uri)])
     }
 
+    /// A client certificate for an operator of the admin API: SAN
+    /// `spiffe://mas/operator/{name}`, clientAuth.
+    pub fn operator_cert(&self, operator: &OperatorId) -> Result<PemPair, PkiError> {
+        let uri = operator.spiffe_uri().try_into()?;
+        self.client_cert(&format!("operator {operator}"), vec![SanType::URI(uri)])
+    }
+
+    /// The client certificate of `principal`.
+    pub fn principal_cert(&self, principal: &Principal) -> Result<PemPair, PkiError> {
+        match principal {
+            Principal::Agent(agent) => self.agent_cert(agent),
+            Principal::Operator(operator) => self.operator_cert(operator),
+        }
+    }
+
     /// A client certificate with exactly the given SANs (none at all if empty); for tests of
     /// identity rules.
     pub fn client_cert(&self, common_name: &str, sans: Vec<SanType>) -> Result<PemPair, PkiError> {
@@ -136,6 +151,19 @@ impl DevPkiFiles {
             key: self.dir.join(format!("{agent}.key")),
         }
     }
+
+    /// An operator's files: `operators/{name}.pem` and `.key` beside the CA.
+    pub fn operator(&self, operator: &OperatorId) -> TlsFiles {
+        let paths = operator_paths(&self.dir.join("ca.pem"), operator);
+        TlsFiles { ca: self.dir.join("ca.pem"), cert: paths.cert, key: paths.key }
+    }
+}
+
+/// Where `mas dev-certs` writes an operator's certificate and key: `operators/{name}.pem` and
+/// `.key` in the CA certificate's directory.
+pub fn operator_paths(ca_path: &Path, operator: &OperatorId) -> CertPaths {
+    let dir = ca_path.parent().unwrap_or(Path::new("")).join("operators");
+    CertPaths { cert: dir.join(format!("{operator}.pem")), key: dir.join(format!("{operator}.key")) }
 }
 
 /// Where one certificate and its key are written.
@@ -147,23 +175,33 @@ pub struct CertPaths {
     pub key: PathBuf,
 }
 
-/// Writes a fresh dev PKI into `dir`: `ca.pem`, `server.pem`/`server.key`, and
-/// `{agent}.pem`/`{agent}.key` per agent. The CA key is not written: nothing else is signed.
-pub fn write_dev_pki(dir: &Path, agents: &[AgentId]) -> Result<DevPkiFiles, PkiError> {
+/// Writes a fresh dev PKI into `dir`: `ca.pem`, `server.pem`/`server.key`,
+/// `{agent}.pem`/`{agent}.key` per agent and `operators/{name}.pem`/`.key` per operator. The
+/// CA key is not written: nothing else is signed.
+pub fn write_dev_pki(dir: &Path, agents: &[AgentId], operators: &[OperatorId]) -> Result<DevPkiFiles, PkiError> {
     let pair = |name: &str| CertPaths { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
-    let agents: Vec<_> = agents.iter().map(|agent| (agent.clone(), pair(agent.as_str()))).collect();
-    write_dev_pki_to(&dir.join("ca.pem"), &pair("server"), &agents)?;
+    let ca = dir.join("ca.pem");
+    let clients: Vec<_> = agents
+        .iter()
+        .map(|agent| (Principal::Agent(agent.clone()), pair(agent.as_str())))
+        .chain(operators.iter().map(|op| (Principal::Operator(op.clone()), operator_paths(&ca, op))))
+        .collect();
+    write_dev_pki_to(&ca, &pair("server"), &clients)?;
     Ok(DevPkiFiles::at(dir))
 }
 
 /// Writes a fresh dev PKI to the paths given (a project file names each one): the CA
-/// certificate, the server's pair and each agent's. Missing directories are created.
-pub fn write_dev_pki_to(ca_path: &Path, server: &CertPaths, agents: &[(AgentId, CertPaths)]) -> Result<(), PkiError> {
+/// certificate, the server's pair and each client's. Missing directories are created.
+pub fn write_dev_pki_to(
+    ca_path: &Path,
+    server: &CertPaths,
+    clients: &[(Principal, CertPaths)],
+) -> Result<(), PkiError> {
     let ca = DevCa::new("mas dev CA")?;
     write(ca_path, &ca.cert_pem(), false)?;
     write_pair(server, &ca.server_cert()?)?;
-    for (agent, paths) in agents {
-        write_pair(paths, &ca.agent_cert(agent)?)?;
+    for (principal, paths) in clients {
+        write_pair(paths, &ca.principal_cert(principal)?)?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Generated gRPC types and stubs for both generations of the wire protocol:
 //! `mas.runtime.v1.RuntimeService` (mas-framework 0.5 and later) and `mas.v1.MasService`
-//! (mas-framework 0.4.x, the release on PyPI).
+//! (mas-framework 0.4.x, the release on PyPI); and mas's own operator plane,
+//! `mas.admin.v1.AdminService`.
 //!
 //! The `.proto` files keep the Python mas-framework's names and field numbers exactly; they are
 //! the compatibility contract with existing agents.
@@ -21,7 +22,18 @@ pub mod mas {
     pub mod v1 {
         tonic::include_proto!("mas.v1");
     }
+
+    /// `mas.admin.v1`: the operator plane.
+    pub mod admin {
+        /// Messages, the `AdminService` server trait and its client stub.
+        pub mod v1 {
+            tonic::include_proto!("mas.admin.v1");
+        }
+    }
 }
+
+/// `mas.admin.v1`, the operator plane (`AdminService`).
+pub use mas::admin::v1 as admin;
 
 /// `mas.runtime.v1`, the current generation: messages, `RuntimeService` server and client.
 pub use mas::runtime::v1 as runtime;

@@ -174,7 +174,8 @@ impl LeaseSettings {
     }
 }
 
-/// The admin HTTP listener: metrics and health probes (see `crate::admin`).
+/// The admin HTTP listener (metrics and health probes, see `crate::admin`) and who may use
+/// the admin gRPC API (see `crate::operator`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
@@ -185,11 +186,19 @@ pub struct AdminSettings {
     /// How long readiness waits for the store to answer (default 1 000 ms); also bounds the
     /// store reads of a `/metrics` scrape.
     pub readiness_timeout_ms: u64,
+    /// Operators allowed to call `mas.admin.v1.AdminService` on the broker port: names whose
+    /// client certificate carries `spiffe://mas/operator/{name}` (`mas dev-certs --operators`).
+    /// Empty (the default): nobody may.
+    pub operators: Vec<String>,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        AdminSettings { listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))), readiness_timeout_ms: 1_000 }
+        AdminSettings {
+            listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            readiness_timeout_ms: 1_000,
+            operators: Vec::new(),
+        }
     }
 }
 
@@ -725,6 +734,11 @@ impl BrokerConfig {
             }
         }
         self.telemetry.validate().map_err(ConfigError::Invalid)?;
+        if let Some(bad) = self.admin.operators.iter().find(|name| mas_net::identity::OperatorId::new(name).is_none()) {
+            return Err(ConfigError::Invalid(format!(
+                "admin.operators: {bad:?} is not a valid operator name (the agent id rules apply)"
+            )));
+        }
         let d = &self.delivery;
         if d.retry_backoff_initial_ms > d.retry_backoff_max_ms {
             return Err(ConfigError::Invalid(

@@ -10,7 +10,7 @@
 //! delivery machine), [`store`] (the embedded and Redis stores), [`audit`] (file sink,
 //! archiving, security events, verification and queries), [`serve`] (listener setup; the only
 //! code that differs under madsim), [`metrics`] (Prometheus instruments), [`admin`] (the admin HTTP
-//! listener: metrics and health probes).
+//! listener: metrics and health probes), `operator` (the admin gRPC API for operators).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,6 +25,8 @@ mod delivery_trace;
 #[cfg(not(madsim))]
 pub mod listener;
 pub mod metrics;
+#[cfg(not(madsim))]
+pub mod operator;
 #[cfg(not(madsim))]
 pub mod preflight;
 pub mod project;

@@ -26,6 +26,7 @@ mod cli {
     use clap::{Parser, Subcommand};
     use mas_core::ids::AgentId;
     use mas_core::policy::audit::{AuditFilter, Decision, to_csv, to_json};
+    use mas_net::identity::{OperatorId, Principal};
     use mas_net::pki::CertPaths;
     use mas_net::tls::TlsFiles;
     use mas_server::audit::offline;
@@ -65,6 +66,11 @@ mod cli {
             /// Agent ids, comma-separated.
             #[arg(long, value_delimiter = ',', required_unless_present = "config")]
             agents: Vec<String>,
+            /// Operator names, comma-separated: a client certificate each for the admin API
+            /// (SAN spiffe://mas/operator/{name}), written to `operators/{name}.pem` and `.key`
+            /// beside the CA.
+            #[arg(long, value_delimiter = ',')]
+            operators: Vec<String>,
             /// Write the CA, the server's and every agent's certificate where this project
             /// file names them.
             #[arg(long)]
@@ -74,6 +80,14 @@ mod cli {
         Audit {
             #[command(subcommand)]
             action: AuditCommand,
+        },
+        /// Operate a running broker through its admin API (an operator certificate and
+        /// `admin.operators` in the broker's file); exit codes in the README.
+        Admin {
+            #[command(flatten)]
+            connection: mas_server::operator::cli::Connection,
+            #[command(subcommand)]
+            command: mas_server::operator::cli::AdminCommand,
         },
     }
 
@@ -199,22 +213,32 @@ mod cli {
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await,
             Command::Serve { config } => serve_from(config).await,
             Command::Run { config } => run_project(config).await,
+            Command::Admin { connection, command } => Ok(mas_server::operator::cli::run(connection, command).await),
             other => run_command(other).await.map(|()| ExitCode::SUCCESS),
         }
     }
 
-    /// Every command but `audit verify`, whose outcome has more than two exit codes.
+    /// Every command, for callers that need only success or failure (`run` keeps the exit
+    /// codes of `serve`, `run`, `admin` and `audit verify`).
     async fn run_command(command: Command) -> anyhow::Result<()> {
         match command {
             Command::Serve { config } => serve_from(config).await.map(|_| ()),
             Command::Run { config } => run_project(config).await.map(|_| ()),
-            Command::DevCerts { config: Some(config), .. } => dev_certs_for(&config),
-            Command::DevCerts { dir, agents, config: None } => {
+            Command::Admin { connection, command } => {
+                mas_server::operator::cli::run(connection, command).await;
+                Ok(())
+            }
+            Command::DevCerts { config: Some(config), operators, .. } => {
+                dev_certs_for(&config, &operator_ids(&operators)?)
+            }
+            Command::DevCerts { dir, agents, operators, config: None } => {
                 let agents = agents.iter().map(|a| AgentId::new(a)).collect::<Result<Vec<_>, _>>()?;
-                mas_net::pki::write_dev_pki(&dir, &agents)?;
+                let operators = operator_ids(&operators)?;
+                mas_net::pki::write_dev_pki(&dir, &agents, &operators)?;
                 println!(
-                    "wrote ca.pem, server.pem/.key and {} agent certificate(s) to {}",
+                    "wrote ca.pem, server.pem/.key, {} agent and {} operator certificate(s) to {}",
                     agents.len(),
+                    operators.len(),
                     dir.display()
                 );
                 Ok(())
@@ -350,19 +374,32 @@ mod cli {
 
     /// `mas dev-certs --config`: a fresh CA, the server's and each agent's certificate, at the
     /// paths the file names.
-    fn dev_certs_for(config: &std::path::Path) -> anyhow::Result<()> {
+    fn operator_ids(names: &[String]) -> anyhow::Result<Vec<OperatorId>> {
+        names
+            .iter()
+            .map(|name| OperatorId::new(name).with_context(|| format!("{name:?} is not a valid operator name")))
+            .collect()
+    }
+
+    fn dev_certs_for(config: &std::path::Path, operators: &[OperatorId]) -> anyhow::Result<()> {
         let project = Project::load(config)?;
         let tls = project.broker.tls.as_ref().context("the file names no TLS paths")?;
         let server = CertPaths { cert: tls.server_cert_path.clone(), key: tls.server_key_path.clone() };
-        let agents: Vec<_> = project
-            .agents
+        let agents = project.agents.iter().map(|a| {
+            (
+                Principal::Agent(a.agent_id.clone()),
+                CertPaths { cert: a.tls_cert_path.clone(), key: a.tls_key_path.clone() },
+            )
+        });
+        let operator_files = operators
             .iter()
-            .map(|a| (a.agent_id.clone(), CertPaths { cert: a.tls_cert_path.clone(), key: a.tls_key_path.clone() }))
-            .collect();
-        mas_net::pki::write_dev_pki_to(&tls.client_ca_path, &server, &agents)?;
+            .map(|op| (Principal::Operator(op.clone()), mas_net::pki::operator_paths(&tls.client_ca_path, op)));
+        let clients: Vec<_> = agents.chain(operator_files).collect();
+        mas_net::pki::write_dev_pki_to(&tls.client_ca_path, &server, &clients)?;
         println!(
-            "wrote the CA, the server's and {} agent certificate(s) named in {}",
+            "wrote the CA, the server's, {} agent and {} operator certificate(s) named in {}",
             project.agents.len(),
+            operators.len(),
             config.display()
         );
         Ok(())

@@ -128,6 +128,7 @@ mod real {
             <MasServiceServer<MasV1Service> as tonic::server::NamedService>::NAME,
         ];
         tokio::spawn(crate::admin::track_grpc_health(broker.clone(), reporter, names));
+        let operators = crate::operator::AdminServiceServer::new(crate::operator::Admin::new(broker.clone()));
         let incoming = crate::listener::accept(bound.listener, limits.max_connections);
         let drained = drain_after(broker, shutdown);
         Server::builder()
@@ -139,6 +140,7 @@ mod real {
             .add_service(health)
             .add_service(runtime)
             .add_service(mas_v1)
+            .add_service(operators)
             .serve_with_incoming_shutdown(incoming, drained)
             .await
             .map_err(ServeError::Transport)

@@ -46,6 +46,8 @@ AGENTS: dict[str, dict] = {
 
 # Agents with dev certificates that the broker does not allowlist.
 OUTSIDERS = ("outsider",)
+# Operator certificates: `ops` is in the broker's `admin.operators`, `rogue` is not.
+OPERATORS = ("ops", "rogue")
 
 
 def free_port() -> int:
@@ -86,7 +88,9 @@ class Pki:
     @staticmethod
     def create(dir: Path) -> "Pki":
         agents = ",".join([*AGENTS, *OUTSIDERS])
-        subprocess.run([MAS_BIN, "dev-certs", "--dir", str(dir), "--agents", agents], check=True)
+        operators = ",".join(OPERATORS)
+        subprocess.run([MAS_BIN, "dev-certs", "--dir", str(dir), "--agents", agents, "--operators", operators],
+                       check=True)
         odd = _OddCertificates(dir)
         odd.write()
         bundle = dir / "client-ca-bundle.pem"
@@ -96,6 +100,11 @@ class Pki:
     def agent(self, name: str) -> Identity:
         """A `mas dev-certs` agent certificate (or an odd one by its name, see below)."""
         return Identity(self.dir / "ca.pem", self.dir / f"{name}.pem", self.dir / f"{name}.key")
+
+    def operator(self, name: str) -> Identity:
+        """A `mas dev-certs --operators` certificate (`spiffe://mas/operator/{name}`)."""
+        return Identity(self.dir / "ca.pem", self.dir / "operators" / f"{name}.pem",
+                        self.dir / "operators" / f"{name}.key")
 
 
 class _OddCertificates:
@@ -232,8 +241,9 @@ class Broker:
                 "client_ca_path": str(pki.client_ca_bundle),
             },
             "agents": AGENTS,
-            # The admin listener (metrics, health) on a free port: the ready line names it.
-            "admin": {"listen_addr": "127.0.0.1:0"},
+            # The admin listener (metrics, health) on a free port: the ready line names it. Only
+            # the first operator may use the admin API; the other is refused.
+            "admin": {"listen_addr": "127.0.0.1:0", "operators": [OPERATORS[0]]},
             # Quick retries, so redelivery tests take milliseconds.
             "delivery": {"retry_backoff_initial_ms": 50, "retry_backoff_max_ms": 200},
             # The suite sends far more than the reference's 100 messages a minute.

@@ -251,7 +251,8 @@ async fn dead_letters_are_redriven_once_with_a_fresh_attempt_and_purged() {
         store.apply(&b1, dead, now(), None).await.unwrap();
         let letters = store.dead_letters(&agent("bob"), 10).await.unwrap();
         let ids: Vec<String> = letters.iter().map(|d| d.id.clone()).collect();
-        let summary: Vec<String> = letters.iter().map(|d| format!("{}:{}:{}", d.envelope, d.reason, d.attempts)).collect();
+        let summary: Vec<String> =
+            letters.iter().map(|d| format!("{}:{}:{}", d.envelope, d.reason, d.attempts)).collect();
         log.push(format!("dead {summary:?}, young {}", letters.iter().all(|d| d.age < Duration::from_secs(5))));
         let show_redrive = |outcomes: Vec<mas_core::store::Redrive>| -> Vec<String> {
             outcomes

@@ -190,7 +190,7 @@ mod load {
         let cast = Cast { producers, consumer: AgentId::new("sink")? };
         let mut all = cast.producers.clone();
         all.push(cast.consumer.clone());
-        let pki = mas_net::pki::write_dev_pki(&dir, &all)?;
+        let pki = mas_net::pki::write_dev_pki(&dir, &all, &[])?;
         println!(
             "store={} messages={} payload={}B concurrency={} producers={} consumers={} sends={} broker={}",
             if args.redis.is_some() { "redis" } else { "memory" },

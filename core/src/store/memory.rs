@@ -3,9 +3,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Admission, Admitted, Correlation, DeadLetter, LeaseError, Redrive, OwnerToken, PendingRequest, QueueGauges, QueueKey,
-    REQUEST_EXPIRED_GRACE, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
-    envelope_timestamp,
+    Admission, Admitted, Correlation, DeadLetter, LeaseError, OwnerToken, PendingRequest, QueueGauges, QueueKey,
+    REQUEST_EXPIRED_GRACE, Redrive, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot,
+    StoreError, envelope_timestamp,
 };
 use crate::delivery::{EntryId, QueuedMessage, StoreEffect};
 use crate::ids::{AgentId, InstanceId};
@@ -301,10 +301,9 @@ impl MemoryStore {
 
     /// The dead letters kept, oldest first, with their ages at `now`.
     pub fn dead_letters(&self, now: Instant) -> impl Iterator<Item = DeadLetter> + '_ {
-        self.dead_letters.iter().map(move |(died, letter)| DeadLetter {
-            age: now.saturating_duration_since(*died),
-            ..letter.clone()
-        })
+        self.dead_letters
+            .iter()
+            .map(move |(died, letter)| DeadLetter { age: now.saturating_duration_since(*died), ..letter.clone() })
     }
 
     /// Dead letters dropped because the bound was reached.

@@ -15,7 +15,8 @@ use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Grant, Limits};
 use mas_core::store::{
     Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueGauges,
-    QueueKey, Redrive, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
+    QueueKey, Redrive, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
+    TargetGate,
 };
 use mas_core::time::Now;
 use tokio::sync::Notify;
@@ -334,7 +335,11 @@ impl MemoryBackend {
         Ok(self.lock().store.dead_letters(now).filter(|d| &d.agent == agent).take(limit).collect())
     }
 
-    pub(super) async fn redrive_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<Vec<Redrive>, StoreError> {
+    pub(super) async fn redrive_dead_letters(
+        &self,
+        agent: &AgentId,
+        ids: &[String],
+    ) -> Result<Vec<Redrive>, StoreError> {
         let mut inner = self.lock();
         let outcomes = inner.store.redrive_dead_letters(agent, ids);
         if outcomes.iter().any(|o| matches!(o, Redrive::Queued(_))) {

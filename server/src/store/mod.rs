@@ -22,8 +22,8 @@ use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Checkpoint, SecurityEv
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Grant, Limits};
 use mas_core::store::{
-    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, Redrive, ReplyCommit, ReplyError,
-    ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
+    Admission, Admitted, Correlation, DeadLetter, PendingRequest, QueueGauges, QueueKey, Redrive, ReplyCommit,
+    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate,
 };
 use mas_core::time::Now;
 

@@ -316,7 +316,8 @@ fn dead_letters_are_selected_by_id_reason_and_age_and_redriven_once() {
     assert!(outcomes.iter().all(|o| matches!(o, Redrive::Queued(_))), "{outcomes:?}");
     assert_eq!(s.redrive_dead_letters(&agent("bob"), &ids), [Redrive::NotFound, Redrive::NotFound], "idempotent");
     assert_eq!(s.redrive_dead_letters(&agent("alice"), &[letters[1].id.clone()]), [Redrive::NotFound], "per agent");
-    let redelivered: Vec<_> = s.claim(&a, 10, at(3_000)).into_iter().map(|m| (m.envelope.to_string(), m.attempt)).collect();
+    let redelivered: Vec<_> =
+        s.claim(&a, 10, at(3_000)).into_iter().map(|m| (m.envelope.to_string(), m.attempt)).collect();
     assert_eq!(redelivered, [("m0".to_string(), 1), ("m2".to_string(), 1)], "fresh attempt counts, in order");
     assert_eq!(s.purge_dead_letters(&agent("bob"), &[letters[1].id.clone(), "nope".into()]), 1);
     assert_eq!(s.dead_letters(at(3_000)).count(), 0);
@@ -328,7 +329,7 @@ fn a_redrive_into_a_full_queue_keeps_the_dead_letter() {
     dead_lettered(&mut s, &["poison"]);
     s.enqueue(&work("bob"), Arc::from("filler")).unwrap();
     let letter = s.dead_letters(at(0)).next().unwrap();
-    assert_eq!(s.redrive_dead_letters(&agent("bob"), &[letter.id.clone()]), [Redrive::QueueFull]);
+    assert_eq!(s.redrive_dead_letters(&agent("bob"), std::slice::from_ref(&letter.id)), [Redrive::QueueFull]);
     assert_eq!(s.dead_letters(at(0)).count(), 1, "still a dead letter");
 }
 

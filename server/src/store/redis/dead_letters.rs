@@ -16,7 +16,11 @@ use super::{RedisBackend, channel, key, text, unavailable};
 const LIST_FIELDS: usize = 5;
 
 impl RedisBackend {
-    pub(in crate::store) async fn dead_letters(&self, agent: &AgentId, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    pub(in crate::store) async fn dead_letters(
+        &self,
+        agent: &AgentId,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let flat: Vec<Value> = self
             .scripts
             .dlq_list
@@ -69,7 +73,11 @@ impl RedisBackend {
             .collect())
     }
 
-    pub(in crate::store) async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
+    pub(in crate::store) async fn purge_dead_letters(
+        &self,
+        agent: &AgentId,
+        ids: &[String],
+    ) -> Result<usize, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }

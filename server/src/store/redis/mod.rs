@@ -38,8 +38,8 @@ use mas_core::policy::audit::AuditRecord;
 use mas_core::policy::circuit::{CircuitConfig, CircuitPhase};
 use mas_core::policy::ratelimit::{Grant, Limited, Limits, Window};
 use mas_core::store::{
-    Admission, Admitted, Correlation, PendingRequest, QueueGauges, QueueKey, REQUEST_EXPIRED_GRACE,
-    ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, envelope_timestamp,
+    Admission, Admitted, Correlation, PendingRequest, QueueGauges, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
+    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, envelope_timestamp,
 };
 use mas_core::time::Now;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

@@ -1,0 +1,303 @@
+//! `mas admin`: the admin API from the command line, for people and scripts.
+//!
+//! Exit codes: 0 done; 1 the broker could not be reached or failed; 2 a usage error or an
+//! argument the broker refused (`INVALID_ARGUMENT`); 3 refused (not an operator, not an allowed
+//! one, or no valid certificate); 4 not found.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use mas_net::identity::OperatorId;
+use mas_net::tls::TlsFiles;
+use mas_proto::admin::admin_service_client::AdminServiceClient;
+use mas_proto::admin::{DeadLetter, DeadLetterSelector, GetDeadLetterRequest, ListDeadLettersRequest};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::project::{Project, client_addr};
+
+/// Where the broker is and who is calling.
+#[derive(Debug, clap::Args)]
+pub struct Connection {
+    /// The broker's `host:port` (default: the project file's `server_listen_addr`).
+    #[arg(long)]
+    addr: Option<String>,
+    /// A project file (mas.yaml) to take the address and CA from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// With `--config`: use `operators/{name}.pem` and `.key` beside its CA (as `mas dev-certs
+    /// --operators` writes them).
+    #[arg(long)]
+    operator: Option<String>,
+    /// The CA the broker's certificate chains to (default: the project file's `tls_ca_path`).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The operator's certificate.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// The operator's private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Output: `table` for people, `json` for scripts.
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+}
+
+/// What to do.
+#[derive(Debug, clap::Subcommand)]
+pub enum AdminCommand {
+    /// Dead letters: list, show, redrive, purge.
+    Dlq {
+        /// The dead-letter action.
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+}
+
+/// `mas admin dlq ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first (no payloads unless `--envelopes`).
+    List {
+        /// Which letters (none: all).
+        #[command(flatten)]
+        filter: Filter,
+        /// At most this many (cap 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Include each message's envelope (its payload).
+        #[arg(long)]
+        envelopes: bool,
+    },
+    /// Show one dead letter with its envelope.
+    Show {
+        /// The agent whose queue holds it.
+        #[arg(long)]
+        agent: String,
+        /// Its id, as listed.
+        id: String,
+    },
+    /// Put the selected dead letters back in their work queues with a fresh attempt count.
+    Redrive {
+        /// Which letters.
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Delete the selected dead letters.
+    Purge {
+        /// Which letters.
+        #[command(flatten)]
+        filter: Filter,
+    },
+}
+
+/// Which dead letters; redrive and purge need at least one condition or `--all`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Filter {
+    /// Only this agent's queue.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only these ids (repeat the flag).
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Only letters with exactly this reason.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only letters dead-lettered at least this many milliseconds ago.
+    #[arg(long)]
+    older_than_ms: Option<u64>,
+    /// Every letter (of `--agent`, or of every agent).
+    #[arg(long)]
+    all: bool,
+}
+
+impl Filter {
+    fn selector(&self) -> DeadLetterSelector {
+        DeadLetterSelector {
+            agent_id: self.agent.clone().unwrap_or_default(),
+            ids: self.ids.clone(),
+            reason: self.reason.clone().unwrap_or_default(),
+            older_than_ms: self.older_than_ms.unwrap_or(0),
+            all: self.all,
+        }
+    }
+}
+
+/// Why a command failed, and its exit code.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure { code: 2, message: message.into() }
+    }
+
+    fn unreachable(message: impl Into<String>) -> Failure {
+        Failure { code: 1, message: message.into() }
+    }
+
+    fn of(status: tonic::Status) -> Failure {
+        let code = match status.code() {
+            Code::InvalidArgument => 2,
+            Code::Unauthenticated | Code::PermissionDenied => 3,
+            Code::NotFound => 4,
+            _ => 1,
+        };
+        Failure { code, message: format!("{:?}: {}", status.code(), status.message()) }
+    }
+}
+
+/// Runs one `mas admin` command; prints the result on stdout, a failure on stderr.
+pub async fn run(connection: Connection, command: AdminCommand) -> ExitCode {
+    let json = connection.format == "json";
+    match execute(connection, command).await {
+        Ok(output) => {
+            print!("{}", if json { format!("{:#}\n", output.json) } else { output.table });
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("mas admin: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// A result in both formats.
+struct Output {
+    json: serde_json::Value,
+    table: String,
+}
+
+async fn execute(connection: Connection, command: AdminCommand) -> Result<Output, Failure> {
+    let mut client = connect(&connection).await?;
+    let AdminCommand::Dlq { action } = command;
+    match action {
+        DlqCommand::List { filter, limit, envelopes } => {
+            let request =
+                ListDeadLettersRequest { selector: Some(filter.selector()), limit, include_envelope: envelopes };
+            let listed = client.list_dead_letters(request).await.map_err(Failure::of)?.into_inner();
+            let mut table = letters_table(&listed.letters);
+            if listed.truncated {
+                table.push_str("(more match: raise --limit or narrow the filter)\n");
+            }
+            let letters: Vec<_> = listed.letters.iter().map(letter_json).collect();
+            Ok(Output { json: serde_json::json!({ "letters": letters, "truncated": listed.truncated }), table })
+        }
+        DlqCommand::Show { agent, id } => {
+            let letter = client
+                .get_dead_letter(GetDeadLetterRequest { agent_id: agent, id })
+                .await
+                .map_err(Failure::of)?
+                .into_inner();
+            let table = format!("{}envelope: {}\n", letters_table(std::slice::from_ref(&letter)), letter.envelope_json);
+            Ok(Output { json: letter_json(&letter), table })
+        }
+        DlqCommand::Redrive { filter } => {
+            let done = client.redrive_dead_letters(filter.selector()).await.map_err(Failure::of)?.into_inner();
+            Ok(Output {
+                json: serde_json::json!({ "redriven": done.redriven, "not_found": done.not_found, "queue_full": done.queue_full }),
+                table: format!(
+                    "redriven {}, not found {}, left for a full queue {}\n",
+                    done.redriven, done.not_found, done.queue_full
+                ),
+            })
+        }
+        DlqCommand::Purge { filter } => {
+            let done = client.purge_dead_letters(filter.selector()).await.map_err(Failure::of)?.into_inner();
+            Ok(Output {
+                json: serde_json::json!({ "purged": done.purged }),
+                table: format!("purged {}\n", done.purged),
+            })
+        }
+    }
+}
+
+/// The address and files to use: the flags, else what the project file says.
+fn resolve(connection: &Connection) -> Result<(String, TlsFiles), Failure> {
+    let project = match &connection.config {
+        Some(path) => Some(Project::load(path).map_err(|e| Failure::usage(e.to_string()))?),
+        None => None,
+    };
+    let project_ca = project.as_ref().and_then(|p| p.broker.tls.as_ref()).map(|t| t.client_ca_path.clone());
+    let addr = match (&connection.addr, &project) {
+        (Some(addr), _) => addr.clone(),
+        (None, Some(project)) => client_addr(project.broker.listen_addr),
+        (None, None) => return Err(Failure::usage("give --addr, or --config with a project file")),
+    };
+    let ca = connection.ca.clone().or(project_ca).ok_or_else(|| Failure::usage("give --ca, or --config"))?;
+    let operator_files = match &connection.operator {
+        Some(name) => {
+            let operator =
+                OperatorId::new(name).ok_or_else(|| Failure::usage(format!("{name:?} is not an operator name")))?;
+            Some(mas_net::pki::operator_paths(&ca, &operator))
+        }
+        None => None,
+    };
+    let cert = connection.cert.clone().or_else(|| operator_files.as_ref().map(|p| p.cert.clone()));
+    let key = connection.key.clone().or_else(|| operator_files.as_ref().map(|p| p.key.clone()));
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok((addr, TlsFiles { ca, cert, key })),
+        _ => Err(Failure::usage("give --cert and --key, or --operator NAME with --config")),
+    }
+}
+
+async fn connect(connection: &Connection) -> Result<AdminServiceClient<Channel>, Failure> {
+    let (addr, files) = resolve(connection)?;
+    let pem = files.load().map_err(|e| Failure::usage(e.to_string()))?;
+    mas_net::tls::install_crypto_provider();
+    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host).trim_matches(['[', ']']).to_string();
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| Failure::usage(format!("bad address {addr:?}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tls_config(pem.client_config(&host))
+        .map_err(|e| Failure::usage(format!("TLS settings rejected: {e}")))?;
+    let channel = endpoint.connect().await.map_err(|e| Failure::unreachable(format!("cannot reach {addr}: {e}")))?;
+    Ok(AdminServiceClient::new(channel))
+}
+
+fn letter_json(letter: &DeadLetter) -> serde_json::Value {
+    let mut value = serde_json::json!({
+        "agent_id": letter.agent_id,
+        "id": letter.id,
+        "reason": letter.reason,
+        "attempts": letter.attempts,
+        "age_ms": letter.age_ms,
+        "message_id": letter.message_id,
+        "sender_id": letter.sender_id,
+        "message_type": letter.message_type,
+    });
+    if !letter.envelope_json.is_empty()
+        && let Some(fields) = value.as_object_mut()
+    {
+        let envelope = serde_json::from_str(&letter.envelope_json).unwrap_or(serde_json::Value::Null);
+        fields.insert("envelope".into(), envelope);
+    }
+    value
+}
+
+fn letters_table(letters: &[DeadLetter]) -> String {
+    let mut rows = vec![["AGENT", "ID", "REASON", "ATTEMPTS", "AGE", "MESSAGE", "SENDER", "TYPE"].map(String::from)];
+    for l in letters {
+        rows.push([
+            l.agent_id.clone(),
+            l.id.clone(),
+            l.reason.clone(),
+            l.attempts.to_string(),
+            format!("{:.1}s", l.age_ms as f64 / 1000.0),
+            l.message_id.clone(),
+            l.sender_id.clone(),
+            l.message_type.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+            format!("{}\n", cells.join("  ").trim_end())
+        })
+        .collect()
+}

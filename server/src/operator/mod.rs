@@ -1,0 +1,161 @@
+//! The operator plane: `mas.admin.v1.AdminService` on the broker's port.
+//!
+//! Only a client whose certificate names an operator (`spiffe://mas/operator/{name}`) listed in
+//! `admin.operators` may call it; agents never can, and an operator is never an agent (the
+//! agent services refuse its certificate). Every allowed call is recorded in the security
+//! chain as `admin_call` with the operator, the method, what was asked and what it did; every
+//! refused one as `admin_denied` (repeats within 10 s counted, as for authentication denials).
+
+pub mod cli;
+mod dead_letters;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use mas_net::identity::{OperatorId, Principal};
+use mas_proto::admin::admin_service_server::AdminService;
+use mas_proto::admin::{
+    DeadLetter, DeadLetterSelector, GetDeadLetterRequest, ListDeadLettersRequest, ListDeadLettersResponse,
+    PurgeDeadLettersResponse, RedriveDeadLettersResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::broker::Broker;
+
+pub use mas_proto::admin::admin_service_server::AdminServiceServer;
+
+/// Status details of the admin API.
+pub mod detail {
+    /// The certificate names an agent, not an operator.
+    pub const NOT_AN_OPERATOR: &str = "not_an_operator";
+    /// The operator is not in `admin.operators`.
+    pub const OPERATOR_NOT_ALLOWED: &str = "operator_not_allowed";
+    /// A redrive or purge selected nothing explicitly (no condition and no `all`).
+    pub const EMPTY_SELECTOR: &str = "empty_selector";
+    /// The selector names an agent that is not allowlisted.
+    pub const UNKNOWN_AGENT: &str = "unknown_agent";
+    /// No dead letter with that id.
+    pub const DEAD_LETTER_NOT_FOUND: &str = "dead_letter_not_found";
+}
+
+/// The admin gRPC service over one broker.
+#[derive(Clone)]
+pub struct Admin {
+    broker: Arc<Broker>,
+    operators: Arc<BTreeSet<String>>,
+}
+
+impl Admin {
+    /// The service for `broker`, allowing its configured operators.
+    pub fn new(broker: Arc<Broker>) -> Admin {
+        let operators = broker.config().admin.operators.iter().cloned().collect();
+        Admin { broker, operators: Arc::new(operators) }
+    }
+
+    /// The calling operator, or the refusal (recorded in the security chain).
+    fn operator<T>(&self, req: &Request<T>, method: &str) -> Result<OperatorId, Status> {
+        let refuse = |key: String, details: serde_json::Value, status: Status| {
+            let now = self.broker.clock().now();
+            if self.broker.audit().denial(&key, "admin_denied", details, now) {
+                tracing::warn!(
+                    method,
+                    reason = status.message(),
+                    "admin call refused (repeats within 10 s are counted)"
+                );
+            }
+            Err(status)
+        };
+        match mas_net::identity::peer_principal(req) {
+            Ok(Principal::Operator(operator)) if self.operators.contains(operator.as_str()) => Ok(operator),
+            Ok(Principal::Operator(operator)) => refuse(
+                format!("admin/{}/{operator}", detail::OPERATOR_NOT_ALLOWED),
+                serde_json::json!({ "operator": operator.as_str(), "method": method, "reason": detail::OPERATOR_NOT_ALLOWED }),
+                Status::permission_denied(detail::OPERATOR_NOT_ALLOWED),
+            ),
+            Ok(Principal::Agent(agent)) => refuse(
+                format!("admin/{}/{agent}", detail::NOT_AN_OPERATOR),
+                serde_json::json!({ "agent": agent.as_str(), "method": method, "reason": detail::NOT_AN_OPERATOR }),
+                Status::permission_denied(detail::NOT_AN_OPERATOR),
+            ),
+            Err(err) => refuse(
+                format!("admin/{err}"),
+                serde_json::json!({ "method": method, "reason": err.to_string() }),
+                mas_net::status::identity_denied(err),
+            ),
+        }
+    }
+
+    /// Records an allowed call and what it did.
+    fn record(&self, operator: &OperatorId, method: &str, request: serde_json::Value, result: serde_json::Value) {
+        let details = serde_json::json!({
+            "operator": operator.as_str(),
+            "method": method,
+            "request": request,
+            "result": result,
+        });
+        self.broker.audit().security_event("admin_call", details, self.broker.clock().now().wall);
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn list_dead_letters(
+        &self,
+        req: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let operator = self.operator(&req, "ListDeadLetters")?;
+        let req = req.into_inner();
+        let listed = dead_letters::list(&self.broker, &req).await?;
+        self.record(
+            &operator,
+            "ListDeadLetters",
+            dead_letters::describe(req.selector.as_ref()),
+            serde_json::json!({ "letters": listed.letters.len(), "truncated": listed.truncated }),
+        );
+        Ok(Response::new(listed))
+    }
+
+    async fn get_dead_letter(&self, req: Request<GetDeadLetterRequest>) -> Result<Response<DeadLetter>, Status> {
+        let operator = self.operator(&req, "GetDeadLetter")?;
+        let req = req.into_inner();
+        let found = dead_letters::get(&self.broker, &req).await;
+        let result = match &found {
+            Ok(_) => serde_json::json!({ "found": true }),
+            Err(status) => serde_json::json!({ "error": status.message() }),
+        };
+        self.record(&operator, "GetDeadLetter", serde_json::json!({ "agent_id": req.agent_id, "id": req.id }), result);
+        found.map(Response::new)
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        req: Request<DeadLetterSelector>,
+    ) -> Result<Response<RedriveDeadLettersResponse>, Status> {
+        let operator = self.operator(&req, "RedriveDeadLetters")?;
+        let selector = req.into_inner();
+        let outcome = dead_letters::redrive(&self.broker, &selector).await;
+        let result = match &outcome {
+            Ok(r) => {
+                serde_json::json!({ "redriven": r.redriven, "not_found": r.not_found, "queue_full": r.queue_full })
+            }
+            Err(status) => serde_json::json!({ "error": status.message() }),
+        };
+        self.record(&operator, "RedriveDeadLetters", dead_letters::describe(Some(&selector)), result);
+        outcome.map(Response::new)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        req: Request<DeadLetterSelector>,
+    ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
+        let operator = self.operator(&req, "PurgeDeadLetters")?;
+        let selector = req.into_inner();
+        let outcome = dead_letters::purge(&self.broker, &selector).await;
+        let result = match &outcome {
+            Ok(r) => serde_json::json!({ "purged": r.purged }),
+            Err(status) => serde_json::json!({ "error": status.message() }),
+        };
+        self.record(&operator, "PurgeDeadLetters", dead_letters::describe(Some(&selector)), result);
+        outcome.map(Response::new)
+    }
+}

@@ -1,0 +1,165 @@
+"""The operator plane through `mas admin` against the real `mas serve` binary: dead letters
+listed, shown, redriven by filter (each delivered once more, with a fresh attempt count, and
+recorded in the security chain), purged; refusals of agents and of operators not listed, with
+exact exit codes, audited too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from harness import MAS_BIN, Broker, Pki, RedisServer, wait_for
+from runtime_client import Client, refusal
+import mas_pb2
+
+POISON = 100
+OTHER = 3
+
+
+@pytest.fixture
+def audited_broker(store: str, pki: Pki, tmp_path: Path):
+    """A broker of its own (the test opens bob's circuit), copying its chains to a file."""
+    redis = RedisServer.start(tmp_path) if store == "redis" else None
+    audit_file = tmp_path / "audit.jsonl"
+    broker = Broker.start(tmp_path, pki, redis_url=redis.url if redis else None,
+                          gateway={"rate_limit": {"per_minute": 1_000_000_000, "per_hour": 1_000_000_000},
+                                   "audit": {"file_path": str(audit_file)}})
+    try:
+        yield broker, audit_file
+    finally:
+        code = broker.stop()
+        if redis:
+            redis.stop()
+    assert code == 0, f"the broker exited {code}; log: {broker.log_path}"
+
+
+def admin(broker: Broker, identity, *args: str) -> subprocess.CompletedProcess:
+    """`mas admin --format json ...` as `identity`."""
+    return subprocess.run(
+        [MAS_BIN, "admin", "--addr", broker.target, "--ca", str(identity.ca), "--cert", str(identity.cert),
+         "--key", str(identity.key), "--format", "json", *args],
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def security_events(audit_file: Path, event_type: str) -> list[dict]:
+    """The security chain's records of `event_type`, from the broker's JSONL copy of its chains."""
+    if not audit_file.exists():
+        return []
+    lines = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    return [l["record"] for l in lines if l.get("chain") == "security" and l["record"].get("event_type") == event_type]
+
+
+def test_dead_letters_are_listed_redriven_by_filter_and_purged(audited_broker, pki: Pki) -> None:
+    broker, audit_file = audited_broker
+    ops = pki.operator("ops")
+
+    async def dead_letter_everything() -> list[str]:
+        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
+        a, b = await alice.connect(), await bob.connect()
+        poison = [await alice.send(a.instance_id, "bob", "job", {"n": n}) for n in range(POISON)]
+        for n in range(OTHER):
+            await alice.send(a.instance_id, "bob", "other", {"n": n})
+        for _ in range(POISON + OTHER):
+            delivery_id, envelope = await b.delivery()
+            reason = "poison" if envelope["message_type"] == "job" else "unparsable"
+            b.nack(delivery_id, reason, retryable=False)
+        await a.close(), await b.close()
+        await alice.close(), await bob.close()
+        return poison
+
+    poison_ids = asyncio.run(dead_letter_everything())
+    assert wait_for(lambda: len(ok(admin(broker, ops, "dlq", "list", "--agent", "bob", "--limit", "1000"))["letters"])
+                    == POISON + OTHER, 10), "every nacked message is a dead letter"
+    listed = ok(admin(broker, ops, "dlq", "list", "--agent", "bob", "--limit", "1000"))["letters"]
+    assert {l["message_id"] for l in listed if l["reason"] == "poison"} == set(poison_ids)
+    assert all(l["sender_id"] == "alice" and l["attempts"] == 1 and "envelope" not in l for l in listed)
+    assert len(ok(admin(broker, ops, "dlq", "list", "--reason", "unparsable"))["letters"]) == OTHER
+    first = listed[0]
+    shown = ok(admin(broker, ops, "dlq", "show", "--agent", "bob", first["id"]))
+    assert shown["envelope"]["message_id"] == first["message_id"] and "data" in shown["envelope"]
+
+    async def receive_redriven() -> list[dict]:
+        bob = Client(broker.target, pki.agent("bob"))
+        b = await bob.connect()
+        redriven = ok(admin(broker, ops, "dlq", "redrive", "--agent", "bob", "--reason", "poison"))
+        assert redriven == {"redriven": POISON, "not_found": 0, "queue_full": 0}
+        received = []
+        for _ in range(POISON):
+            delivery_id, envelope = await b.delivery()
+            received.append(envelope)
+            b.ack(delivery_id)
+        with pytest.raises(asyncio.TimeoutError):
+            await b.delivery(timeout=1.0)  # nothing else: the other letters stay dead
+        await b.close()
+        await bob.close()
+        return received
+
+    received = asyncio.run(receive_redriven())
+    assert sorted(e["message_id"] for e in received) == sorted(poison_ids), "each redriven letter delivered once"
+
+    again = ok(admin(broker, ops, "dlq", "redrive", "--agent", "bob", "--reason", "poison"))
+    assert again == {"redriven": 0, "not_found": 0, "queue_full": 0}, "a second redrive finds nothing"
+    by_gone_id = ok(admin(broker, ops, "dlq", "redrive", "--agent", "bob", "--id", first["id"]))
+    assert by_gone_id == {"redriven": 0, "not_found": 1, "queue_full": 0}, "idempotent by id"
+    missing = admin(broker, ops, "dlq", "show", "--agent", "bob", first["id"])
+    assert missing.returncode == 4 and "dead_letter_not_found" in missing.stderr
+
+    empty = admin(broker, ops, "dlq", "purge")
+    assert empty.returncode == 2 and "empty_selector" in empty.stderr, "no filter purges nothing"
+    assert ok(admin(broker, ops, "dlq", "purge", "--agent", "bob", "--all")) == {"purged": OTHER}
+    assert ok(admin(broker, ops, "dlq", "list"))["letters"] == []
+
+    def recorded() -> bool:
+        calls = security_events(audit_file, "admin_call")
+        return any(c["details"]["method"] == "RedriveDeadLetters" and c["details"]["result"]["redriven"] == POISON
+                   for c in calls)
+
+    assert wait_for(recorded, 10), f"the redrive is in the security chain: {security_events(audit_file, 'admin_call')}"
+    redrive = next(c for c in security_events(audit_file, "admin_call")
+                   if c["details"]["method"] == "RedriveDeadLetters")
+    assert redrive["details"]["operator"] == "ops"
+    assert redrive["details"]["request"]["reason"] == "poison"
+    assert redrive["previous_hash"], "linked into the chain"
+    verified = subprocess.run([MAS_BIN, "audit", "verify", "--file", str(audit_file)], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_only_listed_operators_may_call_the_admin_api_and_refusals_are_audited(audited_broker, pki: Pki) -> None:
+    broker, audit_file = audited_broker
+    agent = admin(broker, pki.agent("alice"), "dlq", "list")
+    assert agent.returncode == 3 and "not_an_operator" in agent.stderr, agent.stderr
+    rogue = admin(broker, pki.operator("rogue"), "dlq", "list")
+    assert rogue.returncode == 3 and "operator_not_allowed" in rogue.stderr, rogue.stderr
+
+    def denied() -> set[str]:
+        return {e["details"]["reason"] for e in security_events(audit_file, "admin_denied")}
+
+    assert wait_for(lambda: denied() == {"not_an_operator", "operator_not_allowed"}, 10), denied()
+    by_agent = next(e for e in security_events(audit_file, "admin_denied") if e["details"]["reason"] == "not_an_operator")
+    assert by_agent["details"]["agent"] == "alice" and by_agent["details"]["method"] == "ListDeadLetters"
+
+    async def operator_as_agent():
+        client = Client(broker.target, pki.operator("ops"))
+        code = await refusal(client.stub.Send(mas_pb2.SendRequest(target_id="bob", message_type="t",
+                                                                  data_json="{}", instance_id="x"), timeout=10))
+        await client.close()
+        return code
+
+    assert asyncio.run(operator_as_agent()) == (grpc.StatusCode.UNAUTHENTICATED, "invalid_spiffe_format"), \
+        "an operator is never an agent"
+    unreachable = subprocess.run([MAS_BIN, "admin", "--addr", "127.0.0.1:1", "--ca", str(pki.operator("ops").ca),
+                                  "--cert", str(pki.operator("ops").cert), "--key", str(pki.operator("ops").key),
+                                  "dlq", "list"], capture_output=True, text=True, timeout=30)
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr, unreachable.stderr
