@@ -22,6 +22,10 @@ use crate::config::{AgentDefinition, BrokerConfig};
 use crate::metrics::Metrics;
 use crate::store::{MemoryBackend, Store};
 
+mod grants;
+
+pub use grants::GrantChangeError;
+
 /// Key of a live session.
 pub type SessionKey = (AgentId, InstanceId);
 
@@ -29,8 +33,11 @@ pub type SessionKey = (AgentId, InstanceId);
 #[derive(Debug)]
 pub struct Broker {
     config: BrokerConfig,
-    /// Authorization; read on every message, changed through [`Broker::change_authz`].
+    /// Authorization; read on every message: the configuration plus the operators' overlay
+    /// from the store (see `grants`), or changed in-process by [`Broker::change_authz`].
     authz: RwLock<AuthzPolicy>,
+    /// The overlay revision `authz` includes.
+    authz_revision: AtomicU64,
     /// The compiled DLP scanner; `None` when the feature is off.
     dlp: Option<Arc<Dlp>>,
     /// Circuit breaker settings; `None` when breakers are off.
@@ -130,7 +137,7 @@ impl Broker {
                 .map_err(StartError::Store)?
                 .with_max_audit_records(config.gateway.audit.max_records_per_chain)
                 .with_max_pending_requests(config.limits.max_pending_requests_per_agent);
-            return Self::with_store(config, Store::from(backend));
+            return Self::with_store(config, Store::from(backend))?.with_overlay_applied().await;
         }
         let store = MemoryBackend::new(MemoryStoreConfig {
             max_queue_len: config.max_queue_len,
@@ -138,7 +145,19 @@ impl Broker {
             max_pending_requests: config.limits.max_pending_requests_per_agent,
             ..Default::default()
         });
-        Self::with_store(config, Store::from(store))
+        Self::with_store(config, Store::from(store))?.with_overlay_applied().await
+    }
+
+    /// Applies the operators' overlay before the broker serves, so a restarted broker never
+    /// admits under grants an operator already revoked. (An unreadable overlay is logged and
+    /// retried by the follower; the configured policy holds meanwhile.)
+    async fn with_overlay_applied(self: Arc<Self>) -> Result<Arc<Self>, StartError> {
+        match self.refresh_authz().await {
+            Err(GrantChangeError::Store(err)) => return Err(StartError::Store(err)),
+            Err(err) => tracing::error!(error = %err, "authorization overlay not applied at start"),
+            Ok(_) => {}
+        }
+        Ok(self)
     }
 
     /// A broker over an existing store (shared by several brokers in one process, or tests).
@@ -154,8 +173,10 @@ impl Broker {
             false => None,
         };
         let metrics = Metrics::new(config.agents.keys(), store.metrics());
-        Ok(Arc::new(Broker {
+        let refresh = config.admin.authz_refresh();
+        let broker = Arc::new(Broker {
             authz: RwLock::new(config.authz_policy()),
+            authz_revision: AtomicU64::new(0),
             dlp,
             circuit: config.gateway.circuit(),
             audit: AuditTrail::start(store.clone(), &config.gateway.audit, config.audit_archive_dir().as_deref()),
@@ -172,7 +193,9 @@ impl Broker {
             stats: Counters::default(),
             drain_overran: std::sync::atomic::AtomicBool::new(false),
             metrics,
-        }))
+        });
+        tokio::spawn(grants::follow_overlay(Arc::downgrade(&broker), refresh));
+        Ok(broker)
     }
 
     /// The configuration.
@@ -195,9 +218,10 @@ impl Broker {
         self.authz.read().unwrap_or_else(PoisonError::into_inner).authorize(sender, target, target_live)
     }
 
-    /// Management API: changes grants, blocks or roles at run time; the change applies to the
-    /// next message and is recorded in the security chain with `description`. (Per broker:
-    /// brokers sharing a store must each be told.)
+    /// Changes grants, blocks or roles of this broker alone, in process, for tests and
+    /// embedders; recorded in the security chain with `description`. Not persisted: the
+    /// operators' changes go through [`Broker::change_grants`], which every broker on the
+    /// store applies.
     pub fn change_authz<T>(&self, description: &str, change: impl FnOnce(&mut AuthzPolicy) -> T) -> T {
         let result = {
             let mut policy = self.authz.write().unwrap_or_else(PoisonError::into_inner);

@@ -190,6 +190,16 @@ pub struct AdminSettings {
     /// client certificate carries `spiffe://mas/operator/{name}` (`mas dev-certs --operators`).
     /// Empty (the default): nobody may.
     pub operators: Vec<String>,
+    /// How often the broker reads the operators' grant changes from the store (default
+    /// 1 000 ms): the bound within which a change made through any broker applies here.
+    pub authz_refresh_ms: u64,
+}
+
+impl AdminSettings {
+    /// [`AdminSettings::authz_refresh_ms`] as a duration.
+    pub fn authz_refresh(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.authz_refresh_ms)
+    }
 }
 
 impl Default for AdminSettings {
@@ -198,6 +208,7 @@ impl Default for AdminSettings {
             listen_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             readiness_timeout_ms: 1_000,
             operators: Vec::new(),
+            authz_refresh_ms: 1_000,
         }
     }
 }
@@ -683,6 +694,7 @@ impl BrokerConfig {
             ("delivery.retry_backoff_max_ms", d.retry_backoff_max_ms, 0, DAY_MS),
             ("delivery.drain_timeout_ms", d.drain_timeout_ms, 0, HOUR_MS),
             ("admin.readiness_timeout_ms", self.admin.readiness_timeout_ms, 1, HOUR_MS),
+            ("admin.authz_refresh_ms", self.admin.authz_refresh_ms, 10, 60_000),
             ("max_queue_len", n(self.max_queue_len), 1, 1_000_000_000),
             ("session_lease.ttl_ms", lease.ttl_ms, 3, HOUR_MS),
             ("gateway.audit.max_records_per_chain", n(a.max_records_per_chain), 2, 1_000_000_000),

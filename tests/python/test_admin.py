@@ -163,3 +163,88 @@ def test_only_listed_operators_may_call_the_admin_api_and_refusals_are_audited(a
                                   "--cert", str(pki.operator("ops").cert), "--key", str(pki.operator("ops").key),
                                   "dlq", "list"], capture_output=True, text=True, timeout=30)
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr, unreachable.stderr
+
+
+async def send_outcome(client: Client, instance_id: str) -> str:
+    """`ok`, or the refusal's detail."""
+    try:
+        await client.send(instance_id, "bob", "ping", {})
+        return "ok"
+    except grpc.aio.AioRpcError as err:
+        return err.details()
+
+
+def test_grant_changes_apply_at_once_and_are_checked(audited_broker, pki: Pki) -> None:
+    broker, audit_file = audited_broker
+    ops = pki.operator("ops")
+
+    async def main():
+        alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
+        a, b = await alice.connect(), await bob.connect()
+        assert await send_outcome(alice, a.instance_id) == "ok"
+        changed = ok(admin(broker, ops, "grants", "change", "--agent", "alice", "--revoke", "bob"))
+        assert "bob" not in changed["grants"]["allowed"] and changed["revision"] >= 1
+        assert await send_outcome(alice, a.instance_id) == "not_authorized", "applied on this broker at once"
+        ok(admin(broker, ops, "grants", "change", "--agent", "alice", "--allow", "bob", "--block", "bob"))
+        assert await send_outcome(alice, a.instance_id) == "not_authorized", "a block beats the grant beside it"
+        ok(admin(broker, ops, "grants", "change", "--agent", "alice", "--unblock", "bob"))
+        assert await send_outcome(alice, a.instance_id) == "ok"
+        await a.close(), await b.close()
+        await alice.close(), await bob.close()
+
+    asyncio.run(main())
+    shown = ok(admin(broker, ops, "grants", "show", "--agent", "alice"))
+    assert shown["grants"][0]["allowed"] == ["bob", "carol", "erin"] and shown["grants"][0]["blocked"] == []
+    unknown = admin(broker, ops, "grants", "change", "--agent", "alice", "--allow", "nobody")
+    assert unknown.returncode == 2 and "unknown_agent" in unknown.stderr
+    empty = admin(broker, ops, "grants", "change", "--agent", "alice")
+    assert empty.returncode == 2 and "empty_change" in empty.stderr
+    assert wait_for(lambda: any(e["details"]["method"] == "ChangeGrants" and e["details"]["request"]["revoke"] == ["bob"]
+                                for e in security_events(audit_file, "admin_call")), 10)
+
+
+def test_a_grant_revoked_through_one_broker_refuses_sends_through_another(pki: Pki, tmp_path: Path) -> None:
+    """Two brokers on one Redis: the change is made through A, the sends go through B, and B
+    refuses within its `admin.authz_refresh_ms` (1 s by default); a restarted B keeps it."""
+    redis = RedisServer.start(tmp_path)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a_broker = Broker.start(tmp_path / "a", pki, redis_url=redis.url)
+    b_broker = Broker.start(tmp_path / "b", pki, redis_url=redis.url)
+    ops = pki.operator("ops")
+    try:
+        async def revoke_through_a_and_send_through_b() -> float:
+            alice, bob = Client(b_broker.target, pki.agent("alice")), Client(b_broker.target, pki.agent("bob"))
+            a, b = await alice.connect(), await bob.connect()
+            assert await send_outcome(alice, a.instance_id) == "ok"
+            ok(admin(a_broker, ops, "grants", "change", "--agent", "alice", "--revoke", "bob"))
+            revoked_at = time.monotonic()
+            while (outcome := await send_outcome(alice, a.instance_id)) == "ok":
+                assert time.monotonic() - revoked_at < 10, "broker B never applied the revocation"
+                await asyncio.sleep(0.02)
+            elapsed = time.monotonic() - revoked_at
+            assert outcome == "not_authorized", outcome
+            await a.close(), await b.close()
+            await alice.close(), await bob.close()
+            return elapsed
+
+        elapsed = asyncio.run(revoke_through_a_and_send_through_b())
+        print(f"broker B refused {elapsed * 1000:.0f} ms after the revocation through broker A (bound 1000 ms)")
+        assert elapsed < 2.5, f"{elapsed:.2f} s: beyond the 1 s refresh bound plus scheduling slack"
+        assert ok(admin(b_broker, ops, "grants", "show", "--agent", "alice"))["revision"] >= 1
+
+        assert b_broker.stop() == 0
+        b_broker = b_broker.restart()
+
+        async def send_after_restart() -> str:
+            alice, bob = Client(b_broker.target, pki.agent("alice")), Client(b_broker.target, pki.agent("bob"))
+            a, b = await alice.connect(), await bob.connect()
+            outcome = await send_outcome(alice, a.instance_id)
+            await a.close(), await b.close()
+            await alice.close(), await bob.close()
+            return outcome
+
+        assert asyncio.run(send_after_restart()) == "not_authorized", "the change is persisted in the store"
+    finally:
+        for broker in (a_broker, b_broker):
+            broker.stop()
+        redis.stop()

@@ -278,6 +278,24 @@ async fn dead_letters_are_redriven_once_with_a_fresh_attempt_and_purged() {
     .await;
 }
 
+/// The authorization overlay is read only when its revision moved, and replaced only by a
+/// writer that saw the current revision.
+#[tokio::test]
+async fn the_authz_overlay_is_compare_and_set_and_read_when_it_moved() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        log.push(format!("never written {:?}", store.authz_overlay(0).await.unwrap()));
+        log.push(format!("first {:?}", store.put_authz_overlay(0, Arc::from("{\"a\":1}")).await.unwrap()));
+        log.push(format!("stale writer {:?}", store.put_authz_overlay(0, Arc::from("{}")).await.unwrap()));
+        log.push(format!("read from 0 {:?}", store.authz_overlay(0).await.unwrap()));
+        log.push(format!("unchanged {:?}", store.authz_overlay(1).await.unwrap()));
+        log.push(format!("second {:?}", store.put_authz_overlay(1, Arc::from("{\"a\":2}")).await.unwrap()));
+        log.push(format!("read from 1 {:?}", store.authz_overlay(1).await.unwrap()));
+        log
+    })
+    .await;
+}
+
 /// What a session holds is listed for it alone (a claim whose answer it lost is found here),
 /// and an acked entry is no longer held.
 #[tokio::test]

@@ -75,7 +75,8 @@ impl Pattern {
 }
 
 /// One sender's grants.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Grants {
     /// Agent ids this sender may message, or `*` for all.
     pub allowed: BTreeSet<String>,
@@ -165,6 +166,11 @@ impl AuthzPolicy {
     /// Removes `target` from `sender`'s allowed set.
     pub fn revoke(&mut self, sender: &AgentId, target: &AgentId) {
         self.entry(sender).allowed.remove(target.as_str());
+    }
+
+    /// Replaces all of `agent`'s grants (allowed, blocked, roles).
+    pub fn set_grants(&mut self, agent: &AgentId, grants: Grants) {
+        self.grants.insert(agent.clone(), grants);
     }
 
     /// Replaces `sender`'s allowed set.

@@ -8,5 +8,6 @@ pub mod audit;
 pub mod authz;
 pub mod circuit;
 pub mod dlp;
+pub mod overlay;
 pub mod ratelimit;
 pub mod repeats;

@@ -99,6 +99,8 @@ pub struct MemoryStore {
     dead_letters: VecDeque<(Instant, DeadLetter)>,
     dead_letters_dropped: u64,
     next_dead_letter: u64,
+    /// The operators' authorization overlay (JSON) and its revision (0: never written).
+    authz_overlay: (u64, Arc<str>),
     /// Correlation ids by the instant their pending request or receipt may be forgotten,
     /// soonest first, so pruning touches only what is due: a full sweep on every lookup made
     /// each reply cost O(requests of the last timeout) under the store lock (55 µs at 600
@@ -349,6 +351,25 @@ impl MemoryStore {
                 None => false,
             })
             .count()
+    }
+
+    // ---- operators' authorization overlay --------------------------------------------------
+
+    /// The overlay document and its revision, unless its revision is still `known`.
+    pub fn authz_overlay(&self, known: u64) -> Option<(u64, Arc<str>)> {
+        let (revision, doc) = &self.authz_overlay;
+        (*revision != known).then(|| (*revision, doc.clone()))
+    }
+
+    /// Replaces the overlay if its revision is still `expected`: the new revision, or the
+    /// current one on a conflict.
+    pub fn put_authz_overlay(&mut self, expected: u64, doc: Arc<str>) -> Result<u64, u64> {
+        let current = self.authz_overlay.0;
+        if current != expected {
+            return Err(current);
+        }
+        self.authz_overlay = (current + 1, doc);
+        Ok(current + 1)
     }
 
     fn dead_letter_position(&self, agent: &AgentId, id: &str) -> Option<usize> {

@@ -10,7 +10,10 @@ use std::process::ExitCode;
 use mas_net::identity::OperatorId;
 use mas_net::tls::TlsFiles;
 use mas_proto::admin::admin_service_client::AdminServiceClient;
-use mas_proto::admin::{DeadLetter, DeadLetterSelector, GetDeadLetterRequest, ListDeadLettersRequest};
+use mas_proto::admin::{
+    AgentGrants, ChangeGrantsRequest, DeadLetter, DeadLetterSelector, GetDeadLetterRequest, GetGrantsRequest,
+    ListDeadLettersRequest,
+};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -51,6 +54,49 @@ pub enum AdminCommand {
         /// The dead-letter action.
         #[command(subcommand)]
         action: DlqCommand,
+    },
+    /// Grants, blocks and roles: show, change (for every broker on the store).
+    Grants {
+        /// The grants action.
+        #[command(subcommand)]
+        action: GrantsCommand,
+    },
+}
+
+/// `mas admin grants ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum GrantsCommand {
+    /// The grants in force on this broker.
+    Show {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Change one agent's grants; persisted in the store and applied by every broker on it
+    /// within its `admin.authz_refresh_ms`. Applied in order: allow, revoke, block, unblock,
+    /// assign, unassign.
+    Change {
+        /// The agent whose grants change.
+        #[arg(long)]
+        agent: String,
+        /// Let it message this agent (or `*`); repeat the flag for several.
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Take away an allowed target.
+        #[arg(long)]
+        revoke: Vec<String>,
+        /// Block a target whatever grants it.
+        #[arg(long)]
+        block: Vec<String>,
+        /// Lift a block.
+        #[arg(long)]
+        unblock: Vec<String>,
+        /// Give a role.
+        #[arg(long)]
+        assign_role: Vec<String>,
+        /// Take a role away.
+        #[arg(long)]
+        unassign_role: Vec<String>,
     },
 }
 
@@ -173,7 +219,42 @@ struct Output {
 
 async fn execute(connection: Connection, command: AdminCommand) -> Result<Output, Failure> {
     let mut client = connect(&connection).await?;
-    let AdminCommand::Dlq { action } = command;
+    match command {
+        AdminCommand::Dlq { action } => dead_letters(&mut client, action).await,
+        AdminCommand::Grants { action } => grants(&mut client, action).await,
+    }
+}
+
+async fn grants(client: &mut AdminServiceClient<Channel>, action: GrantsCommand) -> Result<Output, Failure> {
+    match action {
+        GrantsCommand::Show { agent } => {
+            let request = GetGrantsRequest { agent_id: agent.unwrap_or_default() };
+            let shown = client.get_grants(request).await.map_err(Failure::of)?.into_inner();
+            let grants: Vec<_> = shown.grants.iter().map(grants_json).collect();
+            let table = format!("revision {}\n{}", shown.revision, grants_table(&shown.grants));
+            Ok(Output { json: serde_json::json!({ "revision": shown.revision, "grants": grants }), table })
+        }
+        GrantsCommand::Change { agent, allow, revoke, block, unblock, assign_role, unassign_role } => {
+            let request = ChangeGrantsRequest {
+                agent_id: agent,
+                allow,
+                revoke,
+                block,
+                unblock,
+                assign_roles: assign_role,
+                unassign_roles: unassign_role,
+            };
+            let changed = client.change_grants(request).await.map_err(Failure::of)?.into_inner();
+            let grants = changed.grants.unwrap_or_default();
+            Ok(Output {
+                json: serde_json::json!({ "revision": changed.revision, "grants": grants_json(&grants) }),
+                table: format!("revision {}\n{}", changed.revision, grants_table(std::slice::from_ref(&grants))),
+            })
+        }
+    }
+}
+
+async fn dead_letters(client: &mut AdminServiceClient<Channel>, action: DlqCommand) -> Result<Output, Failure> {
     match action {
         DlqCommand::List { filter, limit, envelopes } => {
             let request =
@@ -279,10 +360,25 @@ fn letter_json(letter: &DeadLetter) -> serde_json::Value {
     value
 }
 
+fn grants_json(grants: &AgentGrants) -> serde_json::Value {
+    serde_json::json!({
+        "agent_id": grants.agent_id,
+        "allowed": grants.allowed,
+        "blocked": grants.blocked,
+        "roles": grants.roles,
+    })
+}
+
+fn grants_table(grants: &[AgentGrants]) -> String {
+    let header = ["AGENT", "ALLOWED", "BLOCKED", "ROLES"].map(String::from);
+    let rows = grants.iter().map(|g| [g.agent_id.clone(), g.allowed.join(","), g.blocked.join(","), g.roles.join(",")]);
+    table(std::iter::once(header).chain(rows).collect())
+}
+
 fn letters_table(letters: &[DeadLetter]) -> String {
-    let mut rows = vec![["AGENT", "ID", "REASON", "ATTEMPTS", "AGE", "MESSAGE", "SENDER", "TYPE"].map(String::from)];
-    for l in letters {
-        rows.push([
+    let header = ["AGENT", "ID", "REASON", "ATTEMPTS", "AGE", "MESSAGE", "SENDER", "TYPE"].map(String::from);
+    let rows = letters.iter().map(|l| {
+        [
             l.agent_id.clone(),
             l.id.clone(),
             l.reason.clone(),
@@ -291,9 +387,14 @@ fn letters_table(letters: &[DeadLetter]) -> String {
             l.message_id.clone(),
             l.sender_id.clone(),
             l.message_type.clone(),
-        ]);
-    }
-    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+        ]
+    });
+    table(std::iter::once(header).chain(rows).collect())
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table<const N: usize>(rows: Vec<[String; N]>) -> String {
+    let widths: Vec<usize> = (0..N).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     rows.iter()
         .map(|row| {
             let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();

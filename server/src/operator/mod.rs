@@ -8,6 +8,7 @@
 
 pub mod cli;
 mod dead_letters;
+mod grants;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,8 +16,9 @@ use std::sync::Arc;
 use mas_net::identity::{OperatorId, Principal};
 use mas_proto::admin::admin_service_server::AdminService;
 use mas_proto::admin::{
-    DeadLetter, DeadLetterSelector, GetDeadLetterRequest, ListDeadLettersRequest, ListDeadLettersResponse,
-    PurgeDeadLettersResponse, RedriveDeadLettersResponse,
+    ChangeGrantsRequest, ChangeGrantsResponse, DeadLetter, DeadLetterSelector, GetDeadLetterRequest, GetGrantsRequest,
+    GetGrantsResponse, ListDeadLettersRequest, ListDeadLettersResponse, PurgeDeadLettersResponse,
+    RedriveDeadLettersResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -36,6 +38,12 @@ pub mod detail {
     pub const UNKNOWN_AGENT: &str = "unknown_agent";
     /// No dead letter with that id.
     pub const DEAD_LETTER_NOT_FOUND: &str = "dead_letter_not_found";
+    /// A grant change that changes nothing.
+    pub const EMPTY_CHANGE: &str = "empty_change";
+    /// Other grant changes kept landing first; nothing was changed.
+    pub const OVERLAY_CONTENDED: &str = "authz_overlay_contended";
+    /// The stored overlay does not parse; nothing was changed.
+    pub const OVERLAY_UNREADABLE: &str = "authz_overlay_unreadable";
 }
 
 /// The admin gRPC service over one broker.
@@ -157,5 +165,32 @@ impl AdminService for Admin {
         };
         self.record(&operator, "PurgeDeadLetters", dead_letters::describe(Some(&selector)), result);
         outcome.map(Response::new)
+    }
+
+    async fn get_grants(&self, req: Request<GetGrantsRequest>) -> Result<Response<GetGrantsResponse>, Status> {
+        let operator = self.operator(&req, "GetGrants")?;
+        let req = req.into_inner();
+        let found = grants::get(&self.broker, &req);
+        let result = match &found {
+            Ok(r) => serde_json::json!({ "agents": r.grants.len(), "revision": r.revision }),
+            Err(status) => serde_json::json!({ "error": status.message() }),
+        };
+        self.record(&operator, "GetGrants", serde_json::json!({ "agent_id": req.agent_id }), result);
+        found.map(Response::new)
+    }
+
+    async fn change_grants(&self, req: Request<ChangeGrantsRequest>) -> Result<Response<ChangeGrantsResponse>, Status> {
+        let operator = self.operator(&req, "ChangeGrants")?;
+        let req = req.into_inner();
+        let changed = grants::change(&self.broker, &req).await;
+        let result = match &changed {
+            Ok(r) => serde_json::json!({ "revision": r.revision }),
+            Err(status) => serde_json::json!({ "error": status.message() }),
+        };
+        self.record(&operator, "ChangeGrants", grants::describe(&req), result);
+        if changed.is_ok() {
+            tracing::info!(%operator, agent = req.agent_id, "grants changed through the admin API");
+        }
+        changed.map(Response::new)
     }
 }

@@ -351,4 +351,12 @@ impl MemoryBackend {
     pub(super) async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
         Ok(self.lock().store.purge_dead_letters(agent, ids))
     }
+
+    pub(super) async fn authz_overlay(&self, known: u64) -> Result<Option<(u64, Arc<str>)>, StoreError> {
+        Ok(self.lock().store.authz_overlay(known))
+    }
+
+    pub(super) async fn put_authz_overlay(&self, expected: u64, doc: Arc<str>) -> Result<Result<u64, u64>, StoreError> {
+        Ok(self.lock().store.put_authz_overlay(expected, doc))
+    }
 }

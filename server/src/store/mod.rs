@@ -343,6 +343,18 @@ impl Store {
         step!(self, "redrive_dead_letters", b => b.redrive_dead_letters(agent, ids).await)
     }
 
+    /// The operators' authorization overlay (JSON) and its revision, unless the revision is
+    /// still `known` (one cheap read when nothing changed, as every broker polls it).
+    pub async fn authz_overlay(&self, known: u64) -> Result<Option<(u64, Arc<str>)>, StoreError> {
+        step!(self, "authz_overlay", b => b.authz_overlay(known).await)
+    }
+
+    /// Replaces the overlay if its revision is still `expected`: `Ok(new revision)`, or
+    /// `Err(current revision)` when another change came first.
+    pub async fn put_authz_overlay(&self, expected: u64, doc: Arc<str>) -> Result<Result<u64, u64>, StoreError> {
+        step!(self, "put_authz_overlay", b => b.put_authz_overlay(expected, doc).await)
+    }
+
     /// Deletes `agent`'s dead letters `ids`; returns how many existed.
     pub async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
         step!(self, "purge_dead_letters", b => b.purge_dead_letters(agent, ids).await)

@@ -22,6 +22,7 @@
 //! | `mas:{A}:audit:checkpoint` | hash `archived`, `base` | records archived out of the chain, hash of the last one |
 //! | `mas:{#audit}:epoch` | string | this database's epoch: names its archive directory |
 //! | `mas:{#security}:audit`, `…:audit:head` | stream, string | the security-event chain (`#` is never in an agent id) |
+//! | `mas:{#admin}:authz` | hash `rev`, `doc` | the operators' authorization overlay (JSON) and its revision |
 //! | channel `mas:notify:{A}` | pub/sub | "A has new ready work": wakes waiting sessions |
 //!
 //! Settled entries are XACKed and XDELed at once, so streams hold only live work.
@@ -49,6 +50,7 @@ use tokio::sync::Notify;
 use super::{claim_waiting, requeue_delay};
 
 mod audit;
+mod authz;
 mod dead_letters;
 mod replies;
 
@@ -139,6 +141,8 @@ struct Scripts {
     audit_trim: Script,
     dlq_list: Script,
     dlq_redrive: Script,
+    authz_get: Script,
+    authz_put: Script,
 }
 
 impl Scripts {
@@ -191,6 +195,8 @@ impl Scripts {
             audit_trim: get("audit_trim"),
             dlq_list: get("dlq_list"),
             dlq_redrive: get("dlq_redrive"),
+            authz_get: get("authz_get"),
+            authz_put: get("authz_put"),
         }
     }
 }

@@ -658,3 +658,18 @@ for i = 3, #ARGV do
 end
 if moved then redis.call('PUBLISH', ARGV[2], '1') end
 return out
+
+--@authz_get
+-- KEYS: the overlay hash (`rev`, `doc`). ARGV: the revision the caller has. Returns {rev} when
+-- it is unchanged, else {rev, doc}; a never-written overlay is revision 0.
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if rev == tonumber(ARGV[1]) then return {rev} end
+return {rev, redis.call('HGET', KEYS[1], 'doc') or ''}
+
+--@authz_put
+-- KEYS: the overlay hash. ARGV: expected revision, document. Returns {1, new rev} or
+-- {0, current rev} when another change came first.
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if rev ~= tonumber(ARGV[1]) then return {0, rev} end
+redis.call('HSET', KEYS[1], 'rev', rev + 1, 'doc', ARGV[2])
+return {1, rev + 1}
