@@ -1,5 +1,6 @@
 //! The admin HTTP listener (`admin.listen_addr`, loopback by default): Prometheus metrics on
-//! `/metrics`, liveness on `/healthz`, readiness on `/readyz`; and the standard gRPC health
+//! `/metrics`, liveness on `/healthz`, readiness on `/readyz`, the status page on `/status`
+//! (see [`crate::status`]); and the standard gRPC health
 //! service (`grpc.health.v1.Health`) on the broker port, kept in step with readiness.
 //!
 //! Readiness means: the broker is not draining, and its store answered a `PING` within
@@ -84,6 +85,12 @@ pub async fn serve(broker: Arc<Broker>, admin: AdminListener, stopped: impl Futu
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/status", get(crate::status::page))
+        .route("/status/app.js", get(crate::status::script))
+        .route("/status/style.css", get(crate::status::style))
+        .route("/status.json", get(crate::status::snapshot))
+        // Browsers ask for one; an empty answer keeps their consoles free of 404s.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .with_state(broker);
     let listener = admin.listener.tap_io(|tcp| {
         if let Err(err) = tcp.set_nodelay(true) {

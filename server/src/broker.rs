@@ -307,6 +307,11 @@ impl Broker {
         format!("{hex}.{requester}")
     }
 
+    /// The (agent, instance) of every session on this broker.
+    pub fn local_sessions(&self) -> Vec<SessionKey> {
+        self.sessions().keys().cloned().collect()
+    }
+
     fn sessions(&self) -> MutexGuard<'_, BTreeMap<SessionKey, OwnerToken>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }

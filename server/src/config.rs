@@ -193,6 +193,9 @@ pub struct AdminSettings {
     /// How often the broker reads the operators' grant changes from the store (default
     /// 1 000 ms): the bound within which a change made through any broker applies here.
     pub authz_refresh_ms: u64,
+    /// The bearer token `/status.json` requires when the listener is not on loopback (without
+    /// one, a non-loopback listener serves no status snapshot).
+    pub status_token: Option<String>,
 }
 
 impl AdminSettings {
@@ -209,6 +212,7 @@ impl Default for AdminSettings {
             readiness_timeout_ms: 1_000,
             operators: Vec::new(),
             authz_refresh_ms: 1_000,
+            status_token: None,
         }
     }
 }

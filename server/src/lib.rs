@@ -35,6 +35,8 @@ pub mod runner;
 pub mod serve;
 pub mod service;
 pub mod session;
+#[cfg(not(madsim))]
+pub mod status;
 pub mod store;
 
 pub use broker::Broker;

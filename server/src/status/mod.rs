@@ -1,0 +1,223 @@
+//! The status page on the admin HTTP listener: `/status` (a static page and its script and
+//! stylesheet) and `/status.json` (the snapshot it polls once a second).
+//!
+//! The snapshot shows agents and their sessions on this broker, queue depths and the oldest
+//! queued message, circuits, audit chain lengths, dead-letter counts and the newest dead
+//! letters. It never carries a payload or a secret: dead letters are named by id, reason,
+//! type, sender and message id only.
+//!
+//! Access: on a loopback listener (the default) the page is open to the host. On any other
+//! address `/status.json` requires `Authorization: Bearer {admin.status_token}`; without a
+//! configured token it is refused. Every response carries a strict CSP (scripts and styles
+//! from this origin only, no inline code, no framing).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mas_core::policy::circuit::CircuitPhase;
+use serde::Serialize;
+
+use crate::broker::Broker;
+use crate::store::Backend;
+
+const PAGE: &str = include_str!("page.html");
+const SCRIPT: &str = include_str!("app.js");
+const STYLE: &str = include_str!("style.css");
+
+/// Scripts, styles and fetches from this origin only; nothing inline, no framing, no forms.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; \
+                   base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Newest dead letters shown, across agents.
+const NEWEST_DEAD_LETTERS: usize = 20;
+/// Dead letters read per agent for the counts (each queue is bounded by the store).
+const DEAD_LETTERS_READ: usize = 100_000;
+
+/// `/status`.
+pub async fn page() -> Response {
+    asset("text/html; charset=utf-8", PAGE)
+}
+
+/// `/status/app.js`.
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+/// `/status/style.css`.
+pub async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    with_security_headers(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+fn with_security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Whether a request may read the snapshot, given the admin listener's settings (see the
+/// module docs).
+fn allowed(admin: &crate::config::AdminSettings, headers: &HeaderMap) -> Result<(), &'static str> {
+    if admin.listen_addr.is_some_and(|addr| addr.ip().is_loopback()) {
+        return Ok(());
+    }
+    let Some(token) = admin.status_token.as_deref() else {
+        return Err("the status page is served on loopback only unless admin.status_token is set");
+    };
+    let presented =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(presented) if constant_time_eq(presented.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err("a bearer token is required"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `/status.json`.
+pub async fn snapshot(State(broker): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    if let Err(why) = allowed(&broker.config().admin, &headers) {
+        return with_security_headers((StatusCode::FORBIDDEN, why).into_response());
+    }
+    let bound = Duration::from_millis(broker.config().admin.readiness_timeout_ms);
+    let response = match tokio::time::timeout(bound, read(&broker)).await {
+        Ok(Ok(snapshot)) => match serde_json::to_string(&snapshot) {
+            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+        },
+        Ok(Err(err)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {err}")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the store did not answer in time").into_response(),
+    };
+    with_security_headers(response)
+}
+
+#[derive(Debug, Serialize)]
+struct Snapshot {
+    broker_id: String,
+    ready: bool,
+    not_ready: Option<&'static str>,
+    store: &'static str,
+    authz_revision: u64,
+    generated_at: f64,
+    agents: Vec<AgentStatus>,
+    newest_dead_letters: Vec<LetterStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct AgentStatus {
+    agent_id: String,
+    /// Instance ids with a session on this broker.
+    sessions: Vec<String>,
+    queue_depth: usize,
+    oldest_age_s: Option<f64>,
+    circuit: &'static str,
+    audit_records: usize,
+    dead_letters: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct LetterStatus {
+    agent_id: String,
+    id: String,
+    reason: String,
+    attempts: u32,
+    age_ms: u128,
+    message_type: String,
+    sender_id: String,
+    message_id: String,
+}
+
+async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::StoreError> {
+    let now = broker.clock().now().wall.0 as f64 / 1000.0;
+    let sessions = broker.local_sessions();
+    let mut agents = Vec::new();
+    let mut letters = Vec::new();
+    for agent in broker.config().agents.keys() {
+        let gauges = broker.store().queue_gauges(agent).await?;
+        let dead = broker.store().dead_letters(agent, DEAD_LETTERS_READ).await?;
+        agents.push(AgentStatus {
+            agent_id: agent.to_string(),
+            sessions: sessions.iter().filter(|(a, _)| a == agent).map(|(_, i)| i.to_string()).collect(),
+            queue_depth: gauges.depth,
+            oldest_age_s: gauges.oldest_timestamp.map(|at| (now - at).max(0.0)),
+            circuit: match gauges.circuit {
+                CircuitPhase::Closed => "closed",
+                CircuitPhase::HalfOpen => "half_open",
+                CircuitPhase::Open => "open",
+            },
+            audit_records: gauges.audit_len,
+            dead_letters: dead.len(),
+        });
+        letters.extend(dead.into_iter().rev().take(NEWEST_DEAD_LETTERS).map(|letter| {
+            let envelope: serde_json::Value = serde_json::from_str(&letter.envelope).unwrap_or_default();
+            let field = |name: &str| envelope.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            LetterStatus {
+                agent_id: letter.agent.to_string(),
+                message_type: field("message_type"),
+                sender_id: field("sender_id"),
+                message_id: field("message_id"),
+                id: letter.id,
+                reason: letter.reason,
+                attempts: letter.attempts,
+                age_ms: letter.age.as_millis(),
+            }
+        }));
+    }
+    letters.sort_by_key(|letter| letter.age_ms);
+    letters.truncate(NEWEST_DEAD_LETTERS);
+    let readiness = crate::admin::readiness(broker).await;
+    Ok(Snapshot {
+        broker_id: broker.config().broker_id().to_string(),
+        ready: readiness.is_ok(),
+        not_ready: readiness.err().map(|why| why.as_str()),
+        store: match broker.store().backend() {
+            Backend::Memory(_) => "embedded",
+            Backend::Redis(_) => "redis",
+        },
+        authz_revision: broker.authz_revision(),
+        generated_at: now,
+        agents,
+        newest_dead_letters: letters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_loopback_the_snapshot_needs_the_configured_bearer_token() {
+        let mut admin = crate::config::AdminSettings::default();
+        let bearer = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            headers
+        };
+        assert_eq!(allowed(&admin, &HeaderMap::new()), Ok(()), "the default loopback listener is open to the host");
+        admin.listen_addr = Some("0.0.0.0:9464".parse().unwrap());
+        assert!(allowed(&admin, &bearer("Bearer anything")).is_err(), "no token configured: refused");
+        admin.status_token = Some("s3cret".into());
+        assert_eq!(allowed(&admin, &bearer("Bearer s3cret")), Ok(()));
+        assert!(allowed(&admin, &bearer("Bearer s3cre")).is_err());
+        assert!(allowed(&admin, &bearer("s3cret")).is_err(), "only as a bearer token");
+        assert!(allowed(&admin, &HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}
