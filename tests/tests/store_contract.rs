@@ -296,6 +296,41 @@ async fn the_authz_overlay_is_compare_and_set_and_read_when_it_moved() {
     .await;
 }
 
+/// An operator's resets and kicks: a reset circuit admits again, a reset sender starts a
+/// fresh window, and a revoked lease fails its holder's renewal and frees the instance.
+#[tokio::test]
+async fn operators_reset_circuits_and_rates_and_revoke_leases() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let circuit = CircuitConfig { failure_threshold: 1, ..CircuitConfig::default() };
+        let b1 = session("bob", "b1", "o1");
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        store.enqueue(&work("bob"), Arc::from("boom")).await.unwrap();
+        let m = store.claim(&b1, 1, NO_WAIT).await.unwrap().remove(0);
+        let dead = StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 1, reason: "r".into(), nacked: true };
+        store.apply(&b1, vec![dead], now(), Some(&circuit)).await.unwrap();
+        log.push(format!("opened: admits {}", store.gate(&agent("bob"), Some(&circuit)).await.unwrap().circuit_admits));
+        log.push(format!("reset {}", store.reset_circuit(&agent("bob")).await.unwrap()));
+        log.push(format!("after reset: admits {}", store.gate(&agent("bob"), Some(&circuit)).await.unwrap().circuit_admits));
+        log.push(format!("reset again {}", store.reset_circuit(&agent("bob")).await.unwrap()));
+
+        let limits = mas_core::policy::ratelimit::Limits { per_minute: 60, per_hour: 3600 };
+        store.admit_rate(&agent("alice"), limits, 3).await.unwrap();
+        let (minute, hour) = store.rate_backlog(&agent("alice")).await.unwrap().usage(limits);
+        log.push(format!("used {minute}/{hour}"));
+        log.push(format!("rate reset {}", store.reset_rate(&agent("alice")).await.unwrap()));
+        log.push(format!("used after reset {:?}", store.rate_backlog(&agent("alice")).await.unwrap().usage(limits)));
+
+        log.push(format!("revoked {}", store.revoke_lease(&agent("bob"), &b1.instance).await.unwrap()));
+        log.push(format!("holder renews {}", store.renew_lease(&b1, LEASE).await.unwrap()));
+        let b2 = session("bob", "b1", "o2");
+        log.push(format!("another takes it {}", store.acquire_lease(&b2, LEASE).await.unwrap()));
+        log.push(format!("revoke unknown {}", store.revoke_lease(&agent("bob"), &InstanceId::new("zz").unwrap()).await.unwrap()));
+        log
+    })
+    .await;
+}
+
 /// What a session holds is listed for it alone (a claim whose answer it lost is found here),
 /// and an acked entry is no longer held.
 #[tokio::test]

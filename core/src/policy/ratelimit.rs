@@ -56,6 +56,39 @@ pub struct RateState {
     pub hour_tat: Instant,
 }
 
+/// How far each window's theoretical arrival time is ahead of now: the part of the window
+/// a sender has used. Read by operators; admission never needs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Minute window.
+    pub minute: Duration,
+    /// Hour window.
+    pub hour: Duration,
+}
+
+impl Backlog {
+    /// The backlog of `state` at `now`.
+    pub fn of(state: RateState, now: Instant) -> Backlog {
+        Backlog {
+            minute: state.minute_tat.saturating_duration_since(now),
+            hour: state.hour_tat.saturating_duration_since(now),
+        }
+    }
+
+    /// Messages counted in each window under `limits`: (minute, hour). A limit of 0 counts
+    /// nothing (it refuses everything anyway).
+    pub fn usage(self, limits: Limits) -> (u64, u64) {
+        let used = |ahead: Duration, limit: u64, window: Window| {
+            if limit == 0 {
+                return 0;
+            }
+            let interval = window.period().as_nanos() / u128::from(limit);
+            u64::try_from(ahead.as_nanos().div_ceil(interval.max(1))).unwrap_or(u64::MAX)
+        };
+        (used(self.minute, limits.per_minute, Window::Minute), used(self.hour, limits.per_hour, Window::Hour))
+    }
+}
+
 /// A refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limited {
@@ -117,6 +150,20 @@ mod tests {
 
     fn at_ms(ms: u64) -> Instant {
         Instant::from_nanos(ms * 1_000_000)
+    }
+
+    #[test]
+    fn usage_counts_the_messages_a_window_still_holds() {
+        let limits = Limits { per_minute: 60, per_hour: 3600 };
+        let t0 = at_ms(1_000_000);
+        let mut s = RateState::default();
+        for _ in 0..10 {
+            s = admit(limits, s, t0).unwrap();
+        }
+        assert_eq!(Backlog::of(s, t0).usage(limits), (10, 10));
+        assert_eq!(Backlog::of(s, t0 + Duration::from_millis(4_500)).usage(limits), (6, 6), "one per second drains");
+        assert_eq!(Backlog::of(s, t0 + Duration::from_secs(60)).usage(limits), (0, 0));
+        assert_eq!(Backlog::of(s, t0).usage(Limits { per_minute: 0, per_hour: 0 }), (0, 0));
     }
 
     #[test]

@@ -418,6 +418,19 @@ impl MemoryStore {
         self.owners.remove(&session.owner);
     }
 
+    /// Ends (agent, instance)'s lease whoever holds it (an operator's kick): the holder's next
+    /// renewal fails, so its session ends, and what it had claimed is reclaimable at once.
+    /// Returns whether there was a lease.
+    pub fn revoke_lease(&mut self, agent: &AgentId, instance: &InstanceId) -> bool {
+        match self.leases.remove(&(agent.clone(), instance.clone())) {
+            Some(lease) => {
+                self.owners.remove(&lease.owner);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether (agent, instance) holds a live lease.
     pub fn instance_is_live(&self, agent: &AgentId, instance: &InstanceId, now: Instant) -> bool {
         self.leases.get(&(agent.clone(), instance.clone())).is_some_and(|l| l.expires_at > now)
@@ -551,6 +564,16 @@ impl MemoryStore {
     }
 
     // ---- rate limits ----------------------------------------------------------------------
+
+    /// How far ahead of `now` `sender`'s minute and hour windows are (their backlog).
+    pub fn rate_backlog(&self, sender: &AgentId, now: Instant) -> ratelimit::Backlog {
+        ratelimit::Backlog::of(self.rates.get(sender).copied().unwrap_or_default(), now)
+    }
+
+    /// Forgets `sender`'s rate-limit state (an operator's reset); returns whether it had any.
+    pub fn reset_rate(&mut self, sender: &AgentId) -> bool {
+        self.rates.remove(sender).is_some()
+    }
 
     /// Admits up to `count` messages of `sender` arriving together under `limits` (GCRA, both
     /// windows; see [`ratelimit::admit_many`]); a refusal consumes nothing.

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
-use mas_core::ids::AgentId;
+use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Chained, Checkpoint, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
-use mas_core::policy::ratelimit::{Grant, Limits};
+use mas_core::policy::ratelimit::{Backlog, Grant, Limits};
 use mas_core::store::{
     Admission, Admitted, Correlation, DeadLetter, MemoryStore, MemoryStoreConfig, PendingRequest, QueueGauges,
     QueueKey, Redrive, ReplyCommit, ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError,
@@ -350,6 +350,26 @@ impl MemoryBackend {
 
     pub(super) async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
         Ok(self.lock().store.purge_dead_letters(agent, ids))
+    }
+
+    pub(super) async fn reset_circuit(&self, agent: &AgentId) -> Result<bool, StoreError> {
+        Ok(self.lock().store.reset_circuit(agent))
+    }
+
+    pub(super) async fn reset_rate(&self, sender: &AgentId) -> Result<bool, StoreError> {
+        Ok(self.lock().store.reset_rate(sender))
+    }
+
+    pub(super) async fn rate_backlog(&self, sender: &AgentId) -> Result<Backlog, StoreError> {
+        let now = self.clock.now().mono;
+        Ok(self.lock().store.rate_backlog(sender, now))
+    }
+
+    pub(super) async fn revoke_lease(&self, agent: &AgentId, instance: &InstanceId) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let revoked = inner.store.revoke_lease(agent, instance);
+        inner.waker(agent).notify_waiters();
+        Ok(revoked)
     }
 
     pub(super) async fn authz_overlay(&self, known: u64) -> Result<Option<(u64, Arc<str>)>, StoreError> {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mas_core::delivery::{EntryId, QueuedMessage, StoreEffect};
-use mas_core::ids::AgentId;
+use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, ChainSnapshot, Checkpoint, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::policy::ratelimit::{Grant, Limits};
@@ -341,6 +341,26 @@ impl Store {
     /// order; one outcome per id. Idempotent: a letter already moved is `NotFound`.
     pub async fn redrive_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<Vec<Redrive>, StoreError> {
         step!(self, "redrive_dead_letters", b => b.redrive_dead_letters(agent, ids).await)
+    }
+
+    /// Closes `agent`'s circuit and forgets its failures; returns whether it had any state.
+    pub async fn reset_circuit(&self, agent: &AgentId) -> Result<bool, StoreError> {
+        step!(self, "reset_circuit", b => b.reset_circuit(agent).await)
+    }
+
+    /// Forgets `sender`'s rate-limit state; returns whether it had any.
+    pub async fn reset_rate(&self, sender: &AgentId) -> Result<bool, StoreError> {
+        step!(self, "reset_rate", b => b.reset_rate(sender).await)
+    }
+
+    /// How much of each rate-limit window `sender` has used, by the store's clock.
+    pub async fn rate_backlog(&self, sender: &AgentId) -> Result<mas_core::policy::ratelimit::Backlog, StoreError> {
+        step!(self, "rate_backlog", b => b.rate_backlog(sender).await)
+    }
+
+    /// Ends (agent, instance)'s lease whoever holds it; its session ends at its next renewal.
+    pub async fn revoke_lease(&self, agent: &AgentId, instance: &InstanceId) -> Result<bool, StoreError> {
+        step!(self, "revoke_lease", b => b.revoke_lease(agent, instance).await)
     }
 
     /// The operators' authorization overlay (JSON) and its revision, unless the revision is

@@ -124,6 +124,12 @@ impl MemoryStore {
         self.circuits.entry(agent.clone()).or_default().record(config, outcome, now);
     }
 
+    /// Closes `agent`'s circuit and forgets its failures (an operator's reset); returns
+    /// whether it had any state.
+    pub fn reset_circuit(&mut self, agent: &AgentId) -> bool {
+        self.circuits.remove(agent).is_some()
+    }
+
     /// `agent`'s circuit as stored (closed when never touched).
     pub fn circuit(&self, agent: &AgentId) -> Circuit {
         self.circuits.get(agent).copied().unwrap_or_default()

@@ -52,6 +52,7 @@ use super::{claim_waiting, requeue_delay};
 mod audit;
 mod authz;
 mod dead_letters;
+mod operator;
 mod replies;
 
 const SCRIPTS: &str = include_str!("scripts.lua");
@@ -143,6 +144,8 @@ struct Scripts {
     dlq_redrive: Script,
     authz_get: Script,
     authz_put: Script,
+    rate_backlog: Script,
+    lease_revoke: Script,
 }
 
 impl Scripts {
@@ -197,6 +200,8 @@ impl Scripts {
             dlq_redrive: get("dlq_redrive"),
             authz_get: get("authz_get"),
             authz_put: get("authz_put"),
+            rate_backlog: get("rate_backlog"),
+            lease_revoke: get("lease_revoke"),
         }
     }
 }

@@ -673,3 +673,22 @@ local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if rev ~= tonumber(ARGV[1]) then return {0, rev} end
 redis.call('HSET', KEYS[1], 'rev', rev + 1, 'doc', ARGV[2])
 return {1, rev + 1}
+
+--@rate_backlog
+-- KEYS: rate hash. Returns {now_us, minute tat_us, hour tat_us} by the Redis clock (0 when
+-- unset).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local m = redis.call('HGET', KEYS[1], 'm') or '0'
+local h = redis.call('HGET', KEYS[1], 'h') or '0'
+return {string.format('%.0f', now), m, h}
+
+--@lease_revoke
+-- KEYS: lease, owners. ARGV: notify channel. Ends the lease whoever holds it: its holder's
+-- next renewal fails, and its claimed work is reclaimable at once. Returns 1 if there was one.
+local owner = redis.call('GET', KEYS[1])
+if not owner then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], owner)
+redis.call('PUBLISH', ARGV[1], '1')
+return 1
