@@ -22,14 +22,19 @@ POISON = 100
 OTHER = 3
 
 
-@pytest.fixture
-def audited_broker(store: str, pki: Pki, tmp_path: Path):
-    """A broker of its own (the test opens bob's circuit), copying its chains to a file."""
+def start_broker(store: str, pki: Pki, tmp_path: Path, per_minute: int = 1_000_000_000):
+    """A broker of its own copying its chains to `audit.jsonl`, its redis-server (or None),
+    and the file."""
     redis = RedisServer.start(tmp_path) if store == "redis" else None
     audit_file = tmp_path / "audit.jsonl"
     broker = Broker.start(tmp_path, pki, redis_url=redis.url if redis else None,
-                          gateway={"rate_limit": {"per_minute": 1_000_000_000, "per_hour": 1_000_000_000},
+                          gateway={"rate_limit": {"per_minute": per_minute, "per_hour": per_minute * 60},
                                    "audit": {"file_path": str(audit_file)}})
+    return broker, redis, audit_file
+
+
+def own_broker(store: str, pki: Pki, tmp_path: Path, per_minute: int):
+    broker, redis, audit_file = start_broker(store, pki, tmp_path, per_minute)
     try:
         yield broker, audit_file
     finally:
@@ -37,6 +42,18 @@ def audited_broker(store: str, pki: Pki, tmp_path: Path):
         if redis:
             redis.stop()
     assert code == 0, f"the broker exited {code}; log: {broker.log_path}"
+
+
+@pytest.fixture
+def audited_broker(store: str, pki: Pki, tmp_path: Path):
+    """A broker of its own (the tests open circuits and change grants)."""
+    yield from own_broker(store, pki, tmp_path, per_minute=1_000_000_000)
+
+
+@pytest.fixture
+def limited_broker(store: str, pki: Pki, tmp_path: Path):
+    """As `audited_broker`, with 60 messages a minute per sender, so usage is visible."""
+    yield from own_broker(store, pki, tmp_path, per_minute=60)
 
 
 def admin(broker: Broker, identity, *args: str) -> subprocess.CompletedProcess:
@@ -248,3 +265,71 @@ def test_a_grant_revoked_through_one_broker_refuses_sends_through_another(pki: P
         for broker in (a_broker, b_broker):
             broker.stop()
         redis.stop()
+
+
+def test_agents_queues_circuits_limits_sessions_and_audit_through_the_cli(limited_broker, pki: Pki) -> None:
+    broker, _ = limited_broker
+    ops = pki.operator("ops")
+
+    async def main():
+        alice, bob, carol = (Client(broker.target, pki.agent(n)) for n in ("alice", "bob", "carol"))
+        a, b, c = await alice.connect(), await bob.connect(), await carol.connect()
+        # Five refused deliveries open bob's circuit (threshold 5); carol holds three unacked.
+        for n in range(5):
+            await alice.send(a.instance_id, "bob", "job", {"n": n})
+            delivery_id, _ = await b.delivery()
+            b.nack(delivery_id, "broken", retryable=False)
+        for n in range(3):
+            await alice.send(a.instance_id, "carol", "job", {"n": n})
+        await asyncio.sleep(0.3)
+
+        agents = {x["agent_id"]: x for x in ok(admin(broker, ops, "agents"))}
+        assert agents["bob"]["sessions_here"] == [b.instance_id]
+        assert agents["alice"]["rate_minute_used"] >= 8
+        queues = {q["agent_id"]: q for q in ok(admin(broker, ops, "queues"))}
+        assert queues["carol"]["queue_depth"] == 3 and queues["carol"]["oldest_age_s"] > 0
+        circuits = {x["agent_id"]: x["circuit"] for x in ok(admin(broker, ops, "circuits", "list"))}
+        assert circuits["bob"] == "open" and circuits["carol"] == "closed"
+        assert ok(admin(broker, ops, "circuits", "reset", "--agent", "bob")) == {"had_state": True}
+        assert {x["agent_id"]: x["circuit"] for x in ok(admin(broker, ops, "circuits", "list"))}["bob"] == "closed"
+        assert await send_outcome(alice, a.instance_id) == "ok", "a reset circuit admits again"
+
+        limits = {x["agent_id"]: x for x in ok(admin(broker, ops, "limits", "list"))}
+        assert limits["alice"]["minute_used"] >= 9
+        assert ok(admin(broker, ops, "limits", "reset", "--agent", "alice")) == {"had_state": True}
+        assert {x["agent_id"]: x for x in ok(admin(broker, ops, "limits", "list"))}["alice"]["minute_used"] == 0
+
+        sessions = ok(admin(broker, ops, "sessions", "list"))
+        assert {"agent_id": "carol", "instance_id": c.instance_id} in sessions
+        assert ok(admin(broker, ops, "sessions", "kick", "--agent", "carol", "--instance", c.instance_id)) == {"kicked": True}
+        ended = await c.end(timeout=10)
+        assert ended is not None, "the kicked session's stream ends with a status"
+        gone = admin(broker, ops, "sessions", "kick", "--agent", "carol", "--instance", "nosuch")
+        assert gone.returncode == 4, gone.stderr
+
+        verified = ok(admin(broker, ops, "audit", "verify"))
+        assert verified["intact"] is True and any(ch["chain"] == "security" for ch in verified["chains"])
+        records = ok(admin(broker, ops, "audit", "query", "--sender", "alice", "--target", "carol", "--limit", "2"))
+        assert len(records) == 2 and all(r["sender_id"] == "alice" and r["target_id"] == "carol" for r in records)
+        bad = admin(broker, ops, "audit", "query", "--decision", "MAYBE")
+        assert bad.returncode == 2 and "unknown_decision" in bad.stderr
+
+        follower = subprocess.Popen(
+            [MAS_BIN, "admin", "--addr", broker.target, "--ca", str(ops.ca), "--cert", str(ops.cert),
+             "--key", str(ops.key), "audit", "follow", "--sender", "alice"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            await asyncio.sleep(1.0)  # the follower is connected and polling
+            message_id = await alice.send(a.instance_id, "bob", "followed", {})
+            line = await asyncio.wait_for(asyncio.to_thread(follower.stdout.readline), 10)
+            followed = json.loads(line)
+            assert followed["message_id"] == message_id and followed["sender_id"] == "alice"
+        finally:
+            follower.terminate()
+            follower.wait(timeout=10)
+        for t in (a, b):
+            await t.close()
+        for cl in (alice, bob, carol):
+            await cl.close()
+
+    asyncio.run(main())

@@ -307,11 +307,20 @@ async fn operators_reset_circuits_and_rates_and_revoke_leases() {
         store.acquire_lease(&b1, LEASE).await.unwrap();
         store.enqueue(&work("bob"), Arc::from("boom")).await.unwrap();
         let m = store.claim(&b1, 1, NO_WAIT).await.unwrap().remove(0);
-        let dead = StoreEffect::DeadLetter { entry: m.entry, envelope: m.envelope, attempts: 1, reason: "r".into(), nacked: true };
+        let dead = StoreEffect::DeadLetter {
+            entry: m.entry,
+            envelope: m.envelope,
+            attempts: 1,
+            reason: "r".into(),
+            nacked: true,
+        };
         store.apply(&b1, vec![dead], now(), Some(&circuit)).await.unwrap();
         log.push(format!("opened: admits {}", store.gate(&agent("bob"), Some(&circuit)).await.unwrap().circuit_admits));
         log.push(format!("reset {}", store.reset_circuit(&agent("bob")).await.unwrap()));
-        log.push(format!("after reset: admits {}", store.gate(&agent("bob"), Some(&circuit)).await.unwrap().circuit_admits));
+        log.push(format!(
+            "after reset: admits {}",
+            store.gate(&agent("bob"), Some(&circuit)).await.unwrap().circuit_admits
+        ));
         log.push(format!("reset again {}", store.reset_circuit(&agent("bob")).await.unwrap()));
 
         let limits = mas_core::policy::ratelimit::Limits { per_minute: 60, per_hour: 3600 };
@@ -325,7 +334,10 @@ async fn operators_reset_circuits_and_rates_and_revoke_leases() {
         log.push(format!("holder renews {}", store.renew_lease(&b1, LEASE).await.unwrap()));
         let b2 = session("bob", "b1", "o2");
         log.push(format!("another takes it {}", store.acquire_lease(&b2, LEASE).await.unwrap()));
-        log.push(format!("revoke unknown {}", store.revoke_lease(&agent("bob"), &InstanceId::new("zz").unwrap()).await.unwrap()));
+        log.push(format!(
+            "revoke unknown {}",
+            store.revoke_lease(&agent("bob"), &InstanceId::new("zz").unwrap()).await.unwrap()
+        ));
         log
     })
     .await;

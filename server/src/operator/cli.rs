@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 done; 1 the broker could not be reached or failed; 2 a usage error or an
 //! argument the broker refused (`INVALID_ARGUMENT`); 3 refused (not an operator, not an allowed
-//! one, or no valid certificate); 4 not found.
+//! one, or no valid certificate); 4 not found; 5 `audit verify` found a broken chain.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,8 +11,9 @@ use mas_net::identity::OperatorId;
 use mas_net::tls::TlsFiles;
 use mas_proto::admin::admin_service_client::AdminServiceClient;
 use mas_proto::admin::{
-    AgentGrants, ChangeGrantsRequest, DeadLetter, DeadLetterSelector, GetDeadLetterRequest, GetGrantsRequest,
-    ListDeadLettersRequest,
+    AgentGrants, AgentRequest, AgentStatus, ChangeGrantsRequest, DeadLetter, DeadLetterSelector, GetDeadLetterRequest,
+    GetGrantsRequest, KickSessionRequest, ListAgentsRequest, ListDeadLettersRequest, QueryAuditRequest,
+    VerifyAuditRequest,
 };
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -61,6 +62,123 @@ pub enum AdminCommand {
         #[command(subcommand)]
         action: GrantsCommand,
     },
+    /// Every agent: sessions here, queue, circuit, audit, dead letters, rate-limit usage.
+    Agents {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Queue depth and the age of the oldest queued message, per agent.
+    Queues,
+    /// Circuit breakers: list, reset.
+    Circuits {
+        /// The circuits action.
+        #[command(subcommand)]
+        action: ResetCommand,
+    },
+    /// Rate limits: current usage per sender, reset.
+    Limits {
+        /// The limits action.
+        #[command(subcommand)]
+        action: ResetCommand,
+    },
+    /// Sessions: list (on this broker), kick (an instance, on whichever broker holds it).
+    Sessions {
+        /// The sessions action.
+        #[command(subcommand)]
+        action: SessionsCommand,
+    },
+    /// The audit trail: verify, query, follow.
+    Audit {
+        /// The audit action.
+        #[command(subcommand)]
+        action: AuditCommand,
+    },
+}
+
+/// `mas admin circuits|limits ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ResetCommand {
+    /// Show every agent's state.
+    List,
+    /// Reset one agent's state (store-wide).
+    Reset {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+    },
+}
+
+/// `mas admin sessions ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SessionsCommand {
+    /// Sessions on this broker.
+    List,
+    /// End an instance's session wherever it is (its lease is revoked; the holder ends the
+    /// session at its next renewal and the instance's work is redelivered).
+    Kick {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// The instance id (as `sessions list` shows it).
+        #[arg(long)]
+        instance: String,
+    },
+}
+
+/// `mas admin audit ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Verify every chain in the store: exit 0 intact, 5 broken.
+    Verify,
+    /// Message records matching a filter, oldest first (one JSON object per line).
+    Query {
+        #[command(flatten)]
+        /// Which records.
+        filter: AuditFilterArgs,
+        /// At most this many (cap 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Print matching records as they are written, one JSON object per line, until Ctrl-C.
+    Follow {
+        #[command(flatten)]
+        /// Which records.
+        filter: AuditFilterArgs,
+    },
+}
+
+/// An audit filter.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditFilterArgs {
+    /// Only this sender.
+    #[arg(long)]
+    sender: Option<String>,
+    /// Only this target.
+    #[arg(long)]
+    target: Option<String>,
+    /// Only this decision (ALLOWED, AUTHZ_DENIED, RATE_LIMITED, ...).
+    #[arg(long)]
+    decision: Option<String>,
+    /// Only records at or after this time (seconds since the Unix epoch).
+    #[arg(long)]
+    since: Option<f64>,
+    /// Only records at or before this time.
+    #[arg(long)]
+    until: Option<f64>,
+}
+
+impl AuditFilterArgs {
+    fn request(&self, limit: u32) -> QueryAuditRequest {
+        QueryAuditRequest {
+            sender: self.sender.clone().unwrap_or_default(),
+            target: self.target.clone().unwrap_or_default(),
+            decision: self.decision.clone().unwrap_or_default(),
+            since: self.since.unwrap_or(0.0),
+            until: self.until.unwrap_or(0.0),
+            limit,
+        }
+    }
 }
 
 /// `mas admin grants ...`.
@@ -201,7 +319,9 @@ pub async fn run(connection: Connection, command: AdminCommand) -> ExitCode {
     let json = connection.format == "json";
     match execute(connection, command).await {
         Ok(output) => {
-            print!("{}", if json { format!("{:#}\n", output.json) } else { output.table });
+            if !output.json.is_null() {
+                print!("{}", if json { format!("{:#}\n", output.json) } else { output.table });
+            }
             ExitCode::SUCCESS
         }
         Err(failure) => {
@@ -218,11 +338,185 @@ struct Output {
 }
 
 async fn execute(connection: Connection, command: AdminCommand) -> Result<Output, Failure> {
+    let json = connection.format == "json";
     let mut client = connect(&connection).await?;
     match command {
         AdminCommand::Dlq { action } => dead_letters(&mut client, action).await,
         AdminCommand::Grants { action } => grants(&mut client, action).await,
+        AdminCommand::Agents { agent } => {
+            let agents = list_agents(&mut client, agent).await?;
+            let table = table(
+                std::iter::once(
+                    ["AGENT", "SESSIONS HERE", "QUEUED", "OLDEST", "CIRCUIT", "AUDIT", "DLQ", "RATE/MIN", "RATE/H"]
+                        .map(String::from),
+                )
+                .chain(agents.iter().map(|a| {
+                    [
+                        a.agent_id.clone(),
+                        a.sessions_here.join(","),
+                        a.queue_depth.to_string(),
+                        format!("{:.1}s", a.oldest_age_s),
+                        a.circuit.clone(),
+                        a.audit_records.to_string(),
+                        a.dead_letters.to_string(),
+                        format!("{}/{}", a.rate_minute_used, a.rate_per_minute),
+                        format!("{}/{}", a.rate_hour_used, a.rate_per_hour),
+                    ]
+                }))
+                .collect(),
+            );
+            Ok(Output { json: serde_json::Value::Array(agents.iter().map(agent_json).collect()), table })
+        }
+        AdminCommand::Queues => {
+            let agents = list_agents(&mut client, None).await?;
+            let rows = agents
+                .iter()
+                .map(|a| [a.agent_id.clone(), a.queue_depth.to_string(), format!("{:.1}s", a.oldest_age_s)]);
+            let json = agents.iter().map(|a| {
+                serde_json::json!({ "agent_id": a.agent_id, "queue_depth": a.queue_depth, "oldest_age_s": a.oldest_age_s })
+            });
+            Ok(Output {
+                json: serde_json::Value::Array(json.collect()),
+                table: table(std::iter::once(["AGENT", "QUEUED", "OLDEST"].map(String::from)).chain(rows).collect()),
+            })
+        }
+        AdminCommand::Circuits { action: ResetCommand::List } => {
+            let agents = list_agents(&mut client, None).await?;
+            let rows = agents.iter().map(|a| [a.agent_id.clone(), a.circuit.clone()]);
+            let json = agents.iter().map(|a| serde_json::json!({ "agent_id": a.agent_id, "circuit": a.circuit }));
+            Ok(Output {
+                json: serde_json::Value::Array(json.collect()),
+                table: table(std::iter::once(["AGENT", "CIRCUIT"].map(String::from)).chain(rows).collect()),
+            })
+        }
+        AdminCommand::Circuits { action: ResetCommand::Reset { agent } } => {
+            let reset = client.reset_circuit(AgentRequest { agent_id: agent }).await.map_err(Failure::of)?.into_inner();
+            Ok(reset_output(reset.had_state))
+        }
+        AdminCommand::Limits { action: ResetCommand::List } => {
+            let agents = list_agents(&mut client, None).await?;
+            let rows = agents.iter().map(|a| {
+                [
+                    a.agent_id.clone(),
+                    format!("{}/{}", a.rate_minute_used, a.rate_per_minute),
+                    format!("{}/{}", a.rate_hour_used, a.rate_per_hour),
+                ]
+            });
+            let json = agents.iter().map(|a| {
+                serde_json::json!({
+                    "agent_id": a.agent_id,
+                    "minute_used": a.rate_minute_used, "per_minute": a.rate_per_minute,
+                    "hour_used": a.rate_hour_used, "per_hour": a.rate_per_hour,
+                })
+            });
+            Ok(Output {
+                json: serde_json::Value::Array(json.collect()),
+                table: table(std::iter::once(["SENDER", "MINUTE", "HOUR"].map(String::from)).chain(rows).collect()),
+            })
+        }
+        AdminCommand::Limits { action: ResetCommand::Reset { agent } } => {
+            let reset =
+                client.reset_rate_limit(AgentRequest { agent_id: agent }).await.map_err(Failure::of)?.into_inner();
+            Ok(reset_output(reset.had_state))
+        }
+        AdminCommand::Sessions { action: SessionsCommand::List } => {
+            let agents = list_agents(&mut client, None).await?;
+            let sessions: Vec<[String; 2]> =
+                agents.iter().flat_map(|a| a.sessions_here.iter().map(|i| [a.agent_id.clone(), i.clone()])).collect();
+            let json = sessions.iter().map(|[a, i]| serde_json::json!({ "agent_id": a, "instance_id": i }));
+            Ok(Output {
+                json: serde_json::Value::Array(json.collect()),
+                table: table(
+                    std::iter::once(["AGENT", "INSTANCE"].map(String::from)).chain(sessions.clone()).collect(),
+                ),
+            })
+        }
+        AdminCommand::Sessions { action: SessionsCommand::Kick { agent, instance } } => {
+            let request = KickSessionRequest { agent_id: agent, instance_id: instance };
+            let kicked = client.kick_session(request).await.map_err(Failure::of)?.into_inner().kicked;
+            if !kicked {
+                return Err(Failure { code: 4, message: "no such session (the instance holds no lease)".into() });
+            }
+            Ok(Output { json: serde_json::json!({ "kicked": true }), table: "kicked\n".into() })
+        }
+        AdminCommand::Audit { action: AuditCommand::Verify } => {
+            let report = client.verify_audit(VerifyAuditRequest {}).await.map_err(Failure::of)?.into_inner();
+            let rows = report.chains.iter().map(|c| {
+                [
+                    c.chain.clone(),
+                    c.records.to_string(),
+                    c.archived.to_string(),
+                    if c.fault.is_empty() { "ok".into() } else { c.fault.clone() },
+                ]
+            });
+            let chains: Vec<_> = report
+                .chains
+                .iter()
+                .map(|c| serde_json::json!({ "chain": c.chain, "records": c.records, "archived": c.archived, "fault": c.fault }))
+                .collect();
+            let output = Output {
+                json: serde_json::json!({ "intact": report.intact, "chains": chains }),
+                table: table(
+                    std::iter::once(["CHAIN", "RECORDS", "ARCHIVED", "VERDICT"].map(String::from))
+                        .chain(rows)
+                        .collect(),
+                ),
+            };
+            if report.intact {
+                Ok(output)
+            } else {
+                print!("{}", if json { format!("{:#}\n", output.json) } else { output.table });
+                Err(Failure { code: 5, message: "an audit chain is broken".into() })
+            }
+        }
+        AdminCommand::Audit { action: AuditCommand::Query { filter, limit } } => {
+            let found = client.query_audit(filter.request(limit)).await.map_err(Failure::of)?.into_inner();
+            let lines: String = found.records.iter().map(|r| format!("{}\n", r.json)).collect();
+            let records =
+                found.records.iter().map(|r| serde_json::from_str(&r.json).unwrap_or(serde_json::Value::Null));
+            Ok(Output { json: serde_json::Value::Array(records.collect()), table: lines })
+        }
+        AdminCommand::Audit { action: AuditCommand::Follow { filter } } => {
+            let mut stream = client.follow_audit(filter.request(0)).await.map_err(Failure::of)?.into_inner();
+            use std::io::Write;
+            while let Some(record) = stream.message().await.map_err(Failure::of)? {
+                println!("{}", record.json);
+                let _ = std::io::stdout().flush();
+            }
+            Ok(Output { json: serde_json::Value::Null, table: String::new() })
+        }
     }
+}
+
+async fn list_agents(
+    client: &mut AdminServiceClient<Channel>,
+    agent: Option<String>,
+) -> Result<Vec<AgentStatus>, Failure> {
+    let request = ListAgentsRequest { agent_id: agent.unwrap_or_default() };
+    Ok(client.list_agents(request).await.map_err(Failure::of)?.into_inner().agents)
+}
+
+fn reset_output(had_state: bool) -> Output {
+    Output {
+        json: serde_json::json!({ "had_state": had_state }),
+        table: if had_state { "reset\n".into() } else { "nothing to reset\n".into() },
+    }
+}
+
+fn agent_json(a: &AgentStatus) -> serde_json::Value {
+    serde_json::json!({
+        "agent_id": a.agent_id,
+        "sessions_here": a.sessions_here,
+        "queue_depth": a.queue_depth,
+        "oldest_age_s": a.oldest_age_s,
+        "circuit": a.circuit,
+        "audit_records": a.audit_records,
+        "dead_letters": a.dead_letters,
+        "rate_minute_used": a.rate_minute_used,
+        "rate_hour_used": a.rate_hour_used,
+        "rate_per_minute": a.rate_per_minute,
+        "rate_per_hour": a.rate_per_hour,
+    })
 }
 
 async fn grants(client: &mut AdminServiceClient<Channel>, action: GrantsCommand) -> Result<Output, Failure> {

@@ -30,10 +30,7 @@ fn resolve(
     };
     let agents = match selector.agent_id.as_str() {
         "" => broker.config().agents.keys().cloned().collect(),
-        id => {
-            let agent = AgentId::new(id).ok().filter(|agent| broker.agent(agent).is_some());
-            vec![agent.ok_or_else(|| Status::invalid_argument(detail::UNKNOWN_AGENT))?]
-        }
+        id => vec![super::fleet::allowlisted(broker, id)?],
     };
     let core = store::DeadLetterSelector {
         ids: selector.ids.clone(),

@@ -8,15 +8,8 @@ use mas_proto::admin::{AgentGrants, ChangeGrantsRequest, ChangeGrantsResponse, G
 use tonic::Status;
 
 use super::detail;
+use super::fleet::allowlisted;
 use crate::broker::{Broker, GrantChangeError};
-
-/// An allowlisted agent named by a request.
-fn allowlisted(broker: &Broker, id: &str) -> Result<AgentId, Status> {
-    AgentId::new(id)
-        .ok()
-        .filter(|agent| broker.agent(agent).is_some())
-        .ok_or_else(|| Status::invalid_argument(detail::UNKNOWN_AGENT))
-}
 
 pub(super) fn get(broker: &Broker, req: &GetGrantsRequest) -> Result<GetGrantsResponse, Status> {
     // The revision first: the grants read after it include at least that revision.

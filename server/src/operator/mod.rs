@@ -6,8 +6,10 @@
 //! chain as `admin_call` with the operator, the method, what was asked and what it did; every
 //! refused one as `admin_denied` (repeats within 10 s counted, as for authentication denials).
 
+mod audit;
 pub mod cli;
 mod dead_letters;
+mod fleet;
 mod grants;
 
 use std::collections::BTreeSet;
@@ -16,9 +18,10 @@ use std::sync::Arc;
 use mas_net::identity::{OperatorId, Principal};
 use mas_proto::admin::admin_service_server::AdminService;
 use mas_proto::admin::{
-    ChangeGrantsRequest, ChangeGrantsResponse, DeadLetter, DeadLetterSelector, GetDeadLetterRequest, GetGrantsRequest,
-    GetGrantsResponse, ListDeadLettersRequest, ListDeadLettersResponse, PurgeDeadLettersResponse,
-    RedriveDeadLettersResponse,
+    AgentRequest, ChangeGrantsRequest, ChangeGrantsResponse, DeadLetter, DeadLetterSelector, GetDeadLetterRequest,
+    GetGrantsRequest, GetGrantsResponse, KickSessionRequest, KickSessionResponse, ListAgentsRequest,
+    ListAgentsResponse, ListDeadLettersRequest, ListDeadLettersResponse, PurgeDeadLettersResponse, QueryAuditRequest,
+    QueryAuditResponse, RedriveDeadLettersResponse, ResetResponse, VerifyAuditRequest, VerifyAuditResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -44,6 +47,8 @@ pub mod detail {
     pub const OVERLAY_CONTENDED: &str = "authz_overlay_contended";
     /// The stored overlay does not parse; nothing was changed.
     pub const OVERLAY_UNREADABLE: &str = "authz_overlay_unreadable";
+    /// An audit query names no known decision.
+    pub const UNKNOWN_DECISION: &str = "unknown_decision";
 }
 
 /// The admin gRPC service over one broker.
@@ -127,10 +132,7 @@ impl AdminService for Admin {
         let operator = self.operator(&req, "GetDeadLetter")?;
         let req = req.into_inner();
         let found = dead_letters::get(&self.broker, &req).await;
-        let result = match &found {
-            Ok(_) => serde_json::json!({ "found": true }),
-            Err(status) => serde_json::json!({ "error": status.message() }),
-        };
+        let result = outcome(&found, |_| serde_json::json!({ "found": true }));
         self.record(&operator, "GetDeadLetter", serde_json::json!({ "agent_id": req.agent_id, "id": req.id }), result);
         found.map(Response::new)
     }
@@ -141,15 +143,13 @@ impl AdminService for Admin {
     ) -> Result<Response<RedriveDeadLettersResponse>, Status> {
         let operator = self.operator(&req, "RedriveDeadLetters")?;
         let selector = req.into_inner();
-        let outcome = dead_letters::redrive(&self.broker, &selector).await;
-        let result = match &outcome {
-            Ok(r) => {
-                serde_json::json!({ "redriven": r.redriven, "not_found": r.not_found, "queue_full": r.queue_full })
-            }
-            Err(status) => serde_json::json!({ "error": status.message() }),
-        };
+        let redriven = dead_letters::redrive(&self.broker, &selector).await;
+        let result = outcome(
+            &redriven,
+            |r| serde_json::json!({ "redriven": r.redriven, "not_found": r.not_found, "queue_full": r.queue_full }),
+        );
         self.record(&operator, "RedriveDeadLetters", dead_letters::describe(Some(&selector)), result);
-        outcome.map(Response::new)
+        redriven.map(Response::new)
     }
 
     async fn purge_dead_letters(
@@ -158,23 +158,17 @@ impl AdminService for Admin {
     ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
         let operator = self.operator(&req, "PurgeDeadLetters")?;
         let selector = req.into_inner();
-        let outcome = dead_letters::purge(&self.broker, &selector).await;
-        let result = match &outcome {
-            Ok(r) => serde_json::json!({ "purged": r.purged }),
-            Err(status) => serde_json::json!({ "error": status.message() }),
-        };
+        let purged = dead_letters::purge(&self.broker, &selector).await;
+        let result = outcome(&purged, |r| serde_json::json!({ "purged": r.purged }));
         self.record(&operator, "PurgeDeadLetters", dead_letters::describe(Some(&selector)), result);
-        outcome.map(Response::new)
+        purged.map(Response::new)
     }
 
     async fn get_grants(&self, req: Request<GetGrantsRequest>) -> Result<Response<GetGrantsResponse>, Status> {
         let operator = self.operator(&req, "GetGrants")?;
         let req = req.into_inner();
         let found = grants::get(&self.broker, &req);
-        let result = match &found {
-            Ok(r) => serde_json::json!({ "agents": r.grants.len(), "revision": r.revision }),
-            Err(status) => serde_json::json!({ "error": status.message() }),
-        };
+        let result = outcome(&found, |r| serde_json::json!({ "agents": r.grants.len(), "revision": r.revision }));
         self.record(&operator, "GetGrants", serde_json::json!({ "agent_id": req.agent_id }), result);
         found.map(Response::new)
     }
@@ -183,14 +177,118 @@ impl AdminService for Admin {
         let operator = self.operator(&req, "ChangeGrants")?;
         let req = req.into_inner();
         let changed = grants::change(&self.broker, &req).await;
-        let result = match &changed {
-            Ok(r) => serde_json::json!({ "revision": r.revision }),
-            Err(status) => serde_json::json!({ "error": status.message() }),
-        };
+        let result = outcome(&changed, |r| serde_json::json!({ "revision": r.revision }));
         self.record(&operator, "ChangeGrants", grants::describe(&req), result);
         if changed.is_ok() {
             tracing::info!(%operator, agent = req.agent_id, "grants changed through the admin API");
         }
         changed.map(Response::new)
     }
+
+    async fn list_agents(&self, req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
+        let operator = self.operator(&req, "ListAgents")?;
+        let req = req.into_inner();
+        let listed = fleet::list(&self.broker, &req).await;
+        self.record(
+            &operator,
+            "ListAgents",
+            serde_json::json!({ "agent_id": req.agent_id }),
+            outcome(&listed, |r| serde_json::json!({ "agents": r.agents.len() })),
+        );
+        listed.map(Response::new)
+    }
+
+    async fn reset_circuit(&self, req: Request<AgentRequest>) -> Result<Response<ResetResponse>, Status> {
+        let operator = self.operator(&req, "ResetCircuit")?;
+        let req = req.into_inner();
+        let reset = fleet::reset_circuit(&self.broker, &req).await;
+        self.record(
+            &operator,
+            "ResetCircuit",
+            serde_json::json!({ "agent_id": req.agent_id }),
+            outcome(&reset, |r| serde_json::json!({ "had_state": r.had_state })),
+        );
+        reset.map(Response::new)
+    }
+
+    async fn reset_rate_limit(&self, req: Request<AgentRequest>) -> Result<Response<ResetResponse>, Status> {
+        let operator = self.operator(&req, "ResetRateLimit")?;
+        let req = req.into_inner();
+        let reset = fleet::reset_rate(&self.broker, &req).await;
+        self.record(
+            &operator,
+            "ResetRateLimit",
+            serde_json::json!({ "agent_id": req.agent_id }),
+            outcome(&reset, |r| serde_json::json!({ "had_state": r.had_state })),
+        );
+        reset.map(Response::new)
+    }
+
+    async fn kick_session(&self, req: Request<KickSessionRequest>) -> Result<Response<KickSessionResponse>, Status> {
+        let operator = self.operator(&req, "KickSession")?;
+        let req = req.into_inner();
+        let kicked = fleet::kick(&self.broker, &req).await;
+        let request = serde_json::json!({ "agent_id": req.agent_id, "instance_id": req.instance_id });
+        self.record(&operator, "KickSession", request, outcome(&kicked, |r| serde_json::json!({ "kicked": r.kicked })));
+        kicked.map(Response::new)
+    }
+
+    async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<VerifyAuditResponse>, Status> {
+        let operator = self.operator(&req, "VerifyAudit")?;
+        let verified = audit::verify(&self.broker).await;
+        self.record(
+            &operator,
+            "VerifyAudit",
+            serde_json::json!({}),
+            outcome(&verified, |r| serde_json::json!({ "intact": r.intact, "chains": r.chains.len() })),
+        );
+        verified.map(Response::new)
+    }
+
+    async fn query_audit(&self, req: Request<QueryAuditRequest>) -> Result<Response<QueryAuditResponse>, Status> {
+        let operator = self.operator(&req, "QueryAudit")?;
+        let req = req.into_inner();
+        let found = audit::query(&self.broker, &req).await;
+        self.record(
+            &operator,
+            "QueryAudit",
+            describe_query(&req),
+            outcome(&found, |r| serde_json::json!({ "records": r.records.len() })),
+        );
+        found.map(Response::new)
+    }
+
+    type FollowAuditStream = audit::Follow;
+
+    async fn follow_audit(&self, req: Request<QueryAuditRequest>) -> Result<Response<Self::FollowAuditStream>, Status> {
+        let operator = self.operator(&req, "FollowAudit")?;
+        let req = req.into_inner();
+        let stream = audit::follow(self.broker.clone(), &req);
+        self.record(
+            &operator,
+            "FollowAudit",
+            describe_query(&req),
+            outcome(&stream, |_| serde_json::json!({ "following": true })),
+        );
+        stream.map(Response::new)
+    }
+}
+
+/// What a call did, for the security chain: `ok` applied to its answer, or its refusal.
+fn outcome<T>(result: &Result<T, Status>, ok: impl FnOnce(&T) -> serde_json::Value) -> serde_json::Value {
+    match result {
+        Ok(answer) => ok(answer),
+        Err(status) => serde_json::json!({ "error": status.message() }),
+    }
+}
+
+fn describe_query(req: &QueryAuditRequest) -> serde_json::Value {
+    serde_json::json!({
+        "sender": req.sender,
+        "target": req.target,
+        "decision": req.decision,
+        "since": req.since,
+        "until": req.until,
+        "limit": req.limit,
+    })
 }

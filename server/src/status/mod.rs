@@ -103,42 +103,43 @@ pub async fn snapshot(State(broker): State<Arc<Broker>>, headers: HeaderMap) -> 
 }
 
 #[derive(Debug, Serialize)]
-struct Snapshot {
-    broker_id: String,
-    ready: bool,
-    not_ready: Option<&'static str>,
-    store: &'static str,
-    authz_revision: u64,
-    generated_at: f64,
-    agents: Vec<AgentStatus>,
-    newest_dead_letters: Vec<LetterStatus>,
+pub(crate) struct Snapshot {
+    pub(crate) broker_id: String,
+    pub(crate) ready: bool,
+    pub(crate) not_ready: Option<&'static str>,
+    pub(crate) store: &'static str,
+    pub(crate) authz_revision: u64,
+    pub(crate) generated_at: f64,
+    pub(crate) agents: Vec<AgentStatus>,
+    pub(crate) newest_dead_letters: Vec<LetterStatus>,
 }
 
 #[derive(Debug, Serialize)]
-struct AgentStatus {
-    agent_id: String,
+pub(crate) struct AgentStatus {
+    pub(crate) agent_id: String,
     /// Instance ids with a session on this broker.
-    sessions: Vec<String>,
-    queue_depth: usize,
-    oldest_age_s: Option<f64>,
-    circuit: &'static str,
-    audit_records: usize,
-    dead_letters: usize,
+    pub(crate) sessions: Vec<String>,
+    pub(crate) queue_depth: usize,
+    pub(crate) oldest_age_s: Option<f64>,
+    pub(crate) circuit: &'static str,
+    pub(crate) audit_records: usize,
+    pub(crate) dead_letters: usize,
 }
 
 #[derive(Debug, Serialize)]
-struct LetterStatus {
-    agent_id: String,
-    id: String,
-    reason: String,
-    attempts: u32,
-    age_ms: u128,
-    message_type: String,
-    sender_id: String,
-    message_id: String,
+pub(crate) struct LetterStatus {
+    pub(crate) agent_id: String,
+    pub(crate) id: String,
+    pub(crate) reason: String,
+    pub(crate) attempts: u32,
+    pub(crate) age_ms: u128,
+    pub(crate) message_type: String,
+    pub(crate) sender_id: String,
+    pub(crate) message_id: String,
 }
 
-async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::StoreError> {
+/// The snapshot the page shows (also the admin API's agent listing).
+pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::StoreError> {
     let now = broker.clock().now().wall.0 as f64 / 1000.0;
     let sessions = broker.local_sessions();
     let mut agents = Vec::new();

@@ -23,13 +23,22 @@ impl RedisBackend {
     }
 
     pub(in crate::store) async fn rate_backlog(&self, sender: &AgentId) -> Result<Backlog, StoreError> {
-        let (now, minute, hour): (u64, u64, u64) =
-            self.scripts.rate_backlog.key(key(sender, "rate")).invoke_async(&mut self.con()).await.map_err(unavailable)?;
+        let (now, minute, hour): (u64, u64, u64) = self
+            .scripts
+            .rate_backlog
+            .key(key(sender, "rate"))
+            .invoke_async(&mut self.con())
+            .await
+            .map_err(unavailable)?;
         let ahead = |tat: u64| Duration::from_micros(tat.saturating_sub(now));
         Ok(Backlog { minute: ahead(minute), hour: ahead(hour) })
     }
 
-    pub(in crate::store) async fn revoke_lease(&self, agent: &AgentId, instance: &InstanceId) -> Result<bool, StoreError> {
+    pub(in crate::store) async fn revoke_lease(
+        &self,
+        agent: &AgentId,
+        instance: &InstanceId,
+    ) -> Result<bool, StoreError> {
         let revoked: i64 = self
             .scripts
             .lease_revoke
