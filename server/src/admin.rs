@@ -142,6 +142,8 @@ async fn read_store(broker: &Arc<Broker>) -> Option<Vec<AgentReading>> {
                     .and_then(|at| Duration::try_from_secs_f64((now - at).max(0.0)).ok()),
                 circuit: gauges.circuit,
                 audit_len: gauges.audit_len,
+                dead_letters: gauges.dead_letters,
+                dead_letters_dropped: gauges.dead_letters_dropped,
             });
         }
     }

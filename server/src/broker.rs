@@ -173,6 +173,7 @@ impl Broker {
             false => None,
         };
         let metrics = Metrics::new(config.agents.keys(), store.metrics());
+        metrics.set_dead_letter_capacity(config.dead_letter_capacity());
         let refresh = config.admin.authz_refresh();
         let broker = Arc::new(Broker {
             authz: RwLock::new(config.authz_policy()),

@@ -613,6 +613,16 @@ impl BrokerConfig {
         policy
     }
 
+    /// The dead-letter bound of the configured store: per agent in Redis, for all agents
+    /// together in the embedded store.
+    pub fn dead_letter_capacity(&self) -> usize {
+        #[cfg(not(madsim))]
+        if let Some(redis) = &self.redis {
+            return redis.max_dead_letters;
+        }
+        MemoryStoreConfig::default().max_dead_letters
+    }
+
     /// A configuration with defaults for everything but the address and the allowlist.
     pub fn new(listen_addr: SocketAddr, agents: BTreeMap<AgentId, AgentDefinition>) -> Self {
         BrokerConfig {

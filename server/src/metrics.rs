@@ -170,6 +170,9 @@ pub struct Metrics {
     oldest_age: Family<AgentLabels, Gauge<f64, AtomicU64>>,
     circuit_state: Family<AgentLabels, Gauge>,
     audit_chain_length: Family<ChainLabels, Gauge>,
+    dead_letter_queue_length: Family<AgentLabels, Gauge>,
+    dead_letters_dropped: Family<AgentLabels, Gauge>,
+    dead_letter_queue_capacity: Gauge,
     store_up: Gauge,
     draining: Gauge,
 }
@@ -213,6 +216,9 @@ impl Metrics {
             oldest_age: Family::default(),
             circuit_state: Family::default(),
             audit_chain_length: Family::default(),
+            dead_letter_queue_length: Family::default(),
+            dead_letters_dropped: Family::default(),
+            dead_letter_queue_capacity: Gauge::default(),
             store_up: Gauge::default(),
             draining: Gauge::default(),
             registry: Registry::with_prefix("mas"),
@@ -266,6 +272,21 @@ impl Metrics {
             "audit_chain_length",
             "Live records in each audit chain (archived ones excluded)",
             metrics.audit_chain_length.clone(),
+        );
+        r.register(
+            "dead_letter_queue_length",
+            "Dead letters kept for the agent (compare with mas_dead_letter_queue_capacity)",
+            metrics.dead_letter_queue_length.clone(),
+        );
+        r.register(
+            "dead_letters_dropped",
+            "Dead letters dropped, oldest first, because the queue was at its bound (as the store counts them)",
+            metrics.dead_letters_dropped.clone(),
+        );
+        r.register(
+            "dead_letter_queue_capacity",
+            "The bound of each agent's dead-letter queue (the embedded store's bound is for all agents together)",
+            metrics.dead_letter_queue_capacity.clone(),
         );
         r.register("store_up", "1 when the last scrape could read the store, else 0", metrics.store_up.clone());
         r.register("draining", "1 while the broker drains for shutdown", metrics.draining.clone());
@@ -374,6 +395,11 @@ impl Metrics {
         self.draining.set(1);
     }
 
+    /// Records the store's dead-letter bound (set once, at start).
+    pub fn set_dead_letter_capacity(&self, capacity: usize) {
+        self.dead_letter_queue_capacity.set(to_i64(capacity));
+    }
+
     /// Sets the store-held gauges from a fresh reading (`None`: the store could not be read;
     /// the gauges keep their last values and `mas_store_up` turns 0).
     pub fn refresh_from_store(&self, reading: Option<&[AgentReading]>) {
@@ -393,6 +419,10 @@ impl Metrics {
             };
             self.circuit_state.get_or_create(&labels).set(state);
             self.audit_chain_length.get_or_create(&ChainLabels { chain: r.agent.to_string() }).set(to_i64(r.audit_len));
+            self.dead_letter_queue_length.get_or_create(&labels).set(to_i64(r.dead_letters));
+            self.dead_letters_dropped
+                .get_or_create(&labels)
+                .set(i64::try_from(r.dead_letters_dropped).unwrap_or(i64::MAX));
         }
     }
 }
@@ -433,6 +463,10 @@ pub struct AgentReading {
     pub circuit: CircuitPhase,
     /// Live records in its audit chain.
     pub audit_len: usize,
+    /// Dead letters kept.
+    pub dead_letters: usize,
+    /// Dead letters dropped at the bound.
+    pub dead_letters_dropped: u64,
 }
 
 fn to_i64(n: usize) -> i64 {

@@ -298,6 +298,8 @@ impl MemoryStore {
             oldest_timestamp: head.and_then(|seq| self.entries.get(&seq)).and_then(|e| envelope_timestamp(&e.envelope)),
             circuit: self.circuit(agent).phase(now),
             audit_len: self.audit_len(agent),
+            dead_letters: self.dead_letters.iter().filter(|(_, letter)| &letter.agent == agent).count(),
+            dead_letters_dropped: self.dead_letters_dropped,
         }
     }
 

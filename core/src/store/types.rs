@@ -306,6 +306,11 @@ pub struct QueueGauges {
     pub circuit: crate::policy::circuit::CircuitPhase,
     /// Live records in the agent's audit chain.
     pub audit_len: usize,
+    /// Dead letters kept for the agent.
+    pub dead_letters: usize,
+    /// Dead letters dropped at the bound, oldest first (in the embedded store, whose bound
+    /// covers every agent together, the store-wide count).
+    pub dead_letters_dropped: u64,
 }
 
 /// The admission time an envelope carries (its `timestamp`), if it can be read.

@@ -803,13 +803,22 @@ impl RedisBackend {
 
     pub(super) async fn queue_gauges(&self, agent: &AgentId) -> Result<QueueGauges, StoreError> {
         let (stream, delayed) = Self::queue_keys(&QueueKey::Work(agent.clone()));
-        let (depth, envelope, phase, audit_len): (usize, String, String, usize) = self
+        let (depth, envelope, phase, audit_len, dead_letters, dead_letters_dropped): (
+            usize,
+            String,
+            String,
+            usize,
+            usize,
+            u64,
+        ) = self
             .scripts
             .queue_gauges
             .key(stream)
             .key(delayed)
             .key(key(agent, "circuit"))
             .key(key(agent, "audit"))
+            .key(key(agent, "dlq"))
+            .key(key(agent, "dlq:dropped"))
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
@@ -818,7 +827,14 @@ impl RedisBackend {
             "h" => CircuitPhase::HalfOpen,
             _ => CircuitPhase::Closed,
         };
-        Ok(QueueGauges { depth, oldest_timestamp: envelope_timestamp(&envelope), circuit, audit_len })
+        Ok(QueueGauges {
+            depth,
+            oldest_timestamp: envelope_timestamp(&envelope),
+            circuit,
+            audit_len,
+            dead_letters,
+            dead_letters_dropped,
+        })
     }
 
     pub(super) async fn queue_len(&self, queue: &QueueKey) -> Result<usize, StoreError> {

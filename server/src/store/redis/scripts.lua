@@ -493,9 +493,9 @@ if ARGV[1] == '1' and not circuit_admit(circuit_load(KEYS[2]), circuit_config(AR
 return {live, admits}
 
 --@queue_gauges
--- KEYS: work stream, work delayed, circuit, audit stream. Reads only. Returns {depth, envelope
--- at the head of the stream or '', circuit phase c|h|o, audit records}; an open circuit past
--- its open period reads 'h'.
+-- KEYS: work stream, work delayed, circuit, audit stream, dlq, dlq dropped counter. Reads only.
+-- Returns {depth, envelope at the head of the stream or '', circuit phase c|h|o, audit records,
+-- dead letters, dead letters dropped}; an open circuit past its open period reads 'h'.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local depth = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
@@ -508,7 +508,8 @@ end
 local c = redis.call('HMGET', KEYS[3], 's', 'u')
 local phase = c[1] or 'c'
 if phase == 'o' and now >= tonumber(c[2] or '0') then phase = 'h' end
-return {depth, envelope, phase, redis.call('XLEN', KEYS[4])}
+return {depth, envelope, phase, redis.call('XLEN', KEYS[4]), redis.call('XLEN', KEYS[5]),
+  tonumber(redis.call('GET', KEYS[6]) or '0')}
 
 --@admit
 -- Audited admission of a batch of decisions recorded in one agent's chain (group commit).
