@@ -46,9 +46,9 @@ pub struct Broker {
     audit: AuditTrail,
     store: Store,
     clock: Clock,
-    /// This broker's live sessions and their owner tokens. Touched on connect, disconnect and
-    /// the sender check of each RPC; never held across an await.
-    sessions: Mutex<BTreeMap<SessionKey, OwnerToken>>,
+    /// This broker's live sessions: owner tokens and when each opened. Touched on connect,
+    /// disconnect and the sender check of each RPC; never held across an await.
+    sessions: Mutex<BTreeMap<SessionKey, LocalSession>>,
     /// Message and correlation ids; one short lock per message, deterministic under a seed.
     ids: Mutex<ChaCha8Rng>,
     session_seq: AtomicU64,
@@ -63,6 +63,14 @@ pub struct Broker {
     /// The last shutdown gave up waiting for sessions.
     drain_overran: std::sync::atomic::AtomicBool,
     metrics: Metrics,
+}
+
+/// A session on this broker.
+#[derive(Debug, Clone)]
+struct LocalSession {
+    owner: OwnerToken,
+    /// Wall-clock milliseconds since the Unix epoch when it opened.
+    since: u64,
 }
 
 /// Event counters of one broker, for operators and for the simulation's checkers.
@@ -308,12 +316,13 @@ impl Broker {
         format!("{hex}.{requester}")
     }
 
-    /// The (agent, instance) of every session on this broker.
-    pub fn local_sessions(&self) -> Vec<SessionKey> {
-        self.sessions().keys().cloned().collect()
+    /// The (agent, instance) of every session on this broker, and when it opened (wall-clock
+    /// milliseconds since the Unix epoch).
+    pub fn local_sessions(&self) -> Vec<(SessionKey, u64)> {
+        self.sessions().iter().map(|(key, session)| (key.clone(), session.since)).collect()
     }
 
-    fn sessions(&self) -> MutexGuard<'_, BTreeMap<SessionKey, OwnerToken>> {
+    fn sessions(&self) -> MutexGuard<'_, BTreeMap<SessionKey, LocalSession>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -334,7 +343,8 @@ impl Broker {
             if held >= self.config.limits.max_sessions_per_agent {
                 return Err(OpenError::TooManySessions);
             }
-            sessions.insert(key.clone(), owner.clone());
+            let since = self.clock.now().wall.0;
+            sessions.insert(key.clone(), LocalSession { owner: owner.clone(), since });
         }
         let session = SessionRef { agent: key.0.clone(), instance: key.1.clone(), owner: owner.clone() };
         match self.store.acquire_lease(&session, self.config.session_lease.ttl()).await {
@@ -355,7 +365,7 @@ impl Broker {
 
     fn forget(&self, key: &SessionKey, owner: &OwnerToken) {
         let mut sessions = self.sessions();
-        if sessions.get(key) == Some(owner) {
+        if sessions.get(key).is_some_and(|session| &session.owner == owner) {
             sessions.remove(key);
         }
     }

@@ -300,7 +300,9 @@ def test_agents_queues_circuits_limits_sessions_and_audit_through_the_cli(limite
         assert {x["agent_id"]: x for x in ok(admin(broker, ops, "limits", "list"))}["alice"]["minute_used"] == 0
 
         sessions = ok(admin(broker, ops, "sessions", "list"))
-        assert {"agent_id": "carol", "instance_id": c.instance_id} in sessions
+        carol_session = next(x for x in sessions if x["agent_id"] == "carol")
+        assert carol_session["instance_id"] == c.instance_id
+        assert 0 < time.time() - carol_session["connected_at"] < 60, "when it connected"
         assert ok(admin(broker, ops, "sessions", "kick", "--agent", "carol", "--instance", c.instance_id)) == {"kicked": True}
         ended = await c.end(timeout=10)
         assert ended is not None, "the kicked session's stream ends with a status"

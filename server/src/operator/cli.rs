@@ -421,13 +421,20 @@ async fn execute(connection: Connection, command: AdminCommand) -> Result<Output
         }
         AdminCommand::Sessions { action: SessionsCommand::List } => {
             let agents = list_agents(&mut client, None).await?;
-            let sessions: Vec<[String; 2]> =
-                agents.iter().flat_map(|a| a.sessions_here.iter().map(|i| [a.agent_id.clone(), i.clone()])).collect();
-            let json = sessions.iter().map(|[a, i]| serde_json::json!({ "agent_id": a, "instance_id": i }));
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            let sessions: Vec<(&str, &mas_proto::admin::SessionHere)> =
+                agents.iter().flat_map(|a| a.sessions.iter().map(move |s| (a.agent_id.as_str(), s))).collect();
+            let rows = sessions.iter().map(|(agent, s)| {
+                [agent.to_string(), s.instance_id.clone(), format!("{:.0}s", (now - s.connected_at).max(0.0))]
+            });
+            let json = sessions.iter().map(|(agent, s)| {
+                serde_json::json!({ "agent_id": agent, "instance_id": s.instance_id, "connected_at": s.connected_at })
+            });
             Ok(Output {
                 json: serde_json::Value::Array(json.collect()),
                 table: table(
-                    std::iter::once(["AGENT", "INSTANCE"].map(String::from)).chain(sessions.clone()).collect(),
+                    std::iter::once(["AGENT", "INSTANCE", "CONNECTED FOR"].map(String::from)).chain(rows).collect(),
                 ),
             })
         }

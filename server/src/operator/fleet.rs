@@ -4,7 +4,7 @@
 use mas_core::ids::{AgentId, InstanceId};
 use mas_proto::admin::{
     AgentRequest, AgentStatus, KickSessionRequest, KickSessionResponse, ListAgentsRequest, ListAgentsResponse,
-    ResetResponse,
+    ResetResponse, SessionHere,
 };
 use tonic::Status;
 
@@ -33,9 +33,15 @@ pub(super) async fn list(broker: &Broker, req: &ListAgentsRequest) -> Result<Lis
         let id = allowlisted(broker, &agent.agent_id)?;
         let limits = broker.config().gateway.rate_limit.limits_for(&id);
         let (minute, hour) = broker.store().rate_backlog(&id).await.map_err(store_failed)?.usage(limits);
+        let sessions: Vec<SessionHere> = agent
+            .sessions
+            .into_iter()
+            .map(|s| SessionHere { instance_id: s.instance_id, connected_at: s.connected_at })
+            .collect();
         agents.push(AgentStatus {
             agent_id: agent.agent_id,
-            sessions_here: agent.sessions,
+            sessions_here: sessions.iter().map(|s| s.instance_id.clone()).collect(),
+            sessions,
             queue_depth: agent.queue_depth as u64,
             oldest_age_s: agent.oldest_age_s.unwrap_or(0.0),
             circuit: agent.circuit.to_string(),

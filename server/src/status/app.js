@@ -36,7 +36,11 @@ function draw(status) {
   fill("agents", status.agents, (row, agent) => {
     row.dataset.agent = agent.agent_id;
     cell(row, agent.agent_id);
-    cell(row, agent.sessions.length ? agent.sessions.join(", ") : "none", "sessions");
+    const sessions = cell(row, agent.sessions.length ? agent.sessions.map((s) => s.instance_id).join(", ") : "none",
+      "sessions");
+    sessions.title = agent.sessions
+      .map((s) => `${s.instance_id} connected ${new Date(s.connected_at * 1000).toLocaleString()}`)
+      .join("\n");
     cell(row, agent.queue_depth, "number queued");
     cell(row, seconds(agent.oldest_age_s), "number");
     cell(row, agent.circuit, `circuit circuit-${agent.circuit}`);

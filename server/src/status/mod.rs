@@ -117,13 +117,20 @@ pub(crate) struct Snapshot {
 #[derive(Debug, Serialize)]
 pub(crate) struct AgentStatus {
     pub(crate) agent_id: String,
-    /// Instance ids with a session on this broker.
-    pub(crate) sessions: Vec<String>,
+    /// The sessions on this broker.
+    pub(crate) sessions: Vec<SessionStatus>,
     pub(crate) queue_depth: usize,
     pub(crate) oldest_age_s: Option<f64>,
     pub(crate) circuit: &'static str,
     pub(crate) audit_records: usize,
     pub(crate) dead_letters: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct SessionStatus {
+    pub(crate) instance_id: String,
+    /// When it opened (seconds since the Unix epoch).
+    pub(crate) connected_at: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,7 +156,14 @@ pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::S
         let dead = broker.store().dead_letters(agent, DEAD_LETTERS_READ).await?;
         agents.push(AgentStatus {
             agent_id: agent.to_string(),
-            sessions: sessions.iter().filter(|(a, _)| a == agent).map(|(_, i)| i.to_string()).collect(),
+            sessions: sessions
+                .iter()
+                .filter(|((a, _), _)| a == agent)
+                .map(|((_, instance), since)| SessionStatus {
+                    instance_id: instance.to_string(),
+                    connected_at: *since as f64 / 1000.0,
+                })
+                .collect(),
             queue_depth: gauges.depth,
             oldest_age_s: gauges.oldest_timestamp.map(|at| (now - at).max(0.0)),
             circuit: match gauges.circuit {
