@@ -278,6 +278,7 @@ fn broker_files_keep_working_in_json_and_yaml() {
 }
 
 /// A `gateway` as the reference writes it, with its Redis and audit-retention keys.
+#[cfg(not(madsim))]
 const REFERENCE_GATEWAY: &str = r#"
 gateway:
   redis:
@@ -290,6 +291,7 @@ gateway:
     retention: {max_messages: 40000, max_security_events: 60000, batch_size: 500, archive_directory: archive}
 "#;
 
+#[cfg(not(madsim))] // no Redis backend under simulation
 #[test]
 fn the_references_redis_and_audit_retention_keys_map_onto_mass_settings() {
     let scratch = Scratch::new("reference-gateway");
