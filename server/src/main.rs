@@ -25,7 +25,7 @@ mod cli {
     use anyhow::Context;
     use clap::{Parser, Subcommand};
     use mas_core::ids::AgentId;
-    use mas_core::policy::audit::{AuditFilter, Decision, to_csv, to_json};
+    use mas_core::policy::audit::{to_csv, to_json};
     use mas_net::identity::{OperatorId, Principal};
     use mas_net::pki::CertPaths;
     use mas_net::tls::TlsFiles;
@@ -116,22 +116,8 @@ mod cli {
         Query {
             #[command(flatten)]
             source: Source,
-            /// Only this sender.
-            #[arg(long)]
-            sender: Option<String>,
-            /// Only this target.
-            #[arg(long)]
-            target: Option<String>,
-            /// Only this decision (ALLOWED, ALERT, DLP_REDACTED, AUTHZ_DENIED, RATE_LIMITED,
-            /// CIRCUIT_OPEN, DLP_BLOCKED, QUEUE_FULL).
-            #[arg(long)]
-            decision: Option<String>,
-            /// Only records at or after this time (seconds since the Unix epoch).
-            #[arg(long)]
-            since: Option<f64>,
-            /// Only records at or before this time (seconds since the Unix epoch).
-            #[arg(long)]
-            until: Option<f64>,
+            #[command(flatten)]
+            filter: mas_server::operator::cli::AuditFilterArgs,
             /// At most this many records.
             #[arg(long, default_value_t = 100)]
             limit: usize,
@@ -244,14 +230,8 @@ mod cli {
                 Ok(())
             }
             Command::Audit { action: AuditCommand::Verify { source } } => verify(source).await.map(|_| ()),
-            Command::Audit {
-                action: AuditCommand::Query { source, sender, target, decision, since, until, limit, format },
-            } => {
-                let decision = match decision {
-                    Some(d) => Some(Decision::parse(&d).with_context(|| format!("unknown decision {d:?}"))?),
-                    None => None,
-                };
-                let filter = AuditFilter { sender, target, decision, since, until };
+            Command::Audit { action: AuditCommand::Query { source, filter, limit, format } } => {
+                let filter = filter.filter().map_err(anyhow::Error::msg)?;
                 let records = match (&source.config, &source.file) {
                     (Some(config), _) => {
                         offline::query_store(&BrokerConfig::from_file(config)?, &filter, limit).await?

@@ -47,6 +47,17 @@ fn ack(m: &QueuedMessage) -> StoreEffect {
     StoreEffect::Ack { entry: m.entry.clone() }
 }
 
+/// A handler's refusal of `m` after `attempts` attempts.
+fn dead_letter(m: &QueuedMessage, attempts: u32, reason: &str) -> StoreEffect {
+    StoreEffect::DeadLetter {
+        entry: m.entry.clone(),
+        envelope: m.envelope.clone(),
+        attempts,
+        reason: reason.into(),
+        nacked: true,
+    }
+}
+
 fn requeue(m: &QueuedMessage, attempt: u32, delay: Duration, now: Now) -> StoreEffect {
     StoreEffect::Requeue {
         entry: m.entry.clone(),
@@ -208,16 +219,7 @@ async fn dead_letters_are_bounded_keeping_the_newest() {
                 store.enqueue(&work("bob"), Arc::from(format!("d{}", round * 3 + m))).await.unwrap();
             }
             let batch = store.claim(&b1, 3, NO_WAIT).await.unwrap();
-            let dead = batch
-                .iter()
-                .map(|m| StoreEffect::DeadLetter {
-                    entry: m.entry.clone(),
-                    envelope: m.envelope.clone(),
-                    attempts: 5,
-                    reason: "boom".into(),
-                    nacked: true,
-                })
-                .collect();
+            let dead = batch.iter().map(|m| dead_letter(m, 5, "boom")).collect();
             store.apply(&b1, dead, now(), None).await.unwrap();
         }
         let kept = store.dead_letters(&agent("bob"), 10).await.unwrap();
@@ -238,16 +240,7 @@ async fn dead_letters_are_redriven_once_with_a_fresh_attempt_and_purged() {
             store.enqueue(&work("bob"), Arc::from(m)).await.unwrap();
         }
         let batch = store.claim(&b1, 3, NO_WAIT).await.unwrap();
-        let dead = batch
-            .iter()
-            .map(|m| StoreEffect::DeadLetter {
-                entry: m.entry.clone(),
-                envelope: m.envelope.clone(),
-                attempts: 4,
-                reason: "poison".into(),
-                nacked: true,
-            })
-            .collect();
+        let dead = batch.iter().map(|m| dead_letter(m, 4, "poison")).collect();
         store.apply(&b1, dead, now(), None).await.unwrap();
         let letters = store.dead_letters(&agent("bob"), 10).await.unwrap();
         let ids: Vec<String> = letters.iter().map(|d| d.id.clone()).collect();
@@ -307,13 +300,7 @@ async fn operators_reset_circuits_and_rates_and_revoke_leases() {
         store.acquire_lease(&b1, LEASE).await.unwrap();
         store.enqueue(&work("bob"), Arc::from("boom")).await.unwrap();
         let m = store.claim(&b1, 1, NO_WAIT).await.unwrap().remove(0);
-        let dead = StoreEffect::DeadLetter {
-            entry: m.entry,
-            envelope: m.envelope,
-            attempts: 1,
-            reason: "r".into(),
-            nacked: true,
-        };
+        let dead = dead_letter(&m, 1, "r");
         store.apply(&b1, vec![dead], now(), Some(&circuit)).await.unwrap();
         log.push(format!("opened: admits {}", store.gate(&agent("bob"), Some(&circuit)).await.unwrap().circuit_admits));
         log.push(format!("reset {}", store.reset_circuit(&agent("bob")).await.unwrap()));

@@ -157,18 +157,36 @@ pub struct AuditFilterArgs {
     /// Only this target.
     #[arg(long)]
     target: Option<String>,
-    /// Only this decision (ALLOWED, AUTHZ_DENIED, RATE_LIMITED, ...).
+    /// Only this decision (ALLOWED, ALERT, DLP_REDACTED, AUTHZ_DENIED, RATE_LIMITED,
+    /// CIRCUIT_OPEN, DLP_BLOCKED, QUEUE_FULL).
     #[arg(long)]
     decision: Option<String>,
     /// Only records at or after this time (seconds since the Unix epoch).
     #[arg(long)]
     since: Option<f64>,
-    /// Only records at or before this time.
+    /// Only records at or before this time (seconds since the Unix epoch).
     #[arg(long)]
     until: Option<f64>,
 }
 
 impl AuditFilterArgs {
+    /// The filter, for reading chains offline (`mas audit query`).
+    pub fn filter(&self) -> Result<mas_core::policy::audit::AuditFilter, String> {
+        let decision = match &self.decision {
+            Some(name) => Some(
+                mas_core::policy::audit::Decision::parse(name).ok_or_else(|| format!("unknown decision {name:?}"))?,
+            ),
+            None => None,
+        };
+        Ok(mas_core::policy::audit::AuditFilter {
+            sender: self.sender.clone(),
+            target: self.target.clone(),
+            decision,
+            since: self.since,
+            until: self.until,
+        })
+    }
+
     fn request(&self, limit: u32) -> QueryAuditRequest {
         QueryAuditRequest {
             sender: self.sender.clone().unwrap_or_default(),
