@@ -63,6 +63,20 @@ pub struct Broker {
     /// The last shutdown gave up waiting for sessions.
     drain_overran: std::sync::atomic::AtomicBool,
     metrics: Metrics,
+    last_verification: Mutex<Option<Verification>>,
+}
+
+/// What the last audit verification found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verification {
+    /// When it ran.
+    pub at: mas_core::time::UnixMillis,
+    /// Every chain verified.
+    pub intact: bool,
+    /// Chains checked.
+    pub chains: usize,
+    /// Live records checked.
+    pub records: usize,
 }
 
 /// A session on this broker.
@@ -202,6 +216,7 @@ impl Broker {
             stats: Counters::default(),
             drain_overran: std::sync::atomic::AtomicBool::new(false),
             metrics,
+            last_verification: Mutex::new(None),
         });
         tokio::spawn(grants::follow_overlay(Arc::downgrade(&broker), refresh));
         Ok(broker)
@@ -251,9 +266,23 @@ impl Broker {
         &self.audit
     }
 
-    /// Verifies every audit chain in the store (see [`crate::audit::verify`]).
+    /// Verifies every audit chain in the store (see [`crate::audit::verify`]), and remembers
+    /// the verdict for the status page.
     pub async fn verify_audit(&self) -> Result<AuditReport, StoreError> {
-        crate::audit::verify(&self.store, self.config.agents.keys(), self.audit.archive_dir()).await
+        let report = crate::audit::verify(&self.store, self.config.agents.keys(), self.audit.archive_dir()).await?;
+        let verdict = Verification {
+            at: self.clock.now().wall,
+            intact: report.is_intact(),
+            chains: report.chains.len(),
+            records: report.records(),
+        };
+        *self.last_verification.lock().unwrap_or_else(PoisonError::into_inner) = Some(verdict);
+        Ok(report)
+    }
+
+    /// The verdict of the last [`Broker::verify_audit`] on this broker, if any.
+    pub fn last_verification(&self) -> Option<Verification> {
+        *self.last_verification.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Audit records matching `filter`, oldest first, at most `limit`.

@@ -1,20 +1,21 @@
 """The status page in real headless Chromium (Debian `chromium` + `chromium-driver`, driven by
 selenium): it shows the agents of a running broker, a dead letter appears after a poison
-message without a reload, no payload reaches the page, and the CSP lets only the page's own
-script run. A screenshot is kept in $MAS_ARTIFACTS_DIR."""
+message without a reload, an audit verification shows up, no payload reaches the page, and
+the CSP lets only the page's own script run. A screenshot is kept in $MAS_ARTIFACTS_DIR."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from harness import Broker, Pki
+from harness import MAS_BIN, Broker, Pki
 from runtime_client import Client
 
 ARTIFACTS = Path(os.environ.get("MAS_ARTIFACTS_DIR", "."))
@@ -34,7 +35,7 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"]:
+    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
@@ -84,6 +85,15 @@ def test_the_status_page_shows_agents_and_a_new_dead_letter_without_a_reload(bro
             assert shown == "poison"
             assert browser.execute_script("return window.notReloaded === true;"), "updated in place, not reloaded"
             assert secret not in browser.page_source, "no payload on the page"
+            ops = pki.operator("ops")
+            verified = subprocess.run(
+                [MAS_BIN, "admin", "--addr", broker.target, "--ca", str(ops.ca), "--cert", str(ops.cert),
+                 "--key", str(ops.key), "audit", "verify"], capture_output=True, text=True, timeout=30)
+            assert verified.returncode == 0, verified.stderr
+            verdict = await asyncio.to_thread(wait_in_page, browser, """
+                const text = document.getElementById('verification').textContent;
+                return text.startsWith('intact') ? text : null;""")
+            assert "1 chain, 1 record" in verdict, verdict  # bob's chain: one dead-lettered admission
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "status-page.png"))
             await a.close(), await b.close()

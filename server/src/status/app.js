@@ -44,9 +44,19 @@ function draw(status) {
     cell(row, agent.queue_depth, "number queued");
     cell(row, seconds(agent.oldest_age_s), "number");
     cell(row, agent.circuit, `circuit circuit-${agent.circuit}`);
+    cell(row, `${Math.round(agent.rate_pressure * 100)} %`, agent.rate_pressure >= 0.9 ? "number pressed" : "number");
     cell(row, agent.audit_records, "number");
     cell(row, agent.dead_letters, "number dead-letters");
   });
+  const verified = status.last_verification;
+  if (verified) {
+    const when = new Date(verified.at * 1000).toLocaleTimeString();
+    const verdict = document.getElementById("verification");
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    verdict.textContent = `${verified.intact ? "intact" : "BROKEN"} — ${plural(verified.chains, "chain")}, ` +
+      `${plural(verified.records, "record")}, verified ${when}`;
+    verdict.className = verified.intact ? "intact" : "broken";
+  }
   fill("dead-letters", status.newest_dead_letters, (row, letter) => {
     row.dataset.messageId = letter.message_id;
     cell(row, letter.agent_id);

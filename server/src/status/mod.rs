@@ -2,8 +2,8 @@
 //! stylesheet) and `/status.json` (the snapshot it polls once a second).
 //!
 //! The snapshot shows agents and their sessions on this broker, queue depths and the oldest
-//! queued message, circuits, audit chain lengths, dead-letter counts and the newest dead
-//! letters. It never carries a payload or a secret: dead letters are named by id, reason,
+//! queued message, circuits, rate-limit pressure, audit chain lengths and the last audit
+//! verification, dead-letter counts and the newest dead letters. It never carries a payload or a secret: dead letters are named by id, reason,
 //! type, sender and message id only.
 //!
 //! Access: on a loopback listener (the default) the page is open to the host. On any other
@@ -112,6 +112,16 @@ pub(crate) struct Snapshot {
     pub(crate) generated_at: f64,
     pub(crate) agents: Vec<AgentStatus>,
     pub(crate) newest_dead_letters: Vec<LetterStatus>,
+    /// The last audit verification on this broker (`mas admin audit verify`), if any.
+    pub(crate) last_verification: Option<VerificationStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct VerificationStatus {
+    pub(crate) at: f64,
+    pub(crate) intact: bool,
+    pub(crate) chains: usize,
+    pub(crate) records: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -124,6 +134,8 @@ pub(crate) struct AgentStatus {
     pub(crate) circuit: &'static str,
     pub(crate) audit_records: usize,
     pub(crate) dead_letters: usize,
+    /// Share of the sender's tighter rate-limit window in use (0 to 1).
+    pub(crate) rate_pressure: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,6 +166,9 @@ pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::S
     for agent in broker.config().agents.keys() {
         let gauges = broker.store().queue_gauges(agent).await?;
         let dead = broker.store().dead_letters(agent, DEAD_LETTERS_READ).await?;
+        let limits = broker.config().gateway.rate_limit.limits_for(agent);
+        let (minute, hour) = broker.store().rate_backlog(agent).await?.usage(limits);
+        let share = |used: u64, limit: u64| if limit == 0 { 1.0 } else { used as f64 / limit as f64 };
         agents.push(AgentStatus {
             agent_id: agent.to_string(),
             sessions: sessions
@@ -173,6 +188,7 @@ pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::S
             },
             audit_records: gauges.audit_len,
             dead_letters: dead.len(),
+            rate_pressure: share(minute, limits.per_minute).max(share(hour, limits.per_hour)).min(1.0),
         });
         letters.extend(dead.into_iter().rev().take(NEWEST_DEAD_LETTERS).map(|letter| {
             let envelope: serde_json::Value = serde_json::from_str(&letter.envelope).unwrap_or_default();
@@ -204,6 +220,12 @@ pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::S
         generated_at: now,
         agents,
         newest_dead_letters: letters,
+        last_verification: broker.last_verification().map(|v| VerificationStatus {
+            at: v.at.0 as f64 / 1000.0,
+            intact: v.intact,
+            chains: v.chains,
+            records: v.records,
+        }),
     })
 }
 
