@@ -600,15 +600,7 @@ impl BrokerConfig {
             }
         }
         for preset in &self.gateway.permissions {
-            match preset {
-                PermissionPreset::Allow { sender, targets } => policy.allow(sender, targets),
-                PermissionPreset::AllowBidirectional { agents: [a, b] } => policy.allow_bidirectional(a, b),
-                PermissionPreset::AllowNetwork { agents, bidirectional } => {
-                    policy.allow_network(agents, *bidirectional)
-                }
-                PermissionPreset::AllowBroadcast { sender, receivers } => policy.allow_broadcast(sender, receivers),
-                PermissionPreset::AllowWildcard { agent_id } => policy.allow_wildcard(agent_id),
-            }
+            preset.apply(&mut policy);
         }
         policy
     }
@@ -824,26 +816,62 @@ impl BrokerConfig {
     /// receiver or target).
     fn validate_presets(&self) -> Result<(), ConfigError> {
         for (index, preset) in self.gateway.permissions.iter().enumerate() {
-            let (kind, named, min): (&str, Vec<&AgentId>, usize) = match preset {
-                PermissionPreset::Allow { sender, targets } => {
-                    ("allow", std::iter::once(sender).chain(targets).collect(), 2)
-                }
-                PermissionPreset::AllowBidirectional { agents } => ("allow_bidirectional", agents.iter().collect(), 2),
-                PermissionPreset::AllowNetwork { agents, .. } => ("allow_network", agents.iter().collect(), 2),
-                PermissionPreset::AllowBroadcast { sender, receivers } => {
-                    ("allow_broadcast", std::iter::once(sender).chain(receivers).collect(), 2)
-                }
-                PermissionPreset::AllowWildcard { agent_id } => ("allow_wildcard", vec![agent_id], 1),
-            };
-            let at = format!("permissions[{index}] ({kind})");
-            if named.len() < min {
-                return Err(ConfigError::Invalid(format!("{at} names too few agents")));
-            }
-            if let Some(unknown) = named.iter().find(|a| !self.agents.contains_key(**a)) {
-                return Err(ConfigError::Invalid(format!("{at} names {unknown}, which is not an allowlisted agent")));
-            }
+            let at = format!("permissions[{index}] ({})", preset.kind());
+            preset
+                .check(|agent| self.agents.contains_key(agent))
+                .map_err(|why| ConfigError::Invalid(format!("{at} {why}")))?;
         }
         Ok(())
+    }
+}
+
+impl PermissionPreset {
+    /// Its `type` as the file writes it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PermissionPreset::Allow { .. } => "allow",
+            PermissionPreset::AllowBidirectional { .. } => "allow_bidirectional",
+            PermissionPreset::AllowNetwork { .. } => "allow_network",
+            PermissionPreset::AllowBroadcast { .. } => "allow_broadcast",
+            PermissionPreset::AllowWildcard { .. } => "allow_wildcard",
+        }
+    }
+
+    /// Every agent it names.
+    pub fn agents(&self) -> Vec<&AgentId> {
+        match self {
+            PermissionPreset::Allow { sender, targets } => std::iter::once(sender).chain(targets).collect(),
+            PermissionPreset::AllowBidirectional { agents } => agents.iter().collect(),
+            PermissionPreset::AllowNetwork { agents, .. } => agents.iter().collect(),
+            PermissionPreset::AllowBroadcast { sender, receivers } => {
+                std::iter::once(sender).chain(receivers).collect()
+            }
+            PermissionPreset::AllowWildcard { agent_id } => vec![agent_id],
+        }
+    }
+
+    /// Refuses a preset naming too few agents, or one that `allowlisted` does not know.
+    pub fn check(&self, allowlisted: impl Fn(&AgentId) -> bool) -> Result<(), String> {
+        let named = self.agents();
+        let min = if matches!(self, PermissionPreset::AllowWildcard { .. }) { 1 } else { 2 };
+        if named.len() < min {
+            return Err("names too few agents".into());
+        }
+        match named.iter().find(|agent| !allowlisted(agent)) {
+            Some(unknown) => Err(format!("names {unknown}, which is not an allowlisted agent")),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies it to `policy`, as the reference runner does.
+    pub fn apply(&self, policy: &mut AuthzPolicy) {
+        match self {
+            PermissionPreset::Allow { sender, targets } => policy.allow(sender, targets),
+            PermissionPreset::AllowBidirectional { agents: [a, b] } => policy.allow_bidirectional(a, b),
+            PermissionPreset::AllowNetwork { agents, bidirectional } => policy.allow_network(agents, *bidirectional),
+            PermissionPreset::AllowBroadcast { sender, receivers } => policy.allow_broadcast(sender, receivers),
+            PermissionPreset::AllowWildcard { agent_id } => policy.allow_wildcard(agent_id),
+        }
     }
 }
 

@@ -216,6 +216,13 @@ def test_grant_changes_apply_at_once_and_are_checked(audited_broker, pki: Pki) -
     assert unknown.returncode == 2 and "unknown_agent" in unknown.stderr
     empty = admin(broker, ops, "grants", "change", "--agent", "alice")
     assert empty.returncode == 2 and "empty_change" in empty.stderr
+    preset = ok(admin(broker, ops, "grants", "preset", '{"type": "allow_bidirectional", "agents": ["carol", "dave"]}'))
+    granted = {g["agent_id"]: g["allowed"] for g in preset["grants"]}
+    assert "dave" in granted["carol"] and "carol" in granted["dave"], granted
+    shown = ok(admin(broker, ops, "grants", "show", "--agent", "dave"))
+    assert "carol" in shown["grants"][0]["allowed"] and shown["revision"] == preset["revision"]
+    bad = admin(broker, ops, "grants", "preset", '{"type": "allow_wildcard", "agent_id": "nobody"}')
+    assert bad.returncode == 2 and "invalid_preset" in bad.stderr, bad.stderr
     assert wait_for(lambda: any(e["details"]["method"] == "ChangeGrants" and e["details"]["request"]["revoke"] == ["bob"]
                                 for e in security_events(audit_file, "admin_call")), 10)
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use mas_core::policy::authz::Denial;
 use mas_core::policy::overlay::GrantChange;
 use mas_core::store::MemoryStoreConfig;
-use mas_server::config::AgentDefinition;
+use mas_server::config::{AgentDefinition, PermissionPreset};
 use mas_server::store::redis::{RedisBackend, RedisSettings};
 use mas_server::store::{MemoryBackend, Store};
 use mas_server::{Broker, BrokerConfig};
@@ -83,4 +83,19 @@ async fn concurrent_changes_are_all_kept(store: Store) {
         assert_eq!((blocked("alice"), blocked("bob")), (10, 10), "no change was lost");
         assert!(broker.grants(&id("alice")).allowed.contains("bob"), "untouched grants stay");
     }
+}
+
+#[tokio::test]
+async fn a_preset_applied_through_one_broker_grants_on_the_other() {
+    let store = Store::from(MemoryBackend::new(MemoryStoreConfig::default()));
+    let a = Broker::with_store(config(), store.clone()).unwrap();
+    let b = Broker::with_store(config(), store.clone()).unwrap();
+    assert_eq!(b.authorize(&id("carol"), &id("bob"), true), Err(Denial::NotGranted));
+    let preset =
+        PermissionPreset::AllowNetwork { agents: vec![id("alice"), id("bob"), id("carol")], bidirectional: true };
+    let (revision, grants) = a.apply_preset(&preset).await.unwrap();
+    assert_eq!((revision, grants.len()), (1, 3));
+    b.refresh_authz().await.unwrap();
+    assert!(b.authorize(&id("carol"), &id("bob"), true).is_ok());
+    assert!(b.authorize(&id("bob"), &id("carol"), true).is_ok());
 }

@@ -11,11 +11,12 @@ use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 
 use mas_core::ids::AgentId;
-use mas_core::policy::authz::Grants;
+use mas_core::policy::authz::{AuthzPolicy, Grants};
 use mas_core::policy::overlay::{AuthzOverlay, GrantChange};
 use mas_core::store::StoreError;
 
 use super::Broker;
+use crate::config::PermissionPreset;
 
 /// Compare-and-set attempts before a change gives up (each lost one means another operator's
 /// change landed in between).
@@ -63,6 +64,41 @@ impl Broker {
         agent: &AgentId,
         change: &GrantChange,
     ) -> Result<(u64, Grants), GrantChangeError> {
+        self.update_overlay(|effective, overlay| overlay.change(effective, agent, change)).await
+    }
+
+    /// Applies a permission preset (as in the file's `permissions`) for every broker on the
+    /// store: each agent it names gets the grants the preset gives it on top of the policy in
+    /// force. Returns the new revision and the agents' new grants.
+    pub async fn apply_preset(
+        &self,
+        preset: &PermissionPreset,
+    ) -> Result<(u64, Vec<(AgentId, Grants)>), GrantChangeError> {
+        self.update_overlay(|effective, overlay| {
+            let mut after = effective.clone();
+            preset.apply(&mut after);
+            let mut named: Vec<AgentId> = preset.agents().into_iter().cloned().collect();
+            named.sort();
+            named.dedup();
+            named
+                .into_iter()
+                .map(|agent| {
+                    let grants = after.grants(&agent);
+                    overlay.grants.insert(agent.clone(), grants.clone());
+                    (agent, grants)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Compare-and-set of the store's overlay: `edit` sees the policy in force under the
+    /// current overlay and changes the overlay; retried from a fresh read when another change
+    /// landed first. Installs the result here at once.
+    async fn update_overlay<T>(
+        &self,
+        mut edit: impl FnMut(&AuthzPolicy, &mut AuthzOverlay) -> T,
+    ) -> Result<(u64, T), GrantChangeError> {
         for _ in 0..MAX_CHANGE_ATTEMPTS {
             // Read whatever is current (u64::MAX is never a stored revision).
             let (revision, mut overlay) = match self.store.authz_overlay(u64::MAX).await? {
@@ -70,19 +106,19 @@ impl Broker {
                 None => (0, AuthzOverlay::default()),
             };
             let effective = self.policy_with(&overlay);
-            let grants = overlay.change(&effective, agent, change);
+            let edited = edit(&effective, &mut overlay);
             let doc: Arc<str> =
                 serde_json::to_string(&overlay).map_err(|e| GrantChangeError::Unreadable(e.to_string()))?.into();
             if let Ok(written) = self.store.put_authz_overlay(revision, doc).await? {
                 self.install(written, &overlay);
-                return Ok((written, grants));
+                return Ok((written, edited));
             }
         }
         Err(GrantChangeError::Contended)
     }
 
     /// The configured policy with `overlay` applied.
-    fn policy_with(&self, overlay: &AuthzOverlay) -> mas_core::policy::authz::AuthzPolicy {
+    fn policy_with(&self, overlay: &AuthzOverlay) -> AuthzPolicy {
         let mut policy = self.config.authz_policy();
         overlay.apply(&mut policy);
         policy

@@ -11,9 +11,9 @@ use mas_net::identity::OperatorId;
 use mas_net::tls::TlsFiles;
 use mas_proto::admin::admin_service_client::AdminServiceClient;
 use mas_proto::admin::{
-    AgentGrants, AgentRequest, AgentStatus, ChangeGrantsRequest, DeadLetter, DeadLetterSelector, GetDeadLetterRequest,
-    GetGrantsRequest, KickSessionRequest, ListAgentsRequest, ListDeadLettersRequest, QueryAuditRequest,
-    VerifyAuditRequest,
+    AgentGrants, AgentRequest, AgentStatus, ApplyPresetRequest, ChangeGrantsRequest, DeadLetter, DeadLetterSelector,
+    GetDeadLetterRequest, GetGrantsRequest, KickSessionRequest, ListAgentsRequest, ListDeadLettersRequest,
+    QueryAuditRequest, VerifyAuditRequest,
 };
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -233,6 +233,12 @@ pub enum GrantsCommand {
         /// Take a role away.
         #[arg(long)]
         unassign_role: Vec<String>,
+    },
+    /// Apply a permission preset as a mas.yaml `permissions` entry writes it, in JSON, e.g.
+    /// '{"type": "allow_bidirectional", "agents": ["alice", "carol"]}'.
+    Preset {
+        /// The preset (JSON).
+        preset: String,
     },
 }
 
@@ -568,6 +574,18 @@ async fn grants(client: &mut AdminServiceClient<Channel>, action: GrantsCommand)
             Ok(Output {
                 json: serde_json::json!({ "revision": changed.revision, "grants": grants_json(&grants) }),
                 table: format!("revision {}\n{}", changed.revision, grants_table(std::slice::from_ref(&grants))),
+            })
+        }
+        GrantsCommand::Preset { preset } => {
+            let applied = client
+                .apply_preset(ApplyPresetRequest { preset_json: preset })
+                .await
+                .map_err(Failure::of)?
+                .into_inner();
+            let grants: Vec<_> = applied.grants.iter().map(grants_json).collect();
+            Ok(Output {
+                json: serde_json::json!({ "revision": applied.revision, "grants": grants }),
+                table: format!("revision {}\n{}", applied.revision, grants_table(&applied.grants)),
             })
         }
     }

@@ -4,12 +4,16 @@
 use mas_core::ids::AgentId;
 use mas_core::policy::authz::Grants;
 use mas_core::policy::overlay::GrantChange;
-use mas_proto::admin::{AgentGrants, ChangeGrantsRequest, ChangeGrantsResponse, GetGrantsRequest, GetGrantsResponse};
+use mas_proto::admin::{
+    AgentGrants, ApplyPresetRequest, ApplyPresetResponse, ChangeGrantsRequest, ChangeGrantsResponse, GetGrantsRequest,
+    GetGrantsResponse,
+};
 use tonic::Status;
 
 use super::detail;
 use super::fleet::allowlisted;
 use crate::broker::{Broker, GrantChangeError};
+use crate::config::PermissionPreset;
 
 pub(super) fn get(broker: &Broker, req: &GetGrantsRequest) -> Result<GetGrantsResponse, Status> {
     // The revision first: the grants read after it include at least that revision.
@@ -38,15 +42,30 @@ pub(super) async fn change(broker: &Broker, req: &ChangeGrantsRequest) -> Result
     if change.is_empty() {
         return Err(Status::invalid_argument(detail::EMPTY_CHANGE));
     }
-    let (revision, grants) = broker.change_grants(&agent, &change).await.map_err(|err| match err {
+    let (revision, grants) = broker.change_grants(&agent, &change).await.map_err(overlay_failed)?;
+    Ok(ChangeGrantsResponse { revision, grants: Some(to_proto(&agent, grants)) })
+}
+
+pub(super) async fn apply_preset(broker: &Broker, req: &ApplyPresetRequest) -> Result<ApplyPresetResponse, Status> {
+    let preset: PermissionPreset = serde_json::from_str(&req.preset_json)
+        .map_err(|err| Status::invalid_argument(format!("{}: {err}", detail::INVALID_PRESET)))?;
+    preset
+        .check(|agent| broker.agent(agent).is_some())
+        .map_err(|why| Status::invalid_argument(format!("{}: {} {why}", detail::INVALID_PRESET, preset.kind())))?;
+    let (revision, grants) = broker.apply_preset(&preset).await.map_err(overlay_failed)?;
+    let grants = grants.into_iter().map(|(agent, grants)| to_proto(&agent, grants)).collect();
+    Ok(ApplyPresetResponse { revision, grants })
+}
+
+fn overlay_failed(err: GrantChangeError) -> Status {
+    match err {
         GrantChangeError::Store(err) => mas_net::status::store_failed(&err),
         GrantChangeError::Contended => Status::aborted(detail::OVERLAY_CONTENDED),
         GrantChangeError::Unreadable(why) => {
             tracing::error!(%why, "authorization overlay unreadable; grant change refused");
             Status::failed_precondition(detail::OVERLAY_UNREADABLE)
         }
-    })?;
-    Ok(ChangeGrantsResponse { revision, grants: Some(to_proto(&agent, grants)) })
+    }
 }
 
 /// A change request as the security chain records it.

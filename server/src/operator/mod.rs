@@ -18,10 +18,11 @@ use std::sync::Arc;
 use mas_net::identity::{OperatorId, Principal};
 use mas_proto::admin::admin_service_server::AdminService;
 use mas_proto::admin::{
-    AgentRequest, ChangeGrantsRequest, ChangeGrantsResponse, DeadLetter, DeadLetterSelector, GetDeadLetterRequest,
-    GetGrantsRequest, GetGrantsResponse, KickSessionRequest, KickSessionResponse, ListAgentsRequest,
-    ListAgentsResponse, ListDeadLettersRequest, ListDeadLettersResponse, PurgeDeadLettersResponse, QueryAuditRequest,
-    QueryAuditResponse, RedriveDeadLettersResponse, ResetResponse, VerifyAuditRequest, VerifyAuditResponse,
+    AgentRequest, ApplyPresetRequest, ApplyPresetResponse, ChangeGrantsRequest, ChangeGrantsResponse, DeadLetter,
+    DeadLetterSelector, GetDeadLetterRequest, GetGrantsRequest, GetGrantsResponse, KickSessionRequest,
+    KickSessionResponse, ListAgentsRequest, ListAgentsResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+    PurgeDeadLettersResponse, QueryAuditRequest, QueryAuditResponse, RedriveDeadLettersResponse, ResetResponse,
+    VerifyAuditRequest, VerifyAuditResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -47,6 +48,8 @@ pub mod detail {
     pub const OVERLAY_CONTENDED: &str = "authz_overlay_contended";
     /// The stored overlay does not parse; nothing was changed.
     pub const OVERLAY_UNREADABLE: &str = "authz_overlay_unreadable";
+    /// A preset that does not parse or names an agent that is not allowlisted.
+    pub const INVALID_PRESET: &str = "invalid_preset";
     /// An audit query names no known decision.
     pub const UNKNOWN_DECISION: &str = "unknown_decision";
 }
@@ -183,6 +186,17 @@ impl AdminService for Admin {
             tracing::info!(%operator, agent = req.agent_id, "grants changed through the admin API");
         }
         changed.map(Response::new)
+    }
+
+    async fn apply_preset(&self, req: Request<ApplyPresetRequest>) -> Result<Response<ApplyPresetResponse>, Status> {
+        let operator = self.operator(&req, "ApplyPreset")?;
+        let req = req.into_inner();
+        let applied = grants::apply_preset(&self.broker, &req).await;
+        let request =
+            serde_json::from_str(&req.preset_json).unwrap_or(serde_json::Value::String(req.preset_json.clone()));
+        let result = outcome(&applied, |r| serde_json::json!({ "revision": r.revision, "agents": r.grants.len() }));
+        self.record(&operator, "ApplyPreset", serde_json::json!({ "preset": request }), result);
+        applied.map(Response::new)
     }
 
     async fn list_agents(&self, req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
