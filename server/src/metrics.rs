@@ -370,6 +370,11 @@ impl Metrics {
         }
     }
 
+    /// Deliveries to `agent` awaiting an ack on this broker, across its sessions here.
+    pub fn in_flight(&self, agent: &AgentId) -> i64 {
+        self.agents.get(agent).map_or(0, |a| a.in_flight.get())
+    }
+
     /// `agent`'s deliveries awaiting an ack changed by `delta`.
     pub fn in_flight_changed(&self, agent: &AgentId, delta: i64) {
         self.for_agent(agent, |a| {

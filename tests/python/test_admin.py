@@ -293,6 +293,7 @@ def test_agents_queues_circuits_limits_sessions_and_audit_through_the_cli(limite
         agents = {x["agent_id"]: x for x in ok(admin(broker, ops, "agents"))}
         assert agents["bob"]["sessions_here"] == [b.instance_id]
         assert agents["alice"]["rate_minute_used"] >= 8
+        assert agents["carol"]["in_flight_here"] == 3, "carol holds three deliveries unacked"
         queues = {q["agent_id"]: q for q in ok(admin(broker, ops, "queues"))}
         assert queues["carol"]["queue_depth"] == 3 and queues["carol"]["oldest_age_s"] > 0
         circuits = {x["agent_id"]: x["circuit"] for x in ok(admin(broker, ops, "circuits", "list"))}

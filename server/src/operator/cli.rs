@@ -371,13 +371,25 @@ async fn execute(connection: Connection, command: AdminCommand) -> Result<Output
             let agents = list_agents(&mut client, agent).await?;
             let table = table(
                 std::iter::once(
-                    ["AGENT", "SESSIONS HERE", "QUEUED", "OLDEST", "CIRCUIT", "AUDIT", "DLQ", "RATE/MIN", "RATE/H"]
-                        .map(String::from),
+                    [
+                        "AGENT",
+                        "SESSIONS HERE",
+                        "IN FLIGHT",
+                        "QUEUED",
+                        "OLDEST",
+                        "CIRCUIT",
+                        "AUDIT",
+                        "DLQ",
+                        "RATE/MIN",
+                        "RATE/H",
+                    ]
+                    .map(String::from),
                 )
                 .chain(agents.iter().map(|a| {
                     [
                         a.agent_id.clone(),
                         a.sessions_here.join(","),
+                        a.in_flight_here.to_string(),
                         a.queue_depth.to_string(),
                         format!("{:.1}s", a.oldest_age_s),
                         a.circuit.clone(),
@@ -538,6 +550,7 @@ fn agent_json(a: &AgentStatus) -> serde_json::Value {
     serde_json::json!({
         "agent_id": a.agent_id,
         "sessions_here": a.sessions_here,
+        "in_flight_here": a.in_flight_here,
         "queue_depth": a.queue_depth,
         "oldest_age_s": a.oldest_age_s,
         "circuit": a.circuit,

@@ -42,6 +42,7 @@ pub(super) async fn list(broker: &Broker, req: &ListAgentsRequest) -> Result<Lis
             agent_id: agent.agent_id,
             sessions_here: sessions.iter().map(|s| s.instance_id.clone()).collect(),
             sessions,
+            in_flight_here: agent.in_flight_here,
             queue_depth: agent.queue_depth as u64,
             oldest_age_s: agent.oldest_age_s.unwrap_or(0.0),
             circuit: agent.circuit.to_string(),

@@ -41,6 +41,7 @@ function draw(status) {
     sessions.title = agent.sessions
       .map((s) => `${s.instance_id} connected ${new Date(s.connected_at * 1000).toLocaleString()}`)
       .join("\n");
+    cell(row, agent.in_flight_here, "number in-flight");
     cell(row, agent.queue_depth, "number queued");
     cell(row, seconds(agent.oldest_age_s), "number");
     cell(row, agent.circuit, `circuit circuit-${agent.circuit}`);

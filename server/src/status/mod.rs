@@ -129,6 +129,8 @@ pub(crate) struct AgentStatus {
     pub(crate) agent_id: String,
     /// The sessions on this broker.
     pub(crate) sessions: Vec<SessionStatus>,
+    /// Deliveries awaiting an ack on this broker (all its sessions here).
+    pub(crate) in_flight_here: u64,
     pub(crate) queue_depth: usize,
     pub(crate) oldest_age_s: Option<f64>,
     pub(crate) circuit: &'static str,
@@ -179,6 +181,7 @@ pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::S
                     connected_at: *since as f64 / 1000.0,
                 })
                 .collect(),
+            in_flight_here: u64::try_from(broker.metrics().in_flight(agent)).unwrap_or(0),
             queue_depth: gauges.depth,
             oldest_age_s: gauges.oldest_timestamp.map(|at| (now - at).max(0.0)),
             circuit: match gauges.circuit {
