@@ -5,6 +5,10 @@
 //! agent services refuse its certificate). Every allowed call is recorded in the security
 //! chain as `admin_call` with the operator, the method, what was asked and what it did; every
 //! refused one as `admin_denied` (repeats within 10 s counted, as for authentication denials).
+//!
+//! This file authenticates and records; each area's calls live in their own module:
+//! `dead_letters`, `grants` (the store-wide overlay), `fleet` (agents, circuits, rate limits,
+//! sessions), `audit` (verify, query, follow). `cli` is `mas admin`.
 
 mod audit;
 pub mod cli;
