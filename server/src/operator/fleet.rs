@@ -30,9 +30,6 @@ pub(super) async fn list(broker: &Broker, req: &ListAgentsRequest) -> Result<Lis
     let snapshot = crate::status::read(broker).await.map_err(store_failed)?;
     let mut agents = Vec::new();
     for agent in snapshot.agents.into_iter().filter(|a| req.agent_id.is_empty() || a.agent_id == req.agent_id) {
-        let id = allowlisted(broker, &agent.agent_id)?;
-        let limits = broker.config().gateway.rate_limit.limits_for(&id);
-        let (minute, hour) = broker.store().rate_backlog(&id).await.map_err(store_failed)?.usage(limits);
         let sessions: Vec<SessionHere> = agent
             .sessions
             .into_iter()
@@ -48,10 +45,10 @@ pub(super) async fn list(broker: &Broker, req: &ListAgentsRequest) -> Result<Lis
             circuit: agent.circuit.to_string(),
             audit_records: agent.audit_records as u64,
             dead_letters: agent.dead_letters as u64,
-            rate_minute_used: minute,
-            rate_hour_used: hour,
-            rate_per_minute: limits.per_minute,
-            rate_per_hour: limits.per_hour,
+            rate_minute_used: agent.rate_minute_used,
+            rate_hour_used: agent.rate_hour_used,
+            rate_per_minute: agent.rate_limits.0,
+            rate_per_hour: agent.rate_limits.1,
         });
     }
     Ok(ListAgentsResponse { agents })

@@ -138,6 +138,10 @@ pub(crate) struct AgentStatus {
     pub(crate) dead_letters: usize,
     /// Share of the sender's tighter rate-limit window in use (0 to 1).
     pub(crate) rate_pressure: f64,
+    /// Messages counted in the sender's minute and hour windows, and its limits.
+    pub(crate) rate_minute_used: u64,
+    pub(crate) rate_hour_used: u64,
+    pub(crate) rate_limits: (u64, u64),
 }
 
 #[derive(Debug, Serialize)]
@@ -192,6 +196,9 @@ pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::S
             audit_records: gauges.audit_len,
             dead_letters: dead.len(),
             rate_pressure: share(minute, limits.per_minute).max(share(hour, limits.per_hour)).min(1.0),
+            rate_minute_used: minute,
+            rate_hour_used: hour,
+            rate_limits: (limits.per_minute, limits.per_hour),
         });
         letters.extend(dead.into_iter().rev().take(NEWEST_DEAD_LETTERS).map(|letter| {
             let envelope: serde_json::Value = serde_json::from_str(&letter.envelope).unwrap_or_default();
