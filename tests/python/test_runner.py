@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness import MAS_BIN
@@ -107,6 +108,21 @@ def project_file(python: str) -> str:
     )
 
 
+@contextmanager
+def mas_run(tmp_path: Path, *args: str, **popen):
+    """`mas run` as a process: its JSON event lines read from stdout, its stderr (the agents'
+    labelled output) in runner.log; killed at the end if it is still running."""
+    log = (tmp_path / "runner.log").open("w")
+    proc = subprocess.Popen([MAS_BIN, "run", *args], stdout=subprocess.PIPE, stderr=log, text=True, **popen)
+    try:
+        yield proc, Events(proc.stdout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 class Events:
     """The runner's JSON lines on stdout, read by a thread."""
 
@@ -159,10 +175,7 @@ def test_mas_run_supervises_rust_and_python_agents_and_stops_cleanly(tmp_path: P
     workdir = tmp_path / "deep" / "er"
     workdir.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "MAS_RUNNER_CONFIG_FILE"}
-    log = (tmp_path / "runner.log").open("w")
-    proc = subprocess.Popen([MAS_BIN, "run"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        events = Events(proc.stdout)
+    with mas_run(tmp_path, cwd=workdir, env=env) as (proc, events):
         events.wait(lambda e: e["event"] == "mas.broker.ready")
         started = {}
         for agent, instance in [("source", 0), ("worker", 0), ("worker", 1), ("tally", 0)]:
@@ -193,11 +206,6 @@ def test_mas_run_supervises_rust_and_python_agents_and_stops_cleanly(tmp_path: P
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
         stopped = events.wait(lambda e: e["event"] == "mas.runner.agents_stopped", timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     runner_log = (tmp_path / "runner.log").read_text()
     assert code == 0, f"mas run exited {code}; log:\n{runner_log}"
     assert stopped == {"event": "mas.runner.agents_stopped", "clean": 4, "killed": 0}, stopped
@@ -229,11 +237,7 @@ def test_mas_run_request_reply_between_rust_examples(tmp_path: Path) -> None:
         """
     ))
     subprocess.run([MAS_BIN, "dev-certs", "--config", str(tmp_path / "mas.yaml")], check=True)
-    log = (tmp_path / "runner.log").open("w")
-    proc = subprocess.Popen([MAS_BIN, "run", "--config", str(tmp_path / "mas.yaml")],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        events = Events(proc.stdout)
+    with mas_run(tmp_path, "--config", str(tmp_path / "mas.yaml")) as (proc, events):
         events.wait(lambda e: e["event"] == "mas.broker.ready")
         answers = tmp_path / "answers.txt"
         def answered() -> set[int]:
@@ -243,11 +247,6 @@ def test_mas_run_request_reply_between_rust_examples(tmp_path: Path) -> None:
             assert line.split()[1] in {"0", "1"}, f"answered by an echo instance: {line}"
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     runner_log = (tmp_path / "runner.log").read_text()
     assert code == 0, f"mas run exited {code}; log:\n{runner_log}"
     assert "[asker#0] answer 19 from instance" in runner_log, "the agent's output is labelled"
@@ -284,28 +283,21 @@ def test_agents_do_not_outlive_a_runner_killed_by_sigkill(tmp_path: Path) -> Non
         """
     ))
     subprocess.run([MAS_BIN, "dev-certs", "--config", str(tmp_path / "mas.yaml")], check=True)
-    log = (tmp_path / "runner.log").open("w")
-    proc = subprocess.Popen([MAS_BIN, "run", "--config", str(tmp_path / "mas.yaml")],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
     pids: list[int] = []
-    try:
-        events = Events(proc.stdout)
-        for agent in ["echo", "sleeper"]:
-            event = events.wait(lambda e, a=agent: e["event"] == "mas.runner.agent_started" and e["agent"] == a)
-            pids.append(event["pid"])
-        time.sleep(0.5)
-        assert not any(gone(pid) for pid in pids), "both agents run"
-        proc.kill()
-        proc.wait(timeout=10)
-        wait_until(lambda: all(gone(pid) for pid in pids), 20, f"agents {pids} to end with their runner")
-    finally:
-        if proc.poll() is None:
+    with mas_run(tmp_path, "--config", str(tmp_path / "mas.yaml")) as (proc, events):
+        try:
+            for agent in ["echo", "sleeper"]:
+                event = events.wait(lambda e, a=agent: e["event"] == "mas.runner.agent_started" and e["agent"] == a)
+                pids.append(event["pid"])
+            time.sleep(0.5)
+            assert not any(gone(pid) for pid in pids), "both agents run"
             proc.kill()
-            proc.wait()
-        for pid in pids:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
+            proc.wait(timeout=10)
+            wait_until(lambda: all(gone(pid) for pid in pids), 20, f"agents {pids} to end with their runner")
+        finally:
+            for pid in pids:
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_the_shipped_pipeline_example_runs(tmp_path: Path) -> None:
@@ -317,22 +309,13 @@ def test_the_shipped_pipeline_example_runs(tmp_path: Path) -> None:
     text = shipped.replace("../../../target/debug/examples/", f"{EXAMPLES}/").replace("127.0.0.1:50051", "127.0.0.1:0")
     (tmp_path / "mas.yaml").write_text(text + "admin: {listen_addr: null}\n")
     subprocess.run([MAS_BIN, "dev-certs", "--config", str(tmp_path / "mas.yaml")], check=True)
-    log = (tmp_path / "runner.log").open("w")
-    proc = subprocess.Popen([MAS_BIN, "run", "--config", str(tmp_path / "mas.yaml")],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        events = Events(proc.stdout)
+    with mas_run(tmp_path, "--config", str(tmp_path / "mas.yaml")) as (proc, events):
         events.wait(lambda e: e["event"] == "mas.broker.ready")
         wait_until(lambda: sorted(set(lines(tmp_path / "tail-jobs.txt"))) == list(range(20)), 60,
                    "the 20 jobs of head to reach tail through middle")
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
         stopped = events.wait(lambda e: e["event"] == "mas.runner.agents_stopped", timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     assert code == 0, (tmp_path / "runner.log").read_text()
     assert stopped == {"event": "mas.runner.agents_stopped", "clean": 4, "killed": 0}, stopped
     assert len(lines(tmp_path / "tail-jobs.txt")) == 20, "each job counted once"

@@ -28,6 +28,7 @@ use mas_proto::admin::{
     PurgeDeadLettersResponse, QueryAuditRequest, QueryAuditResponse, RedriveDeadLettersResponse, ResetResponse,
     VerifyAuditRequest, VerifyAuditResponse,
 };
+use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use crate::broker::Broker;
@@ -123,172 +124,207 @@ impl AdminService for Admin {
         &self,
         req: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
-        let operator = self.operator(&req, "ListDeadLetters")?;
-        let req = req.into_inner();
-        let listed = dead_letters::list(&self.broker, &req).await?;
-        self.record(
-            &operator,
+        let broker = &self.broker;
+        self.audited(
+            req,
             "ListDeadLetters",
-            dead_letters::describe(req.selector.as_ref()),
-            serde_json::json!({ "letters": listed.letters.len(), "truncated": listed.truncated }),
-        );
-        Ok(Response::new(listed))
+            |r| dead_letters::describe(r.selector.as_ref()),
+            |r| async move { dead_letters::list(broker, &r).await },
+            |r| json!({ "letters": r.letters.len(), "truncated": r.truncated }),
+        )
+        .await
     }
 
     async fn get_dead_letter(&self, req: Request<GetDeadLetterRequest>) -> Result<Response<DeadLetter>, Status> {
-        let operator = self.operator(&req, "GetDeadLetter")?;
-        let req = req.into_inner();
-        let found = dead_letters::get(&self.broker, &req).await;
-        let result = outcome(&found, |_| serde_json::json!({ "found": true }));
-        self.record(&operator, "GetDeadLetter", serde_json::json!({ "agent_id": req.agent_id, "id": req.id }), result);
-        found.map(Response::new)
+        let broker = &self.broker;
+        self.audited(
+            req,
+            "GetDeadLetter",
+            |r| json!({ "agent_id": r.agent_id, "id": r.id }),
+            |r| async move { dead_letters::get(broker, &r).await },
+            |_| json!({ "found": true }),
+        )
+        .await
     }
 
     async fn redrive_dead_letters(
         &self,
         req: Request<DeadLetterSelector>,
     ) -> Result<Response<RedriveDeadLettersResponse>, Status> {
-        let operator = self.operator(&req, "RedriveDeadLetters")?;
-        let selector = req.into_inner();
-        let redriven = dead_letters::redrive(&self.broker, &selector).await;
-        let result = outcome(
-            &redriven,
-            |r| serde_json::json!({ "redriven": r.redriven, "not_found": r.not_found, "queue_full": r.queue_full }),
-        );
-        self.record(&operator, "RedriveDeadLetters", dead_letters::describe(Some(&selector)), result);
-        redriven.map(Response::new)
+        let broker = &self.broker;
+        self.audited(
+            req,
+            "RedriveDeadLetters",
+            |r| dead_letters::describe(Some(r)),
+            |r| async move { dead_letters::redrive(broker, &r).await },
+            |r| json!({ "redriven": r.redriven, "not_found": r.not_found, "queue_full": r.queue_full }),
+        )
+        .await
     }
 
     async fn purge_dead_letters(
         &self,
         req: Request<DeadLetterSelector>,
     ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
-        let operator = self.operator(&req, "PurgeDeadLetters")?;
-        let selector = req.into_inner();
-        let purged = dead_letters::purge(&self.broker, &selector).await;
-        let result = outcome(&purged, |r| serde_json::json!({ "purged": r.purged }));
-        self.record(&operator, "PurgeDeadLetters", dead_letters::describe(Some(&selector)), result);
-        purged.map(Response::new)
+        let broker = &self.broker;
+        self.audited(
+            req,
+            "PurgeDeadLetters",
+            |r| dead_letters::describe(Some(r)),
+            |r| async move { dead_letters::purge(broker, &r).await },
+            |r| json!({ "purged": r.purged }),
+        )
+        .await
     }
 
     async fn get_grants(&self, req: Request<GetGrantsRequest>) -> Result<Response<GetGrantsResponse>, Status> {
-        let operator = self.operator(&req, "GetGrants")?;
-        let req = req.into_inner();
-        let found = grants::get(&self.broker, &req);
-        let result = outcome(&found, |r| serde_json::json!({ "agents": r.grants.len(), "revision": r.revision }));
-        self.record(&operator, "GetGrants", serde_json::json!({ "agent_id": req.agent_id }), result);
-        found.map(Response::new)
+        let broker = &self.broker;
+        self.audited(
+            req,
+            "GetGrants",
+            |r| json!({ "agent_id": r.agent_id }),
+            |r| async move { grants::get(broker, &r) },
+            |r| json!({ "agents": r.grants.len(), "revision": r.revision }),
+        )
+        .await
     }
 
     async fn change_grants(&self, req: Request<ChangeGrantsRequest>) -> Result<Response<ChangeGrantsResponse>, Status> {
-        let operator = self.operator(&req, "ChangeGrants")?;
-        let req = req.into_inner();
-        let changed = grants::change(&self.broker, &req).await;
-        let result = outcome(&changed, |r| serde_json::json!({ "revision": r.revision }));
-        self.record(&operator, "ChangeGrants", grants::describe(&req), result);
-        if changed.is_ok() {
-            tracing::info!(%operator, agent = req.agent_id, "grants changed through the admin API");
-        }
-        changed.map(Response::new)
+        let broker = &self.broker;
+        self.audited(
+            req,
+            "ChangeGrants",
+            grants::describe,
+            |r| async move {
+                let changed = grants::change(broker, &r).await?;
+                tracing::info!(agent = r.agent_id, revision = changed.revision, "grants changed through the admin API");
+                Ok(changed)
+            },
+            |r| json!({ "revision": r.revision }),
+        )
+        .await
     }
 
     async fn apply_preset(&self, req: Request<ApplyPresetRequest>) -> Result<Response<ApplyPresetResponse>, Status> {
-        let operator = self.operator(&req, "ApplyPreset")?;
-        let req = req.into_inner();
-        let applied = grants::apply_preset(&self.broker, &req).await;
-        let request =
-            serde_json::from_str(&req.preset_json).unwrap_or(serde_json::Value::String(req.preset_json.clone()));
-        let result = outcome(&applied, |r| serde_json::json!({ "revision": r.revision, "agents": r.grants.len() }));
-        self.record(&operator, "ApplyPreset", serde_json::json!({ "preset": request }), result);
-        applied.map(Response::new)
+        let broker = &self.broker;
+        self.audited(
+            req,
+            "ApplyPreset",
+            |r| json!({ "preset": serde_json::from_str(&r.preset_json).unwrap_or(json!(r.preset_json)) }),
+            |r| async move { grants::apply_preset(broker, &r).await },
+            |r| json!({ "revision": r.revision, "agents": r.grants.len() }),
+        )
+        .await
     }
 
     async fn list_agents(&self, req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
-        let operator = self.operator(&req, "ListAgents")?;
-        let req = req.into_inner();
-        let listed = fleet::list(&self.broker, &req).await;
-        self.record(
-            &operator,
+        let broker = &self.broker;
+        self.audited(
+            req,
             "ListAgents",
-            serde_json::json!({ "agent_id": req.agent_id }),
-            outcome(&listed, |r| serde_json::json!({ "agents": r.agents.len() })),
-        );
-        listed.map(Response::new)
+            |r| json!({ "agent_id": r.agent_id }),
+            |r| async move { fleet::list(broker, &r).await },
+            |r| json!({ "agents": r.agents.len() }),
+        )
+        .await
     }
 
     async fn reset_circuit(&self, req: Request<AgentRequest>) -> Result<Response<ResetResponse>, Status> {
-        let operator = self.operator(&req, "ResetCircuit")?;
-        let req = req.into_inner();
-        let reset = fleet::reset_circuit(&self.broker, &req).await;
-        self.record(
-            &operator,
+        let broker = &self.broker;
+        self.audited(
+            req,
             "ResetCircuit",
-            serde_json::json!({ "agent_id": req.agent_id }),
-            outcome(&reset, |r| serde_json::json!({ "had_state": r.had_state })),
-        );
-        reset.map(Response::new)
+            |r| json!({ "agent_id": r.agent_id }),
+            |r| async move { fleet::reset_circuit(broker, &r).await },
+            |r| json!({ "had_state": r.had_state }),
+        )
+        .await
     }
 
     async fn reset_rate_limit(&self, req: Request<AgentRequest>) -> Result<Response<ResetResponse>, Status> {
-        let operator = self.operator(&req, "ResetRateLimit")?;
-        let req = req.into_inner();
-        let reset = fleet::reset_rate(&self.broker, &req).await;
-        self.record(
-            &operator,
+        let broker = &self.broker;
+        self.audited(
+            req,
             "ResetRateLimit",
-            serde_json::json!({ "agent_id": req.agent_id }),
-            outcome(&reset, |r| serde_json::json!({ "had_state": r.had_state })),
-        );
-        reset.map(Response::new)
+            |r| json!({ "agent_id": r.agent_id }),
+            |r| async move { fleet::reset_rate(broker, &r).await },
+            |r| json!({ "had_state": r.had_state }),
+        )
+        .await
     }
 
     async fn kick_session(&self, req: Request<KickSessionRequest>) -> Result<Response<KickSessionResponse>, Status> {
-        let operator = self.operator(&req, "KickSession")?;
-        let req = req.into_inner();
-        let kicked = fleet::kick(&self.broker, &req).await;
-        let request = serde_json::json!({ "agent_id": req.agent_id, "instance_id": req.instance_id });
-        self.record(&operator, "KickSession", request, outcome(&kicked, |r| serde_json::json!({ "kicked": r.kicked })));
-        kicked.map(Response::new)
+        let broker = &self.broker;
+        self.audited(
+            req,
+            "KickSession",
+            |r| json!({ "agent_id": r.agent_id, "instance_id": r.instance_id }),
+            |r| async move { fleet::kick(broker, &r).await },
+            |r| json!({ "kicked": r.kicked }),
+        )
+        .await
     }
 
     async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<VerifyAuditResponse>, Status> {
-        let operator = self.operator(&req, "VerifyAudit")?;
-        let verified = audit::verify(&self.broker).await;
-        self.record(
-            &operator,
+        let broker = &self.broker;
+        self.audited(
+            req,
             "VerifyAudit",
-            serde_json::json!({}),
-            outcome(&verified, |r| serde_json::json!({ "intact": r.intact, "chains": r.chains.len() })),
-        );
-        verified.map(Response::new)
+            |_| json!({}),
+            |_| async move { audit::verify(broker).await },
+            |r| json!({ "intact": r.intact, "chains": r.chains.len() }),
+        )
+        .await
     }
 
     async fn query_audit(&self, req: Request<QueryAuditRequest>) -> Result<Response<QueryAuditResponse>, Status> {
-        let operator = self.operator(&req, "QueryAudit")?;
-        let req = req.into_inner();
-        let found = audit::query(&self.broker, &req).await;
-        self.record(
-            &operator,
+        let broker = &self.broker;
+        self.audited(
+            req,
             "QueryAudit",
-            describe_query(&req),
-            outcome(&found, |r| serde_json::json!({ "records": r.records.len() })),
-        );
-        found.map(Response::new)
+            describe_query,
+            |r| async move { audit::query(broker, &r).await },
+            |r| json!({ "records": r.records.len() }),
+        )
+        .await
     }
 
     type FollowAuditStream = audit::Follow;
 
     async fn follow_audit(&self, req: Request<QueryAuditRequest>) -> Result<Response<Self::FollowAuditStream>, Status> {
-        let operator = self.operator(&req, "FollowAudit")?;
-        let req = req.into_inner();
-        let stream = audit::follow(self.broker.clone(), &req);
-        self.record(
-            &operator,
+        let broker = self.broker.clone();
+        self.audited(
+            req,
             "FollowAudit",
-            describe_query(&req),
-            outcome(&stream, |_| serde_json::json!({ "following": true })),
-        );
-        stream.map(Response::new)
+            describe_query,
+            |r| async move { audit::follow(broker, &r) },
+            |_| json!({ "following": true }),
+        )
+        .await
+    }
+}
+
+impl Admin {
+    /// Runs one admin call: the caller must be an allowed operator (else refused and recorded),
+    /// then `run` answers, and the call — `describe` of the request, `summarize` of the answer
+    /// or the refusal — goes into the security chain whether it succeeded or not.
+    async fn audited<Req, Resp, Fut>(
+        &self,
+        req: Request<Req>,
+        method: &'static str,
+        describe: impl FnOnce(&Req) -> serde_json::Value,
+        run: impl FnOnce(Req) -> Fut,
+        summarize: impl FnOnce(&Resp) -> serde_json::Value,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Fut: Future<Output = Result<Resp, Status>>,
+    {
+        let operator = self.operator(&req, method)?;
+        let req = req.into_inner();
+        let request = describe(&req);
+        let answer = run(req).await;
+        self.record(&operator, method, request, outcome(&answer, summarize));
+        answer.map(Response::new)
     }
 }
 

@@ -194,7 +194,7 @@ pub(crate) async fn read(broker: &Broker) -> Result<Snapshot, mas_core::store::S
                 CircuitPhase::Open => "open",
             },
             audit_records: gauges.audit_len,
-            dead_letters: dead.len(),
+            dead_letters: gauges.dead_letters,
             rate_pressure: share(minute, limits.per_minute).max(share(hour, limits.per_hour)).min(1.0),
             rate_minute_used: minute,
             rate_hour_used: hour,

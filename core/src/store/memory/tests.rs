@@ -255,26 +255,13 @@ fn state_revisions_compare_and_set() {
 #[test]
 fn dead_letters_keep_the_envelope_and_are_bounded() {
     let mut s = MemoryStore::new(MemoryStoreConfig { max_queue_len: 10, max_dead_letters: 1, ..Default::default() });
-    let a = session("bob", "b1", "o1");
-    s.acquire_lease(&a, TTL, at(0)).unwrap();
-    for i in 0..2 {
-        s.enqueue(&work("bob"), Arc::from(format!("m{i}"))).unwrap();
-        let m = s.claim(&a, 1, at(0)).remove(0);
-        let effect = StoreEffect::DeadLetter {
-            entry: m.entry,
-            envelope: m.envelope,
-            attempts: 5,
-            reason: "r".into(),
-            nacked: true,
-        };
-        s.apply(&a, effect, at(0)).unwrap();
-    }
+    dead_lettered(&mut s, &["r", "r"]);
     let kept: Vec<_> = s.dead_letters(at(0)).map(|d| d.envelope.to_string()).collect();
     assert_eq!(kept, ["m1"]);
     assert_eq!(s.dead_letters_dropped(), 1);
 }
 
-/// Dead-letters `n` messages of bob's queue at `at(0)` with the reasons given in turn.
+/// Dead-letters one message `m{i}` of bob's queue per reason, the i-th at `at(i s)`.
 fn dead_lettered(s: &mut MemoryStore, reasons: &[&str]) -> SessionRef {
     let a = session("bob", "b1", "o1");
     s.acquire_lease(&a, TTL, at(0)).unwrap();
