@@ -23,6 +23,8 @@ use crate::metrics::Metrics;
 use crate::store::{MemoryBackend, Store};
 
 mod grants;
+#[cfg(test)]
+mod tests;
 
 pub use grants::GrantChangeError;
 
@@ -382,12 +384,19 @@ impl Broker {
                 self.metrics.session_changed(&key.0, 1);
                 Ok((session, self.broker_tag ^ seq.rotate_left(32)))
             }
-            outcome => {
+            Ok(false) => {
                 self.forget(&key, &owner);
-                Err(match outcome {
-                    Err(err) => OpenError::Store(err),
-                    Ok(_) => OpenError::AlreadyConnected,
-                })
+                Err(OpenError::AlreadyConnected)
+            }
+            Err(err) => {
+                self.forget(&key, &owner);
+                // The store may have taken the lease and lost only its answer. Left alone, that
+                // lease would refuse the agent's retry (`instance_already_connected`) until it
+                // expired; the release is owner-checked, so it can only drop our own.
+                if let Err(release) = self.store.release_lease(&session).await {
+                    tracing::debug!(error = %release, "could not release a lease of a failed open; it expires on its own");
+                }
+                Err(OpenError::Store(err))
             }
         }
     }

@@ -142,15 +142,18 @@ fn parse(doc: &str) -> Result<AuthzOverlay, GrantChangeError> {
     serde_json::from_str(doc).map_err(|e| GrantChangeError::Unreadable(e.to_string()))
 }
 
-/// Polls the overlay every `every` until the broker is gone (`Broker::connect` applied it
-/// once before serving). A failed poll is logged and tried again at the next tick: the policy
-/// in force stays as it was.
+/// Reads the overlay at once, then every `every`, until the broker is gone. The first read
+/// is what applies it for a broker made by `Broker::with_store` (tests, the simulation);
+/// `Broker::connect` has already applied it before serving, so there it finds nothing new.
+/// A failed poll is logged and tried again at the next tick: the policy in force stays.
 pub(super) async fn follow_overlay(broker: Weak<Broker>, every: Duration) {
     loop {
-        tokio::time::sleep(every).await;
-        let Some(broker) = broker.upgrade() else { return };
-        if let Err(err) = broker.refresh_authz().await {
-            tracing::warn!(error = %err, "could not refresh the authorization overlay; keeping the policy in force");
+        {
+            let Some(broker) = broker.upgrade() else { return };
+            if let Err(err) = broker.refresh_authz().await {
+                tracing::warn!(error = %err, "could not refresh the authorization overlay; keeping the policy in force");
+            }
         }
+        tokio::time::sleep(every).await;
     }
 }
