@@ -7,10 +7,12 @@ process, then request/reply at concurrency 1 and 32 through
 
 each client in its own process with its worker in another (a Python worker of its own
 generation, and a Rust SDK worker, which isolates the Python client's cost), beside a
-bare-Redis round-trip baseline from Python measured in the same run. Prints one table row per
-figure.
+bare-Redis round-trip baseline from Python measured in the same run. With `--mas-null`, each
+Python client also runs against `mas-null`, a server of the same protocol and mTLS that
+answers every request at once with no policy, store or worker: that row is the client's own
+ceiling on this machine, which no broker can lift. Prints one table row per figure.
 
-  tests/python/run --bench [--store redis] [--requests 2000] [--rounds 3]
+  tests/python/run --bench [--store redis] [--requests 2000] [--rounds 3] [--mas-rr BIN] [--mas-null BIN]
 """
 
 from __future__ import annotations
@@ -95,10 +97,18 @@ async def runtime_worker(target: str, certs: Path) -> None:
     bob = Client(target, Identity(certs / "ca.pem", certs / "bob.pem", certs / "bob.key"))
     transport = await bob.connect()
     print("ready", flush=True)
-    while True:
-        delivery_id, envelope = await transport.delivery(timeout=3600)
+
+    async def handle(delivery_id: str, envelope: dict) -> None:
         await bob.reply(transport.instance_id, envelope["meta"]["correlation_id"], "pong", envelope["data"])
         transport.ack(delivery_id)
+
+    # A task per delivery, as the stock clients run handlers (reference 4.3): a worker that
+    # answered one request at a time would measure itself, not the broker or the requester.
+    handlers: set[asyncio.Task] = set()
+    while True:
+        task = asyncio.create_task(handle(*await transport.delivery(timeout=3600)))
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
 
 
 async def runtime_client(target: str, certs: Path, concurrency: int, total: int) -> dict:
@@ -154,15 +164,39 @@ def role(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__)), "--role", *args]
 
 
+def run_client(client_cmd: list[str]) -> dict:
+    out = subprocess.run(client_cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def run_pair(worker_cmd: list[str], client_cmd: list[str]) -> dict:
     worker = subprocess.Popen(worker_cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
-        out = subprocess.run(client_cmd, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        return run_client(client_cmd)
     finally:
         worker.terminate()
         worker.wait()
+
+
+class NullBroker:
+    """`mas-null` in its own process (see the module doc)."""
+
+    def __init__(self, proc: subprocess.Popen, target: str) -> None:
+        self.proc, self.target = proc, target
+
+    @classmethod
+    def start(cls, binary: str, certs: Path) -> "NullBroker":
+        proc = subprocess.Popen([binary, "--certs", str(certs)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["listening"], f"mas-null did not start: {line}"
+        # The dev server certificate names localhost.
+        return cls(proc, "localhost:" + line[1].rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
 
 
 def main() -> None:
@@ -172,6 +206,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mas-rr", default=os.environ.get("MAS_RR_BIN", ""))
+    parser.add_argument("--mas-null", default=os.environ.get("MAS_NULL_BIN", ""))
     args = parser.parse_args()
 
     if args.role:
@@ -193,6 +228,7 @@ def main() -> None:
     pki = Pki.create(work / "pki")
     redis = RedisServer.start(work)
     broker = Broker.start(work, pki, redis_url=redis.url if args.store == "redis" else None)
+    null = NullBroker.start(args.mas_null, pki.dir) if args.mas_null else None
     rows: dict[tuple, list[dict]] = {}
     try:
         certs, target = str(pki.dir), broker.target
@@ -217,9 +253,18 @@ def main() -> None:
                         r = run_pair(rust_worker(worker), role(client, target, certs, str(c), n))
                         r["client"] += ", Rust worker"
                         runs.append(r)
+                if null:
+                    # The Python clients' own ceiling: the same calls against a server that
+                    # does nothing else.
+                    for client in ("runtime-client", "v1-client"):
+                        r = run_client(role(client, null.target, certs, str(c), n))
+                        r["client"] += ", mas-null (ceiling)"
+                        runs.append(r)
             for r in runs:
                 rows.setdefault((r["client"], r["generation"], r["concurrency"]), []).append(r)
     finally:
+        if null:
+            null.stop()
         assert broker.stop() == 0
         redis.stop()
 
