@@ -32,6 +32,9 @@ pub mod mas {
     }
 }
 
+#[cfg(not(madsim))]
+pub mod codec;
+
 /// `mas.admin.v1`, the operator plane (`AdminService`).
 pub use mas::admin::v1 as admin;
 
