@@ -134,6 +134,17 @@ impl Store {
         dispatch!(self, b => b.epoch())
     }
 
+    /// Whether wake-ups reach waiting claims: always for the embedded store; for Redis, while
+    /// its notification subscription is live (it is made again after it breaks, and claims
+    /// poll in between).
+    pub fn wakeups_live(&self) -> bool {
+        match &self.backend {
+            Backend::Memory(_) => true,
+            #[cfg(not(madsim))]
+            Backend::Redis(b) => b.wakeups_live(),
+        }
+    }
+
     /// Appends `envelope` to `queue` and wakes its consumers. Atomic. Unaudited: the message
     /// path uses [`Store::admit`]; this is for tests and tools that fill queues directly.
     pub async fn enqueue(&self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
