@@ -22,11 +22,17 @@ fn bob() -> SessionRef {
     }
 }
 
-async fn connect(redis: &RedisServer) -> (Store, redis::aio::MultiplexedConnection) {
+/// A store on a private Redis with bob's session leased, and a plain connection to look at
+/// the server with.
+async fn leased() -> Option<(RedisServer, Store, redis::aio::MultiplexedConnection, SessionRef)> {
+    let redis = RedisServer::start()?;
     let backend =
         RedisBackend::connect(&RedisSettings::new(&redis.url)).await.expect("connect to the test redis-server");
     let admin = redis::Client::open(redis.url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    (Store::from(backend), admin)
+    let store = Store::from(backend);
+    let session = bob();
+    assert!(store.acquire_lease(&session, LEASE).await.unwrap());
+    Some((redis, store, admin, session))
 }
 
 /// Script calls Redis has answered so far (`INFO commandstats`).
@@ -46,10 +52,7 @@ async fn subscribers(admin: &mut redis::aio::MultiplexedConnection) -> Vec<Strin
 
 #[tokio::test]
 async fn an_idle_claim_waits_on_the_subscription_instead_of_polling() {
-    let Some(redis) = RedisServer::start() else { return };
-    let (store, mut admin) = connect(&redis).await;
-    let session = bob();
-    assert!(store.acquire_lease(&session, LEASE).await.unwrap());
+    let Some((_redis, store, mut admin, session)) = leased().await else { return };
     assert!(store.wakeups_live());
 
     // Loads the claim script (its first EVALSHA is answered NOSCRIPT and sent again).
@@ -65,10 +68,7 @@ async fn an_idle_claim_waits_on_the_subscription_instead_of_polling() {
 
 #[tokio::test]
 async fn the_subscription_is_made_again_after_it_breaks_and_wakes_claims_again() {
-    let Some(redis) = RedisServer::start() else { return };
-    let (store, mut admin) = connect(&redis).await;
-    let session = bob();
-    assert!(store.acquire_lease(&session, LEASE).await.unwrap());
+    let Some((_redis, store, mut admin, session)) = leased().await else { return };
     let first = subscribers(&mut admin).await;
     assert_eq!(first.len(), 1, "{first:?}");
 

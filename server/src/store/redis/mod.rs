@@ -932,38 +932,47 @@ async fn subscribe(client: &redis::Client) -> Result<redis::aio::PubSub, RedisEr
 /// backend exists. When the subscription breaks (Redis restarted, the connection was killed),
 /// sessions poll every [`IDLE_POLL`] until it is made again, with backoff.
 async fn listen(client: redis::Client, mut pubsub: redis::aio::PubSub, wakers: Weak<Wakers>) {
-    use tokio_stream::StreamExt;
     loop {
-        {
-            let mut messages = pubsub.on_message();
-            while let Some(message) = messages.next().await {
-                let Some(wakers) = wakers.upgrade() else { return };
-                if let Some(agent) = message.get_channel_name().strip_prefix("mas:notify:") {
-                    wakers.wake(agent);
-                }
-            }
-        }
+        forward(&mut pubsub, &wakers).await;
         let Some(live) = wakers.upgrade() else { return };
         live.set_subscribed(false);
         drop(live);
         tracing::warn!("Redis notification subscription ended; sessions poll every {IDLE_POLL:?} until it is back");
-        let (mut pause, longest) = RESUBSCRIBE_BACKOFF;
-        pubsub = loop {
-            tokio::time::sleep(pause).await;
-            if wakers.strong_count() == 0 {
-                return;
-            }
-            match subscribe(&client).await {
-                Ok(pubsub) => break pubsub,
-                Err(err) => {
-                    tracing::debug!(error = %err, "Redis notification subscription not back yet");
-                    pause = (pause * 2).min(longest);
-                }
-            }
-        };
+        let Some(again) = resubscribe(&client, &wakers).await else { return };
+        pubsub = again;
         let Some(live) = wakers.upgrade() else { return };
         live.set_subscribed(true);
         tracing::info!("Redis notification subscription is back");
+    }
+}
+
+/// Wakes the sessions each message names, until the subscription ends or the backend is gone.
+async fn forward(pubsub: &mut redis::aio::PubSub, wakers: &Weak<Wakers>) {
+    use tokio_stream::StreamExt;
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        let Some(wakers) = wakers.upgrade() else { return };
+        if let Some(agent) = message.get_channel_name().strip_prefix("mas:notify:") {
+            wakers.wake(agent);
+        }
+    }
+}
+
+/// Subscribes again, backing off between attempts; `None` once the backend is gone.
+async fn resubscribe(client: &redis::Client, wakers: &Weak<Wakers>) -> Option<redis::aio::PubSub> {
+    let (mut pause, longest) = RESUBSCRIBE_BACKOFF;
+    loop {
+        tokio::time::sleep(pause).await;
+        if wakers.strong_count() == 0 {
+            return None;
+        }
+        match subscribe(client).await {
+            Ok(pubsub) => return Some(pubsub),
+            Err(err) => {
+                tracing::debug!(error = %err, "Redis notification subscription not back yet");
+                pause = (pause * 2).min(longest);
+            }
+        }
     }
 }
 
