@@ -13,6 +13,7 @@ Prints a Markdown table (min / median / max of the rounds). Needs the release bi
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
+# Untimed exchanges `mas-rr` makes before its timed ones.
+RR_WARM_UP = 100
 
 
 def free_port() -> int:
@@ -55,7 +58,23 @@ class Redis:
         raise RuntimeError("redis-server did not start")
 
     def flush(self) -> None:
-        subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], check=True, stdout=subprocess.DEVNULL)
+        self.cli("flushall")
+
+    def cli(self, *command: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *command], check=True, capture_output=True,
+                              text=True).stdout
+
+    def script_calls(self) -> int:
+        """EVALSHA calls since the last `CONFIG RESETSTAT` (each is one store step's script)."""
+        m = re.search(r"^cmdstat_evalsha:calls=(\d+),", self.cli("info", "commandstats"), re.M)
+        return int(m.group(1)) if m else 0
+
+    def ping_baseline(self, concurrency: int) -> tuple[float, float]:
+        """Bare round trips with `concurrency` clients: (p50 ms, PINGs per second)."""
+        out = subprocess.run(["redis-benchmark", "-p", str(self.port), "-c", str(concurrency), "-n", "20000",
+                              "-t", "ping", "--csv"], check=True, capture_output=True, text=True).stdout
+        row = next(csv.DictReader(out.splitlines()))
+        return float(row["p50_latency_ms"]), float(row["rps"])
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -129,23 +148,37 @@ def with_broker(config: Path, client) -> subprocess.CompletedProcess:
 
 
 def request_reply(args, redis: Redis | None, concurrency: int, workdir: Path) -> dict:
+    """`mas-rr` rounds; on Redis each round also counts the script calls per request/reply
+    (`INFO commandstats`) and times bare round trips to the same redis-server at the same
+    concurrency (`redis-benchmark PING`), the floor under every store step."""
     agents = {"alice": {"allowed_targets": ["bob"]}, "bob": {"allowed_targets": []}}
     unlimited = {"rate_limit": {"per_minute": 10**15, "per_hour": 10**15}}
     path, certs = broker_config(workdir, "rr", agents, redis, gateway=unlimited)
     rows = []
     for _ in range(args.rounds):
+        if redis:
+            redis.cli("config", "resetstat")
         run = with_broker(path, lambda ready: [
             str(BIN / "mas-rr"), "--endpoint", f"https://{ready['listen_addr']}", "--certs", str(certs),
             "--client", "alice", "--worker", "bob", "--concurrency", str(concurrency),
             "--requests", str(args.requests)])
         run.check_returncode()
-        rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        row = json.loads(run.stdout.strip().splitlines()[-1])
+        if redis:
+            # mas-rr makes 100 untimed warm-up exchanges before the timed ones.
+            row["scripts"] = redis.script_calls() / (args.requests + RR_WARM_UP)
+            row["ping_ms"], row["ping_rps"] = redis.ping_baseline(concurrency)
+        rows.append(row)
 
     def mmm(key: str, fmt: str) -> str:
+        if any(key not in r for r in rows):
+            return "-"
         values = sorted(r[key] for r in rows)
         return " / ".join(fmt.format(v) for v in (values[0], values[len(values) // 2], values[-1]))
 
-    return {"req/s": mmm("req_per_s", "{:.0f}"), "p50 ms": mmm("p50_ms", "{:.2f}"), "p99 ms": mmm("p99_ms", "{:.2f}")}
+    return {"req/s": mmm("req_per_s", "{:.0f}"), "p50 ms": mmm("p50_ms", "{:.2f}"), "p99 ms": mmm("p99_ms", "{:.2f}"),
+            "Redis scripts / rr": mmm("scripts", "{:.1f}"), "bare Redis PING p50 ms": mmm("ping_ms", "{:.3f}"),
+            "bare Redis PING/s": mmm("ping_rps", "{:.0f}")}
 
 
 def idle_sessions(sessions: int, redis: Redis | None, workdir: Path) -> dict:
@@ -186,8 +219,9 @@ def main() -> None:
     for tool in ("mas", "mas-load", "mas-rr", "mas-idle"):
         if not (BIN / tool).exists():
             sys.exit(f"missing {BIN / tool}: cargo build --release -p mas-server -p mas-benches")
-    if not shutil.which("redis-server"):
-        sys.exit("redis-server is not on PATH")
+    for tool in ("redis-server", "redis-cli", "redis-benchmark"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not on PATH")
     cpus = os.cpu_count()
     print(f"machine: {cpus} CPUs, {os.uname().sysname} {os.uname().release}; {args.messages} messages per run, "
           f"min / median / max of {args.rounds} rounds; broker in its own process; governance on (authz, rate "

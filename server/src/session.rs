@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use mas_core::delivery::{Output, QueuedMessage, RequeueReason, SessionDelivery, StoreEffect};
+use mas_core::delivery::{Output, RequeueReason, SessionDelivery, StoreEffect};
 use mas_core::ids::DeliveryId;
 use mas_core::store::{SessionRef, StoreError};
 use mas_net::status::detail;
@@ -19,6 +19,7 @@ use crate::broker::Broker;
 use crate::delivery_trace::DeliveryTraces;
 use crate::metrics::Settled;
 use crate::service::Generation;
+use crate::store::{ClaimCursor, Claimed};
 
 /// How long one claim waits for work before the loop re-checks its other inputs. Only bounds
 /// idle wake-ups; new work wakes the claim at once.
@@ -36,7 +37,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// for the agent: deliveries are bounded by the window, not by this channel.
 pub type Outbound = mpsc::Sender<Result<ServerEvent, Status>>;
 
-type ClaimFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<QueuedMessage>, StoreError>> + Send>>;
+type ClaimFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Claimed, StoreError>> + Send>>;
 
 /// What ended a session's loop.
 enum End {
@@ -68,6 +69,7 @@ pub async fn run(
         outbound,
         outage,
         claim_unanswered: false,
+        claim_cursor: ClaimCursor::default(),
         reported_in_flight: 0,
         traces: DeliveryTraces::default(),
     };
@@ -84,6 +86,8 @@ struct Session {
     outage: Outage,
     /// A claim failed: it may have claimed entries this session never heard of.
     claim_unanswered: bool,
+    /// What the last claim saw, for the next (taken by the claim in progress).
+    claim_cursor: ClaimCursor,
     /// What this session last added to its agent's in-flight gauge.
     reported_in_flight: i64,
     /// Spans of the deliveries in flight (tracing on only).
@@ -193,7 +197,8 @@ impl Session {
                 batch = async { claim.as_mut().expect("guarded by is_some").await }, if claim.is_some() => {
                     claim = None;
                     match batch {
-                        Ok(batch) => {
+                        Ok((batch, cursor)) => {
+                            self.claim_cursor = cursor;
                             self.outage.recovered(&self.session);
                             let now = self.broker.clock().now();
                             for message in batch {
@@ -222,20 +227,22 @@ impl Session {
         }
     }
 
-    fn start_claim(&self) -> ClaimFuture {
+    fn start_claim(&mut self) -> ClaimFuture {
         self.claim_after(Duration::ZERO)
     }
 
     /// A claim that starts after `pause` (a retry during a store outage).
-    fn claim_after(&self, pause: Duration) -> ClaimFuture {
+    /// A failed claim's cursor is gone with it: the next claim asks the store at once.
+    fn claim_after(&mut self, pause: Duration) -> ClaimFuture {
         let store = self.broker.store().clone();
         let session = self.session.clone();
         let capacity = self.machine.capacity();
+        let cursor = std::mem::take(&mut self.claim_cursor);
         Box::pin(async move {
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
-            store.claim(&session, capacity, CLAIM_WAIT).await
+            store.claim_next(&session, capacity, CLAIM_WAIT, cursor).await
         })
     }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::store::{OwnerToken, QueueKey, SessionRef};
-use mas_server::store::Store;
 use mas_server::store::redis::{RedisBackend, RedisSettings};
+use mas_server::store::{ClaimCursor, Store};
 use mas_tests::redis_server::RedisServer;
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -64,6 +64,22 @@ async fn an_idle_claim_waits_on_the_subscription_instead_of_polling() {
     assert!(batch.is_empty());
     // One claim when it starts and one when the wait is over; a 250 ms poll made eight or more.
     assert!(calls <= 2, "an idle claim of 2 s made {calls} script calls");
+}
+
+#[tokio::test]
+async fn a_session_claiming_again_after_a_drained_claim_asks_redis_only_when_its_wait_ends() {
+    let Some((_redis, store, mut admin, session)) = leased().await else { return };
+    let (_, cursor) = store.claim_next(&session, 16, Duration::ZERO, ClaimCursor::default()).await.unwrap();
+
+    let before = script_calls(&mut admin).await;
+    let (batch, cursor) = store.claim_next(&session, 16, Duration::from_millis(1500), cursor).await.unwrap();
+    assert!(batch.is_empty());
+    assert_eq!(script_calls(&mut admin).await - before, 1, "one claim, at the end of the wait");
+
+    // Each further idle claim of a session costs one script call, not two.
+    let before = script_calls(&mut admin).await;
+    store.claim_next(&session, 16, Duration::from_millis(500), cursor).await.unwrap();
+    assert_eq!(script_calls(&mut admin).await - before, 1);
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use mas_core::store::{
 };
 use mas_core::time::Now;
 use mas_server::store::redis::{RedisBackend, RedisSettings};
-use mas_server::store::{MemoryBackend, Store};
+use mas_server::store::{ClaimCursor, MemoryBackend, Store};
 use mas_tests::redis_server::RedisServer;
 
 const NO_WAIT: Duration = Duration::ZERO;
@@ -351,6 +351,53 @@ async fn own_pending_lists_exactly_what_a_session_holds() {
         store.apply(&b1, vec![ack(&held[0])], now(), None).await.unwrap();
         log.push(format!("after an ack b1 holds {}", show(&store.own_pending(&b1, 10).await.unwrap())));
         log.push(format!("b2 holds {}", show(&store.own_pending(&b2, 10).await.unwrap())));
+        log
+    })
+    .await;
+}
+
+/// A session's claims carry a cursor: after one that found the queues drained, the next waits
+/// for a wake-up before asking the store. Every change that makes work claimable must wake
+/// it — a delayed requeue included, or the retry would wait for the claim's whole `max_wait`.
+#[tokio::test]
+async fn a_claim_after_a_drained_one_is_woken_by_new_work_and_by_a_delayed_requeue() {
+    const LONG: Duration = Duration::from_secs(20);
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let b1 = session("bob", "b1", "o1");
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
+        let (m, cursor) = store.claim_next(&b1, 4, NO_WAIT, ClaimCursor::default()).await.unwrap();
+        log.push(format!("first {}", show(&m)));
+
+        // Drained: the next claim waits, and a new message wakes it.
+        let next = tokio::spawn({
+            let (store, b1) = (store.clone(), b1.clone());
+            async move { store.claim_next(&b1, 4, LONG, cursor).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.enqueue(&work("bob"), Arc::from("n")).await.unwrap();
+        let (n, cursor) = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("new work woke the claim")
+            .unwrap()
+            .unwrap();
+        log.push(format!("woken by new work {}", show(&n)));
+
+        // A retry 300 ms out, while the next claim waits on the drained cursor.
+        let effects = vec![requeue(&m[0], 2, Duration::from_millis(300), now()), ack(&n[0])];
+        let next = tokio::spawn({
+            let (store, b1) = (store.clone(), b1.clone());
+            async move { store.claim_next(&b1, 4, LONG, cursor).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.apply(&b1, effects, now(), None).await.unwrap();
+        let (retried, _) = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the requeue woke the claim")
+            .unwrap()
+            .unwrap();
+        log.push(format!("retried {}", show(&retried)));
         log
     })
     .await;

@@ -115,6 +115,26 @@ pub struct Grant {
     pub refused: Option<Limited>,
 }
 
+impl Grant {
+    /// Shares a grant made for several batches at once (for the sum of their `demands`, in
+    /// this order) among them: exactly what each would have been granted asking one after the
+    /// other at the same instant. The admitted messages are a prefix, so the batches before
+    /// the first refusal get all they asked for, the one it falls in gets the rest, and those
+    /// after it none, refused for the same reason. A shell that gathers concurrent callers'
+    /// demands into one store step hands each its share.
+    pub fn share(self, demands: &[usize]) -> Vec<Grant> {
+        let mut left = self.admitted;
+        demands
+            .iter()
+            .map(|&demand| {
+                let admitted = demand.min(left);
+                left -= admitted;
+                Grant { admitted, refused: if admitted < demand { self.refused } else { None } }
+            })
+            .collect()
+    }
+}
+
 /// Admits up to `count` messages of a sender arriving together at `now`, in order: exactly
 /// what `count` calls of [`admit`] at `now` would decide. Since a refusal consumes nothing and
 /// time does not move within the batch, every message after the first refused one is refused
@@ -227,6 +247,30 @@ mod tests {
             }
             prop_assert_eq!(batched, single);
             prop_assert_eq!(grant, Grant { admitted, refused });
+        }
+
+        /// One grant for several batches' demands together, shared out, gives each batch what
+        /// it would have got asking on its own, one after the other, at the same instant.
+        #[test]
+        fn a_shared_grant_is_what_each_batch_would_get_alone(
+            per_minute in 0u64..12, per_hour in 0u64..20, earlier in 0usize..15,
+            demands in prop::collection::vec(0usize..8, 0..8),
+        ) {
+            let limits = Limits { per_minute, per_hour };
+            let now = at_ms(50_000_000);
+            let (start, _) = admit_many(limits, RateState::default(), now, earlier);
+            let (together, grant) = admit_many(limits, start, now, demands.iter().sum());
+            let mut alone = start;
+            let each: Vec<Grant> = demands
+                .iter()
+                .map(|&demand| {
+                    let (next, grant) = admit_many(limits, alone, now, demand);
+                    alone = next;
+                    grant
+                })
+                .collect();
+            prop_assert_eq!(together, alone);
+            prop_assert_eq!(grant.share(&demands), each);
         }
 
         /// GCRA's guarantee: between any two admissions `t_i ≤ t_k`, at most

@@ -19,21 +19,21 @@ use mas_core::store::{
     TargetGate,
 };
 use mas_core::time::Now;
-use tokio::sync::Notify;
 
 use super::faults::{Answer, StoreFaults};
-use super::{claim_waiting, requeue_delay};
+use super::requeue_delay;
+use super::wake::{ClaimCursor, Claimed, Wake, claim_waiting};
 use crate::clock::Clock;
 
 #[derive(Debug, Default)]
 struct Inner {
     store: MemoryStore,
     /// One wake-up per agent, woken whenever any of its queues gains ready work.
-    wakers: BTreeMap<AgentId, Arc<Notify>>,
+    wakers: BTreeMap<AgentId, Arc<Wake>>,
 }
 
 impl Inner {
-    fn waker(&mut self, agent: &AgentId) -> Arc<Notify> {
+    fn waker(&mut self, agent: &AgentId) -> Arc<Wake> {
         self.wakers.entry(agent.clone()).or_default().clone()
     }
 }
@@ -88,7 +88,7 @@ impl MemoryBackend {
     pub(super) async fn enqueue(&self, queue: &QueueKey, envelope: Arc<str>) -> Result<EntryId, StoreError> {
         let mut inner = self.lock();
         let entry = inner.store.enqueue(queue, envelope)?;
-        inner.waker(queue.agent()).notify_waiters();
+        inner.waker(queue.agent()).wake();
         Ok(entry)
     }
 
@@ -97,11 +97,12 @@ impl MemoryBackend {
         session: &SessionRef,
         max: usize,
         max_wait: Duration,
-    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        cursor: ClaimCursor,
+    ) -> Result<Claimed, StoreError> {
         let waker = self.lock().waker(&session.agent);
         // Leases of other sessions may expire while we wait; look again at least every half
         // second so their work moves on promptly.
-        claim_waiting(&waker, max_wait, Duration::from_millis(500), || async {
+        claim_waiting(waker, cursor, max, max_wait, Duration::from_millis(500), || async {
             let mut inner = self.lock();
             let now = self.clock.now().mono;
             let batch = inner.store.claim(session, max, now);
@@ -139,7 +140,7 @@ impl MemoryBackend {
             })
             .collect();
         if wake {
-            inner.waker(&session.agent).notify_waiters();
+            inner.waker(&session.agent).wake();
         }
         Ok(results)
     }
@@ -148,7 +149,7 @@ impl MemoryBackend {
         let mut inner = self.lock();
         let released = inner.store.release(session, self.clock.now().mono);
         if released > 0 {
-            inner.waker(&session.agent).notify_waiters();
+            inner.waker(&session.agent).wake();
         }
         Ok(released)
     }
@@ -165,7 +166,7 @@ impl MemoryBackend {
         let mut inner = self.lock();
         inner.store.release_lease(session);
         // Its unsettled work is now reclaimable: let siblings look.
-        inner.waker(&session.agent).notify_waiters();
+        inner.waker(&session.agent).wake();
         Ok(())
     }
 
@@ -200,7 +201,7 @@ impl MemoryBackend {
         let mut inner = self.lock();
         let admitted = inner.store.admit(admission, circuit, self.clock.now().mono)?;
         if admitted.entry.is_some() {
-            inner.waker(&chain).notify_waiters();
+            inner.waker(&chain).wake();
         }
         Ok(admitted)
     }
@@ -218,7 +219,7 @@ impl MemoryBackend {
         let now = self.clock.now().mono;
         let admitted = inner.store.open_request(correlation_id, pending, ttl, admission, circuit, now)?;
         if admitted.entry.is_some() {
-            inner.waker(&target).notify_waiters();
+            inner.waker(&target).wake();
         }
         Ok(admitted)
     }
@@ -243,7 +244,7 @@ impl MemoryBackend {
         let now = self.clock.now().mono;
         let result = inner.store.commit_reply(correlation_id, expected, receipt, envelope, record, now)?;
         if matches!(result, Ok((ReplyCommit::Queued { .. }, _))) {
-            inner.waker(&expected.requester).notify_waiters();
+            inner.waker(&expected.requester).wake();
         }
         Ok(result)
     }
@@ -343,7 +344,7 @@ impl MemoryBackend {
         let mut inner = self.lock();
         let outcomes = inner.store.redrive_dead_letters(agent, ids);
         if outcomes.iter().any(|o| matches!(o, Redrive::Queued(_))) {
-            inner.waker(agent).notify_waiters();
+            inner.waker(agent).wake();
         }
         Ok(outcomes)
     }
@@ -368,7 +369,7 @@ impl MemoryBackend {
     pub(super) async fn revoke_lease(&self, agent: &AgentId, instance: &InstanceId) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         let revoked = inner.store.revoke_lease(agent, instance);
-        inner.waker(agent).notify_waiters();
+        inner.waker(agent).wake();
         Ok(revoked)
     }
 

@@ -9,8 +9,10 @@ pub mod faults;
 mod memory;
 #[cfg(not(madsim))]
 pub mod redis;
+mod wake;
 
 pub use memory::MemoryBackend;
+pub use wake::{ClaimCursor, Claimed};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -160,7 +162,21 @@ impl Store {
         max: usize,
         max_wait: Duration,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        step!(self, "claim", b => b.claim(session, max, max_wait).await)
+        Ok(self.claim_next(session, max, max_wait, ClaimCursor::default()).await?.0)
+    }
+
+    /// [`Store::claim`] for a session that claims again and again: `cursor` is what its last
+    /// claim returned. When that claim found the queues drained and no wake-up came since,
+    /// this one waits for a wake-up before asking the store, instead of spending a round trip
+    /// that finds nothing.
+    pub async fn claim_next(
+        &self,
+        session: &SessionRef,
+        max: usize,
+        max_wait: Duration,
+        cursor: ClaimCursor,
+    ) -> Result<Claimed, StoreError> {
+        step!(self, "claim", b => b.claim(session, max, max_wait, cursor).await)
     }
 
     /// What `session` holds claimed in the store (at most `max` entries): after a claim whose
@@ -389,42 +405,6 @@ impl Store {
     /// Deletes `agent`'s dead letters `ids`; returns how many existed.
     pub async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
         step!(self, "purge_dead_letters", b => b.purge_dead_letters(agent, ids).await)
-    }
-}
-
-/// The claim loop both backends share: register for wake-ups *before* each attempt (so work
-/// arriving during the attempt is not missed), return the first non-empty batch, and between
-/// attempts sleep until a wake-up, the earliest delayed entry (`attempt`'s hint), `poll` or
-/// `max_wait`, whichever comes first. Returns an empty batch once `max_wait` has passed.
-/// Cancel-safe as long as `attempt` is (each backend's attempt is one atomic step).
-pub(crate) async fn claim_waiting<F, Fut>(
-    waker: &tokio::sync::Notify,
-    max_wait: Duration,
-    poll: Duration,
-    mut attempt: F,
-) -> Result<Vec<QueuedMessage>, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(Vec<QueuedMessage>, Option<Duration>), StoreError>>,
-{
-    let give_up = tokio::time::Instant::now() + max_wait;
-    loop {
-        let notified = waker.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let (batch, next_ready) = attempt().await?;
-        let now = tokio::time::Instant::now();
-        if !batch.is_empty() || now >= give_up {
-            return Ok(batch);
-        }
-        let mut until = (now + poll).min(give_up);
-        if let Some(delay) = next_ready {
-            until = until.min(now + delay);
-        }
-        tokio::select! {
-            _ = notified => {}
-            _ = tokio::time::sleep_until(until) => {}
-        }
     }
 }
 

@@ -102,11 +102,29 @@ pub(super) fn circuit_args(circuit: Option<&CircuitConfig>) -> [String; 6] {
 }
 
 impl RedisBackend {
+    /// The target's liveness and circuit. Reads of one target by concurrent RPCs share one
+    /// round trip (each waits for a read that starts after it asked; see `gather.rs`).
     pub(in crate::store) async fn gate(
         &self,
         target: &AgentId,
         circuit: Option<&CircuitConfig>,
     ) -> Result<TargetGate, StoreError> {
+        let backend = self.clone();
+        let (of, circuit) = (target.clone(), circuit.copied());
+        let step = move |asks: Vec<()>| {
+            let (backend, target) = (backend.clone(), of.clone());
+            async move {
+                let gate = backend.gate_once(&target, circuit.as_ref()).await;
+                vec![gate; asks.len()]
+            }
+        };
+        self.gates
+            .call(target.as_str(), (), step)
+            .await
+            .unwrap_or_else(|| Err(StoreError::Unavailable("gate read abandoned".into())))
+    }
+
+    async fn gate_once(&self, target: &AgentId, circuit: Option<&CircuitConfig>) -> Result<TargetGate, StoreError> {
         let mut invocation = self.scripts.gate.prepare_invoke();
         invocation.key(key(target, "owners")).key(key(target, "circuit"));
         for arg in circuit_args(circuit) {

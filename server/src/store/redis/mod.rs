@@ -40,18 +40,19 @@ use mas_core::policy::circuit::{CircuitConfig, CircuitPhase};
 use mas_core::policy::ratelimit::{Grant, Limited, Limits, Window};
 use mas_core::store::{
     Admission, Admitted, Correlation, PendingRequest, QueueGauges, QueueKey, REQUEST_EXPIRED_GRACE, ReplyCommit,
-    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, envelope_timestamp,
+    ReplyError, ReplyReceipt, SessionRef, StateError, StateSnapshot, StoreError, TargetGate, envelope_timestamp,
 };
 use mas_core::time::Now;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
-use tokio::sync::Notify;
 
-use super::{claim_waiting, requeue_delay};
+use super::requeue_delay;
+use super::wake::{ClaimCursor, Claimed, Wake, claim_waiting};
 
 mod audit;
 mod authz;
 mod dead_letters;
+mod gather;
 mod operator;
 mod replies;
 
@@ -246,20 +247,20 @@ fn unavailable(err: RedisError) -> StoreError {
 /// Wake-ups from the `mas:notify:*` channels, per agent.
 #[derive(Default)]
 struct Wakers {
-    by_agent: Mutex<BTreeMap<String, Weak<Notify>>>,
+    by_agent: Mutex<BTreeMap<String, Weak<Wake>>>,
     /// True while the subscription is live, so that no wake-up can be missed: idle claims then
     /// need no polling of their own (see [`RedisBackend::claim`]).
     subscribed: AtomicBool,
 }
 
 impl Wakers {
-    fn get(&self, agent: &AgentId) -> Arc<Notify> {
+    fn get(&self, agent: &AgentId) -> Arc<Wake> {
         let mut map = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = map.get(agent.as_str()).and_then(Weak::upgrade) {
             return n;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let n = Arc::new(Notify::new());
+        let n = Arc::new(Wake::default());
         map.insert(agent.to_string(), Arc::downgrade(&n));
         n
     }
@@ -267,7 +268,7 @@ impl Wakers {
     fn wake(&self, agent: &str) {
         let map = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = map.get(agent).and_then(Weak::upgrade) {
-            n.notify_waiters();
+            n.wake();
         }
     }
 
@@ -276,7 +277,7 @@ impl Wakers {
     fn wake_all(&self) {
         let map = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
         for n in map.values().filter_map(Weak::upgrade) {
-            n.notify_waiters();
+            n.wake();
         }
     }
 
@@ -305,6 +306,10 @@ pub struct RedisBackend {
     /// This database's epoch (see `Store::epoch`), kept at `mas:{#audit}:epoch`.
     epoch: Arc<str>,
     writers: Arc<audit::ChainWriters>,
+    /// Concurrent gate reads of one target, gathered (see `gather.rs`).
+    gates: Arc<gather::Gather<(), Result<TargetGate, StoreError>>>,
+    /// Concurrent rate-limit steps of one sender, gathered: (limits, messages) each.
+    rates: Arc<gather::Gather<(Limits, usize), Result<Grant, StoreError>>>,
     /// When each queue was last swept for dead owners' work.
     reclaims: Arc<Reclaims>,
 }
@@ -403,6 +408,8 @@ impl RedisBackend {
             max_pending_requests: mas_core::store::MemoryStoreConfig::default().max_pending_requests,
             max_audit_records: mas_core::store::MemoryStoreConfig::default().max_audit_records,
             writers: Arc::default(),
+            gates: Arc::default(),
+            rates: Arc::default(),
             epoch: epoch.into(),
             reclaims: Arc::default(),
         })
@@ -473,12 +480,13 @@ impl RedisBackend {
         session: &SessionRef,
         max: usize,
         max_wait: Duration,
-    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        cursor: ClaimCursor,
+    ) -> Result<Claimed, StoreError> {
         let waker = self.wakers.get(&session.agent);
         // Polling only covers wake-ups that may have been lost: with 10 000 idle sessions, a
         // poll every 250 ms each was 40 000 script calls a second doing nothing.
         let poll = if self.wakers.subscribed() { max_wait } else { IDLE_POLL };
-        claim_waiting(&waker, max_wait, poll, || self.claim_once(session, max)).await
+        claim_waiting(waker, cursor, max, max_wait, poll, || self.claim_once(session, max)).await
     }
 
     /// Whether the wake-up subscription is live (it is made again after it breaks).
@@ -753,7 +761,37 @@ impl RedisBackend {
         self.commit_reply_grouped(reply).await
     }
 
+    /// The sender's rate-limit step for `count` messages, made together with the steps of
+    /// other RPCs of the sender that wait for the same round trip: one grant for them all,
+    /// shared out in arrival order ([`Grant::share`]) — what each would get asking alone.
     pub(super) async fn admit_rate(&self, sender: &AgentId, limits: Limits, count: usize) -> Result<Grant, StoreError> {
+        let backend = self.clone();
+        let owner = sender.clone();
+        let step = move |demands: Vec<(Limits, usize)>| {
+            let (backend, sender) = (backend.clone(), owner.clone());
+            async move { backend.admit_rate_shared(&sender, &demands).await }
+        };
+        self.rates
+            .call(sender.as_str(), (limits, count), step)
+            .await
+            .unwrap_or_else(|| Err(StoreError::Unavailable("rate limit step abandoned".into())))
+    }
+
+    /// One rate-limit step per run of equal limits (the limits of a sender change only when
+    /// the configuration does), each grant shared among its run's demands.
+    async fn admit_rate_shared(&self, sender: &AgentId, demands: &[(Limits, usize)]) -> Vec<Result<Grant, StoreError>> {
+        let mut answers = Vec::with_capacity(demands.len());
+        for run in demands.chunk_by(|a, b| a.0 == b.0) {
+            let counts: Vec<usize> = run.iter().map(|(_, count)| *count).collect();
+            match self.admit_rate_once(sender, run[0].0, counts.iter().sum()).await {
+                Ok(grant) => answers.extend(grant.share(&counts).into_iter().map(Ok)),
+                Err(err) => answers.extend(run.iter().map(|_| Err(err.clone()))),
+            }
+        }
+        answers
+    }
+
+    async fn admit_rate_once(&self, sender: &AgentId, limits: Limits, count: usize) -> Result<Grant, StoreError> {
         let reply: Vec<i64> = self
             .scripts
             .rate_admit

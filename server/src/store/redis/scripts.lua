@@ -224,9 +224,11 @@ for i = 10, #ARGV, 7 do
       end
     end
     if op == 'requeue' then
+      -- A delayed requeue wakes claims too: a claim that found the queues drained waits for
+      -- a wake-up before it asks again, and must learn when this entry comes due.
+      wake = true
       if delay <= 0 then
         redis.call('XADD', stream, '*', 'e', envelope, 'a', attempt)
-        wake = true
       else
         redis.call('ZADD', delayed, now + delay, cjson.encode({e = envelope, a = tonumber(attempt), n = id}))
       end
