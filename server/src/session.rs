@@ -231,8 +231,9 @@ impl Session {
         self.claim_after(Duration::ZERO)
     }
 
-    /// A claim that starts after `pause` (a retry during a store outage).
-    /// A failed claim's cursor is gone with it: the next claim asks the store at once.
+    /// A claim that starts after `pause` (a retry during a store outage). It takes the
+    /// session's claim cursor; a failed claim's cursor is gone with it, so the claim after a
+    /// failure asks the store at once.
     fn claim_after(&mut self, pause: Duration) -> ClaimFuture {
         let store = self.broker.store().clone();
         let session = self.session.clone();
