@@ -20,7 +20,7 @@ use mas_core::store::{
 };
 use mas_core::time::Now;
 use mas_server::store::redis::{RedisBackend, RedisSettings};
-use mas_server::store::{ClaimCursor, MemoryBackend, Store};
+use mas_server::store::{ClaimCursor, Claimed, MemoryBackend, Store};
 use mas_tests::redis_server::RedisServer;
 
 const NO_WAIT: Duration = Duration::ZERO;
@@ -359,9 +359,18 @@ async fn own_pending_lists_exactly_what_a_session_holds() {
 /// A session's claims carry a cursor: after one that found the queues drained, the next waits
 /// for a wake-up before asking the store. Every change that makes work claimable must wake
 /// it — a delayed requeue included, or the retry would wait for the claim's whole `max_wait`.
+/// A claim of up to 4 messages by `session` from `cursor`, waiting up to 20 s in its own task.
+fn waiting_claim(
+    store: &Store,
+    session: &SessionRef,
+    cursor: ClaimCursor,
+) -> tokio::task::JoinHandle<Result<Claimed, StoreError>> {
+    let (store, session) = (store.clone(), session.clone());
+    tokio::spawn(async move { store.claim_next(&session, 4, Duration::from_secs(20), cursor).await })
+}
+
 #[tokio::test]
 async fn a_claim_after_a_drained_one_is_woken_by_new_work_and_by_a_delayed_requeue() {
-    const LONG: Duration = Duration::from_secs(20);
     contract(|store| async move {
         let mut log = Vec::new();
         let b1 = session("bob", "b1", "o1");
@@ -371,10 +380,7 @@ async fn a_claim_after_a_drained_one_is_woken_by_new_work_and_by_a_delayed_reque
         log.push(format!("first {}", show(&m)));
 
         // Drained: the next claim waits, and a new message wakes it.
-        let next = tokio::spawn({
-            let (store, b1) = (store.clone(), b1.clone());
-            async move { store.claim_next(&b1, 4, LONG, cursor).await }
-        });
+        let next = waiting_claim(&store, &b1, cursor);
         tokio::time::sleep(Duration::from_millis(100)).await;
         store.enqueue(&work("bob"), Arc::from("n")).await.unwrap();
         let (n, cursor) = tokio::time::timeout(Duration::from_secs(5), next)
@@ -386,10 +392,7 @@ async fn a_claim_after_a_drained_one_is_woken_by_new_work_and_by_a_delayed_reque
 
         // A retry 300 ms out, while the next claim waits on the drained cursor.
         let effects = vec![requeue(&m[0], 2, Duration::from_millis(300), now()), ack(&n[0])];
-        let next = tokio::spawn({
-            let (store, b1) = (store.clone(), b1.clone());
-            async move { store.claim_next(&b1, 4, LONG, cursor).await }
-        });
+        let next = waiting_claim(&store, &b1, cursor);
         tokio::time::sleep(Duration::from_millis(100)).await;
         store.apply(&b1, effects, now(), None).await.unwrap();
         let (retried, _) = tokio::time::timeout(Duration::from_secs(5), next)

@@ -86,11 +86,7 @@ where
         tokio::pin!(notified);
         notified.as_mut().enable();
         if wake.count() == seen {
-            let until = (tokio::time::Instant::now() + poll).min(give_up);
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(until) => {}
-            }
+            woken_or(notified, (tokio::time::Instant::now() + poll).min(give_up)).await;
         }
     }
     loop {
@@ -111,10 +107,16 @@ where
         if let Some(delay) = next_ready {
             until = until.min(now + delay);
         }
-        tokio::select! {
-            _ = notified => {}
-            _ = tokio::time::sleep_until(until) => {}
-        }
+        woken_or(notified, until).await;
+    }
+}
+
+/// Waits for `notified` (enabled beforehand, so a wake-up in between is not missed) or for
+/// `until`, whichever comes first.
+async fn woken_or(notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>, until: tokio::time::Instant) {
+    tokio::select! {
+        _ = notified => {}
+        _ = tokio::time::sleep_until(until) => {}
     }
 }
 
