@@ -7,7 +7,8 @@ script starts on free ports and stops by pid. Standard library only.
   python3 benches/matrix.py [--messages 50000] [--rounds 3] [--quick]
 
 Prints a Markdown table (min / median / max of the rounds). Needs the release binaries
-(`cargo build --release -p mas-server -p mas-benches`) and `redis-server` on PATH.
+(`cargo build --release -p mas-server -p mas-benches`) and `redis-server`, `redis-cli` and
+`redis-benchmark` on PATH (Debian: redis-server and redis-tools).
 """
 
 from __future__ import annotations
