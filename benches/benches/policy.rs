@@ -12,6 +12,7 @@ use std::sync::Arc;
 use mas_core::admission::{Authorization, Batch};
 use mas_core::envelope::{Envelope, Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
+use mas_core::payload::WirePayload;
 use mas_core::policy::audit::{AuditRecord, Chain, Decision, payload_hash};
 use mas_core::policy::authz::AuthzPolicy;
 use mas_core::policy::circuit::{Circuit, CircuitConfig};
@@ -127,9 +128,10 @@ fn engines(c: &mut Criterion) {
 const PIPELINE_BATCH: usize = 64;
 
 /// The whole admission pipeline on in-memory state, as the broker runs it for a batch of
-/// sends: authorization by policy, one gate read and one rate-limit step for the batch, the
+/// sends, from each send's wire text: its payload parsed, authorization by policy, one gate read and one rate-limit step for the batch, the
 /// decisions of `mas_core::admission` (circuit, DLP with all default rules), then per message
-/// the audit record with the payload hash, the envelope JSON and the store's admission step
+/// the audit record with the payload hash, the envelope JSON around the payload's canonical
+/// text and the store's admission step
 /// (circuit admission, queue insert, record linked into the target's hash chain), all on the
 /// embedded memory store. Reported per message.
 fn pipeline(c: &mut Criterion) {
@@ -148,7 +150,8 @@ fn pipeline(c: &mut Criterion) {
         let mut admitted = 0usize;
         let mut now = Instant::from_nanos(1_000_000_000_000);
         group.throughput(Throughput::Elements(PIPELINE_BATCH as u64));
-        group.bench_with_input(BenchmarkId::new("payload", size), &payload, |b, payload| {
+        let wire = serde_json::to_string(&payload).expect("serialisable");
+        group.bench_with_input(BenchmarkId::new("payload", size), &wire, |b, wire| {
             b.iter(|| {
                 now = now + Duration::from_micros(1);
                 // A fresh store every ~10 000 messages keeps memory flat; its drop is amortised
@@ -168,7 +171,8 @@ fn pipeline(c: &mut Criterion) {
                     .collect();
                 let batch = Batch::new(authorizations);
                 let grant = store.admit_rate(&alice, limits, now, batch.rate_demand());
-                let payloads = (0..PIPELINE_BATCH).map(|_| black_box(payload).clone()).collect();
+                let payloads =
+                    (0..PIPELINE_BATCH).map(|_| WirePayload::parse(black_box(wire)).expect("fixture parses")).collect();
                 for verdict in batch.decide(grant, payloads, Some(&scanner)) {
                     assert!(verdict.routable());
                     let record = AuditRecord {
@@ -178,7 +182,7 @@ fn pipeline(c: &mut Criterion) {
                         latency_ms: 0.02,
                         message_id: "6f1c0e8e-1d4b-4c3a-9a57-6a0f6f1b2c3d".into(),
                         message_type: Some("order".into()),
-                        payload_hash: payload_hash(&verdict.payload),
+                        payload_hash: verdict.payload.hash(),
                         previous_hash: None,
                         sender_id: alice.to_string(),
                         sender_instance_id: Some(a1.to_string()),
@@ -206,16 +210,25 @@ fn pipeline(c: &mut Criterion) {
     group.finish();
 }
 
-/// The JSON work around the pipeline: parsing a request's payload, and writing the envelope.
+/// The JSON work around the pipeline: parsing a request's payload (into `serde_json`'s map, and
+/// as admission does, borrowing the wire text), its canonical JSON, and writing the envelope
+/// (serialising the map, and as admission does, around the canonical text).
 fn json(c: &mut Criterion) {
     let payload = business_payload(2048);
     let text = serde_json::to_string(&payload).expect("serialisable");
     c.bench_function("json/parse_payload_2KB", |b| b.iter(|| parse_payload(black_box(&text))));
+    c.bench_function("json/wire_parse_2KB", |b| b.iter(|| WirePayload::parse(black_box(&text))));
+    let wire = WirePayload::parse(&text).expect("fixture parses");
+    c.bench_function("json/wire_canonical_2KB", |b| b.iter(|| black_box(&wire).canonical()));
+    let canonical = wire.canonical();
     let (alice, bob) = (AgentId::new("alice").expect("id"), AgentId::new("bob").expect("id"));
     let a1 = InstanceId::new("a1").expect("id");
     let envelope =
         Envelope::new_send(&alice, &a1, &bob, "order".into(), payload, "m".into(), UnixMillis(1_700_000_000_250));
     c.bench_function("json/envelope_to_json_2KB", |b| b.iter(|| black_box(&envelope).to_json()));
+    let written =
+        Envelope::new_send(&alice, &a1, &bob, "order".into(), canonical, "m".into(), UnixMillis(1_700_000_000_250));
+    c.bench_function("json/canonical_envelope_to_json_2KB", |b| b.iter(|| black_box(&written).to_json()));
 }
 
 criterion_group!(benches, dlp, engines, pipeline, json);

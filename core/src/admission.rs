@@ -17,7 +17,7 @@
 //! would (the rate limiter grants a prefix; see `ratelimit::admit_many`), which the tests
 //! below check against a direct transcription of the reference pipeline.
 
-use crate::envelope::Payload;
+use crate::payload::{CanonicalPayload, WirePayload};
 use crate::policy::audit::Decision;
 use crate::policy::dlp::{Action, Dlp, Violation};
 use crate::policy::ratelimit::{Grant, Limited};
@@ -55,8 +55,9 @@ pub struct Verdict {
     pub decision: Decision,
     /// What the audit record lists: the refusal's reason, or the DLP finding types.
     pub violations: Vec<String>,
-    /// The payload to deliver (redacted when DLP said so) or to hash into a refusal's record.
-    pub payload: Payload,
+    /// The payload's canonical JSON, written once: what the envelope carries (redacted when
+    /// DLP said so) and what the audit record hashes, for a refusal too.
+    pub payload: CanonicalPayload,
     /// DLP findings (for metrics); empty when DLP did not run or found nothing.
     pub findings: Vec<Violation>,
     /// For `RATE_LIMITED`: which window refused and when to retry.
@@ -69,8 +70,14 @@ impl Verdict {
         matches!(self.decision, Decision::Allowed | Decision::Alert | Decision::DlpRedacted)
     }
 
-    fn refused(decision: Decision, reason: &str, payload: Payload) -> Self {
-        Verdict { decision, violations: vec![reason.to_string()], payload, findings: Vec::new(), limited: None }
+    fn refused(decision: Decision, reason: &str, payload: WirePayload<'_>) -> Self {
+        Verdict {
+            decision,
+            violations: vec![reason.to_string()],
+            payload: payload.canonical(),
+            findings: Vec::new(),
+            limited: None,
+        }
     }
 }
 
@@ -92,7 +99,7 @@ impl Batch {
     ///
     /// # Panics
     /// If `payloads` does not hold one payload per message (a shell bug, not peer input).
-    pub fn decide(self, grant: Grant, payloads: Vec<Payload>, dlp: Option<&Dlp>) -> Vec<Verdict> {
+    pub fn decide(self, grant: Grant, payloads: Vec<WirePayload<'_>>, dlp: Option<&Dlp>) -> Vec<Verdict> {
         assert_eq!(payloads.len(), self.authorizations.len(), "one payload per message");
         let mut tokens_left = grant.admitted;
         self.authorizations
@@ -121,23 +128,28 @@ impl Batch {
 }
 
 /// DLP, the last check: the decision its most restrictive finding calls for.
-fn screen(payload: Payload, dlp: Option<&Dlp>) -> Verdict {
+fn screen(payload: WirePayload<'_>, dlp: Option<&Dlp>) -> Verdict {
     let Some(dlp) = dlp else {
         return Verdict {
             decision: Decision::Allowed,
             violations: Vec::new(),
-            payload,
+            payload: payload.canonical(),
             findings: Vec::new(),
             limited: None,
         };
     };
-    let scan = dlp.scan(&payload);
+    let scan = dlp.scan_wire(&payload);
     let kinds = scan.kinds();
-    let (decision, payload) = match scan.action {
-        None => (Decision::Allowed, payload),
-        Some(Action::Alert) => (Decision::Alert, payload),
-        Some(Action::Redact) => (Decision::DlpRedacted, scan.redacted.unwrap_or(payload)),
-        Some(Action::Block) => (Decision::DlpBlocked, payload),
+    let decision = match scan.action {
+        None => Decision::Allowed,
+        Some(Action::Alert) => Decision::Alert,
+        Some(Action::Redact) => Decision::DlpRedacted,
+        Some(Action::Block) => Decision::DlpBlocked,
+    };
+    // A scan holds a redacted payload exactly when its action is redact.
+    let payload = match &scan.redacted {
+        Some(redacted) => CanonicalPayload::of(redacted),
+        None => payload.canonical(),
     };
     Verdict { decision, violations: kinds, payload, findings: scan.violations, limited: None }
 }
@@ -149,13 +161,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::envelope::parse_payload;
+    use crate::envelope::{Payload, parse_payload};
     use crate::policy::dlp::DlpSettings;
     use crate::policy::ratelimit::{self, Limits, RateState, Window};
     use crate::time::Instant;
 
     fn payload(text: &str) -> Payload {
         parse_payload(&serde_json::json!({ "text": text }).to_string()).expect("payload")
+    }
+
+    fn wire(text: &str) -> WirePayload<'static> {
+        WirePayload::from(payload(text))
     }
 
     fn dlp() -> Dlp {
@@ -181,7 +197,7 @@ mod tests {
         ]);
         assert_eq!(batch.rate_demand(), 3, "denied and dead-target messages take no token");
         let texts = ["a", "b", "c", "card 4111 1111 1111 1111", "hello"];
-        let verdicts = batch.decide(all_granted(3), texts.iter().map(|t| payload(t)).collect(), Some(&dlp()));
+        let verdicts = batch.decide(all_granted(3), texts.iter().map(|t| wire(t)).collect(), Some(&dlp()));
         let decisions: Vec<_> = verdicts.iter().map(|v| v.decision).collect();
         assert_eq!(
             decisions,
@@ -204,8 +220,7 @@ mod tests {
     fn the_rate_limit_comes_before_the_circuit_and_names_its_window() {
         let limited = Limited { window: Window::Hour, retry_after: Some(Duration::from_secs(3)) };
         let batch = Batch::new(vec![Authorization::Granted(TRIPPED), Authorization::Granted(TRIPPED)]);
-        let verdicts =
-            batch.decide(Grant { admitted: 1, refused: Some(limited) }, vec![payload("x"), payload("y")], None);
+        let verdicts = batch.decide(Grant { admitted: 1, refused: Some(limited) }, vec![wire("x"), wire("y")], None);
         assert_eq!(verdicts[0].decision, Decision::CircuitOpen, "the first took a token, then met the circuit");
         assert_eq!(verdicts[1].decision, Decision::RateLimited);
         assert_eq!(verdicts[1].limited, Some(limited));
@@ -216,13 +231,11 @@ mod tests {
     fn replies_are_not_gated_but_still_limited_and_screened() {
         let batch = Batch::new(vec![Authorization::REPLY, Authorization::REPLY]);
         assert_eq!(batch.rate_demand(), 2);
-        let verdicts = batch.decide(
-            Grant { admitted: 1, refused: None },
-            vec![payload("ssn 123-45-6789"), payload("z")],
-            Some(&dlp()),
-        );
+        let verdicts =
+            batch.decide(Grant { admitted: 1, refused: None }, vec![wire("ssn 123-45-6789"), wire("z")], Some(&dlp()));
         assert_eq!(verdicts[0].decision, Decision::DlpRedacted);
-        assert!(!verdicts[0].payload["text"].to_string().contains("123-45-6789"));
+        assert!(!verdicts[0].payload.as_str().contains("123-45-6789"));
+        assert!(verdicts[0].payload.as_str().contains("XXX-XX-6789"), "the redacted payload is what goes on");
         assert_eq!(verdicts[1].decision, Decision::RateLimited);
     }
 
@@ -298,7 +311,7 @@ mod tests {
                 let batch = Batch::new(head.iter().map(|(a, _)| *a).collect());
                 let (next, grant) = ratelimit::admit_many(limits, batched_state, now, batch.rate_demand());
                 batched_state = next;
-                let verdicts = batch.decide(grant, head.iter().map(|(_, t)| payload(t)).collect(), Some(&dlp));
+                let verdicts = batch.decide(grant, head.iter().map(|(_, t)| wire(t)).collect(), Some(&dlp));
                 got.extend(verdicts.into_iter().map(|v| v.decision));
             }
             prop_assert_eq!(got, expected);

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::{AgentId, InstanceId};
+use crate::payload::CanonicalPayload;
 use crate::time::UnixMillis;
 
 /// A business payload: always a JSON object.
@@ -87,8 +88,12 @@ impl Default for MessageMeta {
 ///
 /// Ids are kept as plain strings here because envelopes are also parsed from other
 /// implementations; the broker only builds them from validated [`AgentId`]s.
+///
+/// The payload's type is a parameter so the broker can write an envelope whose payload is
+/// already canonical JSON (`Envelope<Box<RawValue>>`, see [`crate::payload`]) without
+/// serialising it again; everything that reads envelopes uses the default, a [`Payload`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
+pub struct Envelope<D = Payload> {
     /// Authenticated sender.
     pub sender_id: String,
     /// The agent the message is for.
@@ -96,7 +101,7 @@ pub struct Envelope {
     /// Free-form dispatch key.
     pub message_type: String,
     /// The payload (possibly redacted by policy).
-    pub data: Payload,
+    pub data: D,
     /// Routing metadata.
     #[serde(default)]
     pub meta: MessageMeta,
@@ -108,11 +113,16 @@ pub struct Envelope {
 
 /// Where the `traceparent` value of an envelope serialised by [`Envelope::to_json`] starts
 /// and ends, if it has one.
+///
+/// The payload comes before `meta` and may hold a `traceparent` key of its own, so the key
+/// is looked for from the end: after `meta.traceparent` come only the `tracestate` string
+/// (whose quotes are escaped), the timestamp and the broker's message id.
 fn traceparent_span(json: &str) -> Option<std::ops::Range<usize>> {
-    const KEY: &str = "\"traceparent\":\"";
-    let start = json.find(KEY)? + KEY.len();
-    let len = json[start..].find('"')?;
-    Some(start..start + len)
+    const KEY: &str = "\"traceparent\":";
+    let start = json.rfind(KEY)? + KEY.len();
+    let value = json[start..].strip_prefix('"')?;
+    let len = value.find('"')?;
+    Some(start + 1..start + 1 + len)
 }
 
 /// The `meta.traceparent` of an envelope serialised by [`Envelope::to_json`], found without
@@ -128,7 +138,7 @@ pub fn with_traceparent(json: &str, traceparent: &str) -> Option<String> {
     Some(format!("{}{traceparent}{}", &json[..range.start], &json[range.end..]))
 }
 
-impl Envelope {
+impl<D> Envelope<D> {
     /// Sets the W3C trace context the message carries.
     pub fn traced(mut self, traceparent: Option<String>, tracestate: Option<String>) -> Self {
         self.meta.traceparent = traceparent;
@@ -142,7 +152,7 @@ impl Envelope {
         sender_instance: &InstanceId,
         target: &AgentId,
         message_type: String,
-        data: Payload,
+        data: D,
         message_id: String,
         at: UnixMillis,
     ) -> Self {
@@ -164,7 +174,7 @@ impl Envelope {
         sender_instance: &InstanceId,
         target: &AgentId,
         message_type: String,
-        data: Payload,
+        data: D,
         message_id: String,
         correlation_id: String,
         at: UnixMillis,
@@ -183,7 +193,7 @@ impl Envelope {
         requester: &AgentId,
         requester_instance: &InstanceId,
         message_type: String,
-        data: Payload,
+        data: D,
         message_id: String,
         correlation_id: String,
         at: UnixMillis,
@@ -194,14 +204,45 @@ impl Envelope {
         env.meta.reply_to_instance_id = Some(requester_instance.to_string());
         env
     }
+}
 
+impl<D: Serialize> Envelope<D> {
     /// The JSON wire form.
     pub fn to_json(&self) -> String {
         // Serialising a struct of strings, bools, numbers and a JSON map cannot fail, except
         // for a non-finite float, which `timestamp` never is (it comes from UnixMillis).
         serde_json::to_string(self).unwrap_or_default()
     }
+}
 
+impl Envelope<CanonicalPayload> {
+    /// The JSON wire form, with the payload's canonical text written in as it is: byte for
+    /// byte what [`Envelope::to_json`] writes for the same envelope holding the parsed payload
+    /// (the fields in declaration order, as the derived form writes them).
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::with_capacity(self.data.as_str().len() + 384);
+        push_field(&mut out, "{\"sender_id\":", &self.sender_id);
+        push_field(&mut out, ",\"target_id\":", &self.target_id);
+        push_field(&mut out, ",\"message_type\":", &self.message_type);
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(self.data.as_str().as_bytes());
+        push_field(&mut out, ",\"meta\":", &self.meta);
+        push_field(&mut out, ",\"timestamp\":", &self.timestamp);
+        push_field(&mut out, ",\"message_id\":", &self.message_id);
+        out.push(b'}');
+        // serde_json writes UTF-8, and the payload's text is a `String`.
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Appends `prefix` (punctuation and a key) and `value` as JSON.
+fn push_field<T: Serialize>(out: &mut Vec<u8>, prefix: &str, value: &T) {
+    out.extend_from_slice(prefix.as_bytes());
+    // Writing strings, a struct of plain fields or a finite float into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, value);
+}
+
+impl Envelope {
     /// Parses the JSON wire form.
     pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(s)
@@ -235,6 +276,30 @@ mod trace_tests {
         let untraced = env.traced(None, None).to_json();
         assert_eq!(traceparent_of(&untraced), None);
         assert_eq!(with_traceparent(&untraced, next), None);
+    }
+
+    #[test]
+    fn a_payload_key_named_traceparent_is_not_the_envelopes() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let data = parse_payload(r#"{"traceparent":"mine","meta":{"traceparent":"also mine"}}"#).unwrap();
+        let env = Envelope::new_send(
+            &AgentId::new("alice").unwrap(),
+            &InstanceId::new("i1").unwrap(),
+            &AgentId::new("bob").unwrap(),
+            "t".into(),
+            data,
+            "m".into(),
+            UnixMillis(1),
+        );
+        let untraced = env.clone().to_json();
+        assert_eq!(traceparent_of(&untraced), None, "the payload's field is not a trace context");
+        assert_eq!(with_traceparent(&untraced, tp), None);
+        let traced = env.clone().traced(Some(tp.into()), Some(r#"k="traceparent":"x""#.into())).to_json();
+        assert_eq!(traceparent_of(&traced), Some(tp));
+        let next = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01";
+        let parsed = Envelope::from_json(&with_traceparent(&traced, next).unwrap()).unwrap();
+        assert_eq!(parsed.meta.traceparent.as_deref(), Some(next));
+        assert_eq!(parsed.data, env.data, "the payload is untouched");
     }
 }
 
@@ -271,6 +336,37 @@ mod tests {
             r#"{"sender_id":"alice","target_id":"bob","message_type":"greet","data":{"n":1},"meta":{"version":1,"correlation_id":null,"expects_reply":false,"is_reply":false,"sender_instance_id":"i1","reply_to_instance_id":null,"traceparent":null,"tracestate":null},"timestamp":1700000000.25,"message_id":"m-1"}"#
         );
         assert_eq!(Envelope::from_json(&json).unwrap(), env);
+    }
+
+    proptest::proptest! {
+        /// The envelope written around a canonical payload is the derived form, byte for byte.
+        #[test]
+        fn a_canonical_envelope_is_written_as_the_derived_one(
+            message_type in "[a-z\"\\\\é\n]{0,8}",
+            value in "[a-z\"é\u{1}]{0,8}",
+            kind in 0..3u8,
+            traceparent in proptest::option::of("[0-9a-f-]{0,20}"),
+            tracestate in proptest::option::of("[a-z=\"]{0,8}"),
+            millis in 0u64..4_000_000_000_000,
+        ) {
+            let data: Payload = [("k".to_string(), Value::String(value)), ("a".to_string(), Value::from(1.5))]
+                .into_iter()
+                .collect();
+            fn build<D>(kind: u8, data: D, message_type: &str, millis: u64) -> Envelope<D> {
+                let (alice, bob) = (AgentId::new("alice").unwrap(), AgentId::new("bob").unwrap());
+                let i1 = InstanceId::new("i1").unwrap();
+                let (id, at, mt) = ("m-1".to_string(), UnixMillis(millis), message_type.to_string());
+                match kind {
+                    0 => Envelope::new_send(&alice, &i1, &bob, mt, data, id, at),
+                    1 => Envelope::new_request(&alice, &i1, &bob, mt, data, id, "c.alice".into(), at),
+                    _ => Envelope::new_reply(&bob, &i1, &alice, &i1, mt, data, id, "c.alice".into(), at),
+                }
+            }
+            let trace = (traceparent, tracestate);
+            let owned = build(kind, data.clone(), &message_type, millis).traced(trace.0.clone(), trace.1.clone());
+            let canonical = build(kind, CanonicalPayload::of(&data), &message_type, millis).traced(trace.0, trace.1);
+            proptest::prop_assert_eq!(canonical.to_json(), owned.to_json());
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod ids;
 pub mod limits;
+pub mod payload;
 pub mod policy;
 pub mod reply;
 pub mod store;

@@ -13,8 +13,8 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::envelope::Payload;
-use crate::ids::AgentId;
+use crate::ids::{AgentId, hex};
+use crate::payload::WirePayload;
 use crate::store::{Correlation, PendingRequest, ReplyError};
 
 /// Longer than any correlation id a broker issues (`{random}.{agent id}`); a longer one is
@@ -91,9 +91,10 @@ pub fn route(correlation: Correlation, sender: &AgentId, fingerprint: &str) -> R
 
 /// SHA-256 (hex) of compact JSON `[sender, message_type, payload]` with object keys sorted:
 /// two replies are "identical" when their fingerprints match.
-pub fn fingerprint(sender: &AgentId, message_type: &str, payload: &Payload) -> String {
-    let canonical = serde_json::json!([sender.as_str(), message_type, payload]).to_string();
-    Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+pub fn fingerprint(sender: &AgentId, message_type: &str, payload: &WirePayload<'_>) -> String {
+    // A tuple is written as a JSON array; serialising plain data cannot fail.
+    let canonical = serde_json::to_string(&(sender.as_str(), message_type, payload)).unwrap_or_default();
+    hex(&Sha256::digest(canonical.as_bytes()))
 }
 
 #[cfg(test)]
@@ -149,13 +150,24 @@ mod tests {
     #[test]
     fn fingerprints_ignore_key_order_but_not_content_type_or_sender() {
         let bob = id("bob");
-        let a = parse_payload(r#"{"x":1,"y":2}"#).expect("payload");
-        let b = parse_payload(r#"{"y":2,"x":1}"#).expect("payload");
-        let c = parse_payload(r#"{"x":1,"y":3}"#).expect("payload");
+        let a = WirePayload::parse(r#"{"x":1,"y":2}"#).expect("payload");
+        let b = WirePayload::parse(r#"{"y":2,"x":1}"#).expect("payload");
+        let c = WirePayload::parse(r#"{"x":1,"y":3}"#).expect("payload");
         assert_eq!(fingerprint(&bob, "t", &a), fingerprint(&bob, "t", &b));
         assert_ne!(fingerprint(&bob, "t", &a), fingerprint(&bob, "t", &c));
         assert_ne!(fingerprint(&bob, "t", &a), fingerprint(&bob, "u", &a));
         assert_ne!(fingerprint(&bob, "t", &a), fingerprint(&id("carol"), "t", &a));
+    }
+
+    #[test]
+    fn a_fingerprint_is_the_hash_of_the_sorted_json_array() {
+        // Receipts in a store outlive a broker version: the form is pinned to the one
+        // written by serde_json's own value of `[sender, type, payload]`.
+        let wire = r#"{"b": [1, 2.5, "é\n"], "a": {"d": null, "c": true}}"#;
+        let owned = parse_payload(wire).expect("payload");
+        let text = serde_json::json!(["bob", "t", owned]).to_string();
+        let expected = hex(&Sha256::digest(text.as_bytes()));
+        assert_eq!(fingerprint(&id("bob"), "t", &WirePayload::parse(wire).expect("payload")), expected);
     }
 
     #[test]

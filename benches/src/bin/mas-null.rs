@@ -27,7 +27,7 @@ mod null {
 
     use anyhow::Context;
     use clap::Parser;
-    use mas_core::envelope::{Envelope, MessageMeta};
+    use mas_core::envelope::{Envelope, MessageMeta, Payload};
     use mas_net::tls::TlsFiles;
     use mas_proto::mas_v1::mas_service_server::{MasService, MasServiceServer};
     use mas_proto::runtime::runtime_service_server::{RuntimeService, RuntimeServiceServer};
@@ -97,7 +97,8 @@ mod null {
 
         async fn request(&self, request: Request<RequestRequest>) -> Result<Response<RequestResponse>, Status> {
             let request = request.into_inner();
-            let data = serde_json::from_str(&request.data_json).map_err(|_| Status::invalid_argument("bad json"))?;
+            let data: Payload =
+                serde_json::from_str(&request.data_json).map_err(|_| Status::invalid_argument("bad json"))?;
             let (message_id, correlation_id) = (self.id(), self.id());
             let reply = Envelope {
                 sender_id: request.target_id,

@@ -13,9 +13,9 @@
 use std::collections::BTreeMap;
 
 use mas_core::admission::{Authorization, Batch, Verdict};
-use mas_core::envelope::{Payload, parse_payload};
 use mas_core::ids::{AgentId, InstanceId};
-use mas_core::policy::audit::{AuditRecord, Decision, payload_hash};
+use mas_core::payload::{CanonicalPayload, WirePayload};
+use mas_core::policy::audit::{AuditRecord, Decision};
 use mas_core::policy::ratelimit::Grant;
 use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use mas_core::time::Instant;
@@ -72,8 +72,8 @@ pub(super) enum Exchange<'a> {
 pub(super) struct Passed {
     /// The agent that receives it (its chain records the decision).
     pub target: AgentId,
-    /// The payload to deliver (redacted when DLP said so).
-    pub payload: Payload,
+    /// The payload to deliver (redacted when DLP said so), as canonical JSON.
+    pub payload: CanonicalPayload,
     /// The decision record (`ALLOWED`, `ALERT` or `DLP_REDACTED`), not yet linked.
     pub record: AuditRecord,
 }
@@ -130,12 +130,12 @@ impl Service {
 
     /// The input bounds and the payload's form, checked before anything is screened or
     /// audited: no field of a refused message is ever kept at a size the peer chose.
-    pub(super) fn checked_payload(&self, outgoing: &Outgoing<'_>) -> Result<Payload, Status> {
+    pub(super) fn checked_payload<'a>(&self, outgoing: &Outgoing<'a>) -> Result<WirePayload<'a>, Status> {
         let limits = self.broker.config().limits.input();
         limits
             .check_message(outgoing.target_id, outgoing.message_type, outgoing.data_json)
             .map_err(status::limit_exceeded)?;
-        parse_payload(outgoing.data_json).map_err(status::payload_invalid)
+        WirePayload::parse(outgoing.data_json).map_err(status::payload_invalid)
     }
 
     /// Runs authorization, rate limit, circuit and DLP over one message. A denial is
@@ -144,7 +144,7 @@ impl Service {
         &self,
         ingress: &Ingress<'_>,
         exchange: Exchange<'_>,
-        payload: Payload,
+        payload: WirePayload<'_>,
     ) -> Result<Passed, Status> {
         let mut decided = self.pass_policies_batch(std::slice::from_ref(ingress), exchange, vec![payload]).await?;
         match decided.pop() {
@@ -165,7 +165,7 @@ impl Service {
         &self,
         ingresses: &[Ingress<'_>],
         exchange: Exchange<'_>,
-        payloads: Vec<Payload>,
+        payloads: Vec<WirePayload<'_>>,
     ) -> Result<Vec<Screening>, Status> {
         let Some(sender) = ingresses.first().map(|ingress| ingress.sender) else { return Ok(Vec::new()) };
         let authorized: Vec<Authorized> = match exchange {
@@ -251,7 +251,7 @@ impl Service {
     fn record(
         &self,
         ingress: &Ingress<'_>,
-        payload: &Payload,
+        payload: &CanonicalPayload,
         decision: Decision,
         violations: Vec<String>,
     ) -> AuditRecord {
@@ -263,7 +263,7 @@ impl Service {
             latency_ms: now.mono.saturating_duration_since(ingress.started).as_secs_f64() * 1000.0,
             message_id: ingress.message_id.to_string(),
             message_type: Some(ingress.message_type.to_string()),
-            payload_hash: payload_hash(payload),
+            payload_hash: payload.hash(),
             previous_hash: None,
             sender_id: ingress.sender.to_string(),
             sender_instance_id: Some(ingress.sender_instance.to_string()),

@@ -6,9 +6,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mas_core::envelope::{Envelope, Payload, parse_payload};
+use mas_core::envelope::{Envelope, Payload};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::limits::LimitExceeded;
+use mas_core::payload::WirePayload;
 use mas_core::policy::dlp::Action;
 use mas_core::reply::{self, ReplyRefusal, ReplyRoute};
 use mas_core::store::{Admission, PendingRequest, ReplyCommit, ReplyReceipt, SessionRef, StateError};
@@ -300,7 +301,7 @@ impl Service {
         let limits = self.broker.config().limits.input();
         limits.check_message_type(&req.message_type).map_err(status::limit_exceeded)?;
         limits.check_payload(&req.data_json).map_err(status::limit_exceeded)?;
-        let data = parse_payload(&req.data_json).map_err(status::payload_invalid)?;
+        let data = WirePayload::parse(&req.data_json).map_err(status::payload_invalid)?;
         let requester = reply::requester_of(&req.correlation_id).map_err(status::reply_refused)?;
         let fingerprint = reply::fingerprint(&sender, &req.message_type, &data);
         let correlation =

@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use futures_util::future::join_all;
-use mas_core::envelope::{Envelope, Payload};
+use mas_core::envelope::Envelope;
+use mas_core::payload::WirePayload;
 use mas_core::store::Admission;
 use mas_net::status::detail;
 use mas_proto::runtime::{SendBatchRequest, SendBatchResponse, SendOutcome};
@@ -44,7 +45,7 @@ impl Service {
         // passed; `checked` holds the index and fresh message id of each that did.
         let mut checks: Vec<Result<(), Status>> = Vec::with_capacity(req.sends.len());
         let mut checked: Vec<(usize, String)> = Vec::with_capacity(req.sends.len());
-        let mut payloads: Vec<Payload> = Vec::with_capacity(req.sends.len());
+        let mut payloads: Vec<WirePayload<'_>> = Vec::with_capacity(req.sends.len());
         for (index, send) in req.sends.iter().enumerate() {
             let outgoing = Outgoing {
                 instance_id: &req.instance_id,

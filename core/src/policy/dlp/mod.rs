@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::envelope::Payload;
+use crate::payload::{Node, WirePayload};
 
 /// What a violation does to the message. Ordered: a later variant is more restrictive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -108,18 +109,23 @@ impl Dlp {
         self.policies.get(kind).map(|p| p.0)
     }
 
-    /// Scans `payload`.
+    /// Scans an owned payload.
     pub fn scan(&self, payload: &Payload) -> Scan {
+        self.scan_wire(&WirePayload::borrowed(payload))
+    }
+
+    /// Scans a payload as admission parsed it.
+    pub fn scan_wire(&self, payload: &WirePayload<'_>) -> Scan {
         // Fast path for the common clean payload: one pass of the whole rule set over all its
         // texts joined by newlines. The built-in rules have no anchors, so anything the
         // per-text walk would find is found here too (a match straddling two texts only costs
         // the walk below). Custom rules may use anchors, so with them the walk always runs.
         if !self.always_with_context {
             let mut joined = String::with_capacity(4096);
-            for (key, value) in payload {
+            for (key, node) in payload.members() {
                 joined.push_str(key);
                 joined.push('\n');
-                self.join_texts(value, Some(key), &mut joined);
+                self.join_texts(node, Some(key), &mut joined);
             }
             if !self.set.is_match(&joined) {
                 return Scan { violations: Vec::new(), action: None, redacted: None };
@@ -129,17 +135,17 @@ impl Dlp {
     }
 
     /// The full structure-aware scan, without the clean fast path.
-    fn scan_walking(&self, payload: &Payload) -> Scan {
+    fn scan_walking(&self, payload: &WirePayload<'_>) -> Scan {
         let mut found = BTreeSet::new();
-        for (key, value) in payload {
+        for (key, node) in payload.members() {
             self.scan_text(key, &mut found);
-            self.walk(value, Some(key), &mut found);
+            self.walk(node, Some(key), &mut found);
         }
         let violations: Vec<Violation> = found.into_iter().collect();
         let action = violations.iter().map(|v| v.action).max();
         let mut scan = Scan { violations, action, redacted: None };
         if scan.action == Some(Action::Redact) {
-            match redact(payload, &scan.violations) {
+            match redact(&payload.to_payload(), &scan.violations) {
                 Some(redacted) => scan.redacted = Some(redacted),
                 None => scan.action = Some(Action::Block),
             }
@@ -147,18 +153,19 @@ impl Dlp {
         scan
     }
 
-    fn walk(&self, value: &Value, key: Option<&str>, found: &mut BTreeSet<Violation>) {
-        match value {
-            Value::Object(map) => {
-                for (k, v) in map {
+    fn walk(&self, node: &Node<'_>, key: Option<&str>, found: &mut BTreeSet<Violation>) {
+        match node {
+            Node::Object(members) => {
+                for (k, v) in members {
                     self.scan_text(k, found);
                     self.walk(v, Some(k), found);
                 }
             }
-            Value::Array(items) => items.iter().for_each(|item| self.walk(item, key, found)),
-            Value::String(s) => self.scan_with_context(s, key, found),
-            Value::Number(_) | Value::Bool(_) => self.scan_with_context(&value.to_string(), key, found),
-            Value::Null => {}
+            Node::Array(items) => items.iter().for_each(|item| self.walk(item, key, found)),
+            Node::String(s) => self.scan_with_context(s, key, found),
+            Node::Number(n) => self.scan_with_context(&n.to_string(), key, found),
+            Node::Bool(b) => self.scan_with_context(if *b { "true" } else { "false" }, key, found),
+            Node::Null => {}
         }
     }
 
@@ -167,20 +174,20 @@ impl Dlp {
     /// line, which the built-in labelled rules match as they match `key: text` (their label and
     /// value may be separated by any white space or up to three non-word characters); array
     /// items are not next to their key, so under a labelled key each gets its `key: item` line.
-    fn join_texts(&self, value: &Value, key: Option<&str>, out: &mut String) {
-        match value {
-            Value::Object(map) => {
-                for (k, v) in map {
+    fn join_texts(&self, node: &Node<'_>, key: Option<&str>, out: &mut String) {
+        match node {
+            Node::Object(members) => {
+                for (k, v) in members {
                     out.push_str(k);
                     out.push('\n');
                     self.join_texts(v, Some(k), out);
                 }
             }
-            Value::Array(items) => {
+            Node::Array(items) => {
                 let labelled = key.filter(|k| self.labels.is_match(k));
                 for item in items {
                     match (labelled, item) {
-                        (Some(k), Value::String(_) | Value::Number(_) | Value::Bool(_)) => {
+                        (Some(k), Node::String(_) | Node::Number(_) | Node::Bool(_)) => {
                             push_scalar(item, out);
                             out.push_str(k);
                             out.push_str(": ");
@@ -190,8 +197,8 @@ impl Dlp {
                     }
                 }
             }
-            Value::String(_) | Value::Number(_) | Value::Bool(_) => push_scalar(value, out),
-            Value::Null => {}
+            Node::String(_) | Node::Number(_) | Node::Bool(_) => push_scalar(node, out),
+            Node::Null => {}
         }
     }
 
@@ -220,12 +227,14 @@ impl Dlp {
 }
 
 /// Appends a string's text, or a number's or boolean's JSON text, and a line break.
-fn push_scalar(value: &Value, out: &mut String) {
+fn push_scalar(node: &Node<'_>, out: &mut String) {
     use std::fmt::Write;
-    match value {
-        Value::String(s) => out.push_str(s),
-        // Writing into a String cannot fail.
-        other => drop(write!(out, "{other}")),
+    match node {
+        Node::String(s) => out.push_str(s),
+        // `Number`'s text is its JSON text; writing into a String cannot fail.
+        Node::Number(n) => drop(write!(out, "{n}")),
+        Node::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Node::Null | Node::Array(_) | Node::Object(_) => {}
     }
     out.push('\n');
 }

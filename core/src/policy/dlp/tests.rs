@@ -214,7 +214,7 @@ mod fast_path {
         ) {
             let dlp = dlp();
             let payload: Payload = entries.into_iter().collect();
-            prop_assert_eq!(dlp.scan(&payload), dlp.scan_walking(&payload));
+            prop_assert_eq!(dlp.scan(&payload), dlp.scan_walking(&WirePayload::borrowed(&payload)));
         }
     }
 }
