@@ -90,7 +90,7 @@ impl Default for MessageMeta {
 /// implementations; the broker only builds them from validated [`AgentId`]s.
 ///
 /// The payload's type is a parameter so the broker can write an envelope whose payload is
-/// already canonical JSON (`Envelope<Box<RawValue>>`, see [`crate::payload`]) without
+/// already canonical JSON (`Envelope<CanonicalPayload>`, see [`crate::payload`]) without
 /// serialising it again; everything that reads envelopes uses the default, a [`Payload`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<D = Payload> {
