@@ -170,8 +170,13 @@ mod tests {
         parse_payload(&serde_json::json!({ "text": text }).to_string()).expect("payload")
     }
 
-    fn wire(text: &str) -> WirePayload<'static> {
-        WirePayload::from(payload(text))
+    /// One `{"text": ..}` payload per text, to be read through [`borrowed`].
+    fn payloads(texts: &[&str]) -> Vec<Payload> {
+        texts.iter().map(|text| payload(text)).collect()
+    }
+
+    fn borrowed(payloads: &[Payload]) -> Vec<WirePayload<'_>> {
+        payloads.iter().map(WirePayload::borrowed).collect()
     }
 
     fn dlp() -> Dlp {
@@ -197,7 +202,7 @@ mod tests {
         ]);
         assert_eq!(batch.rate_demand(), 3, "denied and dead-target messages take no token");
         let texts = ["a", "b", "c", "card 4111 1111 1111 1111", "hello"];
-        let verdicts = batch.decide(all_granted(3), texts.iter().map(|t| wire(t)).collect(), Some(&dlp()));
+        let verdicts = batch.decide(all_granted(3), borrowed(&payloads(&texts)), Some(&dlp()));
         let decisions: Vec<_> = verdicts.iter().map(|v| v.decision).collect();
         assert_eq!(
             decisions,
@@ -220,7 +225,8 @@ mod tests {
     fn the_rate_limit_comes_before_the_circuit_and_names_its_window() {
         let limited = Limited { window: Window::Hour, retry_after: Some(Duration::from_secs(3)) };
         let batch = Batch::new(vec![Authorization::Granted(TRIPPED), Authorization::Granted(TRIPPED)]);
-        let verdicts = batch.decide(Grant { admitted: 1, refused: Some(limited) }, vec![wire("x"), wire("y")], None);
+        let grant = Grant { admitted: 1, refused: Some(limited) };
+        let verdicts = batch.decide(grant, borrowed(&payloads(&["x", "y"])), None);
         assert_eq!(verdicts[0].decision, Decision::CircuitOpen, "the first took a token, then met the circuit");
         assert_eq!(verdicts[1].decision, Decision::RateLimited);
         assert_eq!(verdicts[1].limited, Some(limited));
@@ -231,8 +237,11 @@ mod tests {
     fn replies_are_not_gated_but_still_limited_and_screened() {
         let batch = Batch::new(vec![Authorization::REPLY, Authorization::REPLY]);
         assert_eq!(batch.rate_demand(), 2);
-        let verdicts =
-            batch.decide(Grant { admitted: 1, refused: None }, vec![wire("ssn 123-45-6789"), wire("z")], Some(&dlp()));
+        let verdicts = batch.decide(
+            Grant { admitted: 1, refused: None },
+            borrowed(&payloads(&["ssn 123-45-6789", "z"])),
+            Some(&dlp()),
+        );
         assert_eq!(verdicts[0].decision, Decision::DlpRedacted);
         assert!(!verdicts[0].payload.as_str().contains("123-45-6789"));
         assert!(verdicts[0].payload.as_str().contains("XXX-XX-6789"), "the redacted payload is what goes on");
@@ -311,7 +320,8 @@ mod tests {
                 let batch = Batch::new(head.iter().map(|(a, _)| *a).collect());
                 let (next, grant) = ratelimit::admit_many(limits, batched_state, now, batch.rate_demand());
                 batched_state = next;
-                let verdicts = batch.decide(grant, head.iter().map(|(_, t)| wire(t)).collect(), Some(&dlp));
+                let texts: Vec<&str> = head.iter().map(|(_, t)| *t).collect();
+                let verdicts = batch.decide(grant, borrowed(&payloads(&texts)), Some(&dlp));
                 got.extend(verdicts.into_iter().map(|v| v.decision));
             }
             prop_assert_eq!(got, expected);

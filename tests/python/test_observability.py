@@ -6,6 +6,7 @@ client, `/readyz` following the store, and SIGTERM draining a delivery in flight
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -302,22 +303,30 @@ def test_the_broker_binary_exports_its_spans_over_otlp(pki: Pki, tmp_path) -> No
     """`mas serve` with a `telemetry` section sends its spans to a real OTLP collector: the
     RPC span is the child of the caller's span, the delivered envelope carries the delivery
     span's context, an unsampled caller context is followed (nothing recorded), log lines
-    inside a traced RPC name the trace, and SIGTERM flushes what is buffered."""
+    inside a traced RPC name the trace, and SIGTERM flushes what is buffered. A payload with a
+    `traceparent` key of its own is delivered as it was sent, and the trace is the caller's."""
     collector = _Collector()
     broker = Broker.start(tmp_path, pki, telemetry={"otlp_endpoint": f"http://127.0.0.1:{collector.port}",
                                                     "service_name": "mas-broker-under-test"})
     sampled_trace, caller_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     unsampled_trace = uuid.uuid4().hex
     denied_trace = uuid.uuid4().hex
+    payload_trace, decoy_trace = uuid.uuid4().hex, uuid.uuid4().hex
+    # Pretty-printed, a duplicate key, escapes, numbers serde_json re-writes, and fields named
+    # like the envelope's own: what the receiver gets is what Python's json reads of it.
+    decoy = f"00-{decoy_trace}-{uuid.uuid4().hex[:16]}-01"
+    tricky = ('{\n  "traceparent": "%s",\n  "meta": {"traceparent": "%s", "tracestate": "k=v"},\n'
+              '  "dup": 1, "dup": 2, "é\\n": "line\\nbreak \\"q\\" \\u00e9 \\ud83d\\ude00",\n'
+              '  "n": [1, 2.50, -0.0, 1e3, -7, 18446744073709551615, null, true]\n}') % (decoy, decoy)
 
     async def main():
         alice, bob = Client(broker.target, pki.agent("alice")), Client(broker.target, pki.agent("bob"))
         dave = Client(broker.target, pki.agent("dave"))
         a, b, d = await alice.connect(), await bob.connect(), await dave.connect()
 
-        async def send(client, transport, trace, span, flags, target="bob"):
+        async def send(client, transport, trace, span, flags, target="bob", data_json="{}"):
             return await client.stub.Send(
-                mas_pb2.SendRequest(target_id=target, message_type="traced", data_json="{}",
+                mas_pb2.SendRequest(target_id=target, message_type="traced", data_json=data_json,
                                     instance_id=transport.instance_id),
                 metadata=(("traceparent", f"00-{trace}-{span}-{flags}"),), timeout=10)
 
@@ -329,14 +338,17 @@ def test_the_broker_binary_exports_its_spans_over_otlp(pki: Pki, tmp_path) -> No
         b.ack(delivery_id)
         code, _ = await refusal(send(dave, d, denied_trace, caller_span, "01"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
+        await send(alice, a, payload_trace, caller_span, "01", data_json=tricky)
+        delivery_id, with_own_traceparent = await b.delivery()
+        b.ack(delivery_id)
         await asyncio.sleep(0.3)
         for t in (a, b, d):
             await t.close()
         for c in (alice, bob, dave):
             await c.close()
-        return sampled, unsampled
+        return sampled, unsampled, with_own_traceparent
 
-    sampled, unsampled = asyncio.run(main())
+    sampled, unsampled, with_own_traceparent = asyncio.run(main())
     assert broker.stop() == 0
     collector.server.stop(grace=None)
 
@@ -354,3 +366,9 @@ def test_the_broker_binary_exports_its_spans_over_otlp(pki: Pki, tmp_path) -> No
     assert unsampled["meta"]["traceparent"] == f"00-{unsampled_trace}-{caller_span}-00", "passed through"
     assert collector.of_trace(unsampled_trace) == [], "an unsampled caller is followed: nothing recorded"
     assert denied_trace in broker.log_path.read_text(), "the denial's log line names its trace"
+
+    assert with_own_traceparent["data"] == json.loads(tricky), "the payload arrives as sent"
+    _, trace, delivery_span, _ = with_own_traceparent["meta"]["traceparent"].split("-")
+    assert trace == payload_trace, "the payload's traceparent field is not the message's context"
+    assert delivery_span != caller_span, "the delivery span was opened on the caller's context"
+    assert collector.of_trace(decoy_trace) == []

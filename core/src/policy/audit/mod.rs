@@ -21,6 +21,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::ids::hex;
+use crate::payload::CanonicalPayload;
 
 /// The hash format version written by this code.
 pub const HASH_VERSION: u32 = 2;
@@ -220,9 +221,10 @@ fn hash_of<T: Serialize + ?Sized>(value: &T) -> String {
     hex(&writer.0.finalize())
 }
 
-/// SHA-256 (hex) of a payload's canonical JSON (its map is ordered by key).
+/// SHA-256 (hex) of a payload's canonical JSON (its map is ordered by key): the hash
+/// admission takes of the [`CanonicalPayload`] it writes into the envelope.
 pub fn payload_hash(payload: &serde_json::Map<String, Value>) -> String {
-    hash_of(payload)
+    CanonicalPayload::of(payload).hash()
 }
 
 /// The head of one chain; appends link records to it.
