@@ -44,6 +44,18 @@ async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
     redis::Client::open(info)?.get_multiplexed_async_connection().await
 }
 
+/// CPU seconds (user + system) the Redis server at `url` has used so far (`INFO cpu`), so a
+/// run can state Redis's CPU per message beside the broker's.
+pub async fn redis_cpu_seconds(url: &str) -> anyhow::Result<f64> {
+    let mut con = connect(url).await?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut con).await?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let line = info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':'));
+        Ok(line.ok_or_else(|| anyhow::anyhow!("INFO cpu has no {name}"))?.trim().parse()?)
+    };
+    Ok(field("used_cpu_user")? + field("used_cpu_sys")?)
+}
+
 /// Runs the baseline on a fresh stream (deleted afterwards).
 pub async fn run(load: BaselineLoad) -> anyhow::Result<BaselineReport> {
     let stream = format!("mas-baseline:{}:{}", std::process::id(), rand_suffix());

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mas_core::delivery::{QueuedMessage, RequeueReason, StoreEffect};
+use mas_core::delivery::{EntryId, QueuedMessage, RequeueReason, StoreEffect};
 use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, Decision, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
@@ -203,6 +203,54 @@ async fn settling_is_fenced_and_released_work_moves_to_a_sibling() {
         log.push(format!("b2 claim {}", show(&moved)));
         log.push(format!("b1 late ack {:?}", store.apply(&b1, vec![ack(&moved[0])], now(), None).await));
         log.push(format!("b2 ack {:?}", store.apply(&b2, vec![ack(&moved[0])], now(), None).await));
+        log
+    })
+    .await;
+}
+
+/// One settle carries many effects over both of a session's queues. Each is fenced on its own:
+/// a second effect for the same entry, an entry another session holds and an id that names no
+/// entry are refused (`NotOwner`) without stopping the rest.
+#[tokio::test]
+async fn a_batch_of_effects_is_fenced_effect_by_effect() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+        store.acquire_lease(&b1, LEASE).await.unwrap();
+        store.acquire_lease(&b2, LEASE).await.unwrap();
+        let replies = QueueKey::Replies(agent("bob"), InstanceId::new("b1").unwrap());
+        for m in ["w1", "w2"] {
+            store.enqueue(&work("bob"), Arc::from(m)).await.unwrap();
+        }
+        for m in ["r1", "r2"] {
+            store.enqueue(&replies, Arc::from(m)).await.unwrap();
+        }
+        let held = store.claim(&b1, 4, NO_WAIT).await.unwrap();
+        log.push(format!("b1 claimed {}", show(&held)));
+        store.enqueue(&work("bob"), Arc::from("w3")).await.unwrap();
+        let other = store.claim(&b2, 1, NO_WAIT).await.unwrap();
+        log.push(format!("b2 claimed {}", show(&other)));
+        let by_envelope = |e: &str| held.iter().find(|m| &*m.envelope == e).unwrap();
+        let effects = vec![
+            ack(by_envelope("w1")),
+            ack(by_envelope("r1")),
+            ack(by_envelope("w1")),
+            ack(&other[0]),
+            StoreEffect::Ack { entry: EntryId::new("w:not-an-entry".to_string()) },
+            requeue(by_envelope("w2"), 2, Duration::ZERO, now()),
+            dead_letter(by_envelope("r2"), 3, "refused"),
+        ];
+        log.push(format!("apply {:?}", store.apply(&b1, effects, now(), None).await));
+        log.push(format!("b1 holds {}", show(&store.own_pending(&b1, 10).await.unwrap())));
+        log.push(format!("b2 holds {}", show(&store.own_pending(&b2, 10).await.unwrap())));
+        log.push(format!("b1 claims {}", show(&store.claim(&b1, 4, NO_WAIT).await.unwrap())));
+        log.push(format!(
+            "work {:?} replies {:?}",
+            store.queue_len(&work("bob")).await,
+            store.queue_len(&replies).await
+        ));
+        let dead = store.dead_letters(&agent("bob"), 10).await.unwrap();
+        log.push(format!("dead {:?}", dead.iter().map(|d| d.envelope.to_string()).collect::<Vec<_>>()));
         log
     })
     .await;
@@ -804,4 +852,63 @@ async fn archiving_trims_the_oldest_records_behind_a_checkpoint() {
         log
     })
     .await;
+}
+
+/// Rewrites a chain's stream with time-based entry ids, as versions before 0-n audit ids
+/// wrote it (same records, so the chain still verifies).
+async fn with_time_based_ids(url: &str, stream: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut con).await.unwrap();
+    assert!(entries.iter().all(|(id, _)| id.starts_with("0-")), "appends number their entries: {entries:?}");
+    let _: i64 = redis::cmd("DEL").arg(stream).query_async(&mut con).await.unwrap();
+    for (_, fields) in entries {
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(&fields[0].0)
+            .arg(&fields[0].1)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+}
+
+/// Archiving on Redis finds the records to trim by their 0-n entry ids; a chain an earlier
+/// version wrote with time-based ids is appended to and archived all the same (by reading).
+#[tokio::test]
+async fn on_redis_a_chain_with_time_based_ids_is_appended_to_and_archived() {
+    let Some(redis) = RedisServer::start() else { return };
+    let backend = RedisBackend::connect(&RedisSettings::new(&redis.url)).await.unwrap().with_max_audit_records(100);
+    let store = Store::from(backend);
+    let mut logs = Vec::new();
+    for (chain, legacy) in [("fresh", false), ("legacy", true)] {
+        let mut log = Vec::new();
+        for _ in 0..4 {
+            store.admit(denied(chain, Decision::RateLimited), None).await.unwrap();
+        }
+        if legacy {
+            with_time_based_ids(&redis.url, &format!("mas:{{{chain}}}:audit")).await;
+        }
+        for _ in 0..2 {
+            log.push(admitted(store.admit(denied(chain, Decision::Alert), None).await));
+        }
+        for take in [3, 2] {
+            let oldest = store.audit_oldest(&agent(chain), take).await.unwrap();
+            let last = oldest.records.last().unwrap();
+            log.push(format!("wrong record {:?}", store.trim_audit(&agent(chain), take, &oldest.records[0]).await));
+            log.push(format!(
+                "trim {:?}",
+                store.trim_audit(&agent(chain), take, last).await.map(|c| c.map(|c| c.archived))
+            ));
+            log.push(format!("again {:?}", store.trim_audit(&agent(chain), take, last).await));
+        }
+        log.push(format!("len {:?}", store.audit_len(&agent(chain)).await));
+        let snapshot = store.audit_chain(&agent(chain)).await.unwrap();
+        log.push(format!("verify {:?} archived {}", snapshot.verify(), snapshot.checkpoint.archived));
+        logs.push(log);
+    }
+    assert_eq!(logs[0], logs[1], "fresh (left) and time-based ids (right) disagree");
+    assert!(logs[0].contains(&"trim Ok(Some(5))".to_string()), "{:?}", logs[0]);
 }

@@ -27,6 +27,7 @@ mod load {
     use anyhow::Context;
     use clap::Parser;
     use mas_agent::{AgentBuilder, AgentConfig, AgentError, HandlerError, Message};
+    use mas_benches::redis_baseline::redis_cpu_seconds;
     use mas_core::ids::AgentId;
     use mas_server::config::DeliverySettings;
     use mas_server::{AgentDefinition, Broker, BrokerConfig, serve};
@@ -158,6 +159,8 @@ mod load {
         broker_cpu_us: Option<f64>,
         /// Peak RSS of the broker's process (of mas-load itself when in-process), MiB.
         peak_mib: Option<u64>,
+        /// Redis server CPU per message (on Redis only).
+        redis_cpu_us: Option<f64>,
     }
 
     /// `min / median / max` of `values` with `decimals` places, or `-` for none.
@@ -204,6 +207,7 @@ mod load {
         );
         let mut rounds = Vec::new();
         let mut baselines = Vec::new();
+        let mut baseline_redis_cpu = Vec::new();
         for round in 0..args.rounds {
             if args.baseline
                 && let Some(url) = &args.redis
@@ -216,22 +220,26 @@ mod load {
                     consumers: args.consumers,
                     payload: args.payload,
                 };
+                let cpu_before = redis_cpu_seconds(url).await?;
                 let report = mas_benches::redis_baseline::run(load).await.context("bare Redis baseline")?;
+                let redis_cpu_us = (redis_cpu_seconds(url).await? - cpu_before) * 1e6 / args.messages as f64;
                 let rate = args.messages as f64 / report.elapsed.as_secs_f64();
                 println!(
-                    "round {round}: bare Redis Streams {rate:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
+                    "round {round}: bare Redis Streams {rate:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms, Redis CPU {redis_cpu_us:.1} µs/msg",
                     percentile_ms(&report.latencies_ns, 0.5),
                     percentile_ms(&report.latencies_ns, 0.99)
                 );
                 baselines.push(rate);
+                baseline_redis_cpu.push(redis_cpu_us);
             }
             let measured = run_round(&args, &cast, &dir, &pki).await?;
             println!(
-                "round {round}: mas {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms{}{}",
+                "round {round}: mas {:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms{}{}{}",
                 measured.msg_per_s,
                 measured.p50_ms,
                 measured.p99_ms,
                 measured.broker_cpu_us.map_or(String::new(), |us| format!(", broker CPU {us:.1} µs/msg")),
+                measured.redis_cpu_us.map_or(String::new(), |us| format!(", Redis CPU {us:.1} µs/msg")),
                 measured.peak_mib.map_or(String::new(), |mib| format!(", peak RSS {mib} MiB")),
             );
             rounds.push(measured);
@@ -246,8 +254,15 @@ mod load {
                 min_median_max(rounds.iter().filter_map(|r| r.broker_cpu_us).collect(), 2)
             );
         }
+        if rounds.iter().all(|r| r.redis_cpu_us.is_some()) {
+            println!(
+                "  Redis CPU µs/msg     {}",
+                min_median_max(rounds.iter().filter_map(|r| r.redis_cpu_us).collect(), 2)
+            );
+        }
         if !baselines.is_empty() {
             println!("  bare Redis msg/s     {}", min_median_max(baselines.clone(), 0));
+            println!("  bare Redis CPU µs/msg {}", min_median_max(baseline_redis_cpu, 2));
             let ratios = rounds.iter().zip(&baselines).map(|(r, b)| r.msg_per_s / b).collect();
             println!("  mas / bare Redis     {}", min_median_max(ratios, 2));
         }
@@ -401,6 +416,10 @@ mod load {
     ) -> anyhow::Result<Round> {
         let (broker, endpoint) = BrokerUnderTest::start(args, cast, dir, pki).await?;
         let cpu_before = broker.pid().and_then(cpu_seconds);
+        let redis_cpu_before = match &args.redis {
+            Some(url) => Some(redis_cpu_seconds(url).await?),
+            None => None,
+        };
         let epoch = Instant::now();
         let handled = Arc::new(AtomicU64::new(0));
         let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.messages as usize)));
@@ -474,6 +493,10 @@ mod load {
             (Some(after), Some(before)) => Some((after - before) * 1e6 / args.messages as f64),
             _ => None,
         };
+        let redis_cpu_us = match (&args.redis, redis_cpu_before) {
+            (Some(url), Some(before)) => Some((redis_cpu_seconds(url).await? - before) * 1e6 / args.messages as f64),
+            _ => None,
+        };
         let peak_mib = peak_rss_kib(&broker.pid().map_or("self".to_string(), |pid| pid.to_string())).map(|k| k / 1024);
         for s in senders.iter().chain(sinks.iter()) {
             s.stop().await;
@@ -493,6 +516,7 @@ mod load {
             p99_ms: percentile_ms(&lat, 0.99),
             broker_cpu_us,
             peak_mib,
+            redis_cpu_us,
         })
     }
 }

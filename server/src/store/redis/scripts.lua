@@ -55,6 +55,23 @@ local function circuit_record(c, cfg, success, now)
   end
 end
 
+--@_audit
+-- Library (included by "--#include _audit"): appends to an audit chain's stream. Entries get
+-- the ids 0-1, 0-2, ... (XADD 0-*): the n-th record ever appended is entry 0-n, so the
+-- archiver's trim finds the last record it archived by arithmetic and removes the records
+-- before it with one XTRIM instead of reading them all again. A stream written by an earlier
+-- version has time-based ids, which 0-* cannot follow; it keeps them (the trim then takes the
+-- slow path).
+local audit_id = nil
+local function audit_add(stream, record)
+  if audit_id == nil then
+    local id = redis.pcall('XADD', stream, '0-*', 'r', record)
+    if type(id) ~= 'table' then audit_id = '0-*' return id end
+    audit_id = '*'
+  end
+  return redis.call('XADD', stream, audit_id, 'r', record)
+end
+
 --@enqueue
 -- KEYS: stream, delayed. ARGV: envelope, max_len, notify channel.
 if redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
@@ -135,11 +152,15 @@ local function read(stream, tag, count)
   if not got then return 0 end
   local n = 0
   for _, entry in ipairs(got[1][2]) do
-    local f = fields(entry)
+    -- Read the two fields in place: a table per entry costs more than the scan.
+    local f, envelope, attempt = entry[2], '', '0'
+    for i = 1, #f, 2 do
+      if f[i] == 'e' then envelope = f[i + 1] elseif f[i] == 'a' then attempt = f[i + 1] end
+    end
     out[#out + 1] = tag
     out[#out + 1] = entry[1]
-    out[#out + 1] = f['e'] or ''
-    out[#out + 1] = f['a'] or '0'
+    out[#out + 1] = envelope
+    out[#out + 1] = attempt
     n = n + 1
   end
   return n
@@ -193,6 +214,8 @@ return out
 -- attempt, delay_ms, reason, outcome (s success | f failure | '' none). Each effect is fenced:
 -- applied only if `owner` holds the entry; only applied effects feed the circuit.
 -- Returns one 1 (applied) or 0 (not owner) per effect.
+-- Every redis.call costs far more than the Lua around it, so the fence is one XPENDING per
+-- stream over the batch's id range, and the settled entries go in one XACK and one XDEL.
 --#include _circuit
 local owner = ARGV[1]
 local t = redis.call('TIME')
@@ -201,49 +224,101 @@ local on = ARGV[3] == '1'
 local cfg = circuit_config(ARGV, 4)
 local circuit, before = nil, nil
 if on then circuit = circuit_load(KEYS[6]); before = circuit_repr(circuit) end
-local results = {}
-local wake = false
 local max_dead = tonumber(ARGV[9])
-for i = 10, #ARGV, 7 do
-  local op, tag, id, attempt, delay, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
-  local outcome = ARGV[i + 6]
-  local stream, delayed = KEYS[1], KEYS[2]
-  if tag == 'r' then stream, delayed = KEYS[3], KEYS[4] end
-  local p = redis.call('XPENDING', stream, 'mas', id, id, 1)
-  if #p == 0 or p[1][2] ~= owner then
-    results[#results + 1] = 0
-  else
-    -- Only a requeue or a dead letter needs the envelope back; an ack does not read it.
-    local envelope = ''
-    if op ~= 'ack' then
-      local entry = redis.call('XRANGE', stream, id, id)
-      if #entry == 1 then
-        for j = 1, #entry[1][2], 2 do
-          if entry[1][2][j] == 'e' then envelope = entry[1][2][j + 1] end
+local streams = {w = {KEYS[1], KEYS[2]}, r = {KEYS[3], KEYS[4]}}
+
+-- Stream ids are "ms-seq"; they order by both numbers, not as text.
+local function id_key(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return {tonumber(ms), tonumber(seq)}
+end
+local function id_less(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+
+-- held[tag][id]: the batch's entries that `owner` holds.
+local PAGE = 10000
+local held = {w = {}, r = {}}
+for tag, ids in pairs({w = {}, r = {}}) do
+  local low, high, first, last = nil, nil, nil, nil
+  for i = 10, #ARGV, 7 do
+    if (ARGV[i + 1] == 'r' and 'r' or 'w') == tag then
+      local k = id_key(ARGV[i + 2])
+      if k then
+        ids[#ids + 1] = ARGV[i + 2]
+        if not low or id_less(k, low) then low, first = k, ARGV[i + 2] end
+        if not high or id_less(high, k) then high, last = k, ARGV[i + 2] end
+      end
+    end
+  end
+  if first then
+    local stream = streams[tag][1]
+    local pending = redis.call('XPENDING', stream, 'mas', first, last, PAGE, owner)
+    for _, p in ipairs(pending) do held[tag][p[1]] = true end
+    -- A full page may have cut the range short: ask for the rest one by one.
+    if #pending == PAGE then
+      for _, id in ipairs(ids) do
+        if not held[tag][id] then
+          local p = redis.call('XPENDING', stream, 'mas', id, id, 1)
+          if #p == 1 and p[1][2] == owner then held[tag][id] = true end
         end
       end
     end
+  end
+end
+
+local function envelope_of(stream, id)
+  local entry = redis.call('XRANGE', stream, id, id)
+  if #entry == 1 then
+    for j = 1, #entry[1][2], 2 do
+      if entry[1][2][j] == 'e' then return entry[1][2][j + 1] end
+    end
+  end
+  return ''
+end
+
+local results = {}
+local settled = {w = {}, r = {}}
+local wake = false
+for i = 10, #ARGV, 7 do
+  local op, tag, id, attempt, delay, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5]
+  local outcome = ARGV[i + 6]
+  if tag ~= 'r' then tag = 'w' end
+  local stream, delayed = streams[tag][1], streams[tag][2]
+  if not held[tag][id] then
+    results[#results + 1] = 0
+  else
+    -- One effect per entry: a second one for the same entry is not applied.
+    held[tag][id] = nil
     if op == 'requeue' then
       -- A delayed requeue wakes claims too: a claim that found the queues drained waits for
       -- a wake-up before it asks again, and must learn when this entry comes due.
       wake = true
+      local envelope = envelope_of(stream, id)
       if delay <= 0 then
         redis.call('XADD', stream, '*', 'e', envelope, 'a', attempt)
       else
         redis.call('ZADD', delayed, now + delay, cjson.encode({e = envelope, a = tonumber(attempt), n = id}))
       end
     elseif op == 'dead' then
-      redis.call('XADD', KEYS[5], '*', 'e', envelope, 'reason', reason, 'attempts', attempt, 'at', tostring(now))
+      redis.call('XADD', KEYS[5], '*', 'e', envelope_of(stream, id), 'reason', reason, 'attempts', attempt, 'at', tostring(now))
       local over = redis.call('XLEN', KEYS[5]) - max_dead
       if over > 0 then
         redis.call('XTRIM', KEYS[5], 'MAXLEN', max_dead)
         redis.call('INCRBY', KEYS[7], over)
       end
     end
-    redis.call('XACK', stream, 'mas', id)
-    redis.call('XDEL', stream, id)
+    settled[tag][#settled[tag] + 1] = id
     if on and outcome ~= '' then circuit_record(circuit, cfg, outcome == 's', now) end
     results[#results + 1] = 1
+  end
+end
+-- unpack is bounded by Lua's stack: settle in chunks.
+for tag, ids in pairs(settled) do
+  local stream = streams[tag][1]
+  for i = 1, #ids, 1000 do
+    local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+    redis.call('XACK', stream, 'mas', unpack(chunk))
+    redis.call('XDEL', stream, unpack(chunk))
   end
 end
 if on and circuit_repr(circuit) ~= before then circuit_save(KEYS[6], circuit, cfg) end
@@ -364,6 +439,7 @@ return {'pending', p.requester, p.requester_instance, p.target}
 -- the rest and retries. Pass 2 queues every reply, appends every record, stores the receipts
 -- and moves the head.
 -- Returns {'ok'} | {'head', actual} (nothing written) | {'full'} | {'refused', ...}.
+--#include _audit
 local head = redis.call('GET', KEYS[2]) or ''
 if head ~= ARGV[2] then return {'head', head} end
 local items = (#ARGV - 6) / 8
@@ -409,7 +485,7 @@ if redis.call('XLEN', KEYS[1]) + items > tonumber(ARGV[4]) then return {'full'} 
 for i = 1, items do
   local k, a = 3 + 4 * (i - 1), 6 + 8 * (i - 1)
   redis.call('XADD', KEYS[k + 3], '*', 'e', ARGV[a + 6], 'a', '1')
-  redis.call('XADD', KEYS[1], '*', 'r', ARGV[a + 7])
+  audit_add(KEYS[1], ARGV[a + 7])
   local remaining = math.max(1, expires[i] - now)
   redis.call('SET', KEYS[k + 2], cjson.encode({sender = ARGV[a + 3], fingerprint = ARGV[a + 4], message_id = ARGV[a + 5]}), 'PX', remaining)
   redis.call('DEL', KEYS[k + 1])
@@ -526,6 +602,7 @@ return {depth, envelope, phase, redis.call('XLEN', KEYS[4]), redis.call('XLEN', 
 -- routable envelope and moves the head.
 -- Returns {'ok', entry id or '' per item} | {'head', actual} | {'full'} | {'refused', ...}.
 --#include _circuit
+--#include _audit
 local head = redis.call('GET', KEYS[2]) or ''
 if ARGV[1] ~= head then return {'head', head} end
 local items = (#ARGV - 11) / 3
@@ -553,7 +630,7 @@ if #refused > 1 then return refused end
 local out = {'ok'}
 local routed = false
 for i = 1, items do
-  redis.call('XADD', KEYS[1], '*', 'r', ARGV[10 + 3 * i])
+  audit_add(KEYS[1], ARGV[10 + 3 * i])
   if ARGV[9 + 3 * i] == '1' then
     out[#out + 1] = redis.call('XADD', KEYS[4], '*', 'e', ARGV[11 + 3 * i], 'a', '1')
     routed = true
@@ -570,10 +647,11 @@ return out
 -- Compare-and-append to a chain (the security chain). KEYS: stream, head. ARGV: expected head
 -- ('' empty, '?' unknown), record JSON, new head, max records.
 -- Returns {'ok'} | {'head', actual} | {'full'}.
+--#include _audit
 local head = redis.call('GET', KEYS[2]) or ''
 if head ~= ARGV[1] then return {'head', head} end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {'full'} end
-redis.call('XADD', KEYS[1], '*', 'r', ARGV[2])
+audit_add(KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3])
 return {'ok'}
 
@@ -586,39 +664,47 @@ if #last == 1 then id = last[1][1] end
 return {redis.call('GET', KEYS[2]) or '', id, redis.call('HGET', KEYS[3], 'archived') or '0',
         redis.call('HGET', KEYS[3], 'base') or ''}
 
---@audit_oldest
--- The oldest records of a chain, for the archiver. KEYS: stream, head, checkpoint. ARGV: count.
--- Returns {head or '', archived, base or '', record JSON, ...}.
-local out = {redis.call('GET', KEYS[2]) or '', redis.call('HGET', KEYS[3], 'archived') or '0',
-             redis.call('HGET', KEYS[3], 'base') or ''}
-for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))) do
-  local r = ''
-  for j = 1, #e[2], 2 do if e[2][j] == 'r' then r = e[2][j + 1] end end
-  out[#out + 1] = r
-end
-return out
-
 --@audit_trim
 -- Removes the oldest `count` records of a chain once archived, if the count-th is still the
 -- given record (else the chain changed or another archiver was first: nothing is removed),
 -- and moves the checkpoint past them. KEYS: stream, checkpoint. ARGV: count, last record JSON,
 -- last record's hash. Returns {archived, base} or {}.
+-- With 0-n ids (see _audit) the live records are 0-(archived+1), 0-(archived+2), ...: if the
+-- oldest is 0-(archived+1) and 0-(archived+count) is the given record, the count records are
+-- exactly those ids and one XTRIM MINID removes them. Otherwise (time-based ids of an earlier
+-- version, or a chain that does not look as expected) the records are read and compared.
 local count = tonumber(ARGV[1])
-local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
-if #entries ~= count or count == 0 then return {} end
-local last = ''
-for j = 1, #entries[count][2], 2 do
-  if entries[count][2][j] == 'r' then last = entries[count][2][j + 1] end
+if count == 0 then return {} end
+local archived = tonumber(redis.call('HGET', KEYS[2], 'archived') or '0')
+local function record_of(entry)
+  for j = 1, #entry[2], 2 do
+    if entry[2][j] == 'r' then return entry[2][j + 1] end
+  end
+  return ''
 end
-if last ~= ARGV[2] then return {} end
+local function moved()
+  local total = string.format('%d', archived + count)
+  redis.call('HSET', KEYS[2], 'archived', total, 'base', ARGV[3])
+  return {total, ARGV[3]}
+end
+local first_id = string.format('0-%d', archived + 1)
+local last_id = string.format('0-%d', archived + count)
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first == 1 and first[1][1] == first_id then
+  local last = redis.call('XRANGE', KEYS[1], last_id, last_id)
+  if #last == 1 and record_of(last[1]) == ARGV[2] then
+    redis.call('XTRIM', KEYS[1], 'MINID', string.format('0-%d', archived + count + 1))
+    return moved()
+  end
+end
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
+if #entries ~= count or record_of(entries[count]) ~= ARGV[2] then return {} end
 for i = 1, count, 500 do
   local ids = {}
   for k = i, math.min(i + 499, count) do ids[#ids + 1] = entries[k][1] end
   redis.call('XDEL', KEYS[1], unpack(ids))
 end
-local archived = string.format('%d', tonumber(redis.call('HGET', KEYS[2], 'archived') or '0') + count)
-redis.call('HSET', KEYS[2], 'archived', archived, 'base', ARGV[3])
-return {archived, ARGV[3]}
+return moved()
 
 --@dlq_list
 -- KEYS: dlq. ARGV: max. Returns {now_ms, id, envelope, reason, attempts, at_ms, ...}, oldest
