@@ -20,8 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use mas_core::ids::AgentId;
-use mas_core::policy::audit::file::FileRecord;
-use mas_core::policy::audit::{AuditRecord, Chained, FileLine, LineVerifier, verify_from};
+use mas_core::policy::audit::{FileLine, LineVerifier, canonical_links};
 use mas_core::store::StoreError;
 
 use super::chain_name;
@@ -96,17 +95,17 @@ impl Archiver {
         while self.store.audit_len(chain).await? >= self.high_water {
             let oldest = self.store.audit_oldest(chain, self.batch).await?;
             let Some(last) = oldest.records.last().cloned() else { return Ok(()) };
-            let links = verify_from(&oldest.records, oldest.checkpoint.base.as_deref(), Some(&last.hash()));
-            if links.is_err() {
+            // Each record is serialised and hashed once: the link check and the segment line
+            // both use that text.
+            let Ok(links) = canonical_links(&oldest.records, oldest.checkpoint.base.as_deref()) else {
                 return Err(ArchiveError::Broken(chain.to_string()));
-            }
+            };
             let count = oldest.records.len();
             // Writing and fsyncing block: keep them off the runtime's workers.
             let (dir, owner) = (self.dir.clone(), chain.clone());
-            let path =
-                off_the_runtime(move || write_segment(&dir, &owner, oldest.checkpoint.archived, &oldest.records))
-                    .await
-                    .map_err(|source| ArchiveError::Io { path: self.dir.clone(), source })??;
+            let path = off_the_runtime(move || write_segment(&dir, &owner, oldest.checkpoint.archived, &links))
+                .await
+                .map_err(|source| ArchiveError::Io { path: self.dir.clone(), source })??;
             match self.store.trim_audit(chain, count, &last).await? {
                 Some(checkpoint) => {
                     tracing::info!(%chain, archived = checkpoint.archived, segment = %path.display(), "audit records archived");
@@ -136,13 +135,13 @@ pub fn chain_dir(epoch_dir: &Path, chain: &AgentId) -> PathBuf {
     epoch_dir.join(chain.as_str())
 }
 
-/// Writes `records` (the chain's records from index `first`) as a segment: to a temporary
-/// file, fsynced, renamed into place, directory fsynced.
+/// Writes `records` (the chain's records from index `first`, as canonical JSON and hash) as a
+/// segment: to a temporary file, fsynced, renamed into place, directory fsynced.
 fn write_segment(
     epoch_dir: &Path,
     chain: &AgentId,
     first: u64,
-    records: &[AuditRecord],
+    records: &[(String, String)],
 ) -> Result<PathBuf, ArchiveError> {
     let dir = chain_dir(epoch_dir, chain);
     let path = dir.join(format!("{first:020}.jsonl"));
@@ -150,9 +149,9 @@ fn write_segment(
     std::fs::create_dir_all(&dir).map_err(io)?;
     let tmp = dir.join(format!("{first:020}.jsonl.tmp"));
     let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-    for record in records {
-        let line = FileLine::new(chain_name(chain), FileRecord::Message(record.clone()));
-        serde_json::to_writer(&mut out, &line).map_err(|e| io(e.into()))?;
+    let name = chain_name(chain);
+    for (json, hash) in records {
+        out.write_all(FileLine::json_of(&name, hash, json).as_bytes()).map_err(io)?;
         out.write_all(b"\n").map_err(io)?;
     }
     let file = out.into_inner().map_err(|e| io(e.into_error()))?;

@@ -59,6 +59,20 @@ impl FileLine {
     pub fn new(chain: String, record: FileRecord) -> Self {
         FileLine { chain, hash: record.hash(), record }
     }
+
+    /// The JSON text of the line of a record already serialised: `record_json` is its
+    /// canonical JSON and `hash` that text's hash. Byte for byte what serialising the
+    /// [`FileLine`] writes, without serialising the record a second time.
+    pub fn json_of(chain: &str, hash: &str, record_json: &str) -> String {
+        // A JSON string of a `&str` cannot fail to serialise.
+        let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let (chain, hash) = (quoted(chain), quoted(hash));
+        let mut line = String::with_capacity(30 + chain.len() + hash.len() + record_json.len());
+        for part in [r#"{"chain":"#, &chain, r#","hash":"#, &hash, r#","record":"#, record_json, "}"] {
+            line.push_str(part);
+        }
+        line
+    }
 }
 
 impl FileRecord {

@@ -338,16 +338,35 @@ pub fn verify<T: Chained>(records: &[T], head: Option<&str>) -> Result<(), Chain
 pub fn verify_from<T: Chained>(records: &[T], base: Option<&str>, head: Option<&str>) -> Result<(), ChainError> {
     let mut previous: Option<String> = base.map(str::to_string);
     for (index, record) in records.iter().enumerate() {
-        if record.hash_version() != HASH_VERSION {
-            return Err(ChainError::Version { index, version: record.hash_version() });
-        }
-        if record.previous_hash() != previous.as_deref() {
-            return Err(ChainError::BrokenLink { index });
-        }
+        check_link(index, record, previous.as_deref())?;
         previous = Some(record.hash());
     }
     if previous.as_deref() != head {
         return Err(ChainError::HeadMismatch);
+    }
+    Ok(())
+}
+
+/// Verifies `records` as the part of a chain that follows the record hashed `base`, as
+/// [`verify_from`] does without a head, and returns each record's canonical JSON and hash:
+/// what an archiver writes out, serialised once.
+pub fn canonical_links<T: Chained>(records: &[T], base: Option<&str>) -> Result<Vec<(String, String)>, ChainError> {
+    let mut links: Vec<(String, String)> = Vec::with_capacity(records.len());
+    for (index, record) in records.iter().enumerate() {
+        let previous = links.last().map(|(_, hash)| hash.as_str()).or(base);
+        check_link(index, record, previous)?;
+        links.push(record.canonical());
+    }
+    Ok(links)
+}
+
+/// Record `index` must carry the current hash version and link to `previous`.
+fn check_link<T: Chained>(index: usize, record: &T, previous: Option<&str>) -> Result<(), ChainError> {
+    if record.hash_version() != HASH_VERSION {
+        return Err(ChainError::Version { index, version: record.hash_version() });
+    }
+    if record.previous_hash() != previous {
+        return Err(ChainError::BrokenLink { index });
     }
     Ok(())
 }

@@ -213,3 +213,33 @@ fn a_marked_gap_is_reported_as_a_gap_and_an_unmarked_one_as_a_break() {
     let unmarked = verify_lines(numbered(&lines));
     assert!(unmarked.errors.iter().any(|e| e.contains("does not link")) && unmarked.gaps.is_empty());
 }
+
+#[test]
+fn canonical_links_check_what_verify_from_checks_and_give_each_records_text_and_hash() {
+    let (records, _) = chain(5);
+    let links = canonical_links(&records[2..], Some(&records[1].hash())).unwrap();
+    let expected: Vec<(String, String)> = records[2..].iter().map(|r| r.canonical()).collect();
+    assert_eq!(links, expected);
+    assert_eq!(links[2].1, records[4].hash());
+    assert_eq!(canonical_links(&records[2..], None), Err(ChainError::BrokenLink { index: 0 }));
+    let mut edited = records.clone();
+    edited[2].decision = Decision::Alert;
+    assert_eq!(canonical_links(&edited, None), Err(ChainError::BrokenLink { index: 3 }));
+    let mut old = records.clone();
+    old[1].hash_version = 1;
+    assert_eq!(canonical_links(&old, None), Err(ChainError::Version { index: 1, version: 1 }));
+}
+
+#[test]
+fn a_file_line_written_from_canonical_text_is_the_serialised_line() {
+    let (mut records, _) = chain(3);
+    records[1].message_type = Some("quote \" backslash \\ tab \t é ☃ \u{1F600}".into());
+    records[2].violations = vec!["x\ny".into()];
+    for record in records {
+        let (json, hash) = record.canonical();
+        for chain in ["agent:bob", "security", "agent:we\"ird\\"] {
+            let line = FileLine::new(chain.to_string(), file::FileRecord::Message(record.clone()));
+            assert_eq!(FileLine::json_of(chain, &hash, &json), serde_json::to_string(&line).unwrap());
+        }
+    }
+}

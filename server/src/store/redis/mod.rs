@@ -921,14 +921,20 @@ impl RedisBackend {
 }
 
 /// Messages from a script's flat `{tag, id, envelope, attempt, ...}` list.
+/// The values are taken, not cloned: an envelope is copied once, into its `Arc<str>`.
 fn queued_messages(flat: Vec<Value>) -> Vec<QueuedMessage> {
-    flat.chunks_exact(4)
-        .map(|chunk| QueuedMessage {
-            entry: EntryId::new(format!("{}:{}", text(chunk[0].clone()), text(chunk[1].clone()))),
-            envelope: Arc::from(text(chunk[2].clone())),
-            attempt: u32::try_from(int(chunk[3].clone())).unwrap_or(0),
-        })
-        .collect()
+    let mut items = flat.into_iter();
+    let mut messages = Vec::with_capacity(items.len() / 4);
+    while let (Some(tag), Some(id), Some(envelope), Some(attempt)) =
+        (items.next(), items.next(), items.next(), items.next())
+    {
+        messages.push(QueuedMessage {
+            entry: EntryId::new(format!("{}:{}", text(tag), text(id))),
+            envelope: Arc::from(text(envelope)),
+            attempt: u32::try_from(int(attempt)).unwrap_or(0),
+        });
+    }
+    messages
 }
 
 /// A state script's `{outcome, value}`: `{1, revision}` written, `{0, revision}` a conflict,
@@ -943,7 +949,10 @@ fn revision_outcome((ok, value): (i64, u64)) -> Result<u64, StateError> {
 
 fn text(v: Value) -> String {
     match v {
-        Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        // Valid UTF-8 (everything the broker wrote) becomes the String without a copy.
+        Value::BulkString(bytes) => {
+            String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        }
         Value::SimpleString(s) => s,
         Value::Int(i) => i.to_string(),
         Value::Okay => "OK".to_string(),

@@ -238,25 +238,24 @@ local function id_less(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]
 -- held[tag][id]: the batch's entries that `owner` holds.
 local PAGE = 10000
 local held = {w = {}, r = {}}
-for tag, ids in pairs({w = {}, r = {}}) do
-  local low, high, first, last = nil, nil, nil, nil
-  for i = 10, #ARGV, 7 do
-    if (ARGV[i + 1] == 'r' and 'r' or 'w') == tag then
-      local k = id_key(ARGV[i + 2])
-      if k then
-        ids[#ids + 1] = ARGV[i + 2]
-        if not low or id_less(k, low) then low, first = k, ARGV[i + 2] end
-        if not high or id_less(high, k) then high, last = k, ARGV[i + 2] end
-      end
-    end
+local range = {w = {ids = {}}, r = {ids = {}}}
+for i = 10, #ARGV, 7 do
+  local r, id = range[ARGV[i + 1] == 'r' and 'r' or 'w'], ARGV[i + 2]
+  local k = id_key(id)
+  if k then
+    r.ids[#r.ids + 1] = id
+    if not r.low or id_less(k, r.low) then r.low, r.first = k, id end
+    if not r.high or id_less(r.high, k) then r.high, r.last = k, id end
   end
-  if first then
+end
+for tag, r in pairs(range) do
+  if r.first then
     local stream = streams[tag][1]
-    local pending = redis.call('XPENDING', stream, 'mas', first, last, PAGE, owner)
+    local pending = redis.call('XPENDING', stream, 'mas', r.first, r.last, PAGE, owner)
     for _, p in ipairs(pending) do held[tag][p[1]] = true end
     -- A full page may have cut the range short: ask for the rest one by one.
     if #pending == PAGE then
-      for _, id in ipairs(ids) do
+      for _, id in ipairs(r.ids) do
         if not held[tag][id] then
           local p = redis.call('XPENDING', stream, 'mas', id, id, 1)
           if #p == 1 and p[1][2] == owner then held[tag][id] = true end
