@@ -912,3 +912,44 @@ async fn on_redis_a_chain_with_time_based_ids_is_appended_to_and_archived() {
     assert_eq!(logs[0], logs[1], "fresh (left) and time-based ids (right) disagree");
     assert!(logs[0].contains(&"trim Ok(Some(5))".to_string()), "{:?}", logs[0]);
 }
+
+/// Script calls Redis has run since its statistics were last reset (a call refused with
+/// NOSCRIPT, before the client loads the script, does not count).
+async fn script_calls(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut con).await.unwrap();
+    let line = stats.lines().find_map(|l| l.strip_prefix("cmdstat_evalsha:")).unwrap_or("");
+    let field = |name: &str| -> u64 {
+        let value = line.split(',').find_map(|f| f.split_once('=').filter(|(k, _)| *k == name));
+        value.and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+    };
+    field("calls") - field("failed_calls")
+}
+
+async fn reset_stats(url: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut con).await.unwrap();
+}
+
+/// An all-clear gate answer is used again for a moment (one round trip fewer per send), but
+/// never past a session ending through this broker.
+#[tokio::test]
+async fn on_redis_an_all_clear_gate_is_read_once_and_forgotten_when_the_session_ends() {
+    let Some(redis) = RedisServer::start() else { return };
+    let store = Store::from(RedisBackend::connect(&RedisSettings::new(&redis.url)).await.unwrap());
+    let b1 = session("bob", "b1", "o1");
+    store.acquire_lease(&b1, LEASE).await.unwrap();
+    reset_stats(&redis.url).await;
+    let first = store.gate(&agent("bob"), None).await.unwrap();
+    let second = store.gate(&agent("bob"), None).await.unwrap();
+    assert!(first.live && second.live && second.circuit_admits);
+    assert_eq!(script_calls(&redis.url).await, 1, "the second read used the first's answer");
+    store.release_lease(&b1).await.unwrap();
+    let after = store.gate(&agent("bob"), None).await.unwrap();
+    assert!(!after.live, "the ended session is seen at once");
+    assert_eq!(script_calls(&redis.url).await, 3, "release, then a fresh read");
+    store.gate(&agent("bob"), None).await.unwrap();
+    assert_eq!(script_calls(&redis.url).await, 4, "'no live session' is read again every time");
+}

@@ -103,21 +103,37 @@ pub(super) fn circuit_args(circuit: Option<&CircuitConfig>) -> [String; 6] {
     ]
 }
 
+/// Whether a gate read found the target's circuit closed (or off): only then is its answer
+/// used again (a half-open circuit's probes are counted by every admission).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CircuitRead {
+    Closed,
+    NotClosed,
+}
+
 impl RedisBackend {
     /// The target's liveness and circuit. Reads of one target by concurrent RPCs share one
-    /// round trip (each waits for a read that starts after it asked; see `gather.rs`).
+    /// round trip (each waits for a read that starts after it asked; see `gather.rs`), and an
+    /// all-clear answer is used again for a few milliseconds (see `fresh_gates.rs`).
     pub(in crate::store) async fn gate(
         &self,
         target: &AgentId,
         circuit: Option<&CircuitConfig>,
     ) -> Result<TargetGate, StoreError> {
+        if self.fresh_gates.is_fresh(target, tokio::time::Instant::now()) {
+            return Ok(TargetGate { live: true, circuit_admits: true });
+        }
         let backend = self.clone();
         let (of, circuit) = (target.clone(), circuit.copied());
         let step = move |asks: Vec<()>| {
             let (backend, target) = (backend.clone(), of.clone());
             async move {
-                let gate = backend.gate_once(&target, circuit.as_ref()).await;
-                vec![gate; asks.len()]
+                let start = backend.fresh_gates.read_start();
+                let read = backend.gate_once(&target, circuit.as_ref()).await;
+                if let Ok((TargetGate { live: true, .. }, CircuitRead::Closed)) = read {
+                    backend.fresh_gates.note(&target, start, tokio::time::Instant::now());
+                }
+                vec![read.map(|(gate, _)| gate); asks.len()]
             }
         };
         self.gates
@@ -126,14 +142,20 @@ impl RedisBackend {
             .unwrap_or_else(|| Err(StoreError::Unavailable("gate read abandoned".into())))
     }
 
-    async fn gate_once(&self, target: &AgentId, circuit: Option<&CircuitConfig>) -> Result<TargetGate, StoreError> {
+    async fn gate_once(
+        &self,
+        target: &AgentId,
+        circuit: Option<&CircuitConfig>,
+    ) -> Result<(TargetGate, CircuitRead), StoreError> {
         let mut invocation = self.scripts.gate.prepare_invoke();
         invocation.key(key(target, "owners")).key(key(target, "circuit"));
         for arg in circuit_args(circuit) {
             invocation.arg(arg);
         }
-        let reply: (i64, i64) = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
-        Ok(TargetGate { live: reply.0 > 0, circuit_admits: reply.1 == 1 })
+        let (live, admits, closed): (i64, i64, i64) =
+            invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
+        let circuit = if closed == 1 { CircuitRead::Closed } else { CircuitRead::NotClosed };
+        Ok((TargetGate { live: live > 0, circuit_admits: admits == 1 }, circuit))
     }
 
     /// Queues `admission` for its chain and makes sure one committer task runs for the chain:

@@ -52,6 +52,7 @@ use super::wake::{ClaimCursor, Claimed, Wake, claim_waiting};
 mod audit;
 mod authz;
 mod dead_letters;
+mod fresh_gates;
 mod gather;
 mod operator;
 mod replies;
@@ -306,6 +307,8 @@ pub struct RedisBackend {
     writers: Arc<audit::ChainWriters>,
     /// Concurrent gate reads of one target, gathered (see `gather.rs`).
     gates: Arc<gather::Gather<(), Result<TargetGate, StoreError>>>,
+    /// Targets whose gate read all clear moments ago (see `fresh_gates.rs`).
+    fresh_gates: Arc<fresh_gates::FreshGates>,
     /// Concurrent rate-limit steps of one sender, gathered: (limits, messages) each.
     rates: Arc<gather::Gather<(Limits, usize), Result<Grant, StoreError>>>,
     /// When each queue was last swept for dead owners' work.
@@ -407,6 +410,7 @@ impl RedisBackend {
             max_audit_records: mas_core::store::MemoryStoreConfig::default().max_audit_records,
             writers: Arc::default(),
             gates: Arc::default(),
+            fresh_gates: Arc::default(),
             rates: Arc::default(),
             epoch: epoch.into(),
             reclaims: Arc::default(),
@@ -574,7 +578,13 @@ impl RedisBackend {
             };
             invocation.arg(op).arg(tag).arg(id).arg(attempt).arg(delay_ms).arg(reason).arg(outcome);
         }
-        let applied: Vec<i64> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
+        let applied = invocation.invoke_async::<Vec<i64>>(&mut self.con()).await;
+        if effects.iter().any(|effect| effect.circuit_outcome() == Some(Outcome::Failure)) {
+            // A failure may have opened the circuit: the next admission reads the gate again
+            // (and a read that was under way is not kept).
+            self.fresh_gates.forget(&session.agent);
+        }
+        let applied = applied.map_err(unavailable)?;
         Ok(applied.into_iter().map(|ok| if ok == 1 { Ok(()) } else { Err(StoreError::NotOwner) }).collect())
     }
 
@@ -628,6 +638,7 @@ impl RedisBackend {
     }
 
     pub(super) async fn release_lease(&self, session: &SessionRef) -> Result<(), StoreError> {
+        self.fresh_gates.forget(&session.agent);
         let _: i64 = self
             .scripts
             .lease_release

@@ -39,6 +39,7 @@ impl RedisBackend {
         agent: &AgentId,
         instance: &InstanceId,
     ) -> Result<bool, StoreError> {
+        self.fresh_gates.forget(agent);
         let revoked: i64 = self
             .scripts
             .lease_revoke

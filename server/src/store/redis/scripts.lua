@@ -559,15 +559,19 @@ return {admitted}
 
 --@gate
 -- KEYS: owners, circuit. ARGV: circuit on (1|0), failure_threshold, window_ms, open_ms,
--- success_threshold, max_probes. Returns {live owners, 1 if the circuit would admit now}.
--- Reads only: no probe is taken.
+-- success_threshold, max_probes. Returns {live owners, 1 if the circuit would admit now,
+-- 1 if it is closed (or off)}. Reads only: no probe is taken.
 --#include _circuit
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
-local admits = 1
-if ARGV[1] == '1' and not circuit_admit(circuit_load(KEYS[2]), circuit_config(ARGV, 2), now) then admits = 0 end
-return {live, admits}
+local admits, closed = 1, 1
+if ARGV[1] == '1' then
+  local circuit = circuit_load(KEYS[2])
+  if circuit.s ~= 'c' then closed = 0 end
+  if not circuit_admit(circuit, circuit_config(ARGV, 2), now) then admits = 0 end
+end
+return {live, admits, closed}
 
 --@queue_gauges
 -- KEYS: work stream, work delayed, circuit, audit stream, dlq, dlq dropped counter. Reads only.
