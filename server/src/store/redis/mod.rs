@@ -18,7 +18,7 @@
 //! | `mas:{A}:pending_index` | zset | A's pending correlation ids → when each is forgotten; bounds them |
 //! | `mas:{A}:receipt:{C}` | string JSON, PX remaining | the committed reply, for idempotent retries |
 //! | `mas:{A}:circuit` | hash | A's circuit breaker (state, failures, window start, open until, probes, successes) |
-//! | `mas:{A}:audit`, `mas:{A}:audit:head` | stream (`r` = record JSON), string | A's audit chain (live part) and its head hash |
+//! | `mas:{A}:audit`, `mas:{A}:audit:head` | stream (`r` = record JSON; ids `0-n`, n = the record's number in the chain), string | A's audit chain (live part) and its head hash |
 //! | `mas:{A}:audit:checkpoint` | hash `archived`, `base` | records archived out of the chain, hash of the last one |
 //! | `mas:{#audit}:epoch` | string | this database's epoch: names its archive directory |
 //! | `mas:{#security}:audit`, `…:audit:head` | stream, string | the security-event chain (`#` is never in an agent id) |
