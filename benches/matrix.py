@@ -102,7 +102,8 @@ def one_way(args, redis: Redis | None, **shape) -> dict:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return {"msg/s": summary(out, "mas msg/s"), "p50 ms": summary(out, "mas p50 ms"),
             "p99 ms": summary(out, "mas p99 ms"), "broker µs/msg": summary(out, "broker CPU µs/msg"),
-            "bare Redis msg/s": summary(out, "bare Redis msg/s"), "mas / Redis": summary(out, "mas / bare Redis")}
+            "Redis µs/msg": summary(out, "Redis CPU µs/msg"), "bare Redis msg/s": summary(out, "bare Redis msg/s"),
+            "bare Redis µs/msg": summary(out, "bare Redis CPU µs/msg"), "mas / Redis": summary(out, "mas / bare Redis")}
 
 
 def broker_config(workdir: Path, name: str, agents: dict, redis: Redis | None, **extra) -> tuple[Path, Path]:
@@ -262,6 +263,7 @@ def one_way_table(args, everysec: Redis, always: Redis) -> None:
             ("Redis everysec, 1 producer × 1, 1 consumer",
              one_way(args, everysec, producers=1, concurrency=1, consumers=1, messages=5_000)),
             ("Redis everysec, 4 consumers", one_way(args, everysec, consumers=4)),
+            ("Redis everysec, 2 × 256 in flight", one_way(args, everysec, concurrency=512)),
             ("Redis everysec, 2 KB payload", one_way(args, everysec, payload=2048)),
             ("memory, 2 KB payload", one_way(args, None, payload=2048)),
         ]
