@@ -953,3 +953,46 @@ async fn on_redis_an_all_clear_gate_is_read_once_and_forgotten_when_the_session_
     store.gate(&agent("bob"), None).await.unwrap();
     assert_eq!(script_calls(&redis.url).await, 4, "'no live session' is read again every time");
 }
+
+/// Milliseconds until `key` expires: -1 without an expiry, -2 when it does not exist.
+async fn pttl(url: &str, key: &str) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("PTTL").arg(key).query_async(&mut con).await.unwrap()
+}
+
+/// An instance's replies queue must not outlive it by more than the retention: sessions come
+/// and go with fresh instance ids, and each would otherwise leave a stream behind for good.
+#[tokio::test]
+async fn on_redis_a_replies_queue_expires_after_its_session_and_goes_when_it_ends_empty() {
+    let Some(redis) = RedisServer::start() else { return };
+    let store = Store::from(RedisBackend::connect(&RedisSettings::new(&redis.url)).await.unwrap());
+    const RETENTION_MS: i64 = 3_600_000;
+    let lease_ms = LEASE.as_millis() as i64;
+    let keeps = |ttl: i64| ttl > lease_ms + RETENTION_MS - 5_000 && ttl <= lease_ms + RETENTION_MS;
+    let (a1, pending) = alice_asking_bob(&store).await;
+    let a1_replies = "mas:{alice}:replies:a1";
+    assert!(keeps(pttl(&redis.url, a1_replies).await), "set when the lease is taken");
+    assert!(store.renew_lease(&a1, LEASE).await.unwrap());
+    assert!(keeps(pttl(&redis.url, a1_replies).await), "pushed on by every renewal");
+
+    let cid = "0123.alice";
+    store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", "req"), None).await.unwrap();
+    store.release_lease(&a1).await.unwrap();
+    assert_eq!(pttl(&redis.url, a1_replies).await, -2, "an empty queue goes with its session");
+    // The reply arrives after the asking instance left: it waits, but not for ever.
+    let receipt = ReplyReceipt { sender: agent("bob"), fingerprint: "f".into(), message_id: "m1".into() };
+    store
+        .commit_reply(cid, &pending, receipt, Arc::from("rep"), record("alice", Decision::Allowed))
+        .await
+        .unwrap()
+        .expect("the reply is committed");
+    let orphan = pttl(&redis.url, a1_replies).await;
+    assert!(orphan > RETENTION_MS - 5_000 && orphan <= RETENTION_MS, "a reply for nobody expires: {orphan}");
+
+    store.acquire_lease(&a1, LEASE).await.unwrap();
+    assert!(keeps(pttl(&redis.url, a1_replies).await), "the instance back owns the queue again");
+    assert_eq!(show(&store.claim(&a1, 5, NO_WAIT).await.unwrap()), "[rep@1]", "and finds its reply");
+    store.release_lease(&a1).await.unwrap();
+    assert!(pttl(&redis.url, a1_replies).await > 0, "a queue with a reply held is kept, expiring");
+}

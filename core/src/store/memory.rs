@@ -412,10 +412,16 @@ impl MemoryStore {
     }
 
     /// Drops the lease if `owner` still holds it; a stale owner can never drop a successor's.
+    /// The session's replies queue goes with it when it is empty: instance ids are rarely used
+    /// again, and an emptied queue would otherwise stay for the life of the store.
     pub fn release_lease(&mut self, session: &SessionRef) {
         let key = (session.agent.clone(), session.instance.clone());
         if self.leases.get(&key).is_some_and(|l| l.owner == session.owner) {
             self.leases.remove(&key);
+            let replies = QueueKey::Replies(session.agent.clone(), session.instance.clone());
+            if self.queues.get(&replies).is_some_and(|queue| queue.len == 0) {
+                self.queues.remove(&replies);
+            }
         }
         self.owners.remove(&session.owner);
     }

@@ -76,6 +76,30 @@ fn settling_is_fenced_by_owner() {
     assert_eq!(s.queue_len(&work("bob")), 0);
 }
 
+/// Instance ids are rarely used again: a session's emptied replies queue ends with it, a queue
+/// with replies waiting stays for the instance to come back, and a stale owner removes nothing.
+#[test]
+fn an_ended_sessions_empty_replies_queue_goes_and_one_with_replies_stays() {
+    let mut s = MemoryStore::default();
+    let replies = |i: &str| QueueKey::Replies(agent("bob"), InstanceId::new(i).unwrap());
+    let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+    s.acquire_lease(&b1, TTL, at(0)).unwrap();
+    s.acquire_lease(&b2, TTL, at(0)).unwrap();
+    s.enqueue(&replies("b1"), Arc::from("r1")).unwrap();
+    s.enqueue(&replies("b2"), Arc::from("r2")).unwrap();
+    let m = s.claim(&b1, 1, at(0)).remove(0);
+    s.apply(&b1, StoreEffect::Ack { entry: m.entry }, at(0)).unwrap();
+    s.release_lease(&session("bob", "b1", "stale"));
+    assert!(s.queues.contains_key(&replies("b1")), "a stale owner ends nothing");
+    s.release_lease(&b1);
+    s.release_lease(&b2);
+    assert!(!s.queues.contains_key(&replies("b1")), "emptied and ended: gone");
+    assert_eq!(s.queue_len(&replies("b2")), 1, "a reply still waits for b2");
+    s.acquire_lease(&b2, TTL, at(1)).unwrap();
+    let got: Vec<_> = s.claim(&b2, 5, at(1)).into_iter().map(|m| m.envelope.to_string()).collect();
+    assert_eq!(got, ["r2"], "the instance back finds it");
+}
+
 #[test]
 fn requeue_respects_not_before_and_keeps_attempt() {
     let mut s = MemoryStore::default();

@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | `mas:{A}:work` | stream, group `mas` | A's shared work queue; entry fields `e` (envelope), `a` (attempt) |
 //! | `mas:{A}:work:delayed` | zset | retries waiting for their backoff; score = ready time (ms, Redis clock) |
-//! | `mas:{A}:replies:{I}` (+ `:delayed`) | stream (+ zset) | replies for instance I |
+//! | `mas:{A}:replies:{I}` (+ `:delayed`) | stream (+ zset) | replies for instance I; expire an hour after I's lease would (renewals push it on), deleted when I's session ends with none waiting |
 //! | `mas:{A}:lease:{I}` | string, PX ttl | owner token of the live session of (A, I) |
 //! | `mas:{A}:owners` | zset | owner token → lease deadline; decides whose claimed work is dead |
 //! | `mas:{A}:dlq` | stream | dead letters: `e`, `reason`, `attempts`, `at`; at most `redis.max_dead_letters` |
@@ -604,7 +604,7 @@ impl RedisBackend {
     }
 
     pub(super) async fn acquire_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
-        let [work, _, replies, _] = Self::session_keys(session);
+        let [work, _, replies, replies_delayed] = Self::session_keys(session);
         let (broker_prefix, incarnation_prefix) = session.owner.origin_prefixes().unwrap_or(("", ""));
         let taken: i64 = self
             .scripts
@@ -613,6 +613,7 @@ impl RedisBackend {
             .key(key(&session.agent, "owners"))
             .key(work)
             .key(replies)
+            .key(replies_delayed)
             .arg(session.owner.as_str())
             .arg(ttl.as_millis().max(1) as u64)
             .arg(broker_prefix)
@@ -624,11 +625,14 @@ impl RedisBackend {
     }
 
     pub(super) async fn renew_lease(&self, session: &SessionRef, ttl: Duration) -> Result<bool, StoreError> {
+        let [_, _, replies, replies_delayed] = Self::session_keys(session);
         let renewed: i64 = self
             .scripts
             .lease_renew
             .key(Self::lease_key(&session.agent, &session.instance))
             .key(key(&session.agent, "owners"))
+            .key(replies)
+            .key(replies_delayed)
             .arg(session.owner.as_str())
             .arg(ttl.as_millis().max(1) as u64)
             .invoke_async(&mut self.con())
@@ -639,11 +643,14 @@ impl RedisBackend {
 
     pub(super) async fn release_lease(&self, session: &SessionRef) -> Result<(), StoreError> {
         self.fresh_gates.forget(&session.agent);
+        let [_, _, replies, replies_delayed] = Self::session_keys(session);
         let _: i64 = self
             .scripts
             .lease_release
             .key(Self::lease_key(&session.agent, &session.instance))
             .key(key(&session.agent, "owners"))
+            .key(replies)
+            .key(replies_delayed)
             .arg(session.owner.as_str())
             .arg(channel(&session.agent))
             .invoke_async(&mut self.con())

@@ -72,6 +72,23 @@ local function audit_add(stream, record)
   return redis.call('XADD', stream, audit_id, 'r', record)
 end
 
+--@_replies
+-- Library (included by "--#include _replies"): how long an instance's replies queue (stream
+-- and delayed set) outlives its session. Instance ids are rarely used again (most clients
+-- draw a new one per process), so a queue nobody will read must go away by itself: every
+-- lease acquisition and renewal sets it to expire `REPLY_RETENTION_MS` after the lease would,
+-- and a reply queued for an instance with no session gives the queue that expiry if it has
+-- none. A session that comes back within it (same instance id) finds its replies.
+local REPLY_RETENTION_MS = 3600000
+local function keep_replies(stream, delayed, lease_ttl_ms)
+  local keep = tonumber(lease_ttl_ms) + REPLY_RETENTION_MS
+  redis.call('PEXPIRE', stream, keep)
+  redis.call('PEXPIRE', delayed, keep)
+end
+local function expire_orphan_replies(key)
+  redis.call('PEXPIRE', key, REPLY_RETENTION_MS, 'NX')
+end
+
 --@enqueue
 -- KEYS: stream, delayed. ARGV: envelope, max_len, notify channel.
 if redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
@@ -217,6 +234,7 @@ return out
 -- Every redis.call costs far more than the Lua around it, so the fence is one XPENDING per
 -- stream over the batch's id range, and the settled entries go in one XACK and one XDEL.
 --#include _circuit
+--#include _replies
 local owner = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -297,6 +315,7 @@ for i = 10, #ARGV, 7 do
         redis.call('XADD', stream, '*', 'e', envelope, 'a', attempt)
       else
         redis.call('ZADD', delayed, now + delay, cjson.encode({e = envelope, a = tonumber(attempt), n = id}))
+        if tag == 'r' then expire_orphan_replies(delayed) end
       end
     elseif op == 'dead' then
       redis.call('XADD', KEYS[5], '*', 'e', envelope_of(stream, id), 'reason', reason, 'attempts', attempt, 'at', tostring(now))
@@ -347,11 +366,12 @@ if n > 0 then redis.call('PUBLISH', ARGV[2], '1') end
 return n
 
 --@lease_acquire
--- KEYS: lease, owners, work, replies. ARGV: owner, ttl_ms, the owner's broker prefix and
+-- KEYS: lease, owners, work, replies, replies delayed. ARGV: owner, ttl_ms, the owner's broker prefix and
 -- incarnation prefix ('' for none; mas_core OwnerToken::origin_prefixes). Returns 1 if taken,
 -- 0 if held. A lease held by an earlier incarnation of the same broker is taken over
 -- (OwnerToken::supersedes): that session died with its process, and dropping it from the
 -- owners makes the next claim hand its work back.
+--#include _replies
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[1] then
   local broker, incarnation = ARGV[3], ARGV[4]
@@ -367,20 +387,31 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86400000)
 for _, stream in ipairs({KEYS[3], KEYS[4]}) do
   redis.pcall('XGROUP', 'CREATE', stream, 'mas', '0', 'MKSTREAM')
 end
+keep_replies(KEYS[4], KEYS[5], ARGV[2])
 return 1
 
 --@lease_renew
--- KEYS: lease, owners. ARGV: owner, ttl_ms. Returns 1 if renewed, 0 if the lease is not ours.
+-- KEYS: lease, owners, replies, replies delayed. ARGV: owner, ttl_ms. Returns 1 if renewed,
+-- 0 if the lease is not ours.
+--#include _replies
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+keep_replies(KEYS[3], KEYS[4], ARGV[2])
 return 1
 
 --@lease_release
--- KEYS: lease, owners, notify channel as ARGV[2]. ARGV: owner.
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+-- KEYS: lease, owners, replies, replies delayed. ARGV: owner, notify channel.
+-- The session's replies queue goes with it when it is empty (a reply still on its way
+-- creates it again, expiring; see _replies).
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if redis.call('XLEN', KEYS[3]) == 0 and redis.call('ZCARD', KEYS[4]) == 0 then
+    redis.call('DEL', KEYS[3], KEYS[4])
+  end
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[2], '1')
 return 1
@@ -439,6 +470,7 @@ return {'pending', p.requester, p.requester_instance, p.target}
 -- and moves the head.
 -- Returns {'ok'} | {'head', actual} (nothing written) | {'full'} | {'refused', ...}.
 --#include _audit
+--#include _replies
 local head = redis.call('GET', KEYS[2]) or ''
 if head ~= ARGV[2] then return {'head', head} end
 local items = (#ARGV - 6) / 8
@@ -484,6 +516,7 @@ if redis.call('XLEN', KEYS[1]) + items > tonumber(ARGV[4]) then return {'full'} 
 for i = 1, items do
   local k, a = 3 + 4 * (i - 1), 6 + 8 * (i - 1)
   redis.call('XADD', KEYS[k + 3], '*', 'e', ARGV[a + 6], 'a', '1')
+  expire_orphan_replies(KEYS[k + 3])
   audit_add(KEYS[1], ARGV[a + 7])
   local remaining = math.max(1, expires[i] - now)
   redis.call('SET', KEYS[k + 2], cjson.encode({sender = ARGV[a + 3], fingerprint = ARGV[a + 4], message_id = ARGV[a + 5]}), 'PX', remaining)
