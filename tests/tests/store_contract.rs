@@ -854,11 +854,15 @@ async fn archiving_trims_the_oldest_records_behind_a_checkpoint() {
     .await;
 }
 
+/// A plain connection to the test's Redis, for what the store API does not show.
+async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
 /// Rewrites a chain's stream with time-based entry ids, as versions before 0-n audit ids
 /// wrote it (same records, so the chain still verifies).
 async fn with_time_based_ids(url: &str, stream: &str) {
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = raw_redis(url).await;
     let entries: Vec<(String, Vec<(String, String)>)> =
         redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut con).await.unwrap();
     assert!(entries.iter().all(|(id, _)| id.starts_with("0-")), "appends number their entries: {entries:?}");
@@ -916,8 +920,7 @@ async fn on_redis_a_chain_with_time_based_ids_is_appended_to_and_archived() {
 /// Script calls Redis has run since its statistics were last reset (a call refused with
 /// NOSCRIPT, before the client loads the script, does not count).
 async fn script_calls(url: &str) -> u64 {
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = raw_redis(url).await;
     let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut con).await.unwrap();
     let line = stats.lines().find_map(|l| l.strip_prefix("cmdstat_evalsha:")).unwrap_or("");
     let field = |name: &str| -> u64 {
@@ -928,8 +931,7 @@ async fn script_calls(url: &str) -> u64 {
 }
 
 async fn reset_stats(url: &str) {
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = raw_redis(url).await;
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut con).await.unwrap();
 }
 
@@ -956,8 +958,7 @@ async fn on_redis_an_all_clear_gate_is_read_once_and_forgotten_when_the_session_
 
 /// Milliseconds until `key` expires: -1 without an expiry, -2 when it does not exist.
 async fn pttl(url: &str, key: &str) -> i64 {
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = raw_redis(url).await;
     redis::cmd("PTTL").arg(key).query_async(&mut con).await.unwrap()
 }
 

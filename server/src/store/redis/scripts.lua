@@ -366,9 +366,9 @@ if n > 0 then redis.call('PUBLISH', ARGV[2], '1') end
 return n
 
 --@lease_acquire
--- KEYS: lease, owners, work, replies, replies delayed. ARGV: owner, ttl_ms, the owner's broker prefix and
--- incarnation prefix ('' for none; mas_core OwnerToken::origin_prefixes). Returns 1 if taken,
--- 0 if held. A lease held by an earlier incarnation of the same broker is taken over
+-- KEYS: lease, owners, work, replies, replies delayed. ARGV: owner, ttl_ms, the owner's
+-- broker prefix and incarnation prefix ('' for none; mas_core OwnerToken::origin_prefixes).
+-- Returns 1 if taken, 0 if held. A lease held by an earlier incarnation of the same broker is taken over
 -- (OwnerToken::supersedes): that session died with its process, and dropping it from the
 -- owners makes the next claim hand its work back.
 --#include _replies
