@@ -386,6 +386,8 @@ impl RedisBackend {
             let _: String = redis::cmd("PING").query_async(&mut con).await.map_err(unavailable)?;
             pool.push(con);
         }
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut pool[0]).await.map_err(unavailable)?;
+        check_server_version(&info)?;
         // The first broker to connect names the database's epoch; every later one reads it.
         let _: i64 = redis::cmd("SETNX")
             .arg("mas:{#audit}:epoch")
@@ -1039,9 +1041,43 @@ async fn resubscribe(client: &redis::Client, wakers: &Weak<Wakers>) -> Option<re
     }
 }
 
+/// The oldest Redis the scripts run on: `XADD key 0-*` (audit ids) and `PEXPIRE … NX` came
+/// in 7.0.
+const OLDEST_REDIS: (u32, u32) = (7, 0);
+
+/// Refuses a server older than [`OLDEST_REDIS`] when the broker connects, naming its version,
+/// instead of letting requests and audit appends fail script by script later. A server whose
+/// `INFO` does not say (a proxy) is let through: a script it cannot run fails loudly.
+fn check_server_version(info: &str) -> Result<(), StoreError> {
+    let Some(version) = info.lines().find_map(|line| line.strip_prefix("redis_version:")).map(str::trim) else {
+        return Ok(());
+    };
+    let mut parts = version.split('.').map(|part| part.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) if (major, minor) < OLDEST_REDIS => Err(StoreError::Unavailable(format!(
+            "Redis {version} is too old: mas needs {}.{} or newer",
+            OLDEST_REDIS.0, OLDEST_REDIS.1
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_older_than_7_0_is_refused_by_name_and_newer_ones_pass() {
+        let info = |version: &str| format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n");
+        for fine in ["7.0.15", "7.2.4", "8.0.1", "10.0.0"] {
+            assert_eq!(check_server_version(&info(fine)), Ok(()), "{fine}");
+        }
+        for old in ["6.2.14", "5.0.7"] {
+            let err = check_server_version(&info(old)).expect_err(old).to_string();
+            assert!(err.contains(old) && err.contains("7.0 or newer"), "{err}");
+        }
+        assert_eq!(check_server_version("# Server\r\nproxy:yes\r\n"), Ok(()), "a server that does not say");
+    }
 
     /// Without it every small script call waits out Nagle's algorithm behind the previous one.
     #[test]
