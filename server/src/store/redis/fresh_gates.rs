@@ -40,7 +40,8 @@ pub(super) struct FreshGates {
 #[derive(Debug, Default)]
 struct Answers {
     read_at: HashMap<AgentId, Instant>,
-    /// Sessions ended so far: a read that started before one ended may have seen it live.
+    /// Answers forgotten so far (a session ended, a failure settled): a read that started
+    /// before one of them may have seen the state it replaced.
     forgotten: u64,
 }
 
@@ -73,7 +74,8 @@ impl FreshGates {
         answers.read_at.insert(target.clone(), now);
     }
 
-    /// Forgets `agent`'s answer: one of its sessions ends through this broker.
+    /// Forgets `agent`'s answer: one of its sessions ends through this broker, or a failure of
+    /// one of its messages was settled (its circuit may have opened).
     pub(super) fn forget(&self, agent: &AgentId) {
         let mut answers = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         answers.read_at.remove(agent);
