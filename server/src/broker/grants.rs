@@ -18,9 +18,11 @@ use mas_core::store::StoreError;
 use super::Broker;
 use crate::config::PermissionPreset;
 
-/// Compare-and-set attempts before a change gives up (each lost one means another operator's
-/// change landed in between).
-const MAX_CHANGE_ATTEMPTS: usize = 16;
+/// Compare-and-set attempts before a change gives up. Each lost attempt means another change
+/// landed in between, so with n changes racing none needs more than n attempts: this bound is
+/// how many simultaneous changes are all kept. It was 16, and 20 concurrent changes through
+/// two brokers (`tests/grants.rs`) could exhaust it.
+const MAX_CHANGE_ATTEMPTS: usize = 64;
 
 /// Why a grant change failed.
 #[derive(Debug, thiserror::Error)]
