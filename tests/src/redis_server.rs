@@ -108,3 +108,29 @@ fn signal(pid: u32, which: &str) {
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
+
+/// Rewrites the audit chain stream `stream` at `url` entry by entry, each record through
+/// `edit(index, record)`, with Redis's time-based entry ids — what an attacker with write
+/// access to Redis would have to do (entries cannot be changed in place), and how versions
+/// before `0-n` audit ids wrote chains. Returns the ids the entries had.
+pub async fn rewrite_audit_stream(url: &str, stream: &str, edit: impl Fn(usize, &str) -> String) -> Vec<String> {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut con = client.get_multiplexed_async_connection().await.expect("connect to the test redis-server");
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut con).await.expect("XRANGE");
+    let _: i64 = redis::cmd("DEL").arg(stream).query_async(&mut con).await.expect("DEL");
+    let mut ids = Vec::with_capacity(entries.len());
+    for (n, (id, fields)) in entries.into_iter().enumerate() {
+        let record = fields.iter().find(|(k, _)| k == "r").map(|(_, v)| v.as_str()).unwrap_or_default();
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("r")
+            .arg(edit(n, record))
+            .query_async(&mut con)
+            .await
+            .expect("XADD");
+        ids.push(id);
+    }
+    ids
+}

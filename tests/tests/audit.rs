@@ -13,6 +13,7 @@ use mas_agent::HandlerError;
 use mas_core::policy::audit::{AuditFilter, Decision, verify_lines};
 use mas_server::config::DeliverySettings;
 use mas_server::store::Backend;
+use mas_tests::redis_server::rewrite_audit_stream;
 use mas_tests::{TestBroker, eventually_async, id, scratch_dir};
 use tonic::Code;
 
@@ -234,22 +235,6 @@ async fn a_failing_target_trips_its_circuit_and_recovers_through_half_open() {
     tb.stop().await;
 }
 
-/// Rewrites `stream` with record `index` edited by `edit` — what an attacker with write access
-/// to Redis would have to do, since stream entries cannot be changed in place.
-async fn rewrite_stream(url: &str, stream: &str, index: usize, edit: impl Fn(&str) -> String) {
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, String)>)> =
-        redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut con).await.unwrap();
-    let _: i64 = redis::cmd("DEL").arg(stream).query_async(&mut con).await.unwrap();
-    for (n, (_, fields)) in entries.into_iter().enumerate() {
-        let record = &fields.iter().find(|(k, _)| k == "r").unwrap().1;
-        let record = if n == index { edit(record) } else { record.clone() };
-        let _: String =
-            redis::cmd("XADD").arg(stream).arg("*").arg("r").arg(record).query_async(&mut con).await.unwrap();
-    }
-}
-
 #[tokio::test]
 async fn on_redis_replies_are_audited_and_an_edited_record_fails_verification() {
     let Some(redis) = mas_tests::redis_server::RedisServer::start() else { return };
@@ -284,7 +269,8 @@ async fn on_redis_replies_are_audited_and_an_edited_record_fails_verification() 
     assert_eq!(count("agent:bob"), 55, "requests and sends are recorded in bob's chain");
     assert_eq!(count("agent:alice"), 5, "replies are recorded in the requester's chain");
 
-    rewrite_stream(&redis.url, "mas:{bob}:audit", 3, |r| r.replace("\"ALLOWED\"", "\"ALERT\"")).await;
+    let edit = |n: usize, r: &str| if n == 3 { r.replace("\"ALLOWED\"", "\"ALERT\"") } else { r.to_string() };
+    rewrite_audit_stream(&redis.url, "mas:{bob}:audit", edit).await;
     let report = tb.broker.verify_audit().await.unwrap();
     let bad: Vec<_> = report.chains.iter().filter(|c| c.result.is_err()).map(|c| c.chain.as_str()).collect();
     assert_eq!(bad, ["agent:bob"]);

@@ -21,7 +21,7 @@ use mas_core::store::{
 use mas_core::time::Now;
 use mas_server::store::redis::{RedisBackend, RedisSettings};
 use mas_server::store::{ClaimCursor, Claimed, MemoryBackend, Store};
-use mas_tests::redis_server::RedisServer;
+use mas_tests::redis_server::{RedisServer, rewrite_audit_stream};
 
 const NO_WAIT: Duration = Duration::ZERO;
 const LEASE: Duration = Duration::from_secs(30);
@@ -140,6 +140,14 @@ async fn chain(store: &Store, agent_id: &str) -> String {
     format!("{decisions:?} verify={:?} head={head} checkpoint={:?}", chain.verify(), chain.checkpoint)
 }
 
+/// Two sessions of bob (instances b1, b2), each holding its lease.
+async fn two_bobs(store: &Store) -> (SessionRef, SessionRef) {
+    let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
+    store.acquire_lease(&b1, LEASE).await.unwrap();
+    store.acquire_lease(&b2, LEASE).await.unwrap();
+    (b1, b2)
+}
+
 fn now() -> Now {
     // Only differences matter: delays are measured on this clock and converted by the store.
     Now::default()
@@ -190,9 +198,7 @@ async fn queue_claim_settle_and_dead_letters() {
 async fn settling_is_fenced_and_released_work_moves_to_a_sibling() {
     contract(|store| async move {
         let mut log = Vec::new();
-        let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
-        store.acquire_lease(&b1, LEASE).await.unwrap();
-        store.acquire_lease(&b2, LEASE).await.unwrap();
+        let (b1, b2) = two_bobs(&store).await;
         store.enqueue(&work("bob"), Arc::from("m")).await.unwrap();
         let held = store.claim(&b1, 1, NO_WAIT).await.unwrap();
         log.push(format!("b1 {}", show(&held)));
@@ -215,9 +221,7 @@ async fn settling_is_fenced_and_released_work_moves_to_a_sibling() {
 async fn a_batch_of_effects_is_fenced_effect_by_effect() {
     contract(|store| async move {
         let mut log = Vec::new();
-        let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
-        store.acquire_lease(&b1, LEASE).await.unwrap();
-        store.acquire_lease(&b2, LEASE).await.unwrap();
+        let (b1, b2) = two_bobs(&store).await;
         let replies = QueueKey::Replies(agent("bob"), InstanceId::new("b1").unwrap());
         for m in ["w1", "w2"] {
             store.enqueue(&work("bob"), Arc::from(m)).await.unwrap();
@@ -384,9 +388,7 @@ async fn operators_reset_circuits_and_rates_and_revoke_leases() {
 async fn own_pending_lists_exactly_what_a_session_holds() {
     contract(|store| async move {
         let mut log = Vec::new();
-        let (b1, b2) = (session("bob", "b1", "o1"), session("bob", "b2", "o2"));
-        store.acquire_lease(&b1, LEASE).await.unwrap();
-        store.acquire_lease(&b2, LEASE).await.unwrap();
+        let (b1, b2) = two_bobs(&store).await;
         log.push(format!("nothing yet {}", show(&store.own_pending(&b1, 10).await.unwrap())));
         for m in ["m1", "m2", "m3"] {
             store.enqueue(&work("bob"), Arc::from(m)).await.unwrap();
@@ -859,26 +861,6 @@ async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
 
-/// Rewrites a chain's stream with time-based entry ids, as versions before 0-n audit ids
-/// wrote it (same records, so the chain still verifies).
-async fn with_time_based_ids(url: &str, stream: &str) {
-    let mut con = raw_redis(url).await;
-    let entries: Vec<(String, Vec<(String, String)>)> =
-        redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut con).await.unwrap();
-    assert!(entries.iter().all(|(id, _)| id.starts_with("0-")), "appends number their entries: {entries:?}");
-    let _: i64 = redis::cmd("DEL").arg(stream).query_async(&mut con).await.unwrap();
-    for (_, fields) in entries {
-        let _: String = redis::cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg(&fields[0].0)
-            .arg(&fields[0].1)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-    }
-}
-
 /// Archiving on Redis finds the records to trim by their 0-n entry ids; a chain an earlier
 /// version wrote with time-based ids is appended to and archived all the same (by reading).
 #[tokio::test]
@@ -893,7 +875,9 @@ async fn on_redis_a_chain_with_time_based_ids_is_appended_to_and_archived() {
             store.admit(denied(chain, Decision::RateLimited), None).await.unwrap();
         }
         if legacy {
-            with_time_based_ids(&redis.url, &format!("mas:{{{chain}}}:audit")).await;
+            let stream = format!("mas:{{{chain}}}:audit");
+            let ids = rewrite_audit_stream(&redis.url, &stream, |_, record| record.to_string()).await;
+            assert!(ids.iter().all(|id| id.starts_with("0-")), "appends number their entries: {ids:?}");
         }
         for _ in 0..2 {
             log.push(admitted(store.admit(denied(chain, Decision::Alert), None).await));
