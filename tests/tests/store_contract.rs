@@ -16,11 +16,12 @@ use mas_core::ids::{AgentId, InstanceId};
 use mas_core::policy::audit::{AuditRecord, Decision, SecurityEvent};
 use mas_core::policy::circuit::CircuitConfig;
 use mas_core::store::{
-    Admission, Admitted, MemoryStoreConfig, OwnerToken, PendingRequest, QueueKey, ReplyReceipt, SessionRef, StoreError,
+    Admission, Admitted, Correlation, MemoryStoreConfig, OwnerToken, PendingRequest, QueueKey, ReplyCommit, ReplyError,
+    ReplyReceipt, SessionRef, StoreError,
 };
 use mas_core::time::Now;
 use mas_server::store::redis::{RedisBackend, RedisSettings};
-use mas_server::store::{ClaimCursor, Claimed, MemoryBackend, Store};
+use mas_server::store::{ClaimCursor, Claimed, MemoryBackend, PendingAhead, Store};
 use mas_tests::redis_server::{RedisServer, rewrite_audit_stream};
 
 const NO_WAIT: Duration = Duration::ZERO;
@@ -546,6 +547,11 @@ async fn alice_asking_bob(store: &Store) -> (SessionRef, PendingRequest) {
     (a1, pending)
 }
 
+/// Opens a request (deadline in 10 s) as one store step, the pending record written with it.
+async fn open(store: &Store, cid: &str, pending: PendingRequest, admission: Admission) -> Result<Admitted, StoreError> {
+    store.open_request(cid, pending, Duration::from_secs(10), admission, None, PendingAhead::Deferred).await
+}
+
 /// A requester's pending requests are bounded; an answered one frees its place, and a
 /// refused request writes nothing (no queue entry, no audit record).
 #[tokio::test]
@@ -554,8 +560,7 @@ async fn pending_requests_are_bounded_per_requester() {
         let mut log = Vec::new();
         let (_a1, pending) = alice_asking_bob(&store).await;
         for cid in ["1.alice", "2.alice", "3.alice"] {
-            let opened =
-                store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", cid), None).await;
+            let opened = open(&store, cid, pending.clone(), routed("bob", cid)).await;
             log.push(format!("open {cid} {:?}", opened.map(|a| a.entry.is_some())));
         }
         log.push(format!("bob queue {:?}", store.queue_len(&work("bob")).await));
@@ -564,12 +569,61 @@ async fn pending_requests_are_bounded_per_requester() {
         let record = record("alice", Decision::Allowed);
         let committed = store.commit_reply("1.alice", &pending, receipt, Arc::from("rep"), record).await;
         log.push(format!("answered {:?}", committed.map(|c| c.map(|(commit, _)| commit))));
-        let opened =
-            store.open_request("4.alice", pending.clone(), Duration::from_secs(10), routed("bob", "4"), None).await;
+        let opened = open(&store, "4.alice", pending.clone(), routed("bob", "4")).await;
         log.push(format!("open 4.alice {:?}", opened.map(|a| a.entry.is_some())));
         let other = PendingRequest { requester: agent("carol"), ..pending.clone() };
-        let opened = store.open_request("1.carol", other, Duration::from_secs(10), routed("dave", "c"), None).await;
+        let opened = open(&store, "1.carol", other, routed("dave", "c")).await;
         log.push(format!("carol is not bounded by alice {:?}", opened.map(|a| a.entry.is_some())));
+        log
+    })
+    .await;
+}
+
+/// A request opened as the service opens one: its pending record begun while its policies
+/// run, then abandoned (the policies refused it) or opened with the admission.
+async fn open_as_the_service_does(store: &Store, cid: &str, pending: &PendingRequest, policies_pass: bool) -> String {
+    let ttl = Duration::from_secs(10);
+    let ahead = store.begin_request(cid, pending, ttl).await;
+    if !policies_pass {
+        if let Ok(ahead) = ahead {
+            store.abandon_request(&pending.requester, cid, ahead).await;
+        }
+        return format!("{cid} refused by policy");
+    }
+    match ahead {
+        Ok(ahead) => {
+            let opened = store.open_request(cid, pending.clone(), ttl, routed("bob", cid), None, ahead).await;
+            format!("{cid} {}", admitted(opened))
+        }
+        Err(err) => format!("{cid} {err:?}"),
+    }
+}
+
+/// Whether the pending record is begun ahead (Redis) or with the admission (memory), a request
+/// is pending exactly when it was queued, and counts once against the requester's bound.
+#[tokio::test]
+async fn a_request_begun_ahead_is_pending_exactly_when_it_was_queued() {
+    contract(|store| async move {
+        let mut log = Vec::new();
+        let (_a1, pending) = alice_asking_bob(&store).await;
+        log.push(open_as_the_service_does(&store, "1.alice", &pending, false).await);
+        log.push(open_as_the_service_does(&store, "2.alice", &pending, true).await);
+        log.push(open_as_the_service_does(&store, "3.alice", &pending, true).await);
+        log.push(open_as_the_service_does(&store, "4.alice", &pending, true).await);
+        log.push(open_as_the_service_does(&store, "5.alice", &pending, false).await);
+        let receipt = ReplyReceipt { sender: agent("bob"), fingerprint: "f".into(), message_id: "r2".into() };
+        let committed = store
+            .commit_reply("2.alice", &pending, receipt, Arc::from("rep"), record("alice", Decision::Allowed))
+            .await;
+        log.push(format!("answered 2.alice {:?}", committed.map(|c| c.map(|(commit, _)| commit))));
+        // With bob's queue full (2.alice, 3.alice, filler), a request is refused where it is
+        // queued, after its policies passed.
+        store.enqueue(&work("bob"), Arc::from("filler")).await.unwrap();
+        log.push(open_as_the_service_does(&store, "6.alice", &pending, true).await);
+        for cid in ["1.alice", "3.alice", "4.alice", "5.alice", "6.alice"] {
+            log.push(format!("{cid}: {:?}", store.correlation(&agent("alice"), cid).await));
+        }
+        log.push(format!("bob queue {:?}", store.queue_len(&work("bob")).await));
         log
     })
     .await;
@@ -585,10 +639,7 @@ async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
         let pending =
             PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
         let cid = "0123.alice";
-        log.push(format!(
-            "open ok={}",
-            store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", "req"), None).await.is_ok()
-        ));
+        log.push(format!("open ok={}", open(&store, cid, pending.clone(), routed("bob", "req")).await.is_ok()));
         log.push(format!("bob queue {:?}", store.queue_len(&work("bob")).await));
         log.push(format!("lookup {:?}", store.correlation(&agent("alice"), cid).await));
         let receipt =
@@ -611,7 +662,14 @@ async fn request_reply_commit_is_idempotent_and_goes_to_the_asking_instance() {
         let short =
             PendingRequest { requester: agent("alice"), requester_instance: a1.instance.clone(), target: agent("bob") };
         store
-            .open_request("7777.alice", short.clone(), Duration::from_millis(100), routed("bob", "req2"), None)
+            .open_request(
+                "7777.alice",
+                short.clone(),
+                Duration::from_millis(100),
+                routed("bob", "req2"),
+                None,
+                PendingAhead::Deferred,
+            )
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -642,7 +700,7 @@ async fn concurrent_replies_to_one_requester_each_get_their_own_outcome() {
         let mut log = Vec::new();
         let (a1, pending) = alice_asking_bob(&store).await;
         for cid in ["10.alice", "11.alice"] {
-            store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", cid), None).await.unwrap();
+            open(&store, cid, pending.clone(), routed("bob", cid)).await.unwrap();
         }
         let reply = |cid: &'static str, fp: &'static str, id: &'static str| {
             let (store, pending) = (store.clone(), pending.clone());
@@ -962,7 +1020,7 @@ async fn on_redis_a_replies_queue_expires_after_its_session_and_goes_when_it_end
     assert!(keeps(pttl(&redis.url, a1_replies).await), "pushed on by every renewal");
 
     let cid = "0123.alice";
-    store.open_request(cid, pending.clone(), Duration::from_secs(10), routed("bob", "req"), None).await.unwrap();
+    open(&store, cid, pending.clone(), routed("bob", "req")).await.unwrap();
     store.release_lease(&a1).await.unwrap();
     assert_eq!(pttl(&redis.url, a1_replies).await, -2, "an empty queue goes with its session");
     // The reply arrives after the asking instance left: it waits, but not for ever.
@@ -980,4 +1038,100 @@ async fn on_redis_a_replies_queue_expires_after_its_session_and_goes_when_it_end
     assert_eq!(show(&store.claim(&a1, 5, NO_WAIT).await.unwrap()), "[rep@1]", "and finds its reply");
     store.release_lease(&a1).await.unwrap();
     assert!(pttl(&redis.url, a1_replies).await > 0, "a queue with a reply held is kept, expiring");
+}
+
+/// A reply to a request this broker opened skips reading the pending record (one round trip
+/// fewer), and the commit still decides: a record gone behind the broker's back refuses the
+/// reply as the read would have. Once committed, the request is read again.
+#[tokio::test]
+async fn on_redis_a_reply_to_a_request_opened_here_skips_the_read_and_the_commit_still_decides() {
+    let Some(redis) = RedisServer::start() else { return };
+    let store = Store::from(RedisBackend::connect(&RedisSettings::new(&redis.url)).await.unwrap());
+    let (_a1, pending) = alice_asking_bob(&store).await;
+    let ttl = Duration::from_secs(10);
+    for cid in ["1.alice", "2.alice"] {
+        let ahead = store.begin_request(cid, &pending, ttl).await.unwrap();
+        store.open_request(cid, pending.clone(), ttl, routed("bob", cid), None, ahead).await.unwrap();
+    }
+    reset_stats(&redis.url).await;
+    let looked_up = store.correlation(&agent("alice"), "1.alice").await.unwrap();
+    assert_eq!(looked_up, Correlation::Pending(pending.clone()));
+    assert_eq!(script_calls(&redis.url).await, 0, "answered from what the broker noted");
+
+    let receipt = |id: &str| ReplyReceipt { sender: agent("bob"), fingerprint: "f".into(), message_id: id.into() };
+    let commit = |cid: &'static str, id: &'static str| {
+        let (store, pending, receipt) = (store.clone(), pending.clone(), receipt(id));
+        async move {
+            let record = record("alice", Decision::Allowed);
+            store.commit_reply(cid, &pending, receipt, Arc::from("rep"), record).await.unwrap().map(|(c, _)| c)
+        }
+    };
+    assert_eq!(commit("1.alice", "r1").await, Ok(ReplyCommit::Queued { message_id: "r1".into() }));
+    let answered = store.correlation(&agent("alice"), "1.alice").await.unwrap();
+    assert!(matches!(answered, Correlation::Answered(_)), "read again once committed: {answered:?}");
+
+    let mut con = raw_redis(&redis.url).await;
+    let _: () = redis::cmd("DEL").arg("mas:{alice}:pending:2.alice").query_async(&mut con).await.unwrap();
+    let noted = store.correlation(&agent("alice"), "2.alice").await.unwrap();
+    assert_eq!(noted, Correlation::Pending(pending.clone()), "the broker does not know yet");
+    assert_eq!(commit("2.alice", "r2").await, Err(ReplyError::Unknown), "the commit refuses it");
+    assert_eq!(store.correlation(&agent("alice"), "2.alice").await.unwrap(), Correlation::Unknown);
+}
+
+/// What a claim started by [`waiting_claim`] got, once it had time to find the queues empty
+/// and wait, and `step` ran.
+async fn claimed_after<Fut: Future>(claim: tokio::task::JoinHandle<Result<Claimed, StoreError>>, step: Fut) -> String {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    step.await;
+    match tokio::time::timeout(Duration::from_secs(5), claim).await.expect("the claim returned").unwrap() {
+        Ok((batch, _)) => show(&batch),
+        Err(err) => format!("{err:?}"),
+    }
+}
+
+/// A session of this broker waiting for work gets what an admission or a reply commit queues
+/// claimed for it by that very step: no claim of its own, no wake-up through the store. What
+/// it gets is held by it as a claim's would be, and a lost lease is a claim's error.
+#[tokio::test]
+async fn on_redis_a_waiting_claim_is_handed_what_the_step_that_queued_it_claimed() {
+    let Some(redis) = RedisServer::start() else { return };
+    let store = Store::from(RedisBackend::connect(&RedisSettings::new(&redis.url)).await.unwrap());
+    let b1 = session("bob", "b1", "ob1");
+    store.acquire_lease(&b1, LEASE).await.unwrap();
+    let (a1, pending) = alice_asking_bob(&store).await;
+    // Refusals recorded in both chains, so the broker knows their heads (a first commit to a
+    // chain learns it in a call of its own).
+    store.admit(denied("bob", Decision::AuthzDenied), None).await.unwrap();
+    store.admit(denied("alice", Decision::AuthzDenied), None).await.unwrap();
+
+    let claim = waiting_claim(&store, &b1, ClaimCursor::default());
+    let cid = "1.alice";
+    let request = async {
+        reset_stats(&redis.url).await;
+        let ahead = store.begin_request(cid, &pending, LEASE).await.unwrap();
+        store.open_request(cid, pending.clone(), LEASE, routed("bob", "req"), None, ahead).await.unwrap();
+    };
+    assert_eq!(claimed_after(claim, request).await, "[req@1]");
+    assert_eq!(script_calls(&redis.url).await, 2, "the pending record and the admission, nothing else");
+    let held = store.own_pending(&b1, 5).await.unwrap();
+    assert_eq!(show(&held), "[req@1]", "held by the session it was handed to");
+
+    let claim = waiting_claim(&store, &a1, ClaimCursor::default());
+    let reply = async {
+        reset_stats(&redis.url).await;
+        let receipt = ReplyReceipt { sender: agent("bob"), fingerprint: "f".into(), message_id: "r1".into() };
+        let record = record("alice", Decision::Allowed);
+        let committed = store.commit_reply(cid, &pending, receipt, Arc::from("rep"), record).await;
+        assert!(matches!(committed, Ok(Ok(_))), "{committed:?}");
+    };
+    assert_eq!(claimed_after(claim, reply).await, "[rep@1]");
+    assert_eq!(script_calls(&redis.url).await, 1, "the reply commit alone");
+    assert_eq!(store.apply(&b1, vec![ack(&held[0])], Now::default(), None).await.unwrap(), vec![Ok(())]);
+
+    let claim = waiting_claim(&store, &b1, ClaimCursor::default());
+    let revoked = async {
+        assert!(store.revoke_lease(&agent("bob"), &b1.instance).await.unwrap());
+        store.admit(routed("bob", "late"), None).await.unwrap();
+    };
+    assert_eq!(claimed_after(claim, revoked).await, "NotOwner", "the hand-off is fenced by the lease, as a claim is");
 }

@@ -101,17 +101,18 @@ enum Authorized {
 }
 
 impl Service {
-    /// The common front of a send and a request: the sender's session, the payload's form, a
-    /// fresh message id, then the policies. `started` is when the RPC began.
+    /// The common front of a send and a request from `sender_instance` (which holds a live
+    /// session): the payload's form, a fresh message id, then the policies. `started` is when
+    /// the RPC began.
     pub(super) async fn screen_outgoing(
         &self,
         started: Instant,
         sender: &AgentId,
+        sender_instance: InstanceId,
         outgoing: Outgoing<'_>,
         correlation_id: Option<&str>,
         trace: &WireContext,
     ) -> Result<Screened, Status> {
-        let sender_instance = self.connected_instance(sender, outgoing.instance_id).await?;
         let data = self.checked_payload(&outgoing)?;
         let message_id = self.broker.next_message_id();
         let ingress = Ingress {

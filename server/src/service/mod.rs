@@ -12,7 +12,7 @@ use mas_core::limits::LimitExceeded;
 use mas_core::payload::WirePayload;
 use mas_core::policy::dlp::Action;
 use mas_core::reply::{self, ReplyRefusal, ReplyRoute};
-use mas_core::store::{Admission, PendingRequest, ReplyCommit, ReplyReceipt, SessionRef, StateError};
+use mas_core::store::{Admission, PendingRequest, ReplyCommit, ReplyReceipt, SessionRef, StateError, StoreError};
 use mas_net::identity::PeerIdentities;
 use mas_net::status::{self, detail};
 use mas_proto::runtime::runtime_service_server::RuntimeService;
@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::broker::{Broker, OpenError};
 use crate::metrics::Method;
 use crate::session;
+use crate::store::PendingAhead;
 
 mod admission;
 pub(crate) mod mas_v1;
@@ -213,8 +214,9 @@ impl Service {
             data_json: &req.data_json,
         };
         let admitted = async {
+            let sender_instance = self.connected_instance(&sender, outgoing.instance_id).await?;
             let Screened { sender_instance, message_id, passed } =
-                self.screen_outgoing(started, &sender, outgoing, None, &trace).await?;
+                self.screen_outgoing(started, &sender, sender_instance, outgoing, None, &trace).await?;
             let now = self.broker.clock().now().wall;
             let envelope = Envelope::new_send(
                 &sender,
@@ -257,8 +259,30 @@ impl Service {
             data_json: &req.data_json,
         };
         let admitted = async {
-            let Screened { sender_instance, message_id, passed } =
-                self.screen_outgoing(started, &sender, outgoing, Some(&correlation_id), &trace).await?;
+            let sender_instance = self.connected_instance(&sender, outgoing.instance_id).await?;
+            // The pending record is written while the policies run (the reference writes it
+            // before them too), and forgotten again if they refuse the request.
+            let ahead = self.begin_request(&sender, &sender_instance, &req.target_id, &correlation_id, timeout);
+            let screen = self.screen_outgoing(
+                started,
+                &sender,
+                sender_instance.clone(),
+                outgoing,
+                Some(&correlation_id),
+                &trace,
+            );
+            let (screened, ahead) = tokio::join!(screen, ahead);
+            let screened = match screened {
+                Ok(screened) => screened,
+                Err(status) => {
+                    if let Ok(ahead) = ahead {
+                        self.broker.store().abandon_request(&sender, &correlation_id, ahead).await;
+                    }
+                    return Err(status);
+                }
+            };
+            let ahead = ahead.map_err(store_failed)?;
+            let Screened { sender_instance, message_id, passed } = screened;
             let now = self.broker.clock().now().wall;
             let envelope = Envelope::new_request(
                 &sender,
@@ -282,13 +306,28 @@ impl Service {
             let committed = self
                 .broker
                 .store()
-                .open_request(&correlation_id, pending, timeout, admission, self.broker.circuit())
+                .open_request(&correlation_id, pending, timeout, admission, self.broker.circuit(), ahead)
                 .await;
             admission::routed(&self.recorded(&target, committed)?)?;
             Ok::<_, Status>(message_id)
         };
         let message_id = admitted.instrument(spans::admission_span()).await?;
         Ok(Response::new(RequestResponse { message_id, correlation_id }))
+    }
+
+    /// [`crate::store::Store::begin_request`] for a request to `target_id` (none when that is no agent id:
+    /// the policies refuse it).
+    async fn begin_request(
+        &self,
+        sender: &AgentId,
+        sender_instance: &InstanceId,
+        target_id: &str,
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> Result<PendingAhead, StoreError> {
+        let Ok(target) = AgentId::new(target_id) else { return Ok(PendingAhead::Deferred) };
+        let pending = PendingRequest { requester: sender.clone(), requester_instance: sender_instance.clone(), target };
+        self.broker.store().begin_request(correlation_id, &pending, timeout).await
     }
 
     async fn handle_reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {

@@ -213,6 +213,7 @@ impl MemoryBackend {
         ttl: Duration,
         admission: Admission,
         circuit: Option<&CircuitConfig>,
+        _ahead: super::PendingAhead,
     ) -> Result<Admitted, StoreError> {
         let target = pending.target.clone();
         let mut inner = self.lock();

@@ -249,9 +249,50 @@ impl Store {
         step!(self, "admit", b => b.admit(admission, circuit).await)
     }
 
+    /// The first half of opening a request, made while its policies run: on Redis the pending
+    /// record lives in the requester's slot, apart from the target's queue, so it is written
+    /// here (a round trip shared with the sender's rate-limit step); the embedded store records
+    /// it atomically with the admission instead and does nothing here. A request whose
+    /// policies refuse it hands the answer to [`Store::abandon_request`]; one they pass hands
+    /// it to [`Store::open_request`].
+    #[cfg_attr(madsim, allow(unused_variables))]
+    pub async fn begin_request(
+        &self,
+        correlation_id: &str,
+        pending: &PendingRequest,
+        ttl: Duration,
+    ) -> Result<PendingAhead, StoreError> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(PendingAhead::Deferred),
+            #[cfg(not(madsim))]
+            Backend::Redis(b) => {
+                let started = tokio::time::Instant::now();
+                let result = b.begin_request(correlation_id, pending, ttl).await;
+                self.metrics.observe("begin_request", started.elapsed(), result.is_err());
+                result
+            }
+        }
+    }
+
+    /// Forgets what [`Store::begin_request`] wrote for a request that was refused before its
+    /// admission. Best effort: the record expires with the request's deadline anyway.
+    #[cfg_attr(madsim, allow(unused_variables))]
+    pub async fn abandon_request(&self, requester: &AgentId, correlation_id: &str, ahead: PendingAhead) {
+        match &self.backend {
+            Backend::Memory(_) => {}
+            #[cfg(not(madsim))]
+            Backend::Redis(b) => {
+                if matches!(ahead, PendingAhead::Written { .. }) {
+                    b.abandon_request(requester, correlation_id).await;
+                }
+            }
+        }
+    }
+
     /// Admits a request as [`Store::admit`] does and records it as pending exactly when it
-    /// was queued (memory: one step; Redis: the pending record lives in the requester's slot,
-    /// is written first and removed again if the request was not queued).
+    /// was queued (memory: one step; Redis: the pending record, written ahead by
+    /// [`Store::begin_request`] or first thing here, is removed again if the request was
+    /// refused where it is queued).
     pub async fn open_request(
         &self,
         correlation_id: &str,
@@ -259,8 +300,9 @@ impl Store {
         ttl: Duration,
         admission: Admission,
         circuit: Option<&CircuitConfig>,
+        ahead: PendingAhead,
     ) -> Result<Admitted, StoreError> {
-        step!(self, "open_request", b => b.open_request(correlation_id, pending, ttl, admission, circuit).await)
+        step!(self, "open_request", b => b.open_request(correlation_id, pending, ttl, admission, circuit, ahead).await)
     }
 
     /// What a correlation id refers to (`requester` is encoded in the correlation id).
@@ -406,6 +448,19 @@ impl Store {
     pub async fn purge_dead_letters(&self, agent: &AgentId, ids: &[String]) -> Result<usize, StoreError> {
         step!(self, "purge_dead_letters", b => b.purge_dead_letters(agent, ids).await)
     }
+}
+
+/// What [`Store::begin_request`] did with a request's pending record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingAhead {
+    /// Written: the record exists while the request's policies run. `at` was taken before it
+    /// was written, so the request's deadline is no earlier than `at` + its timeout.
+    Written {
+        /// When the write was sent.
+        at: tokio::time::Instant,
+    },
+    /// Left for [`Store::open_request`] to record with the admission.
+    Deferred,
 }
 
 /// A new store epoch: the wall-clock time and process id as hex, and a per-process counter,

@@ -22,7 +22,7 @@ use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use redis::Value;
 use tokio::sync::{Mutex as AsyncMutex, oneshot};
 
-use super::{RedisBackend, channel, key, text, unavailable};
+use super::{RedisBackend, channel, claim_answer, key, text, unavailable};
 
 /// Most decisions one admission script carries.
 pub(super) const MAX_BATCH: usize = 256;
@@ -248,6 +248,10 @@ impl RedisBackend {
         items: &mut [Admission],
         circuit: Option<&CircuitConfig>,
     ) -> Result<Vec<Admitted>, StoreError> {
+        // A session of this broker waiting for the chain's agent's work gets what is queued
+        // here claimed for it in the same step.
+        let routes = items.iter().any(|item| item.envelope.is_some());
+        let hand_off = if routes { self.seats.take_for_work(chain) } else { None };
         for _ in 0..MAX_RELINKS {
             let mut links = Chain::resume(head.clone().flatten());
             let (linked, texts): (Vec<AuditRecord>, Vec<String>) =
@@ -265,28 +269,38 @@ impl RedisBackend {
                 invocation.arg(arg);
             }
             invocation.arg(&new_head);
+            self.add_hand_off(&mut invocation, hand_off.as_ref());
             for (item, json) in items.iter().zip(texts) {
                 let envelope = item.envelope.as_deref().unwrap_or("");
                 invocation.arg(if item.envelope.is_some() { "1" } else { "0" }).arg(json).arg(envelope);
             }
-            let reply: Vec<Value> = invocation.invoke_async(&mut self.con()).await.map_err(unavailable)?;
-            let mut reply = reply.into_iter().map(text);
-            match reply.next().as_deref() {
+            let reply: Vec<Value> = match invocation.invoke_async(&mut self.con()).await {
+                Ok(reply) => reply,
+                Err(err) => {
+                    let err = unavailable(err);
+                    self.hand(hand_off, Err(err.clone()));
+                    return Err(err);
+                }
+            };
+            let mut reply = reply.into_iter();
+            match reply.next().map(text).as_deref() {
                 Some("ok") => {
                     *head = Some(Some(new_head));
-                    return Ok(linked
+                    let admitted = linked
                         .into_iter()
-                        .zip(reply)
+                        .zip(reply.by_ref().map(text))
                         .map(|(record, id)| Admitted {
                             record,
                             entry: (!id.is_empty()).then(|| EntryId::new(format!("w:{id}"))),
                         })
-                        .collect());
+                        .collect();
+                    self.hand(hand_off, claim_answer(reply.collect()));
+                    return Ok(admitted);
                 }
-                Some("head") => *head = Some(stored_head(reply.next().unwrap_or_default())),
+                Some("head") => *head = Some(stored_head(reply.next().map(text).unwrap_or_default())),
                 Some("full") => return Err(StoreError::AuditFull),
                 Some("refused") => {
-                    let rest: Vec<String> = reply.collect();
+                    let rest: Vec<String> = reply.map(text).collect();
                     for pair in rest.chunks_exact(2) {
                         let Some(item) = pair[0].parse::<usize>().ok().and_then(|i| items.get_mut(i.wrapping_sub(1)))
                         else {

@@ -23,7 +23,7 @@
 //! | `mas:{#audit}:epoch` | string | this database's epoch: names its archive directory |
 //! | `mas:{#security}:audit`, `…:audit:head` | stream, string | the security-event chain (`#` is never in an agent id) |
 //! | `mas:{#admin}:authz` | hash `rev`, `doc` | the operators' authorization overlay (JSON) and its revision |
-//! | channel `mas:notify:{A}` | pub/sub | "A has new ready work": wakes waiting sessions |
+//! | channel `mas:notify:{A}` | pub/sub | "A has new ready work": wakes waiting sessions (not published when a hand-off claimed all of it, see `handoff.rs`) |
 //!
 //! Settled entries are XACKed and XDELed at once, so streams hold only live work.
 
@@ -44,16 +44,18 @@ use mas_core::store::{
 };
 use mas_core::time::Now;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script, Value};
+use redis::{RedisError, Script, ScriptInvocation, Value};
 
-use super::requeue_delay;
 use super::wake::{ClaimCursor, Claimed, Wake, claim_waiting};
+use super::{PendingAhead, requeue_delay};
 
 mod audit;
 mod authz;
 mod dead_letters;
 mod fresh_gates;
 mod gather;
+mod handoff;
+mod opened;
 mod operator;
 mod replies;
 
@@ -162,15 +164,27 @@ impl Scripts {
         }
         // The file is compiled in; a missing section is a build defect caught by every test.
         let section = |n: &str| sections.get(n).cloned().unwrap_or_else(|| panic!("script {n} missing"));
-        // `--#include _lib` lines pull in a library section (Lua scripts cannot share functions).
+        // `--#include _lib` lines pull in a library section (Lua scripts cannot share
+        // functions); a library may include another, and each goes in once, where it is first
+        // included.
+        fn expand(name: &str, section: &dyn Fn(&str) -> String, included: &mut Vec<String>, body: &mut String) {
+            for line in section(name).lines() {
+                match line.strip_prefix("--#include ").map(str::trim) {
+                    Some(lib) if included.iter().any(|done| done == lib) => {}
+                    Some(lib) => {
+                        included.push(lib.to_string());
+                        expand(lib, section, included, body);
+                    }
+                    None => {
+                        body.push_str(line);
+                        body.push('\n');
+                    }
+                }
+            }
+        }
         let get = |n: &str| {
-            let body: String = section(n)
-                .lines()
-                .map(|line| match line.strip_prefix("--#include ") {
-                    Some(lib) => section(lib.trim()),
-                    None => format!("{line}\n"),
-                })
-                .collect();
+            let mut body = String::new();
+            expand(n, &section, &mut Vec::new(), &mut body);
             Script::new(&body)
         };
         Scripts {
@@ -313,6 +327,10 @@ pub struct RedisBackend {
     rates: Arc<gather::Gather<(Limits, usize), Result<Grant, StoreError>>>,
     /// When each queue was last swept for dead owners' work.
     reclaims: Arc<Reclaims>,
+    /// Requests this broker opened and has not seen answered (see `opened.rs`).
+    opened: Arc<opened::OpenedRequests>,
+    /// The seats of this broker's sessions, for hand-offs (see `handoff.rs`).
+    seats: Arc<handoff::Seats>,
 }
 
 /// How often each queue (an agent's work, an instance's replies) is swept for work held by
@@ -416,6 +434,8 @@ impl RedisBackend {
             rates: Arc::default(),
             epoch: epoch.into(),
             reclaims: Arc::default(),
+            opened: Arc::default(),
+            seats: Arc::default(),
         })
     }
 
@@ -490,12 +510,61 @@ impl RedisBackend {
         // Polling only covers wake-ups that may have been lost: with 10 000 idle sessions, a
         // poll every 250 ms each was 40 000 script calls a second doing nothing.
         let poll = if self.wakers.subscribed() { max_wait } else { IDLE_POLL };
-        claim_waiting(waker, cursor, max, max_wait, poll, || self.claim_once(session, max)).await
+        let sitting = self.seats.sit(session, max);
+        claim_waiting(waker, cursor, max, max_wait, poll, || self.claim_seated(&sitting, max)).await
     }
 
     /// Whether the wake-up subscription is live (it is made again after it breaks).
     pub(super) fn wakeups_live(&self) -> bool {
         self.wakers.subscribed()
+    }
+
+    /// One attempt of a seated claim: what a hand-off claimed for it, or its own store step.
+    async fn claim_seated(&self, sitting: &handoff::Sitting, max: usize) -> handoff::ClaimAnswer {
+        let answer = match sitting.before_asking().await {
+            handoff::Before::Handed(answer) => answer,
+            handoff::Before::Ask => self.claim_once(sitting.session(), max).await,
+        };
+        if matches!(&answer, Ok((batch, _)) if batch.is_empty()) {
+            sitting.found_nothing();
+        }
+        answer
+    }
+
+    /// Leaves what a hand-off claimed (or the failure that leaves it unknown, for the session
+    /// to look: `own_pending`) in its seat, and wakes the claim waiting there.
+    fn hand(&self, hand_off: Option<(handoff::HandOff, usize)>, answer: handoff::ClaimAnswer) {
+        let Some((hand_off, _)) = hand_off else { return };
+        let agent = hand_off.session().map(|session| session.agent.clone());
+        hand_off.hand(answer);
+        if let Some(agent) = agent {
+            self.wakers.wake(agent.as_str());
+        }
+    }
+
+    /// The keys of a claim for `session`, in the order the `_claim` library takes them.
+    fn claim_keys(session: &SessionRef) -> [String; 6] {
+        let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
+        let lease = Self::lease_key(&session.agent, &session.instance);
+        [lease, key(&session.agent, "owners"), work, work_delayed, replies, replies_delayed]
+    }
+
+    /// Adds a hand-off's keys and arguments to a step's invocation (after the step's own
+    /// keys, at the step's fixed argument positions), or the "no hand-off" arguments.
+    fn add_hand_off(&self, invocation: &mut ScriptInvocation<'_>, hand_off: Option<&(handoff::HandOff, usize)>) {
+        match hand_off.and_then(|(hand_off, room)| Some((hand_off.session()?, *room))) {
+            Some((session, room)) => {
+                for key in Self::claim_keys(session) {
+                    invocation.key(key);
+                }
+                let (work, replies) = self.reclaims.due(session);
+                let flags = format!("{}{}", u8::from(work), u8::from(replies));
+                invocation.arg(session.owner.as_str()).arg(room).arg(flags);
+            }
+            None => {
+                invocation.arg("").arg(0).arg("00");
+            }
+        }
     }
 
     async fn claim_once(
@@ -504,16 +573,11 @@ impl RedisBackend {
         max: usize,
     ) -> Result<(Vec<QueuedMessage>, Option<Duration>), StoreError> {
         let (reclaim_work, reclaim_replies) = self.reclaims.due(session);
-        let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
-        let reply: Vec<Value> = self
-            .scripts
-            .claim
-            .key(Self::lease_key(&session.agent, &session.instance))
-            .key(key(&session.agent, "owners"))
-            .key(work)
-            .key(work_delayed)
-            .key(replies)
-            .key(replies_delayed)
+        let mut invocation = self.scripts.claim.prepare_invoke();
+        for key in Self::claim_keys(session) {
+            invocation.key(key);
+        }
+        let reply: Vec<Value> = invocation
             .arg(session.owner.as_str())
             .arg(max)
             .arg(if reclaim_work { "1" } else { "0" })
@@ -522,13 +586,7 @@ impl RedisBackend {
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
-        let mut items = reply.into_iter();
-        let status = items.next().map(text).unwrap_or_default();
-        if status == "lost" {
-            return Err(StoreError::NotOwner);
-        }
-        let next_delayed = items.next().map(int).filter(|ms| *ms >= 0).map(|ms| Duration::from_millis(ms as u64));
-        Ok((queued_messages(items.collect()), next_delayed))
+        claim_answer(reply)
     }
 
     pub(super) async fn own_pending(&self, session: &SessionRef, max: usize) -> Result<Vec<QueuedMessage>, StoreError> {
@@ -645,6 +703,7 @@ impl RedisBackend {
 
     pub(super) async fn release_lease(&self, session: &SessionRef) -> Result<(), StoreError> {
         self.fresh_gates.forget(&session.agent);
+        self.seats.leave(session);
         let [_, _, replies, replies_delayed] = Self::session_keys(session);
         let _: i64 = self
             .scripts
@@ -681,21 +740,21 @@ impl RedisBackend {
         Ok(live)
     }
 
-    pub(super) async fn open_request(
+    /// Records `pending` in the requester's slot ahead of the request's admission, so the
+    /// request's policy steps and this write share a round trip (see
+    /// [`super::Store::begin_request`]).
+    pub(super) async fn begin_request(
         &self,
         correlation_id: &str,
-        pending: PendingRequest,
+        pending: &PendingRequest,
         ttl: Duration,
-        admission: Admission,
-        circuit: Option<&CircuitConfig>,
-    ) -> Result<Admitted, StoreError> {
-        let pending_key = key(&pending.requester, &format!("pending:{correlation_id}"));
-        let index_key = key(&pending.requester, "pending_index");
+    ) -> Result<PendingAhead, StoreError> {
+        let at = tokio::time::Instant::now();
         let opened: i64 = self
             .scripts
             .open_request
-            .key(&pending_key)
-            .key(&index_key)
+            .key(key(&pending.requester, &format!("pending:{correlation_id}")))
+            .key(key(&pending.requester, "pending_index"))
             .arg(pending.requester.as_str())
             .arg(pending.requester_instance.as_str())
             .arg(pending.target.as_str())
@@ -706,20 +765,49 @@ impl RedisBackend {
             .invoke_async(&mut self.con())
             .await
             .map_err(unavailable)?;
-        if opened == 0 {
-            return Err(StoreError::TooManyPending);
+        match opened {
+            0 => Err(StoreError::TooManyPending),
+            _ => Ok(PendingAhead::Written { at }),
         }
+    }
+
+    /// Forgets a pending record written ahead whose request was not queued. Best effort: it
+    /// expires on its own if this fails too.
+    pub(super) async fn abandon_request(&self, requester: &AgentId, correlation_id: &str) {
+        let _: Result<(), _> = redis::pipe()
+            .del(key(requester, &format!("pending:{correlation_id}")))
+            .ignore()
+            .zrem(key(requester, "pending_index"), correlation_id)
+            .ignore()
+            .query_async(&mut self.con())
+            .await;
+    }
+
+    pub(super) async fn open_request(
+        &self,
+        correlation_id: &str,
+        pending: PendingRequest,
+        ttl: Duration,
+        admission: Admission,
+        circuit: Option<&CircuitConfig>,
+        ahead: PendingAhead,
+    ) -> Result<Admitted, StoreError> {
+        let ahead = match ahead {
+            PendingAhead::Deferred => self.begin_request(correlation_id, &pending, ttl).await?,
+            written => written,
+        };
         let admitted = self.admit(admission, circuit).await;
-        if !matches!(admitted, Ok(Admitted { entry: Some(_), .. })) {
-            // The request was not queued: nobody can answer it. Best effort; both expire on
-            // their own if this fails too.
-            let _: Result<(), _> = redis::pipe()
-                .del(&pending_key)
-                .ignore()
-                .zrem(&index_key, correlation_id)
-                .ignore()
-                .query_async(&mut self.con())
-                .await;
+        if let (Ok(Admitted { entry: Some(_), .. }), PendingAhead::Written { at }) = (&admitted, ahead) {
+            self.opened.note(correlation_id, pending.clone(), at, ttl);
+        }
+        let refused = match &admitted {
+            Ok(admitted) => admitted.entry.is_none(),
+            Err(err) => !matches!(err, StoreError::Unavailable(_)),
+        };
+        if refused {
+            // Not queued (circuit, queue bound, full chain): nobody can answer it. After a
+            // failure the request may be queued all the same, so its record stays for a reply.
+            self.abandon_request(&pending.requester, correlation_id).await;
         }
         admitted
     }
@@ -729,6 +817,9 @@ impl RedisBackend {
         requester: &AgentId,
         correlation_id: &str,
     ) -> Result<Correlation, StoreError> {
+        if let Some(pending) = self.opened.pending(correlation_id, tokio::time::Instant::now()) {
+            return Ok(Correlation::Pending(pending));
+        }
         let reply: Vec<Value> = self
             .scripts
             .correlation
@@ -776,7 +867,10 @@ impl RedisBackend {
             envelope,
             record,
         };
-        self.commit_reply_grouped(reply).await
+        let outcome = self.commit_reply_grouped(reply).await;
+        // Whatever the store made of it, it knows better now than what this broker noted.
+        self.opened.forget(correlation_id);
+        outcome
     }
 
     /// The sender's rate-limit step for `count` messages, made together with the steps of
@@ -942,6 +1036,18 @@ impl RedisBackend {
 
 /// Messages from a script's flat `{tag, id, envelope, attempt, ...}` list.
 /// The values are taken, not cloned: an envelope is copied once, into its `Arc<str>`.
+/// A claim's answer (see the `_claim` library): status, when the earliest delayed entry is due
+/// (ms, -1 for none), then the claimed messages.
+fn claim_answer(reply: Vec<Value>) -> handoff::ClaimAnswer {
+    let mut items = reply.into_iter();
+    let status = items.next().map(text).unwrap_or_default();
+    if status == "lost" {
+        return Err(StoreError::NotOwner);
+    }
+    let next_delayed = items.next().map(int).filter(|ms| *ms >= 0).map(|ms| Duration::from_millis(ms as u64));
+    Ok((queued_messages(items.collect()), next_delayed))
+}
+
 fn queued_messages(flat: Vec<Value>) -> Vec<QueuedMessage> {
     let mut items = flat.into_iter();
     let mut messages = Vec::with_capacity(items.len() / 4);

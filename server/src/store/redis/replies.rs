@@ -18,7 +18,7 @@ use redis::Value;
 use tokio::sync::oneshot;
 
 use super::audit::{ChainWriter, KnownHead, MAX_BATCH, MAX_RELINKS, expected_arg, keep_committing, stored_head};
-use super::{RedisBackend, channel, key, text, unavailable};
+use super::{RedisBackend, channel, claim_answer, key, text, unavailable};
 
 /// What a reply's committer answers its caller.
 pub(super) type ReplyOutcome = Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError>;
@@ -84,6 +84,10 @@ impl RedisBackend {
         head: &mut KnownHead,
         mut batch: Vec<WaitingReply>,
     ) -> Result<(), (StoreError, Vec<WaitingReply>)> {
+        // The requester's session that asked first, if it waits, gets its reply claimed for
+        // it in the same step.
+        let asking = batch.first().map(|waiting| waiting.reply.expected.requester_instance.clone());
+        let hand_off = asking.and_then(|instance| self.seats.take_for_replies(requester, &instance));
         for _ in 0..MAX_RELINKS {
             if batch.is_empty() {
                 return Ok(());
@@ -113,6 +117,7 @@ impl RedisBackend {
                 .arg(self.max_audit_records)
                 .arg(self.max_queue_len)
                 .arg(channel(requester));
+            self.add_hand_off(&mut invocation, hand_off.as_ref());
             for (WaitingReply { reply, .. }, json) in batch.iter().zip(texts) {
                 invocation
                     .arg(reply.expected.requester_instance.as_str())
@@ -126,21 +131,26 @@ impl RedisBackend {
             }
             let answer: Vec<Value> = match invocation.invoke_async(&mut self.con()).await {
                 Ok(answer) => answer,
-                Err(err) => return Err((unavailable(err), batch)),
+                Err(err) => {
+                    let err = unavailable(err);
+                    self.hand(hand_off, Err(err.clone()));
+                    return Err((err, batch));
+                }
             };
-            let mut answer = answer.into_iter().map(text);
-            match answer.next().as_deref() {
+            let mut answer = answer.into_iter();
+            match answer.next().map(text).as_deref() {
                 Some("ok") => {
                     *head = Some(Some(new_head));
+                    self.hand(hand_off, claim_answer(answer.collect()));
                     for (waiting, record) in batch.into_iter().zip(linked) {
                         let commit = ReplyCommit::Queued { message_id: waiting.reply.receipt.message_id.clone() };
                         let _ = waiting.done.send(Ok(Ok((commit, Some(record)))));
                     }
                     return Ok(());
                 }
-                Some("head") => *head = Some(stored_head(answer.next().unwrap_or_default())),
+                Some("head") => *head = Some(stored_head(answer.next().map(text).unwrap_or_default())),
                 Some("full") => return Err((StoreError::AuditFull, batch)),
-                Some("refused") => batch = answer_refused(batch, answer.collect()),
+                Some("refused") => batch = answer_refused(batch, answer.map(text).collect()),
                 _ => return Err((StoreError::Unavailable("malformed reply commit answer".into()), batch)),
             }
         }

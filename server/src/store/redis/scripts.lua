@@ -98,102 +98,122 @@ local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'a', '1')
 redis.call('PUBLISH', ARGV[3], '1')
 return id
 
---@claim
--- KEYS: lease, owners, work, work_delayed, replies, replies_delayed.
--- ARGV: owner, max, reclaim work (1 = also hand back the agent's work held by dead owners),
--- notify channel, reclaim replies (1 = the same for this instance's replies). The broker asks
--- for each at most every 500 ms per queue, not per session: listing the consumers of a work
--- stream that thousands of sessions share is the costly part.
--- Returns {status, next_delayed_ms, tag, id, envelope, attempt, ...}; status 'lost' when the
--- lease is not ours any more (nothing is claimed then).
-local owner = ARGV[1]
-if redis.call('GET', KEYS[1]) ~= owner then return {'lost', -1} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local max = tonumber(ARGV[2])
-
-local function fields(entry)
-  local f = {}
-  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
-  return f
-end
-
-local function promote(stream, delayed)
-  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 100)
-  for _, m in ipairs(due) do
-    local d = cjson.decode(m)
-    redis.call('XADD', stream, '*', 'e', d.e, 'a', tostring(d.a))
-    redis.call('ZREM', delayed, m)
+--@_hand_back
+-- Library: puts the claimed entry `id` of `stream` back at the tail, attempt unchanged, and
+-- removes the claimed one. Returns 1, or 0 when the entry was gone (it is acknowledged anyway).
+local function hand_back(stream, id)
+  local entry = redis.call('XRANGE', stream, id, id)
+  local back = 0
+  if #entry == 1 then
+    local f = {}
+    for i = 1, #entry[1][2], 2 do f[entry[1][2][i]] = entry[1][2][i + 1] end
+    redis.call('XADD', stream, '*', 'e', f['e'], 'a', f['a'])
+    back = 1
   end
+  redis.call('XACK', stream, 'mas', id)
+  redis.call('XDEL', stream, id)
+  return back
 end
 
--- Work claimed by a consumer whose lease is gone goes back to the tail, attempt unchanged.
-local function reclaim(stream)
-  local handed = 0
-  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'mas')) do
-    local info = {}
-    for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
-    local name = info['name']
-    if name ~= owner then
-      local deadline = redis.call('ZSCORE', KEYS[2], name)
-      if (not deadline) or tonumber(deadline) <= now then
-        local pending = redis.call('XPENDING', stream, 'mas', '-', '+', 100, name)
-        for _, p in ipairs(pending) do
-          local entry = redis.call('XRANGE', stream, p[1], p[1])
-          if #entry == 1 then
-            local f = fields(entry[1])
-            redis.call('XADD', stream, '*', 'e', f['e'], 'a', f['a'])
-            handed = handed + 1
-          end
-          redis.call('XACK', stream, 'mas', p[1])
-          redis.call('XDEL', stream, p[1])
+--@_claim
+-- Library (included by "--#include _claim"): a session's claim. Made by --@claim, and by an
+-- admission or reply commit on behalf of a session of this broker that waits for work (the
+-- hand-off: the step that queues the work also claims it, saving the session's own round
+-- trip). `k` holds the session's keys: lease, owners, work, work_delayed, replies,
+-- replies_delayed. Reclaiming (flags reclaim_work, reclaim_replies) hands work held by
+-- consumers whose lease is gone back to the tail, attempt unchanged; the broker asks for it at
+-- most every 500 ms per queue, not per session: listing the consumers of a work stream that
+-- thousands of sessions share is the costly part.
+-- Returns out = {status, next_delayed_ms, tag, id, envelope, attempt, ...} (status 'lost' when
+-- the lease is not the owner's: nothing is claimed then), and how many entries were handed
+-- back from dead owners, read from the replies queue and read from the work queue.
+--#include _hand_back
+local function claim_for(k, owner, max, reclaim_work, reclaim_replies, now)
+  if redis.call('GET', k.lease) ~= owner then return {'lost', -1}, 0, 0, 0 end
+
+  local function promote(stream, delayed)
+    local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 100)
+    for _, m in ipairs(due) do
+      local d = cjson.decode(m)
+      redis.call('XADD', stream, '*', 'e', d.e, 'a', tostring(d.a))
+      redis.call('ZREM', delayed, m)
+    end
+  end
+
+  local function reclaim(stream)
+    local handed = 0
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, 'mas')) do
+      local info = {}
+      for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+      local name = info['name']
+      if name ~= owner then
+        local deadline = redis.call('ZSCORE', k.owners, name)
+        if (not deadline) or tonumber(deadline) <= now then
+          local pending = redis.call('XPENDING', stream, 'mas', '-', '+', 100, name)
+          for _, p in ipairs(pending) do handed = handed + hand_back(stream, p[1]) end
+          if #pending < 100 then redis.call('XGROUP', 'DELCONSUMER', stream, 'mas', name) end
         end
-        if #pending < 100 then redis.call('XGROUP', 'DELCONSUMER', stream, 'mas', name) end
       end
     end
+    return handed
   end
-  return handed
-end
 
-promote(KEYS[5], KEYS[6])
-promote(KEYS[3], KEYS[4])
-local handed = 0
-if ARGV[5] == '1' then handed = handed + reclaim(KEYS[5]) end
-if ARGV[3] == '1' then handed = handed + reclaim(KEYS[3]) end
-if handed > 0 then redis.call('PUBLISH', ARGV[4], '1') end
+  promote(k.replies, k.replies_delayed)
+  promote(k.work, k.work_delayed)
+  local handed = 0
+  if reclaim_replies then handed = handed + reclaim(k.replies) end
+  if reclaim_work then handed = handed + reclaim(k.work) end
 
-local out = {'ok', -1}
-local function read(stream, tag, count)
-  if count <= 0 then return 0 end
-  local got = redis.call('XREADGROUP', 'GROUP', 'mas', owner, 'COUNT', count, 'STREAMS', stream, '>')
-  if not got then return 0 end
-  local n = 0
-  for _, entry in ipairs(got[1][2]) do
-    -- Read the two fields in place: a table per entry costs more than the scan.
-    local f, envelope, attempt = entry[2], '', '0'
-    for i = 1, #f, 2 do
-      if f[i] == 'e' then envelope = f[i + 1] elseif f[i] == 'a' then attempt = f[i + 1] end
+  local out = {'ok', -1}
+  local function read(stream, tag, count)
+    if count <= 0 then return 0 end
+    local got = redis.call('XREADGROUP', 'GROUP', 'mas', owner, 'COUNT', count, 'STREAMS', stream, '>')
+    if not got then return 0 end
+    local n = 0
+    for _, entry in ipairs(got[1][2]) do
+      -- Read the two fields in place: a table per entry costs more than the scan.
+      local f, envelope, attempt = entry[2], '', '0'
+      for i = 1, #f, 2 do
+        if f[i] == 'e' then envelope = f[i + 1] elseif f[i] == 'a' then attempt = f[i + 1] end
+      end
+      out[#out + 1] = tag
+      out[#out + 1] = entry[1]
+      out[#out + 1] = envelope
+      out[#out + 1] = attempt
+      n = n + 1
     end
-    out[#out + 1] = tag
-    out[#out + 1] = entry[1]
-    out[#out + 1] = envelope
-    out[#out + 1] = attempt
-    n = n + 1
+    return n
   end
-  return n
-end
-local n = read(KEYS[5], 'r', max)
-read(KEYS[3], 'w', max - n)
+  local from_replies = read(k.replies, 'r', max)
+  local from_work = read(k.work, 'w', max - from_replies)
 
-local next_at = -1
-for _, delayed in ipairs({KEYS[4], KEYS[6]}) do
-  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-  if #first == 2 then
-    local at = tonumber(first[2])
-    if next_at < 0 or at < next_at then next_at = at end
+  local next_at = -1
+  for _, delayed in ipairs({k.work_delayed, k.replies_delayed}) do
+    local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+    if #first == 2 then
+      local at = tonumber(first[2])
+      if next_at < 0 or at < next_at then next_at = at end
+    end
   end
+  if next_at >= 0 then out[2] = math.max(0, next_at - now) end
+  return out, handed, from_replies, from_work
 end
-if next_at >= 0 then out[2] = math.max(0, next_at - now) end
+
+-- The session keys a hand-off names after the step's own keys: KEYS[from .. from + 5].
+local function seat_keys(from)
+  return {lease = KEYS[from], owners = KEYS[from + 1], work = KEYS[from + 2], work_delayed = KEYS[from + 3],
+          replies = KEYS[from + 4], replies_delayed = KEYS[from + 5]}
+end
+
+--@claim
+-- KEYS: lease, owners, work, work_delayed, replies, replies_delayed.
+-- ARGV: owner, max, reclaim work (1|0), notify channel, reclaim replies (1|0).
+-- Returns {status, next_delayed_ms, tag, id, envelope, attempt, ...} (see _claim).
+--#include _claim
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out, handed = claim_for(seat_keys(1), ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', ARGV[5] == '1', now)
+if handed > 0 then redis.call('PUBLISH', ARGV[4], '1') end
 return out
 
 --@own_pending
@@ -345,20 +365,13 @@ return results
 
 --@release
 -- KEYS: work, replies. ARGV: owner, notify channel. Hands back everything `owner` holds.
+--#include _hand_back
 local owner = ARGV[1]
 local n = 0
 for _, stream in ipairs(KEYS) do
   if redis.call('EXISTS', stream) == 1 then
     for _, p in ipairs(redis.call('XPENDING', stream, 'mas', '-', '+', 10000, owner)) do
-      local entry = redis.call('XRANGE', stream, p[1], p[1])
-      if #entry == 1 then
-        local f = {}
-        for i = 1, #entry[1][2], 2 do f[entry[1][2][i]] = entry[1][2][i + 1] end
-        redis.call('XADD', stream, '*', 'e', f['e'], 'a', f['a'])
-        n = n + 1
-      end
-      redis.call('XACK', stream, 'mas', p[1])
-      redis.call('XDEL', stream, p[1])
+      n = n + hand_back(stream, p[1])
     end
   end
 end
@@ -459,21 +472,26 @@ return {'pending', p.requester, p.requester_instance, p.target}
 -- Commits a batch of replies to requests of one requester, with their audit records in the
 -- requester's chain (group commit, as --@admit does for admissions).
 -- KEYS: audit stream, audit head, pending index, then per reply: pending, receipt, replies
--- stream, replies delayed (all the requester's).
+-- stream, replies delayed (all the requester's), then with a hand-off the waiting session's
+-- keys (see _claim).
 -- ARGV: requester, expected audit head ('' empty chain, '?' unknown), new audit head, max audit
--- records, max queue length, notify channel, then per reply: requester_instance, target,
--- sender, fingerprint, message_id, envelope, audit record, correlation id.
+-- records, max queue length, notify channel, hand-off owner ('' for none), its room, its
+-- reclaim flags, then per reply: requester_instance, target, sender, fingerprint, message_id,
+-- envelope, audit record, correlation id.
 -- Pass 1 writes nothing: each reply must answer a live pending request of its target, and its
 -- replies queue must have room. Any refusal returns {'refused', index, outcome, message id,
 -- ...} (outcome already | completed | expired | unknown): the broker answers those, re-links
 -- the rest and retries. Pass 2 queues every reply, appends every record, stores the receipts
--- and moves the head.
--- Returns {'ok'} | {'head', actual} (nothing written) | {'full'} | {'refused', ...}.
+-- and moves the head; then the hand-off claims for its session.
+-- Returns {'ok', then the hand-off's claim (see _claim)} | {'head', actual} (nothing written) |
+-- {'full'} | {'refused', ...}.
 --#include _audit
 --#include _replies
+--#include _claim
+local FIXED = 9
 local head = redis.call('GET', KEYS[2]) or ''
 if head ~= ARGV[2] then return {'head', head} end
-local items = (#ARGV - 6) / 8
+local items = (#ARGV - FIXED) / 8
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_len = tonumber(ARGV[5])
@@ -481,7 +499,7 @@ local refused = {'refused'}
 local expires = {}
 local room = {}
 for i = 1, items do
-  local k, a = 3 + 4 * (i - 1), 6 + 8 * (i - 1)
+  local k, a = 3 + 4 * (i - 1), FIXED + 8 * (i - 1)
   local outcome, id = nil, ''
   local receipt = redis.call('GET', KEYS[k + 2])
   if receipt then
@@ -514,7 +532,7 @@ end
 if #refused > 1 then return refused end
 if redis.call('XLEN', KEYS[1]) + items > tonumber(ARGV[4]) then return {'full'} end
 for i = 1, items do
-  local k, a = 3 + 4 * (i - 1), 6 + 8 * (i - 1)
+  local k, a = 3 + 4 * (i - 1), FIXED + 8 * (i - 1)
   redis.call('XADD', KEYS[k + 3], '*', 'e', ARGV[a + 6], 'a', '1')
   expire_orphan_replies(KEYS[k + 3])
   audit_add(KEYS[1], ARGV[a + 7])
@@ -524,8 +542,22 @@ for i = 1, items do
   redis.call('ZREM', KEYS[3], ARGV[a + 8])
 end
 redis.call('SET', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[6], '1')
-return {'ok'}
+-- Every session of the requester is woken unless the hand-off took all this step queued.
+local out = {'ok'}
+local wake = true
+if ARGV[7] ~= '' then
+  local seat = seat_keys(4 + 4 * items)
+  local to_seat = 0
+  for i = 1, items do
+    if KEYS[3 + 4 * (i - 1) + 3] == seat.replies then to_seat = to_seat + 1 end
+  end
+  local claimed, handed, from_replies = claim_for(seat, ARGV[7], tonumber(ARGV[8]),
+    string.sub(ARGV[9], 1, 1) == '1', string.sub(ARGV[9], 2, 2) == '1', now)
+  for _, v in ipairs(claimed) do out[#out + 1] = v end
+  wake = handed > 0 or to_seat < items or from_replies < to_seat
+end
+if wake then redis.call('PUBLISH', ARGV[6], '1') end
+return out
 
 --@state_get
 -- KEYS: state, revision. Returns {revision, field, value, ...}.
@@ -627,21 +659,26 @@ return {depth, envelope, phase, redis.call('XLEN', KEYS[4]), redis.call('XLEN', 
 
 --@admit
 -- Audited admission of a batch of decisions recorded in one agent's chain (group commit).
--- KEYS: audit stream, audit head, circuit, work stream, work delayed (all of one agent).
+-- KEYS: audit stream, audit head, circuit, work stream, work delayed (all of one agent), then
+-- with a hand-off the waiting session's keys (see _claim).
 -- ARGV: expected head ('' empty chain, '?' unknown), max_queue_len, max audit records, notify
 -- channel, circuit on (1|0), failure_threshold, window_ms, open_ms, success_threshold,
--- max_probes, new head, then per item: routable (1|0), record JSON, envelope.
+-- max_probes, new head, hand-off owner ('' for none), its room, its reclaim flags (work,
+-- replies: '1' or '0' each), then per item: routable (1|0), record JSON, envelope.
 -- Pass 1 writes nothing: the head must be the expected one and the chain must have room; each
 -- routable item needs queue room and the circuit's admission (probes counted across the
 -- batch). Any refusal returns {'refused', index, reason, ...}: the broker records those items
 -- as refused, re-links the batch and retries. Pass 2 appends every record, queues every
--- routable envelope and moves the head.
--- Returns {'ok', entry id or '' per item} | {'head', actual} | {'full'} | {'refused', ...}.
+-- routable envelope and moves the head; then the hand-off claims for its session.
+-- Returns {'ok', entry id or '' per item, then the hand-off's claim (see _claim)} |
+-- {'head', actual} | {'full'} | {'refused', ...}.
 --#include _circuit
 --#include _audit
+--#include _claim
+local FIXED = 14
 local head = redis.call('GET', KEYS[2]) or ''
 if ARGV[1] ~= head then return {'head', head} end
-local items = (#ARGV - 11) / 3
+local items = (#ARGV - FIXED) / 3
 if redis.call('XLEN', KEYS[1]) + items > tonumber(ARGV[3]) then return {'full'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -652,7 +689,7 @@ if on then circuit = circuit_load(KEYS[3]); before = circuit_repr(circuit) end
 local room = tonumber(ARGV[2]) - redis.call('XLEN', KEYS[4]) - redis.call('ZCARD', KEYS[5])
 local refused = {'refused'}
 for i = 1, items do
-  if ARGV[9 + 3 * i] == '1' then
+  if ARGV[FIXED - 2 + 3 * i] == '1' then
     if room <= 0 then
       refused[#refused + 1] = i; refused[#refused + 1] = 'queue_full'
     elseif on and not circuit_admit(circuit, cfg, now) then
@@ -664,19 +701,27 @@ for i = 1, items do
 end
 if #refused > 1 then return refused end
 local out = {'ok'}
-local routed = false
+local routed = 0
 for i = 1, items do
-  audit_add(KEYS[1], ARGV[10 + 3 * i])
-  if ARGV[9 + 3 * i] == '1' then
-    out[#out + 1] = redis.call('XADD', KEYS[4], '*', 'e', ARGV[11 + 3 * i], 'a', '1')
-    routed = true
+  audit_add(KEYS[1], ARGV[FIXED - 1 + 3 * i])
+  if ARGV[FIXED - 2 + 3 * i] == '1' then
+    out[#out + 1] = redis.call('XADD', KEYS[4], '*', 'e', ARGV[FIXED + 3 * i], 'a', '1')
+    routed = routed + 1
   else
     out[#out + 1] = ''
   end
 end
 redis.call('SET', KEYS[2], ARGV[11])
 if on and circuit_repr(circuit) ~= before then circuit_save(KEYS[3], circuit, cfg) end
-if routed then redis.call('PUBLISH', ARGV[4], '1') end
+-- Every session of the agent is woken unless the hand-off took all this step queued.
+local wake = routed > 0
+if ARGV[12] ~= '' then
+  local claimed, handed, _, from_work = claim_for(seat_keys(6), ARGV[12], tonumber(ARGV[13]),
+    string.sub(ARGV[14], 1, 1) == '1', string.sub(ARGV[14], 2, 2) == '1', now)
+  for _, v in ipairs(claimed) do out[#out + 1] = v end
+  wake = handed > 0 or from_work < routed
+end
+if wake then redis.call('PUBLISH', ARGV[4], '1') end
 return out
 
 --@audit_append

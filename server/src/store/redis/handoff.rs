@@ -1,0 +1,296 @@
+//! Hand-offs: the store step that queues work for an agent also claims it for a session of
+//! this broker that is waiting for exactly that, so the session does not spend a round trip
+//! of its own after the wake-up. On a request/reply at one in flight that is two of the
+//! round trips in a row (the request's delivery, the reply's).
+//!
+//! Each session has one seat. A claim sits in it while it runs; while the claim waits (its
+//! own store step is not out) the seat is offered: an admission to the agent, or a reply
+//! commit to the session's instance, may take it, name the session's keys in its script, and
+//! claim for it — the same claim, fenced by the same lease, up to the same room. Its answer
+//! is left in the seat, and the claim (this one, or the session's next, if this one ended
+//! meanwhile) takes it instead of asking the store. A claim never asks the store while a
+//! hand-off for it is out, so the two never claim past the session's window together.
+//!
+//! Nothing is lost when a session ends with a hand-off out or unread: what a hand-off claimed
+//! is in the session's pending entries, which its end hands back (`release`); one that lands
+//! after that is held by an owner whose lease is gone, and the next sweep hands it back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use mas_core::delivery::QueuedMessage;
+use mas_core::ids::{AgentId, InstanceId};
+use mas_core::store::{SessionRef, StoreError};
+use tokio::sync::Notify;
+
+/// What a claim answers: the messages, and when the earliest delayed entry is due.
+pub(super) type ClaimAnswer = Result<(Vec<QueuedMessage>, Option<Duration>), StoreError>;
+
+/// The seats of this broker's sessions, by agent.
+#[derive(Debug, Default)]
+pub(super) struct Seats {
+    by_agent: Mutex<HashMap<AgentId, Vec<Arc<Seat>>>>,
+}
+
+/// One session's seat.
+#[derive(Debug)]
+pub(super) struct Seat {
+    session: SessionRef,
+    state: Mutex<SeatState>,
+    /// Signalled when a hand-off leaves its answer.
+    handed: Notify,
+}
+
+#[derive(Debug)]
+struct SeatState {
+    /// The room of the claim sitting in the seat, if one is.
+    claim: Option<usize>,
+    phase: Phase,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Nothing is out: offered while a claim sits here.
+    Idle,
+    /// The sitting claim's own store step is out.
+    Claiming,
+    /// A hand-off is out.
+    Handing,
+    /// A hand-off's answer, for the next claim to take.
+    Handed(ClaimAnswer),
+}
+
+/// What a claim does before it asks the store.
+pub(super) enum Before {
+    /// Ask the store (the seat is withdrawn meanwhile).
+    Ask,
+    /// Take what a hand-off claimed instead.
+    Handed(ClaimAnswer),
+}
+
+impl Seats {
+    /// Seats a claim of `session` for up to `room` messages; it leaves the seat when the
+    /// returned guard drops.
+    pub(super) fn sit(&self, session: &SessionRef, room: usize) -> Sitting {
+        let seat = self.seat_of(session);
+        seat.lock().claim = Some(room);
+        Sitting { seat }
+    }
+
+    /// The offered seat of a session of `agent` waiting for its work queue, taken for a
+    /// hand-off, with the room it offers.
+    pub(super) fn take_for_work(&self, agent: &AgentId) -> Option<(HandOff, usize)> {
+        self.take(agent, |_| true)
+    }
+
+    /// The offered seat of `agent`'s session on `instance`, which waits for its replies.
+    pub(super) fn take_for_replies(&self, agent: &AgentId, instance: &InstanceId) -> Option<(HandOff, usize)> {
+        self.take(agent, |seat| seat.session.instance == *instance)
+    }
+
+    /// Forgets a session's seat: its lease ended.
+    pub(super) fn leave(&self, session: &SessionRef) {
+        let mut by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(seats) = by_agent.get_mut(&session.agent) {
+            seats.retain(|seat| seat.session.owner != session.owner);
+            if seats.is_empty() {
+                by_agent.remove(&session.agent);
+            }
+        }
+    }
+
+    fn seat_of(&self, session: &SessionRef) -> Arc<Seat> {
+        let mut by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
+        let seats = by_agent.entry(session.agent.clone()).or_default();
+        if let Some(seat) = seats.iter().find(|seat| seat.session.owner == session.owner) {
+            return seat.clone();
+        }
+        let seat = Arc::new(Seat {
+            session: session.clone(),
+            state: Mutex::new(SeatState { claim: None, phase: Phase::Idle }),
+            handed: Notify::new(),
+        });
+        seats.push(seat.clone());
+        seat
+    }
+
+    fn take(&self, agent: &AgentId, fits: impl Fn(&Seat) -> bool) -> Option<(HandOff, usize)> {
+        let by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
+        for seat in by_agent.get(agent)?.iter().filter(|seat| fits(seat)) {
+            let mut state = seat.lock();
+            if let (Some(room), Phase::Idle) = (state.claim, &state.phase)
+                && room > 0
+            {
+                state.phase = Phase::Handing;
+                return Some((HandOff { seat: Some(seat.clone()) }, room));
+            }
+        }
+        None
+    }
+}
+
+impl Seat {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeatState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A claim sitting in its session's seat.
+#[derive(Debug)]
+pub(super) struct Sitting {
+    seat: Arc<Seat>,
+}
+
+impl Sitting {
+    /// Called before each store step of the claim: waits out a hand-off that is out, then
+    /// takes its answer or withdraws the seat for the claim's own step.
+    pub(super) async fn before_asking(&self) -> Before {
+        loop {
+            let handed = self.seat.handed.notified();
+            {
+                let mut state = self.seat.lock();
+                match std::mem::replace(&mut state.phase, Phase::Claiming) {
+                    Phase::Idle | Phase::Claiming => return Before::Ask,
+                    Phase::Handed(answer) => return Before::Handed(answer),
+                    Phase::Handing => state.phase = Phase::Handing,
+                }
+            }
+            handed.await;
+        }
+    }
+
+    /// The claim's own step found nothing: the seat is offered again while it waits.
+    pub(super) fn found_nothing(&self) {
+        let mut state = self.seat.lock();
+        if matches!(state.phase, Phase::Claiming) {
+            state.phase = Phase::Idle;
+        }
+    }
+
+    /// The session this claim is for.
+    pub(super) fn session(&self) -> &SessionRef {
+        &self.seat.session
+    }
+}
+
+impl Drop for Sitting {
+    fn drop(&mut self) {
+        let mut state = self.seat.lock();
+        state.claim = None;
+        if matches!(state.phase, Phase::Claiming) {
+            state.phase = Phase::Idle;
+        }
+        // A hand-off out or answered stays: the session's next claim takes its answer.
+    }
+}
+
+/// A seat taken for a hand-off. Dropped without [`HandOff::hand`] (the step did not get to
+/// claim), the seat is offered again.
+#[derive(Debug)]
+pub(super) struct HandOff {
+    seat: Option<Arc<Seat>>,
+}
+
+impl HandOff {
+    /// The session the hand-off claims for.
+    pub(super) fn session(&self) -> Option<&SessionRef> {
+        self.seat.as_ref().map(|seat| &seat.session)
+    }
+
+    /// Leaves what the hand-off claimed (or why it could not) for the session's claim.
+    pub(super) fn hand(mut self, answer: ClaimAnswer) {
+        if let Some(seat) = self.seat.take() {
+            seat.lock().phase = Phase::Handed(answer);
+            seat.handed.notify_one();
+        }
+    }
+}
+
+impl Drop for HandOff {
+    fn drop(&mut self) {
+        if let Some(seat) = self.seat.take() {
+            let mut state = seat.lock();
+            if matches!(state.phase, Phase::Handing) {
+                state.phase = Phase::Idle;
+            }
+            drop(state);
+            seat.handed.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mas_core::store::OwnerToken;
+
+    use super::*;
+
+    fn session(instance: &str, owner: &str) -> SessionRef {
+        SessionRef {
+            agent: AgentId::new("bob").unwrap(),
+            instance: InstanceId::new(instance).unwrap(),
+            owner: OwnerToken::new(owner),
+        }
+    }
+
+    fn bob() -> AgentId {
+        AgentId::new("bob").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_waiting_claim_is_offered_once_and_takes_what_the_hand_off_claimed() {
+        let seats = Seats::default();
+        assert!(seats.take_for_work(&bob()).is_none(), "no claim, no seat");
+        let sitting = seats.sit(&session("b1", "o1"), 7);
+        let (hand_off, room) = seats.take_for_work(&bob()).expect("offered");
+        assert_eq!(room, 7);
+        assert!(seats.take_for_work(&bob()).is_none(), "taken by one hand-off at a time");
+        hand_off.hand(Ok((Vec::new(), Some(Duration::from_millis(3)))));
+        match sitting.before_asking().await {
+            Before::Handed(Ok((messages, next))) => {
+                assert!(messages.is_empty());
+                assert_eq!(next, Some(Duration::from_millis(3)));
+            }
+            _ => panic!("the hand-off's answer is taken"),
+        }
+        assert!(seats.take_for_work(&bob()).is_none(), "not offered while the claim works");
+        sitting.found_nothing();
+        assert!(seats.take_for_work(&bob()).is_some(), "offered again while it waits");
+    }
+
+    #[tokio::test]
+    async fn a_claim_waits_out_a_hand_off_and_asks_itself_when_it_gave_up() {
+        let seats = Seats::default();
+        let sitting = seats.sit(&session("b1", "o1"), 2);
+        let (hand_off, _) = seats.take_for_work(&bob()).expect("offered");
+        let asking = tokio::spawn(async move { matches!(sitting.before_asking().await, Before::Ask) });
+        tokio::task::yield_now().await;
+        assert!(!asking.is_finished(), "no own step while a hand-off is out");
+        drop(hand_off);
+        assert!(asking.await.unwrap(), "the step did not claim: the claim asks itself");
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_lands_after_its_claim_ended_goes_to_the_next_claim() {
+        let seats = Seats::default();
+        let first = seats.sit(&session("b1", "o1"), 2);
+        let (hand_off, _) = seats.take_for_work(&bob()).expect("offered");
+        drop(first);
+        hand_off.hand(Err(StoreError::NotOwner));
+        let next = seats.sit(&session("b1", "o1"), 2);
+        assert!(matches!(next.before_asking().await, Before::Handed(Err(StoreError::NotOwner))));
+    }
+
+    #[test]
+    fn replies_go_to_the_seat_of_their_instance_and_an_ended_lease_leaves() {
+        let seats = Seats::default();
+        let _b1 = seats.sit(&session("b1", "o1"), 1);
+        let _b2 = seats.sit(&session("b2", "o2"), 1);
+        let b2 = InstanceId::new("b2").unwrap();
+        let (hand_off, _) = seats.take_for_replies(&bob(), &b2).expect("b2 waits");
+        assert_eq!(hand_off.session().map(|s| s.owner.as_str()), Some("o2"));
+        seats.leave(&session("b1", "o1"));
+        assert!(seats.take_for_work(&bob()).is_none(), "b1 left and b2's seat is taken");
+    }
+}
