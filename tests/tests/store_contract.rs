@@ -1090,8 +1090,9 @@ async fn claimed_after<Fut: Future>(claim: tokio::task::JoinHandle<Result<Claime
 }
 
 /// A session of this broker waiting for work gets what an admission or a reply commit queues
-/// claimed for it by that very step: no claim of its own, no wake-up through the store. What
-/// it gets is held by it as a claim's would be, and a lost lease is a claim's error.
+/// claimed for it by that very step: no claim of its own, no wake-up through the store, and no
+/// other session of the agent woken for nothing. What it gets is held by it as a claim's would
+/// be, and a lost lease is a claim's error.
 #[tokio::test]
 async fn on_redis_a_waiting_claim_is_handed_what_the_step_that_queued_it_claimed() {
     let Some(redis) = RedisServer::start() else { return };
@@ -1104,7 +1105,12 @@ async fn on_redis_a_waiting_claim_is_handed_what_the_step_that_queued_it_claimed
     store.admit(denied("bob", Decision::AuthzDenied), None).await.unwrap();
     store.admit(denied("alice", Decision::AuthzDenied), None).await.unwrap();
 
+    // Another session of bob waits too: the hand-off goes to one of them and wakes only it.
+    let b2 = session("bob", "b2", "ob2");
+    store.acquire_lease(&b2, LEASE).await.unwrap();
     let claim = waiting_claim(&store, &b1, ClaimCursor::default());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let other = waiting_claim(&store, &b2, ClaimCursor::default());
     let cid = "1.alice";
     let request = async {
         reset_stats(&redis.url).await;
@@ -1112,7 +1118,9 @@ async fn on_redis_a_waiting_claim_is_handed_what_the_step_that_queued_it_claimed
         store.open_request(cid, pending.clone(), LEASE, routed("bob", "req"), None, ahead).await.unwrap();
     };
     assert_eq!(claimed_after(claim, request).await, "[req@1]");
-    assert_eq!(script_calls(&redis.url).await, 2, "the pending record and the admission, nothing else");
+    assert_eq!(script_calls(&redis.url).await, 2, "the pending record and the admission; b2 did not claim");
+    assert!(!other.is_finished(), "b2 still waits");
+    other.abort();
     let held = store.own_pending(&b1, 5).await.unwrap();
     assert_eq!(show(&held), "[req@1]", "held by the session it was handed to");
 

@@ -315,8 +315,8 @@ impl Service {
         Ok(Response::new(RequestResponse { message_id, correlation_id }))
     }
 
-    /// [`crate::store::Store::begin_request`] for a request to `target_id` (none when that is no agent id:
-    /// the policies refuse it).
+    /// [`crate::store::Store::begin_request`] for a request to `target_id`; nothing when that
+    /// is no agent id (the policies refuse it).
     async fn begin_request(
         &self,
         sender: &AgentId,

@@ -102,7 +102,7 @@ impl MemoryBackend {
         let waker = self.lock().waker(&session.agent);
         // Leases of other sessions may expire while we wait; look again at least every half
         // second so their work moves on promptly.
-        claim_waiting(waker, cursor, max, max_wait, Duration::from_millis(500), || async {
+        claim_waiting(waker, None, cursor, max, max_wait, Duration::from_millis(500), || async {
             let mut inner = self.lock();
             let now = self.clock.now().mono;
             let batch = inner.store.claim(session, max, now);

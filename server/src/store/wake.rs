@@ -66,10 +66,13 @@ pub type Claimed = (Vec<QueuedMessage>, ClaimCursor);
 ///
 /// The wake-up count is read before each attempt, so work queued after the store answered
 /// always moves the count past what the cursor holds: no wake-up can be missed. A wake-up
-/// for work the attempt did already see costs one empty attempt, nothing more.
+/// for work the attempt did already see costs one empty attempt, nothing more. `own` also
+/// ends a wait: the claim's own signal (Redis: a hand-off left work in its seat), which
+/// wakes it alone rather than every claim of the agent.
 /// Cancel-safe as long as `attempt` is (each backend's attempt is one atomic step).
 pub(crate) async fn claim_waiting<F, Fut>(
     wake: Arc<Wake>,
+    own: Option<&Notify>,
     cursor: ClaimCursor,
     max: usize,
     max_wait: Duration,
@@ -86,7 +89,7 @@ where
         tokio::pin!(notified);
         notified.as_mut().enable();
         if wake.count() == seen {
-            woken_or(notified, (tokio::time::Instant::now() + poll).min(give_up)).await;
+            woken_or(notified, own, (tokio::time::Instant::now() + poll).min(give_up)).await;
         }
     }
     loop {
@@ -107,15 +110,26 @@ where
         if let Some(delay) = next_ready {
             until = until.min(now + delay);
         }
-        woken_or(notified, until).await;
+        woken_or(notified, own, until).await;
     }
 }
 
-/// Waits for `notified` (enabled beforehand, so a wake-up in between is not missed) or for
-/// `until`, whichever comes first.
-async fn woken_or(notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>, until: tokio::time::Instant) {
+/// Waits for `notified` (enabled beforehand, so a wake-up in between is not missed), for
+/// `own` (a permit it stored counts), or for `until`, whichever comes first.
+async fn woken_or(
+    notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    own: Option<&Notify>,
+    until: tokio::time::Instant,
+) {
+    let own = async {
+        match own {
+            Some(own) => own.notified().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = notified => {}
+        _ = own => {}
         _ = tokio::time::sleep_until(until) => {}
     }
 }
@@ -152,7 +166,7 @@ mod tests {
         }
 
         async fn claim(&self, wake: &Arc<Wake>, cursor: ClaimCursor, max: usize, max_wait: Duration) -> Claimed {
-            claim_waiting(wake.clone(), cursor, max, max_wait, LONG, || async {
+            claim_waiting(wake.clone(), None, cursor, max, max_wait, LONG, || async {
                 self.asked.fetch_add(1, Ordering::SeqCst);
                 let mut ready = self.ready.lock().unwrap();
                 let n = ready.len().min(max);
@@ -209,13 +223,14 @@ mod tests {
     async fn a_wake_up_while_the_store_answers_is_not_missed() {
         // The work arrives (and wakes) after the store looked but before the claim returned.
         let (queue, wake) = (Arc::new(Queue::default()), Arc::new(Wake::default()));
-        let (_, cursor) = claim_waiting(wake.clone(), ClaimCursor::default(), 4, Duration::ZERO, LONG, || async {
-            queue.put(1);
-            wake.wake();
-            Ok((Vec::new(), None))
-        })
-        .await
-        .unwrap();
+        let (_, cursor) =
+            claim_waiting(wake.clone(), None, ClaimCursor::default(), 4, Duration::ZERO, LONG, || async {
+                queue.put(1);
+                wake.wake();
+                Ok((Vec::new(), None))
+            })
+            .await
+            .unwrap();
         let (batch, _) = queue.claim(&wake, cursor, 4, LONG).await;
         assert_eq!(batch.len(), 1);
     }
@@ -229,11 +244,12 @@ mod tests {
         let (batch, _) = queue.claim(&wake, cursor, 2, LONG).await;
         assert_eq!((batch.len(), queue.asked()), (1, 2));
 
-        let (_, cursor) = claim_waiting(wake.clone(), ClaimCursor::default(), 2, Duration::ZERO, LONG, || async {
-            Ok((Vec::new(), Some(Duration::from_millis(5))))
-        })
-        .await
-        .unwrap();
+        let (_, cursor) =
+            claim_waiting(wake.clone(), None, ClaimCursor::default(), 2, Duration::ZERO, LONG, || async {
+                Ok((Vec::new(), Some(Duration::from_millis(5))))
+            })
+            .await
+            .unwrap();
         assert_eq!(cursor.drained_at(&wake), None, "a delayed entry: the next claim must learn when it is due");
     }
 

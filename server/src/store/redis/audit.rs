@@ -278,7 +278,7 @@ impl RedisBackend {
                 Ok(reply) => reply,
                 Err(err) => {
                     let err = unavailable(err);
-                    self.hand(hand_off, Err(err.clone()));
+                    Self::hand(hand_off, Err(err.clone()));
                     return Err(err);
                 }
             };
@@ -294,7 +294,7 @@ impl RedisBackend {
                             entry: (!id.is_empty()).then(|| EntryId::new(format!("w:{id}"))),
                         })
                         .collect();
-                    self.hand(hand_off, claim_answer(reply.collect()));
+                    Self::hand(hand_off, claim_answer(reply.collect()));
                     return Ok(admitted);
                 }
                 Some("head") => *head = Some(stored_head(reply.next().map(text).unwrap_or_default())),

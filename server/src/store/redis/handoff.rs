@@ -172,6 +172,12 @@ impl Sitting {
     pub(super) fn session(&self) -> &SessionRef {
         &self.seat.session
     }
+
+    /// Signalled when a hand-off leaves its answer in the seat: a claim waiting here wakes on
+    /// it (see `claim_waiting`'s `own`).
+    pub(super) fn handed(&self) -> &Notify {
+        &self.seat.handed
+    }
 }
 
 impl Drop for Sitting {

@@ -511,7 +511,8 @@ impl RedisBackend {
         // poll every 250 ms each was 40 000 script calls a second doing nothing.
         let poll = if self.wakers.subscribed() { max_wait } else { IDLE_POLL };
         let sitting = self.seats.sit(session, max);
-        claim_waiting(waker, cursor, max, max_wait, poll, || self.claim_seated(&sitting, max)).await
+        let handed = Some(sitting.handed());
+        claim_waiting(waker, handed, cursor, max, max_wait, poll, || self.claim_seated(&sitting, max)).await
     }
 
     /// Whether the wake-up subscription is live (it is made again after it breaks).
@@ -532,13 +533,10 @@ impl RedisBackend {
     }
 
     /// Leaves what a hand-off claimed (or the failure that leaves it unknown, for the session
-    /// to look: `own_pending`) in its seat, and wakes the claim waiting there.
-    fn hand(&self, hand_off: Option<(handoff::HandOff, usize)>, answer: handoff::ClaimAnswer) {
-        let Some((hand_off, _)) = hand_off else { return };
-        let agent = hand_off.session().map(|session| session.agent.clone());
-        hand_off.hand(answer);
-        if let Some(agent) = agent {
-            self.wakers.wake(agent.as_str());
+    /// to look: `own_pending`) in its seat; that wakes the claim waiting there, and only it.
+    fn hand(hand_off: Option<(handoff::HandOff, usize)>, answer: handoff::ClaimAnswer) {
+        if let Some((hand_off, _)) = hand_off {
+            hand_off.hand(answer);
         }
     }
 
@@ -796,10 +794,12 @@ impl RedisBackend {
             PendingAhead::Deferred => self.begin_request(correlation_id, &pending, ttl).await?,
             written => written,
         };
-        let admitted = self.admit(admission, circuit).await;
-        if let (Ok(Admitted { entry: Some(_), .. }), PendingAhead::Written { at }) = (&admitted, ahead) {
+        // Noted before the admission, so that a reply racing its end never finds it noted
+        // after the reply's commit forgot it.
+        if let PendingAhead::Written { at } = ahead {
             self.opened.note(correlation_id, pending.clone(), at, ttl);
         }
+        let admitted = self.admit(admission, circuit).await;
         let refused = match &admitted {
             Ok(admitted) => admitted.entry.is_none(),
             Err(err) => !matches!(err, StoreError::Unavailable(_)),
@@ -807,6 +807,7 @@ impl RedisBackend {
         if refused {
             // Not queued (circuit, queue bound, full chain): nobody can answer it. After a
             // failure the request may be queued all the same, so its record stays for a reply.
+            self.opened.forget(correlation_id);
             self.abandon_request(&pending.requester, correlation_id).await;
         }
         admitted

@@ -133,7 +133,7 @@ impl RedisBackend {
                 Ok(answer) => answer,
                 Err(err) => {
                     let err = unavailable(err);
-                    self.hand(hand_off, Err(err.clone()));
+                    Self::hand(hand_off, Err(err.clone()));
                     return Err((err, batch));
                 }
             };
@@ -141,7 +141,7 @@ impl RedisBackend {
             match answer.next().map(text).as_deref() {
                 Some("ok") => {
                     *head = Some(Some(new_head));
-                    self.hand(hand_off, claim_answer(answer.collect()));
+                    Self::hand(hand_off, claim_answer(answer.collect()));
                     for (waiting, record) in batch.into_iter().zip(linked) {
                         let commit = ReplyCommit::Queued { message_id: waiting.reply.receipt.message_id.clone() };
                         let _ = waiting.done.send(Ok(Ok((commit, Some(record)))));
