@@ -280,9 +280,9 @@ mod real {
         Ok(Some((layer, TelemetryGuard { provider })))
     }
 
-    /// Installs the process's global `tracing` subscriber: log lines to stderr, filtered by
-    /// `RUST_LOG` (else `default_filter`; lines inside a traced RPC or handler name its
-    /// `trace_id`), plus the OTLP layer when `settings` names an endpoint (spans are exported
+    /// Installs the process's global `tracing` subscriber: log lines to stderr (coloured only
+    /// when it is a terminal), filtered by `RUST_LOG` (else `default_filter`; lines inside a
+    /// traced RPC or handler name its `trace_id`), plus the OTLP layer when `settings` names an endpoint (spans are exported
     /// whatever `RUST_LOG` says). Keep the returned guard alive; dropping it flushes. Call once,
     /// inside a tokio runtime.
     pub fn install(
@@ -295,7 +295,9 @@ mod real {
         use tracing_subscriber::{EnvFilter, Layer};
 
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+        // Colours only on a terminal: a log redirected to a file or a collector must be plain.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
         let (otel, guard) = match settings.map(|s| start(s, default_service)).transpose()?.flatten() {
             Some((layer, guard)) => (Some(layer), Some(guard)),
             None => (None, None),

@@ -201,6 +201,7 @@ async fn out_of_descriptors_the_broker_backs_off_logs_and_recovers() {
     assert!(cpu_used < Duration::from_millis(1000), "the accept loop spun: {cpu_used:?} of CPU in 3 s");
     assert!(logged.contains("out of descriptors"), "a warning says why: {logged}");
     assert!(logged.matches("out of descriptors").count() <= 3, "throttled to one line per 5 s: {logged}");
+    assert!(!logged.contains('\u{1b}'), "no terminal colour codes in a log that is a file: {logged:?}");
     drop(silent);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut alice = client(&dir, broker.addr, "alice").await;

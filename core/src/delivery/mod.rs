@@ -17,7 +17,7 @@
 //!
 //! Driving contract: after every `handle_*` call drain [`SessionDelivery::poll_output`] until
 //! `None`, then re-read [`SessionDelivery::poll_timeout`] and call `handle_timeout` when it
-//! passes. The machine never reads a clock; time only comes in as [`Now`].
+//! passes. The machine never reads a clock; time only comes in as [`Now`](crate::time::Now).
 
 mod machine;
 

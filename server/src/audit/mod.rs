@@ -101,7 +101,7 @@ impl AuditTrail {
     }
 
     /// Records a denial identified by `key` (its reason and claimed identity) unless the same
-    /// key was recorded within the last [`DENIAL_WINDOW`]; a recorded one carries
+    /// key was recorded within the last `DENIAL_WINDOW`; a recorded one carries
     /// `suppressed_repeats`. Returns whether it was recorded, so callers log only then: a
     /// peer repeating a refused call cannot flood the chain or the log.
     pub fn denial(&self, key: &str, event_type: &str, mut details: serde_json::Value, now: Now) -> bool {

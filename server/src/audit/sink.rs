@@ -5,7 +5,7 @@
 //! written after the store commit, by one task fed through a bounded channel: a slow disk never
 //! slows admissions, and a full channel drops lines, never messages. A dropped line is never a
 //! silent gap: the chain's next line is preceded by a gap marker with the count (see
-//! [`Feed`]), and so is the next line after a failed write, which `mas audit verify --file`
+//! `Feed`), and so is the next line after a failed write, which `mas audit verify --file`
 //! reports as a gap, not as tampering.
 
 use std::collections::BTreeMap;

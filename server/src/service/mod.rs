@@ -53,7 +53,7 @@ pub struct Caller(pub Result<AgentId, Status>);
 
 /// Interceptor run before every RPC: identity from the peer certificate (or the simulated
 /// identity header), then the allowlist. Denials carry the reference's details and are
-/// audited here; they are returned by the handler ([`caller`]), never by the interceptor,
+/// audited here; they are returned by the handler (`caller`), never by the interceptor,
 /// so that a `Transport` stream is refused only after its `Hello` was read (see
 /// `Service::open_transport`).
 pub fn authenticate(broker: &Broker, peers: &PeerIdentities, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -130,7 +130,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<ServerEvent, Status>> + Send
 type EventResponse = Result<Response<EventStream>, Status>;
 
 /// The wire generation a client speaks. Both run the same handlers; they differ only in how a
-/// `Transport` stream's NACKs are read (see [`mas_v1::nack_retryable`]).
+/// `Transport` stream's NACKs are read (see `mas_v1::nack_retryable`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Generation {
     /// `mas.runtime.v1.RuntimeService` (mas-framework 0.5 and later).
