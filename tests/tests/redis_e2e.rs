@@ -177,6 +177,51 @@ async fn state_compare_and_set_conflict_leaves_local_state_unchanged() {
     tb.stop().await;
 }
 
+/// Messages arriving one at a time, each handed to a waiting session by the admission that
+/// queues it, go to the instance with the fewest deliveries out: with a roomy window and a slow
+/// handler, one instance must not take them all while the other idles.
+#[tokio::test]
+async fn one_at_a_time_messages_are_spread_over_the_waiting_instances() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[])]).await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut bobs = Vec::new();
+    for instance in ["b1", "b2"] {
+        let seen = seen.clone();
+        let mut config = tb.agent_config("bob");
+        config.instance_id = Some(instance.parse().unwrap());
+        let bob = mas_agent::AgentBuilder::new(config)
+            .on("add", move |agent, _msg: Message<Add>| {
+                let seen = seen.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    seen.lock().unwrap().push(agent.instance_id().to_string());
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+        bobs.push(bob);
+    }
+    let alice = tb.agent("alice").start().await.unwrap();
+    // Both sessions are waiting before the first message.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 0..10 {
+        alice.send("bob", "add", &Add { a: n, b: 0 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(eventually(Duration::from_secs(10), || seen.lock().unwrap().len() == 10).await, "all handled");
+    let seen = seen.lock().unwrap().clone();
+    let b1 = seen.iter().filter(|by| *by == "b1").count();
+    assert!((3..=7).contains(&b1), "spread over both instances: {seen:?}");
+    alice.stop().await;
+    for bob in bobs {
+        bob.stop().await;
+    }
+    tb.stop().await;
+}
+
 #[tokio::test]
 async fn instances_share_work_and_each_requester_instance_gets_its_own_replies() {
     let Some(redis) = RedisServer::start() else { return };

@@ -9,7 +9,9 @@
 //! claim for it — the same claim, fenced by the same lease, up to the same room. Its answer
 //! is left in the seat, and the claim (this one, or the session's next, if this one ended
 //! meanwhile) takes it instead of asking the store. A claim never asks the store while a
-//! hand-off for it is out, so the two never claim past the session's window together.
+//! hand-off for it is out, so the two never claim past the session's window together. Of an
+//! agent's waiting sessions, the one with the most room gets the work (equals take turns), so
+//! its instances share it as they did when every waiting claim raced for it.
 //!
 //! Nothing is lost when a session ends with a hand-off out or unread: what a hand-off claimed
 //! is in the session's pending entries, which its end hands back (`release`); one that lands
@@ -115,18 +117,53 @@ impl Seats {
         seat
     }
 
+    /// Takes the offered seat among those that `fit` whose claim has the most room: the
+    /// session with the fewest deliveries out gets the work, and among equals the one served
+    /// longest ago (a taken seat moves to the back). The agent's instances share its work as
+    /// they did when every waiting claim raced for it.
     fn take(&self, agent: &AgentId, fits: impl Fn(&Seat) -> bool) -> Option<(HandOff, usize)> {
-        let by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
-        for seat in by_agent.get(agent)?.iter().filter(|seat| fits(seat)) {
-            let mut state = seat.lock();
-            if let (Some(room), Phase::Idle) = (state.claim, &state.phase)
-                && room > 0
-            {
-                state.phase = Phase::Handing;
-                return Some((HandOff { seat: Some(seat.clone()) }, room));
+        let mut by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
+        let seats = by_agent.get_mut(agent)?;
+        let mut passed_over = Vec::new();
+        loop {
+            let candidates =
+                seats.iter().enumerate().filter(|(index, seat)| fits(seat) && !passed_over.contains(index));
+            let mut best: Option<(usize, usize)> = None;
+            for (index, seat) in candidates {
+                if let Some(room) = seat.lock().offered()
+                    && best.is_none_or(|(_, most)| room > most)
+                {
+                    best = Some((index, room));
+                }
             }
+            let (index, _) = best?;
+            let seat = seats[index].clone();
+            // Its claim may have begun its own step since: then look again without it.
+            let Some(room) = seat.lock().take_for_hand_off() else {
+                passed_over.push(index);
+                continue;
+            };
+            seats.remove(index);
+            seats.push(seat.clone());
+            return Some((HandOff { seat: Some(seat) }, room));
         }
-        None
+    }
+}
+
+impl SeatState {
+    /// The room a waiting claim offers, if one sits here and nothing is out.
+    fn offered(&self) -> Option<usize> {
+        match (self.claim, &self.phase) {
+            (Some(room), Phase::Idle) if room > 0 => Some(room),
+            _ => None,
+        }
+    }
+
+    /// Takes the seat for a hand-off if it is still offered.
+    fn take_for_hand_off(&mut self) -> Option<usize> {
+        let room = self.offered()?;
+        self.phase = Phase::Handing;
+        Some(room)
     }
 }
 
@@ -286,6 +323,32 @@ mod tests {
         hand_off.hand(Err(StoreError::NotOwner));
         let next = seats.sit(&session("b1", "o1"), 2);
         assert!(matches!(next.before_asking().await, Before::Handed(Err(StoreError::NotOwner))));
+    }
+
+    #[test]
+    fn the_seat_with_the_most_room_is_taken_and_equals_take_turns() {
+        let seats = Seats::default();
+        let _b1 = seats.sit(&session("b1", "o1"), 3);
+        let _b2 = seats.sit(&session("b2", "o2"), 5);
+        let owner = |taken: &Option<(HandOff, usize)>| {
+            taken.as_ref().and_then(|(h, _)| h.session()).map(|s| s.owner.as_str().to_string())
+        };
+        let first = seats.take_for_work(&bob());
+        assert_eq!(owner(&first), Some("o2".into()), "the least busy session first");
+        let second = seats.take_for_work(&bob());
+        assert_eq!(owner(&second), Some("o1".into()));
+        drop((first, second));
+
+        let seats = Seats::default();
+        let _b1 = seats.sit(&session("b1", "o1"), 4);
+        let _b2 = seats.sit(&session("b2", "o2"), 4);
+        let mut served = Vec::new();
+        for _ in 0..4 {
+            let taken = seats.take_for_work(&bob());
+            served.push(owner(&taken).unwrap_or_default());
+            drop(taken); // given back, offered again
+        }
+        assert_eq!(served, ["o1", "o2", "o1", "o2"], "equals take turns");
     }
 
     #[test]
