@@ -33,10 +33,19 @@ pub(super) type ClaimAnswer = Result<(Vec<QueuedMessage>, Option<Duration>), Sto
 /// The seats of this broker's sessions, by agent.
 #[derive(Debug, Default)]
 pub(super) struct Seats {
-    by_agent: Mutex<HashMap<AgentId, Vec<Arc<Seat>>>>,
+    inner: Mutex<SeatsInner>,
     /// The most room any claim has offered: a seat offering it cannot be beaten, so looking
     /// for the roomiest seat stops there instead of visiting every session of the agent.
     most_room: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct SeatsInner {
+    /// Each agent's seats, the one served longest ago first.
+    by_agent: HashMap<AgentId, Vec<Arc<Seat>>>,
+    /// Every seat by its session's owner token: a claim finds its seat without visiting the
+    /// agent's others (an idle claim a second per session, thousands of sessions per agent).
+    by_owner: HashMap<String, Arc<Seat>>,
 }
 
 /// One session's seat.
@@ -98,19 +107,21 @@ impl Seats {
 
     /// Forgets a session's seat: its lease ended.
     pub(super) fn leave(&self, session: &SessionRef) {
-        let mut by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(seats) = by_agent.get_mut(&session.agent) {
+        let mut inner = self.lock();
+        if inner.by_owner.remove(session.owner.as_str()).is_none() {
+            return;
+        }
+        if let Some(seats) = inner.by_agent.get_mut(&session.agent) {
             seats.retain(|seat| seat.session.owner != session.owner);
             if seats.is_empty() {
-                by_agent.remove(&session.agent);
+                inner.by_agent.remove(&session.agent);
             }
         }
     }
 
     fn seat_of(&self, session: &SessionRef) -> Arc<Seat> {
-        let mut by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
-        let seats = by_agent.entry(session.agent.clone()).or_default();
-        if let Some(seat) = seats.iter().find(|seat| seat.session.owner == session.owner) {
+        let mut inner = self.lock();
+        if let Some(seat) = inner.by_owner.get(session.owner.as_str()) {
             return seat.clone();
         }
         let seat = Arc::new(Seat {
@@ -118,8 +129,13 @@ impl Seats {
             state: Mutex::new(SeatState { claim: None, phase: Phase::Idle }),
             handed: Notify::new(),
         });
-        seats.push(seat.clone());
+        inner.by_owner.insert(session.owner.to_string(), seat.clone());
+        inner.by_agent.entry(session.agent.clone()).or_default().push(seat.clone());
         seat
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeatsInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes the offered seat among those that `fit` whose claim has the most room: the
@@ -127,8 +143,8 @@ impl Seats {
     /// longest ago (a taken seat moves to the back). The agent's instances share its work as
     /// they did when every waiting claim raced for it.
     fn take(&self, agent: &AgentId, fits: impl Fn(&Seat) -> bool) -> Option<(HandOff, usize)> {
-        let mut by_agent = self.by_agent.lock().unwrap_or_else(PoisonError::into_inner);
-        let seats = by_agent.get_mut(agent)?;
+        let mut inner = self.lock();
+        let seats = inner.by_agent.get_mut(agent)?;
         let mut passed_over = Vec::new();
         loop {
             let candidates =
