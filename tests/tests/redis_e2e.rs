@@ -177,13 +177,9 @@ async fn state_compare_and_set_conflict_leaves_local_state_unchanged() {
     tb.stop().await;
 }
 
-/// Messages arriving one at a time, each handed to a waiting session by the admission that
-/// queues it, go to the instance with the fewest deliveries out: with a roomy window and a slow
-/// handler, one instance must not take them all while the other idles.
-#[tokio::test]
-async fn one_at_a_time_messages_are_spread_over_the_waiting_instances() {
-    let Some(redis) = RedisServer::start() else { return };
-    let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[])]).await;
+/// bob's instances b1 and b2: each takes `delay` over an `add`, records which instance
+/// handled it, and answers a request with the sum (a send's envelope asks for no reply).
+async fn recording_adders(tb: &TestBroker, delay: Duration) -> (Vec<mas_agent::Agent>, Arc<Mutex<Vec<String>>>) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut bobs = Vec::new();
     for instance in ["b1", "b2"] {
@@ -191,11 +187,15 @@ async fn one_at_a_time_messages_are_spread_over_the_waiting_instances() {
         let mut config = tb.agent_config("bob");
         config.instance_id = Some(instance.parse().unwrap());
         let bob = mas_agent::AgentBuilder::new(config)
-            .on("add", move |agent, _msg: Message<Add>| {
+            .on("add", move |agent, msg: Message<Add>| {
                 let seen = seen.clone();
                 async move {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tokio::time::sleep(delay).await;
                     seen.lock().unwrap().push(agent.instance_id().to_string());
+                    if msg.envelope.meta.expects_reply {
+                        let sum = serde_json::json!({"sum": msg.payload.a + msg.payload.b});
+                        agent.reply(&msg.envelope, "sum", &sum).await?;
+                    }
                     Ok::<(), HandlerError>(())
                 }
             })
@@ -204,6 +204,17 @@ async fn one_at_a_time_messages_are_spread_over_the_waiting_instances() {
             .unwrap();
         bobs.push(bob);
     }
+    (bobs, seen)
+}
+
+/// Messages arriving one at a time, each handed to a waiting session by the admission that
+/// queues it, go to the instance with the fewest deliveries out: with a roomy window and a slow
+/// handler, one instance must not take them all while the other idles.
+#[tokio::test]
+async fn one_at_a_time_messages_are_spread_over_the_waiting_instances() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tb = broker(&redis, &[("alice", &["bob"]), ("bob", &[])]).await;
+    let (bobs, seen) = recording_adders(&tb, Duration::from_millis(300)).await;
     let alice = tb.agent("alice").start().await.unwrap();
     // Both sessions are waiting before the first message.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -231,29 +242,7 @@ async fn instances_share_work_and_each_requester_instance_gets_its_own_replies()
         c.delivery = small_window;
     })
     .await;
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let mut bobs = Vec::new();
-    for instance in ["b1", "b2"] {
-        let seen = seen.clone();
-        let mut config = tb.agent_config("bob");
-        config.instance_id = Some(instance.parse().unwrap());
-        let bob = mas_agent::AgentBuilder::new(config)
-            .on("add", move |agent, msg: Message<Add>| {
-                let seen = seen.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    seen.lock().unwrap().push(agent.instance_id().to_string());
-                    agent
-                        .reply(&msg.envelope, "sum", &serde_json::json!({"sum": msg.payload.a + msg.payload.b}))
-                        .await?;
-                    Ok::<(), HandlerError>(())
-                }
-            })
-            .start()
-            .await
-            .unwrap();
-        bobs.push(bob);
-    }
+    let (bobs, seen) = recording_adders(&tb, Duration::from_millis(20)).await;
     let mut alices = Vec::new();
     for instance in ["a1", "a2"] {
         let mut config = tb.agent_config("alice");

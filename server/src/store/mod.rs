@@ -87,27 +87,37 @@ macro_rules! dispatch {
 /// every step the way a Redis outage would.
 macro_rules! step {
     ($self:ident, $op:literal, $backend:ident => $call:expr) => {{
-        let started = tokio::time::Instant::now();
-        let result = async {
-            match &$self.backend {
-                Backend::Memory($backend) => match $backend.fault($op).await? {
-                    faults::Answer::Keep => $call,
-                    faults::Answer::Lose => {
-                        let _ = $call;
-                        Err(faults::lost_answer($op))
-                    }
-                },
-                #[cfg(not(madsim))]
-                Backend::Redis($backend) => $call,
-            }
-        }
-        .await;
-        $self.metrics.observe($op, started.elapsed(), result.is_err());
-        result
+        $self
+            .timed($op, async {
+                match &$self.backend {
+                    Backend::Memory($backend) => match $backend.fault($op).await? {
+                        faults::Answer::Keep => $call,
+                        faults::Answer::Lose => {
+                            let _ = $call;
+                            Err(faults::lost_answer($op))
+                        }
+                    },
+                    #[cfg(not(madsim))]
+                    Backend::Redis($backend) => $call,
+                }
+            })
+            .await
     }};
 }
 
 impl Store {
+    /// Runs the store step `op`, timed and counted in the store's metrics.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        step: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = tokio::time::Instant::now();
+        let result = step.await;
+        self.metrics.observe(op, started.elapsed(), result.is_err());
+        result
+    }
+
     /// The backend (tests reach into the embedded store through it).
     pub fn backend(&self) -> &Backend {
         &self.backend
@@ -265,12 +275,7 @@ impl Store {
         match &self.backend {
             Backend::Memory(_) => Ok(PendingAhead::Deferred),
             #[cfg(not(madsim))]
-            Backend::Redis(b) => {
-                let started = tokio::time::Instant::now();
-                let result = b.begin_request(correlation_id, pending, ttl).await;
-                self.metrics.observe("begin_request", started.elapsed(), result.is_err());
-                result
-            }
+            Backend::Redis(b) => self.timed("begin_request", b.begin_request(correlation_id, pending, ttl)).await,
         }
     }
 

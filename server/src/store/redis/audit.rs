@@ -22,7 +22,7 @@ use mas_core::store::{Admission, Admitted, StoreError, TargetGate};
 use redis::Value;
 use tokio::sync::{Mutex as AsyncMutex, oneshot};
 
-use super::{RedisBackend, channel, claim_answer, key, text, unavailable};
+use super::{RedisBackend, channel, claim_answer, handoff, key, text, unavailable};
 
 /// Most decisions one admission script carries.
 pub(super) const MAX_BATCH: usize = 256;
@@ -278,7 +278,7 @@ impl RedisBackend {
                 Ok(reply) => reply,
                 Err(err) => {
                     let err = unavailable(err);
-                    Self::hand(hand_off, Err(err.clone()));
+                    handoff::hand(hand_off, || Err(err.clone()));
                     return Err(err);
                 }
             };
@@ -294,7 +294,7 @@ impl RedisBackend {
                             entry: (!id.is_empty()).then(|| EntryId::new(format!("w:{id}"))),
                         })
                         .collect();
-                    Self::hand(hand_off, claim_answer(reply.collect()));
+                    handoff::hand(hand_off, || claim_answer(reply.collect()));
                     return Ok(admitted);
                 }
                 Some("head") => *head = Some(stored_head(reply.next().map(text).unwrap_or_default())),

@@ -95,13 +95,13 @@ impl Seats {
     }
 
     /// The offered seat of a session of `agent` waiting for its work queue, taken for a
-    /// hand-off, with the room it offers.
-    pub(super) fn take_for_work(&self, agent: &AgentId) -> Option<(HandOff, usize)> {
+    /// hand-off.
+    pub(super) fn take_for_work(&self, agent: &AgentId) -> Option<HandOff> {
         self.take(agent, |_| true)
     }
 
     /// The offered seat of `agent`'s session on `instance`, which waits for its replies.
-    pub(super) fn take_for_replies(&self, agent: &AgentId, instance: &InstanceId) -> Option<(HandOff, usize)> {
+    pub(super) fn take_for_replies(&self, agent: &AgentId, instance: &InstanceId) -> Option<HandOff> {
         self.take(agent, |seat| seat.session.instance == *instance)
     }
 
@@ -142,7 +142,7 @@ impl Seats {
     /// session with the fewest deliveries out gets the work, and among equals the one served
     /// longest ago (a taken seat moves to the back). The agent's instances share its work as
     /// they did when every waiting claim raced for it.
-    fn take(&self, agent: &AgentId, fits: impl Fn(&Seat) -> bool) -> Option<(HandOff, usize)> {
+    fn take(&self, agent: &AgentId, fits: impl Fn(&Seat) -> bool) -> Option<HandOff> {
         let mut inner = self.lock();
         let seats = inner.by_agent.get_mut(agent)?;
         let mut passed_over = Vec::new();
@@ -170,7 +170,7 @@ impl Seats {
             };
             seats.remove(index);
             seats.push(seat.clone());
-            return Some((HandOff { seat: Some(seat) }, room));
+            return Some(HandOff { seat, room, handed: false });
         }
     }
 }
@@ -257,34 +257,50 @@ impl Drop for Sitting {
 /// claim), the seat is offered again.
 #[derive(Debug)]
 pub(super) struct HandOff {
-    seat: Option<Arc<Seat>>,
+    seat: Arc<Seat>,
+    /// The room the sitting claim offered: the most the hand-off may claim.
+    room: usize,
+    handed: bool,
 }
 
 impl HandOff {
     /// The session the hand-off claims for.
-    pub(super) fn session(&self) -> Option<&SessionRef> {
-        self.seat.as_ref().map(|seat| &seat.session)
+    pub(super) fn session(&self) -> &SessionRef {
+        &self.seat.session
     }
 
-    /// Leaves what the hand-off claimed (or why it could not) for the session's claim.
+    /// The most the hand-off may claim.
+    pub(super) fn room(&self) -> usize {
+        self.room
+    }
+
+    /// Leaves what the hand-off claimed (or why it could not) for the session's claim, and
+    /// wakes that claim alone.
     pub(super) fn hand(mut self, answer: ClaimAnswer) {
-        if let Some(seat) = self.seat.take() {
-            seat.lock().phase = Phase::Handed(answer);
-            seat.handed.notify_one();
-        }
+        self.handed = true;
+        self.seat.lock().phase = Phase::Handed(answer);
+        self.seat.handed.notify_one();
     }
 }
 
 impl Drop for HandOff {
     fn drop(&mut self) {
-        if let Some(seat) = self.seat.take() {
-            let mut state = seat.lock();
-            if matches!(state.phase, Phase::Handing) {
-                state.phase = Phase::Idle;
-            }
-            drop(state);
-            seat.handed.notify_one();
+        if self.handed {
+            return;
         }
+        let mut state = self.seat.lock();
+        if matches!(state.phase, Phase::Handing) {
+            state.phase = Phase::Idle;
+        }
+        drop(state);
+        self.seat.handed.notify_one();
+    }
+}
+
+/// [`HandOff::hand`] when a step took a seat; `answer` is only worked out then.
+pub(super) fn hand(hand_off: Option<HandOff>, answer: impl FnOnce() -> ClaimAnswer) {
+    if let Some(hand_off) = hand_off {
+        hand_off.hand(answer());
     }
 }
 
@@ -311,8 +327,8 @@ mod tests {
         let seats = Seats::default();
         assert!(seats.take_for_work(&bob()).is_none(), "no claim, no seat");
         let sitting = seats.sit(&session("b1", "o1"), 7);
-        let (hand_off, room) = seats.take_for_work(&bob()).expect("offered");
-        assert_eq!(room, 7);
+        let hand_off = seats.take_for_work(&bob()).expect("offered");
+        assert_eq!(hand_off.room(), 7);
         assert!(seats.take_for_work(&bob()).is_none(), "taken by one hand-off at a time");
         hand_off.hand(Ok((Vec::new(), Some(Duration::from_millis(3)))));
         match sitting.before_asking().await {
@@ -331,7 +347,7 @@ mod tests {
     async fn a_claim_waits_out_a_hand_off_and_asks_itself_when_it_gave_up() {
         let seats = Seats::default();
         let sitting = seats.sit(&session("b1", "o1"), 2);
-        let (hand_off, _) = seats.take_for_work(&bob()).expect("offered");
+        let hand_off = seats.take_for_work(&bob()).expect("offered");
         let asking = tokio::spawn(async move { matches!(sitting.before_asking().await, Before::Ask) });
         tokio::task::yield_now().await;
         assert!(!asking.is_finished(), "no own step while a hand-off is out");
@@ -343,7 +359,7 @@ mod tests {
     async fn an_answer_that_lands_after_its_claim_ended_goes_to_the_next_claim() {
         let seats = Seats::default();
         let first = seats.sit(&session("b1", "o1"), 2);
-        let (hand_off, _) = seats.take_for_work(&bob()).expect("offered");
+        let hand_off = seats.take_for_work(&bob()).expect("offered");
         drop(first);
         hand_off.hand(Err(StoreError::NotOwner));
         let next = seats.sit(&session("b1", "o1"), 2);
@@ -355,9 +371,7 @@ mod tests {
         let seats = Seats::default();
         let _b1 = seats.sit(&session("b1", "o1"), 3);
         let _b2 = seats.sit(&session("b2", "o2"), 5);
-        let owner = |taken: &Option<(HandOff, usize)>| {
-            taken.as_ref().and_then(|(h, _)| h.session()).map(|s| s.owner.as_str().to_string())
-        };
+        let owner = |taken: &Option<HandOff>| taken.as_ref().map(|h| h.session().owner.as_str().to_string());
         let first = seats.take_for_work(&bob());
         assert_eq!(owner(&first), Some("o2".into()), "the least busy session first");
         let second = seats.take_for_work(&bob());
@@ -382,8 +396,8 @@ mod tests {
         let _b1 = seats.sit(&session("b1", "o1"), 1);
         let _b2 = seats.sit(&session("b2", "o2"), 1);
         let b2 = InstanceId::new("b2").unwrap();
-        let (hand_off, _) = seats.take_for_replies(&bob(), &b2).expect("b2 waits");
-        assert_eq!(hand_off.session().map(|s| s.owner.as_str()), Some("o2"));
+        let hand_off = seats.take_for_replies(&bob(), &b2).expect("b2 waits");
+        assert_eq!(hand_off.session().owner.as_str(), "o2");
         seats.leave(&session("b1", "o1"));
         assert!(seats.take_for_work(&bob()).is_none(), "b1 left and b2's seat is taken");
     }

@@ -532,14 +532,6 @@ impl RedisBackend {
         answer
     }
 
-    /// Leaves what a hand-off claimed (or the failure that leaves it unknown, for the session
-    /// to look: `own_pending`) in its seat; that wakes the claim waiting there, and only it.
-    fn hand(hand_off: Option<(handoff::HandOff, usize)>, answer: handoff::ClaimAnswer) {
-        if let Some((hand_off, _)) = hand_off {
-            hand_off.hand(answer);
-        }
-    }
-
     /// The keys of a claim for `session`, in the order the `_claim` library takes them.
     fn claim_keys(session: &SessionRef) -> [String; 6] {
         let [work, work_delayed, replies, replies_delayed] = Self::session_keys(session);
@@ -549,15 +541,16 @@ impl RedisBackend {
 
     /// Adds a hand-off's keys and arguments to a step's invocation (after the step's own
     /// keys, at the step's fixed argument positions), or the "no hand-off" arguments.
-    fn add_hand_off(&self, invocation: &mut ScriptInvocation<'_>, hand_off: Option<&(handoff::HandOff, usize)>) {
-        match hand_off.and_then(|(hand_off, room)| Some((hand_off.session()?, *room))) {
-            Some((session, room)) => {
+    fn add_hand_off(&self, invocation: &mut ScriptInvocation<'_>, hand_off: Option<&handoff::HandOff>) {
+        match hand_off {
+            Some(hand_off) => {
+                let session = hand_off.session();
                 for key in Self::claim_keys(session) {
                     invocation.key(key);
                 }
                 let (work, replies) = self.reclaims.due(session);
                 let flags = format!("{}{}", u8::from(work), u8::from(replies));
-                invocation.arg(session.owner.as_str()).arg(room).arg(flags);
+                invocation.arg(session.owner.as_str()).arg(hand_off.room()).arg(flags);
             }
             None => {
                 invocation.arg("").arg(0).arg("00");

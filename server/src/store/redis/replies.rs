@@ -18,7 +18,7 @@ use redis::Value;
 use tokio::sync::oneshot;
 
 use super::audit::{ChainWriter, KnownHead, MAX_BATCH, MAX_RELINKS, expected_arg, keep_committing, stored_head};
-use super::{RedisBackend, channel, claim_answer, key, text, unavailable};
+use super::{RedisBackend, channel, claim_answer, handoff, key, text, unavailable};
 
 /// What a reply's committer answers its caller.
 pub(super) type ReplyOutcome = Result<Result<(ReplyCommit, Option<AuditRecord>), ReplyError>, StoreError>;
@@ -133,7 +133,7 @@ impl RedisBackend {
                 Ok(answer) => answer,
                 Err(err) => {
                     let err = unavailable(err);
-                    Self::hand(hand_off, Err(err.clone()));
+                    handoff::hand(hand_off, || Err(err.clone()));
                     return Err((err, batch));
                 }
             };
@@ -141,7 +141,7 @@ impl RedisBackend {
             match answer.next().map(text).as_deref() {
                 Some("ok") => {
                     *head = Some(Some(new_head));
-                    Self::hand(hand_off, claim_answer(answer.collect()));
+                    handoff::hand(hand_off, || claim_answer(answer.collect()));
                     for (waiting, record) in batch.into_iter().zip(linked) {
                         let commit = ReplyCommit::Queued { message_id: waiting.reply.receipt.message_id.clone() };
                         let _ = waiting.done.send(Ok(Ok((commit, Some(record)))));

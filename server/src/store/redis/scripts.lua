@@ -199,8 +199,9 @@ local function claim_for(k, owner, max, reclaim_work, reclaim_replies, now)
   return out, handed, from_replies, from_work
 end
 
--- The session keys a hand-off names after the step's own keys: KEYS[from .. from + 5].
-local function seat_keys(from)
+-- A claim's session keys (see claim_for), KEYS[from .. from + 5]: a claim's own, or those a
+-- hand-off names after its step's keys.
+local function claim_keys(from)
   return {lease = KEYS[from], owners = KEYS[from + 1], work = KEYS[from + 2], work_delayed = KEYS[from + 3],
           replies = KEYS[from + 4], replies_delayed = KEYS[from + 5]}
 end
@@ -212,7 +213,7 @@ end
 --#include _claim
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out, handed = claim_for(seat_keys(1), ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', ARGV[5] == '1', now)
+local out, handed = claim_for(claim_keys(1), ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', ARGV[5] == '1', now)
 if handed > 0 then redis.call('PUBLISH', ARGV[4], '1') end
 return out
 
@@ -546,7 +547,7 @@ redis.call('SET', KEYS[2], ARGV[3])
 local out = {'ok'}
 local wake = true
 if ARGV[7] ~= '' then
-  local seat = seat_keys(4 + 4 * items)
+  local seat = claim_keys(4 + 4 * items)
   local to_seat = 0
   for i = 1, items do
     if KEYS[3 + 4 * (i - 1) + 3] == seat.replies then to_seat = to_seat + 1 end
@@ -716,7 +717,7 @@ if on and circuit_repr(circuit) ~= before then circuit_save(KEYS[3], circuit, cf
 -- Every session of the agent is woken unless the hand-off took all this step queued.
 local wake = routed > 0
 if ARGV[12] ~= '' then
-  local claimed, handed, _, from_work = claim_for(seat_keys(6), ARGV[12], tonumber(ARGV[13]),
+  local claimed, handed, _, from_work = claim_for(claim_keys(6), ARGV[12], tonumber(ARGV[13]),
     string.sub(ARGV[14], 1, 1) == '1', string.sub(ARGV[14], 2, 2) == '1', now)
   for _, v in ipairs(claimed) do out[#out + 1] = v end
   wake = handed > 0 or from_work < routed
